@@ -1,0 +1,79 @@
+"""The `bitnet` command: thin Typer commands that parse, call one core function, and render.
+
+Nothing here imports torch at module level, so `bitnet --help`, `status`, `plot` and `cost`
+answer instantly; commands that need torch import the core inside their function body.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bitnet_cli import __version__
+from bitnet_cli.errors import BitnetError
+
+app = typer.Typer(
+    name="bitnet",
+    help="Train BitNet b1.58 language models (ternary weights, 8-bit activations) from scratch, "
+         "watch them train, talk to them, and ship them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(command):
+    """Turn the core's BitnetError into one line on stderr and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BitnetError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def not_implemented(command: str) -> None:
+    raise BitnetError(f"`bitnet {command}` is not implemented in bitnet {__version__} yet")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bitnet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    home: Optional[Path] = typer.Option(
+        None, "--home", help="Folder that holds runs (default: the platform's user data folder; "
+                             "the BITNET_HOME environment variable also sets it).",
+        show_default=False),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    if home is not None:
+        os.environ["BITNET_HOME"] = str(home)
+
+
+# Importing the command modules registers them, in the order the help lists their panels.
+from bitnet_cli.cli import train, runs, talk, cost, ship  # noqa: E402,F401,I001
+
+
+def main() -> None:
+    app()

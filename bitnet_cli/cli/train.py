@@ -1,0 +1,88 @@
+"""`bitnet train`: start a run of one of the built-in experiments."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from bitnet_cli.cli import app, friendly
+from bitnet_cli.config import PRESETS, check_experiment
+from bitnet_cli.errors import BitnetError
+
+_EXPERIMENTS = "\n\n".join(
+    f"[bold]{name}[/] ({', '.join(p['sizes'])}; default {p['default_size']}): {p['about']}"
+    for name, p in PRESETS.items())
+
+
+def command_line(experiment: str, options: dict) -> list[str]:
+    """The command as the user could retype it: the experiment and every option given."""
+    argv = ["bitnet", "train", experiment]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key}")
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+@app.command(help=f"""Train a BitNet b1.58 model on one of the built-in experiments.
+
+Every experiment is a preset (model shape, data, evaluator, schedule); each flag overrides it.
+The run is written to a new folder under the runs folder (see --home), with config.json,
+state.json, metrics.jsonl, tokenizer.json and safetensors checkpoints.
+
+{_EXPERIMENTS}
+
+Examples:
+
+  bitnet train simple                      # a one-minute check
+
+  bitnet train arithmetic --size tiny      # learns + and - to >95% on a laptop CPU
+
+  bitnet train arithmetic --quant none     # the full-precision twin, for comparison
+""", rich_help_panel="Training")
+@friendly
+def train(
+    experiment: str = typer.Argument(..., help=f"One of: {', '.join(PRESETS)}.", show_default=False),
+    size: Optional[str] = typer.Option(None, help="Model size preset: 'tiny' or the experiment's "
+                                                  "reference size (its default)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps in the run."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (also the model's context)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the two-stage schedule."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initialisation and data; the same seed "
+                                                  "on CPU gives bit-identical weights."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate on held-out data every K steps."),
+    save_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K steps."),
+    name: Optional[str] = typer.Option(None, help="Run id to use instead of "
+                                                  "<experiment>-<size>-<timestamp>."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps. auto picks cuda, then mps, then cpu."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the model (default: on for CUDA only).",
+                                           show_default=False),
+    quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
+                                              "twin with the same names and shapes)."),
+    data: Optional[str] = typer.Option(None, help="Local text data (for the text experiments)."),
+    nproc_per_node: Optional[int] = typer.Option(None, help="Worker processes on this machine "
+                                                            "(torch.distributed)."),
+) -> None:
+    check_experiment(experiment)
+    if data is not None:
+        raise BitnetError(f"the {experiment!r} experiment makes its own data and takes no --data")
+    if nproc_per_node not in (None, 1):
+        raise BitnetError("multi-process training (--nproc-per-node) is not implemented yet")
+    from bitnet_cli.train import create_run, run_training
+    from bitnet_cli.ui import LiveTrainingView
+
+    options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                   grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
+                   save_every=save_every, name=name, device=device, compile=compile, quant=quant)
+    run_dir = create_run(experiment, argv=command_line(experiment, options), **options)
+    view = LiveTrainingView()
+    try:
+        run_training(run_dir, view)
+    finally:
+        view.close()

@@ -1,0 +1,221 @@
+"""What a model and a training run are made of, the built-in presets, and size parsing.
+
+Plain dataclasses and dicts only: `status`, `plot`, `cost` and `--help` read this module, so it
+must never import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from bitnet_cli.errors import BitnetError
+
+QUANT_MODES = ("ternary", "none")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise BitnetError(
+                f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BitnetError(
+                f"{self.num_attention_heads} attention heads are not a multiple of "
+                f"{self.num_key_value_heads} key/value heads"
+            )
+        if self.head_dim % 2:
+            raise BitnetError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+
+    def num_params(self) -> int:
+        """Parameter count without building the model (embeddings included, tied head counted once)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.num_key_value_heads * self.head_dim
+        attn = 2 * d * d + 2 * d * kv
+        mlp = 3 * d * f
+        norms = 2 * d + d + f  # input/post norms, attn_sub_norm, ffn_sub_norm
+        per_layer = attn + mlp + norms
+        head = 0 if self.tie_word_embeddings else v * d
+        return v * d + self.num_hidden_layers * per_layer + d + head
+
+
+@dataclass
+class TrainConfig:
+    experiment: str
+    size: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    grad_accum: int = 1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_every: int = 250
+    save_every: int = 500
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    device: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off elsewhere
+    name: str | None = None
+    data: str | None = None
+
+    def validate(self) -> None:
+        positive = {
+            "--steps": self.steps,
+            "--batch-size": self.batch_size,
+            "--seq-len": self.seq_len,
+            "--grad-accum": self.grad_accum,
+            "--eval-every": self.eval_every,
+            "--save-every": self.save_every,
+            "--log-every": self.log_every,
+        }
+        for flag, value in positive.items():
+            if value is None or value < 1:
+                raise BitnetError(f"{flag} must be a positive whole number, got {value}")
+        if not self.lr > 0:
+            raise BitnetError(f"--lr must be positive, got {self.lr}")
+        if self.device not in DEVICES:
+            raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise BitnetError(
+                f"--name {self.name!r} may only use letters, digits, '.', '_' and '-'"
+            )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+# Each experiment: its sizes (model shape + training defaults) and the size used by default.
+# The reference sizes are the original project's models; `tiny` learns on a 2-core CPU in minutes.
+PRESETS: dict[str, dict] = {
+    "simple": {
+        "about": "continue the alphabet (d3= -> efg): a one-minute check that training works",
+        "default_size": "tiny",
+        "sizes": {
+            "tiny": {
+                "model": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=192),
+                "train": dict(steps=300, batch_size=32, seq_len=32, lr=3e-3, warmup_steps=20,
+                              eval_every=50, save_every=100, log_every=5),
+            },
+        },
+    },
+    "arithmetic": {
+        "about": "a op b = r with + - * and floor division, operands 0-100",
+        "default_size": "5M",
+        "sizes": {
+            "tiny": {
+                "model": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=336),
+                "train": dict(steps=3000, batch_size=64, seq_len=64, lr=2e-3, warmup_steps=100,
+                              eval_every=250, save_every=500, log_every=10),
+            },
+            "5M": {
+                "model": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=768),
+                "train": dict(steps=10000, batch_size=64, seq_len=64, lr=1.5e-3,
+                              warmup_steps=375, eval_every=500, save_every=1000, log_every=10),
+            },
+        },
+    },
+}
+
+EXPERIMENTS = ("simple", "arithmetic", "tictactoe", "tinystories", "baseline")
+
+
+def check_experiment(experiment: str) -> dict:
+    """The preset of a known experiment, or a clear error naming the ones there are."""
+    if experiment not in PRESETS:
+        if experiment in EXPERIMENTS:
+            raise BitnetError(f"the {experiment!r} experiment is not available in this version yet; "
+                              f"try one of: {', '.join(PRESETS)}")
+        raise BitnetError(f"unknown experiment {experiment!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[experiment]
+
+
+def build_configs(experiment: str, size: str | None, vocab_size: int, **overrides) -> tuple[ModelConfig, TrainConfig]:
+    """The preset for (experiment, size) with every non-None override applied on top."""
+    preset = check_experiment(experiment)
+    size = size or preset["default_size"]
+    if size not in preset["sizes"]:
+        raise BitnetError(f"unknown size {size!r} for {experiment}; choose one of: "
+                          f"{', '.join(preset['sizes'])}")
+    chosen = preset["sizes"][size]
+    quant = overrides.pop("quant", None) or "ternary"
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - train_fields
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    train_kwargs = {**chosen["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
+    train.validate()
+    model = ModelConfig(vocab_size=vocab_size,
+                        max_position_embeddings=train.seq_len,
+                        quant=quant, **chosen["model"])
+    model.validate()
+    return model, train
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'95M' -> 95_000_000, '1.3B' -> 1_300_000_000, '500k' -> 500_000, '1234' -> 1234."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise BitnetError(f"cannot read {text!r} as a size; write a number with an optional "
+                          "k, M, B or T suffix, like 500k, 95M or 1.3B")
+    value = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+    if value <= 0:
+        raise BitnetError(f"size must be positive, got {text!r}")
+    return int(round(value))
+
+
+def format_count(n: float) -> str:
+    """12_345_678 -> '12.3M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+

@@ -1,0 +1,5 @@
+"""The one exception type the CLI turns into a single clear line and exit code 1."""
+
+
+class BitnetError(Exception):
+    """A problem the user can fix: bad input, a missing file, an unavailable device."""

@@ -1,0 +1,22 @@
+"""One module per experiment: its data, its tokenizer and how it is evaluated.
+
+An experiment object offers:
+    tokenizer()                      a `tokenizers.Tokenizer`, saved as the run's tokenizer.json
+    stream(seed, batch_size, seq_len)  an endless, resumable source of (inputs, labels) batches
+    evaluate(model, device)          held-out metrics: always "loss", plus the experiment's own
+    headline                         the name of the metric that says how well it does
+"""
+
+from __future__ import annotations
+
+from bitnet_cli.errors import BitnetError
+
+
+def load_experiment(name: str):
+    if name == "simple":
+        from bitnet_cli.experiments.simple import AlphabetTask
+        return AlphabetTask()
+    if name == "arithmetic":
+        from bitnet_cli.experiments.arithmetic import ArithmeticTask
+        return ArithmeticTask()
+    raise BitnetError(f"unknown experiment {name!r}")

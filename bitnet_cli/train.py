@@ -1,0 +1,197 @@
+"""How a run proceeds: set up, step, log, evaluate, checkpoint. Knows no Rich and no argv.
+
+The loop talks to the screen through a Reporter (see NullReporter for the protocol), so the same
+code drives the live terminal view, the tests, and anything else that wants to watch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitnet_cli import __version__
+from bitnet_cli.checkpoint import (latest_checkpoint, load_model_tensors, load_optimizer_tensors,
+                                   read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from bitnet_cli.config import (build_configs, check_experiment, format_count, model_config_from_dict, to_dict,
+                               train_config_from_dict)
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.experiments import load_experiment
+from bitnet_cli.experiments.problems import IGNORE
+from bitnet_cli.metrics import MetricsWriter
+from bitnet_cli.model import BitNetForCausalLM
+from bitnet_cli.optim import apply_schedule, build_optimizer
+from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, StateFile, create_run_dir,
+                             now_iso, read_json, write_json_atomic)
+
+
+class NullReporter:
+    """The reporter protocol; every hook is optional to implement."""
+
+    def start(self, info: dict) -> None: ...
+    def log(self, row: dict) -> None: ...
+    def eval(self, row: dict) -> None: ...
+    def checkpoint(self, step: int, path: Path) -> None: ...
+    def finish(self, info: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU was found"
+        raise BitnetError(f"--device cuda is not available here ({why}); use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BitnetError("--device mps is not available here (no Apple GPU); use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow, MPS bf16 is patchy)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def create_run(experiment: str, size: str | None = None, argv: list[str] | None = None,
+               quant: str | None = None, **overrides) -> Path:
+    """Validate the configuration, then make the run folder with config.json, tokenizer.json
+    and state.json. Nothing is written when the configuration is bad."""
+    check_experiment(experiment)
+    task = load_experiment(experiment)
+    model_cfg, train_cfg = build_configs(experiment, size, task.tokenizer().get_vocab_size(),
+                                         quant=quant, **overrides)
+    resolve_device(train_cfg.device)  # fail before creating anything
+    run_dir = create_run_dir(experiment, train_cfg.size, train_cfg.name)
+    config = {
+        "run_id": run_dir.name,
+        "experiment": experiment,
+        "size": train_cfg.size,
+        "num_params": model_cfg.num_params(),
+        "headline": task.headline,
+        "model": to_dict(model_cfg),
+        "train": to_dict(train_cfg),
+        "versions": {"bitnet": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "argv": argv or [],
+        "created_at": now_iso(),
+    }
+    write_json_atomic(run_dir / CONFIG_FILE, config)
+    task.tokenizer().save(str(run_dir / TOKENIZER_FILE))
+    StateFile(run_dir).update(status="created", step=0, total_steps=train_cfg.steps)
+    return run_dir
+
+
+def run_training(run_dir: Path, reporter=None) -> dict:
+    """Train the run in `run_dir` from its newest checkpoint (or from scratch) to its last step."""
+    reporter = reporter or NullReporter()
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / CONFIG_FILE)
+    model_cfg = model_config_from_dict(config["model"])
+    cfg = train_config_from_dict(config["train"])
+    task = load_experiment(config["experiment"])
+    device = resolve_device(cfg.device)
+    autocast = autocast_for(device)
+
+    torch.manual_seed(cfg.seed)
+    model = BitNetForCausalLM(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
+    stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len)
+    step, tokens_seen = 0, 0
+
+    resumed_from = latest_checkpoint(run_dir / "checkpoints")
+    if resumed_from is not None:
+        tensors, optim_tensors, trainer = read_checkpoint(resumed_from)
+        load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
+        load_optimizer_tensors(model, optimizer, optim_tensors)
+        stream.load_state_dict(trainer["data"])
+        set_rng_state(trainer["rng"])
+        step, tokens_seen = trainer["step"], trainer["tokens"]
+
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    forward = torch.compile(model) if use_compile else model
+
+    state = StateFile(run_dir)
+    state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
+                 started_at=state.state.get("started_at") or now_iso())
+    metrics = MetricsWriter(run_dir / METRICS_FILE)
+    reporter.start({"run_id": run_dir.name, "run_dir": str(run_dir), "step": step,
+                    "total_steps": cfg.steps, "device": str(device), "compile": use_compile,
+                    "num_params": model.num_params(), "params": format_count(model.num_params()),
+                    "resumed_from": str(resumed_from) if resumed_from else None,
+                    "headline": task.headline})
+
+    def save() -> None:
+        trainer = {"step": step, "tokens": tokens_seen, "data": stream.state_dict(),
+                   "rng": rng_state(), "run_id": run_dir.name, "saved_at": now_iso(),
+                   "model": config["model"], "experiment": config["experiment"]}
+        path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
+                               cfg.keep_checkpoints)
+        reporter.checkpoint(step, path)
+
+    def evaluate() -> dict:
+        row = {"step": step, "split": "eval", "tokens": tokens_seen, "time": time.time(),
+               **task.evaluate(model, device, autocast)}
+        row["ppl"] = math.exp(min(row["loss"], 50.0))
+        metrics.write(row)
+        reporter.eval(row)
+        return row
+
+    status = "failed"
+    try:
+        model.train()
+        window_start, window_tokens = time.perf_counter(), 0
+        last_eval = None
+        while step < cfg.steps:
+            lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
+                                    cfg.weight_decay)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum):
+                inputs, labels = stream.next_batch()
+                inputs, labels = inputs.to(device), labels.to(device)
+                with autocast():
+                    logits = forward(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            window_tokens += cfg.tokens_per_step
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "split": "train", "loss": loss_sum.item() / cfg.grad_accum,
+                       "lr": lr, "wd": wd, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                       "tok_per_s": window_tokens / max(elapsed, 1e-9), "time": time.time()}
+                metrics.write(row)
+                reporter.log(row)
+                state.update(status="running", step=step, total_steps=cfg.steps,
+                             loss=row["loss"], tok_per_s=row["tok_per_s"])
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                last_eval = evaluate()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        metrics.close()
+        state.update(status=status, step=step, total_steps=cfg.steps)
+    info = {"run_id": run_dir.name, "run_dir": str(run_dir), "status": status, "step": step,
+            "last_eval": last_eval, "headline": task.headline}
+    reporter.finish(info)
+    return info

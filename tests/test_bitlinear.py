@@ -1,0 +1,66 @@
+import torch
+
+from bitnet_cli.bitlinear import BitLinear, activation_quant, straight_through, weight_quant
+
+
+def test_weights_are_ternary_times_absmean():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * 0.02
+    q = weight_quant(w)
+    mean_abs = w.abs().mean()
+    levels = torch.unique(q)
+    assert len(levels) == 3
+    torch.testing.assert_close(levels, torch.tensor([-1.0, 0.0, 1.0]) * mean_abs, rtol=1e-6, atol=0)
+    # Each weight goes to the nearest of the three levels (ties aside), like round(W / mean|W|).
+    expected = (w / mean_abs).round().clamp(-1, 1) * mean_abs
+    assert (q == expected).float().mean() > 0.999
+
+
+def test_all_zero_weights_do_not_divide_by_zero():
+    q = weight_quant(torch.zeros(4, 4))
+    assert torch.equal(q, torch.zeros(4, 4))
+
+
+def test_activations_take_at_most_256_levels_per_token():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 1000) * 4
+    q = activation_quant(x)
+    for token in q.reshape(-1, 1000):
+        scale = 127.0 / token.abs().max()
+        codes = token * scale
+        assert len(torch.unique(token)) <= 256
+        torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+        assert codes.round().min() >= -128 and codes.round().max() <= 127
+    # The largest magnitude of each token is kept exactly (it maps to +-127).
+    torch.testing.assert_close(q.abs().amax(-1), x.abs().amax(-1))
+
+
+def test_activation_scale_is_per_token():
+    x = torch.tensor([[1.0, 0.5, -0.25], [100.0, 0.3, 0.0]])
+    q = activation_quant(x)
+    torch.testing.assert_close(q[0], torch.tensor([1.0, 64 / 127, -32 / 127]))
+    assert q[1, 1] == 0.0  # 0.3 is under half a level (100/127/2) of the second token
+
+
+def test_straight_through_passes_gradients_unchanged():
+    w = torch.randn(8, 8, requires_grad=True)
+    y = straight_through(w, weight_quant(w))
+    assert torch.equal(y, weight_quant(w))  # forward is exactly the quantized value
+    upstream = torch.randn(8, 8)
+    y.backward(upstream)
+    assert torch.equal(w.grad, upstream)
+
+
+def test_bitlinear_forward_and_backward_use_quantized_values():
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y = layer(x)
+    expected = activation_quant(x) @ weight_quant(layer.weight).T
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    # STE: d/dx = W_q^T applied to the upstream ones; d/dW = upstream^T x_q.
+    torch.testing.assert_close(x.grad, torch.ones(2, 3, 8) @ weight_quant(layer.weight))
+    torch.testing.assert_close(layer.weight.grad,
+                               torch.ones(6, 8).T @ activation_quant(x.detach()).reshape(6, 16))
+    assert layer.bias is None

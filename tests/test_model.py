@@ -1,0 +1,83 @@
+import torch
+
+from bitnet_cli.bitlinear import BitLinear
+from bitnet_cli.config import ModelConfig
+from bitnet_cli.model import BitNetForCausalLM
+
+LAYER_KEYS = [
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.attn_sub_norm.weight", "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.ffn_sub_norm.weight", "mlp.down_proj.weight",
+]
+
+
+def config(**kw):
+    base = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def expected_keys(layers, tied):
+    keys = {"model.embed_tokens.weight", "model.norm.weight"}
+    keys |= {f"model.layers.{i}.{k}" for i in range(layers) for k in LAYER_KEYS}
+    if not tied:
+        keys.add("lm_head.weight")
+    return keys
+
+
+def test_parameter_names_follow_the_2b4t_layout():
+    untied = BitNetForCausalLM(config(tie_word_embeddings=False))
+    assert set(untied.state_dict()) == expected_keys(2, tied=False)
+    tied = BitNetForCausalLM(config())
+    assert dict(tied.named_parameters()).keys() == expected_keys(2, tied=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_shapes_with_grouped_query_attention():
+    model = BitNetForCausalLM(config())
+    sd = model.state_dict()
+    assert sd["model.layers.0.self_attn.q_proj.weight"].shape == (32, 32)
+    assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (16, 32)  # 2 KV heads of 8
+    assert sd["model.layers.0.mlp.ffn_sub_norm.weight"].shape == (48,)
+    assert sd["model.layers.0.mlp.down_proj.weight"].shape == (32, 48)
+    assert model.num_params() == config().num_params()
+    assert BitNetForCausalLM(config(tie_word_embeddings=False)).num_params() == \
+        config(tie_word_embeddings=False).num_params()
+
+
+def test_full_precision_twin_has_same_keys_and_shapes():
+    torch.manual_seed(0)
+    ternary = BitNetForCausalLM(config())
+    twin = BitNetForCausalLM(config(quant="none"))
+    a, b = ternary.state_dict(), twin.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert sum(isinstance(m, BitLinear) for m in ternary.modules()) == 2 * 7
+    assert not any(isinstance(m, BitLinear) for m in twin.modules())
+    # Same weights, different arithmetic: the twin is the same network without quantization.
+    twin.load_state_dict(a)
+    x = torch.randint(0, 40, (2, 10))
+    assert not torch.allclose(ternary(x), twin(x))
+
+
+def test_no_biases_and_init_std():
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(config(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                     num_key_value_heads=4))
+    assert all(not name.endswith("bias") for name, _ in model.named_parameters())
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.02) < 0.001
+
+
+def test_causal_and_logit_shape():
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(config())
+    x = torch.randint(0, 40, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 40
+    a, b = model(x), model(y)
+    assert a.shape == (1, 12, 40) and a.dtype == torch.float32
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
