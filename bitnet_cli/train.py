@@ -180,10 +180,14 @@ def run_training(run_dir: Path, reporter=None) -> dict:
                 state.update(status="running", step=step, total_steps=cfg.steps,
                              loss=row["loss"], tok_per_s=row["tok_per_s"])
                 window_start, window_tokens = time.perf_counter(), 0
+            paused = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval = evaluate()
+                last_eval, paused = evaluate(), True
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()
+                paused = True
+            if paused:  # tokens/s measures training alone, not evaluation or saving
+                window_start, window_tokens = time.perf_counter(), 0
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"

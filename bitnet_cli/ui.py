@@ -53,6 +53,7 @@ class LiveTrainingView:
         self.smoothed = None
         self.headline = "loss"
         self.last_eval = ""
+        self.last_train = ""
         self.rate_steps = None  # (start step, start time) for the ETA
 
     def start(self, info: dict) -> None:
@@ -73,12 +74,16 @@ class LiveTrainingView:
         total = self.progress.tasks[0].total
         steps_per_s = (row["step"] - first_step) / max(time.perf_counter() - first_time, 1e-9)
         eta = (total - row["step"]) / steps_per_s if steps_per_s > 0 else None
-        stats = (f"loss {self.smoothed:.4f}  lr {row['lr']:.2e}  {format_rate(row['tok_per_s'])} tok/s"
-                 + (f"  eval {self.last_eval}" if self.last_eval else ""))
-        self.progress.update(self.task, completed=row["step"], eta=format_duration(eta), stats=stats)
+        self.last_train = f"loss {self.smoothed:.4f}  lr {row['lr']:.2e}  {format_rate(row['tok_per_s'])} tok/s"
+        self.progress.update(self.task, completed=row["step"], eta=format_duration(eta),
+                             stats=self.stats_line())
+
+    def stats_line(self) -> str:
+        return self.last_train + (f"  eval {self.last_eval}" if self.last_eval else "")
 
     def eval(self, row: dict) -> None:
         self.last_eval = format_eval(row, self.headline)
+        self.progress.update(self.task, stats=self.stats_line())
         self.progress.console.print(Text(f"step {row['step']:>7}  eval  {self.last_eval}"))
 
     def checkpoint(self, step: int, path) -> None:
