@@ -117,6 +117,7 @@ PRESETS: dict[str, dict] = {
     "simple": {
         "about": "continue the alphabet (d3= -> efg): a one-minute check that training works",
         "default_size": "tiny",
+        "vocab_size": 39,  # 26 letters, 1-9, '=', ';', <pad>, <unk> (a test holds it to the tokenizer)
         "sizes": {
             "tiny": {
                 "model": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -129,6 +130,7 @@ PRESETS: dict[str, dict] = {
     "arithmetic": {
         "about": "a op b = r with + - * and floor division, operands 0-100",
         "default_size": "5M",
+        "vocab_size": 18,  # 0-9, + - * /, '=', ';', <pad>, <unk>
         "sizes": {
             "tiny": {
                 "model": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -84,3 +84,80 @@ class StateFile:
         self.state.update(fields, pid=os.getpid(), host=socket.gethostname(),
                           updated_at=now_iso(), updated_unix=time.time())
         write_json_atomic(self.path, self.state)
+
+
+def list_run_dirs() -> list[Path]:
+    """Every run folder (one holding config.json), oldest first."""
+    parent = runs_dir()
+    if not parent.is_dir():
+        return []
+    runs = [p for p in parent.iterdir() if (p / CONFIG_FILE).is_file()]
+    return sorted(runs, key=_created_key)
+
+
+def _created_key(run_dir: Path):
+    try:
+        return (read_json(run_dir / CONFIG_FILE).get("created_at", ""), run_dir.name)
+    except (OSError, ValueError):
+        return ("", run_dir.name)
+
+
+def resolve_run(selector: str) -> Path:
+    """A run folder from a run id, a unique prefix of one, 'latest', or a path."""
+    path = Path(selector).expanduser()
+    if path.exists():
+        # A run folder, or a path inside one (checkpoints/, a checkpoint folder).
+        for folder in (path, path.parent, path.parent.parent):
+            if (folder / CONFIG_FILE).is_file():
+                return folder.resolve()
+        raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
+    if len(path.parts) > 1:
+        raise BitnetError(f"{path} does not exist")
+    runs = list_run_dirs()
+    if selector == "latest":
+        if not runs:
+            raise BitnetError(f"there are no runs in {runs_dir()} yet; start one with `bitnet train`")
+        return runs[-1]
+    names = {p.name: p for p in runs}
+    if selector in names:
+        return names[selector]
+    matches = [name for name in names if name.startswith(selector)]
+    if len(matches) == 1:
+        return names[matches[0]]
+    if len(matches) > 1:
+        raise BitnetError(f"run {selector!r} matches {len(matches)} runs ({_listing(matches)}); "
+                          "give more of the run id")
+    if not names:
+        raise BitnetError(f"no run {selector!r}: there are no runs in {runs_dir()} yet")
+    import difflib
+    close = difflib.get_close_matches(selector, list(names), n=3, cutoff=0.5)
+    hint = f"closest: {_listing(close)}" if close else f"there are: {_listing(list(names)[-3:])}"
+    raise BitnetError(f"no run {selector!r} in {runs_dir()}; {hint}")
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def pid_alive(pid: int | None, host: str | None) -> bool | None:
+    """True/False for a pid on this host; None when the run lives on another machine."""
+    if not pid:
+        return False
+    if host and host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(state: dict) -> str:
+    """The status to show: state.json's, except a 'running' run whose process is gone is
+    'crashed' (killed, power loss) rather than running forever."""
+    status = state.get("status", "unknown")
+    if status == "running" and pid_alive(state.get("pid"), state.get("host")) is False:
+        return "crashed"
+    return status

@@ -98,3 +98,10 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
     greedy = greedy_answers(model, task, task.heldout())
     assert metrics["acc"] == pytest.approx(sum(greedy) / len(greedy))
     assert 0 < metrics["acc"] < 1, "the check needs both right and wrong answers"
+
+
+def test_preset_vocab_sizes_match_the_tokenizers():
+    """`bitnet cost` reads PRESETS' vocab sizes without importing the experiments (torch)."""
+    from bitnet_cli.config import PRESETS
+    for name, preset in PRESETS.items():
+        assert preset["vocab_size"] == load_experiment(name).tokenizer().get_vocab_size(), name
