@@ -92,19 +92,23 @@ def _unb64(text: str) -> torch.Tensor:
 
 def save_checkpoint(checkpoints: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer: dict, keep: int) -> Path:
-    checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / step_dir_name(step)
     partial = checkpoints / (final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_file(model_tensors(model), str(partial / MODEL_FILE), metadata={"format": "pt"})
-    save_file(optimizer_tensors(model, optimizer), str(partial / OPTIM_FILE))
-    write_json_atomic(partial / TRAINER_FILE, trainer)
-    for name in (MODEL_FILE, OPTIM_FILE):
-        _fsync(partial / name)
-    if final.exists():  # the same step saved again (a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        save_file(model_tensors(model), str(partial / MODEL_FILE), metadata={"format": "pt"})
+        save_file(optimizer_tensors(model, optimizer), str(partial / OPTIM_FILE))
+        write_json_atomic(partial / TRAINER_FILE, trainer)
+        for name in (MODEL_FILE, OPTIM_FILE):
+            _fsync(partial / name)
+        if final.exists():  # the same step saved again (a resumed run): replace it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    except OSError as e:
+        raise BitnetError(f"cannot write checkpoint {final.name} in {checkpoints}: "
+                          f"{e.strerror or e}; the previous checkpoint is kept") from None
     _fsync_dir(checkpoints)
     latest = checkpoints / LATEST
     tmp = checkpoints / f".{LATEST}.tmp"
@@ -134,16 +138,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The checkpoint `latest` names, or the newest complete one if `latest` is missing."""
+def checkpoints_newest_first(checkpoints: Path) -> list[Path]:
+    """Complete checkpoint folders, the one `latest` names first, then the rest newest first.
+    `.partial` folders (a write that never finished) are never candidates."""
+    complete = sorted((p for p in checkpoints.glob("step_*")
+                       if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
     pointer = checkpoints / LATEST
-    if pointer.exists():
-        candidate = checkpoints / pointer.read_text().strip()
-        if (candidate / MODEL_FILE).exists():
-            return candidate
-    complete = sorted(p for p in checkpoints.glob("step_*")
-                      if not p.name.endswith(".partial") and (p / MODEL_FILE).exists())
-    return complete[-1] if complete else None
+    named = checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+    if named in complete:
+        complete.remove(named)
+        complete.insert(0, named)
+    return complete
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    candidates = checkpoints_newest_first(checkpoints)
+    return candidates[0] if candidates else None
+
+
+def newest_loadable(checkpoints: Path) -> tuple[Path | None, tuple | None, list[str]]:
+    """The newest checkpoint that reads back whole: (path, its contents, why newer ones were
+    skipped). (None, None, []) when there are none; an error when none of them can be read."""
+    skipped = []
+    for path in checkpoints_newest_first(checkpoints):
+        try:
+            return path, read_checkpoint(path), skipped
+        except BitnetError as e:
+            skipped.append(str(e))
+    if skipped:
+        raise BitnetError(f"no checkpoint in {checkpoints} can be read; the newest: {skipped[0]}")
+    return None, None, []
 
 
 def read_checkpoint(path: Path, with_optimizer: bool = True) -> tuple[dict, dict | None, dict]:

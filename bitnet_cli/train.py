@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,18 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli import __version__
-from bitnet_cli.checkpoint import (latest_checkpoint, load_model_tensors, load_optimizer_tensors,
-                                   read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from bitnet_cli.checkpoint import (load_model_tensors, load_optimizer_tensors, newest_loadable,
+                                   rng_state, save_checkpoint, set_rng_state)
 from bitnet_cli.config import (build_configs, check_experiment, format_count, model_config_from_dict, to_dict,
                                train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.problems import IGNORE
-from bitnet_cli.metrics import MetricsWriter
+from bitnet_cli.metrics import MetricsWriter, truncate_metrics
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.optim import apply_schedule, build_optimizer
-from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, StateFile, create_run_dir,
-                             now_iso, read_json, write_json_atomic)
+from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, TOKENIZER_FILE, StateFile,
+                             create_run_dir, now_iso, pid_alive, read_json, run_status,
+                             write_json_atomic)
 
 
 class NullReporter:
@@ -92,7 +95,9 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
 
 
 def run_training(run_dir: Path, reporter=None) -> dict:
-    """Train the run in `run_dir` from its newest checkpoint (or from scratch) to its last step."""
+    """Train the run in `run_dir` from its newest good checkpoint (or from scratch) to its last
+    step. SIGINT or SIGTERM stops it after the current step with a checkpoint; the returned
+    status is then "interrupted" (a second signal stops at once, without one)."""
     reporter = reporter or NullReporter()
     run_dir = Path(run_dir)
     config = read_json(run_dir / CONFIG_FILE)
@@ -108,34 +113,40 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len)
     step, tokens_seen = 0, 0
 
-    resumed_from = latest_checkpoint(run_dir / "checkpoints")
+    resumed_from, contents, skipped = newest_loadable(run_dir / "checkpoints")
     if resumed_from is not None:
-        tensors, optim_tensors, trainer = read_checkpoint(resumed_from)
+        tensors, optim_tensors, trainer = contents
         load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
         load_optimizer_tensors(model, optimizer, optim_tensors)
         stream.load_state_dict(trainer["data"])
         set_rng_state(trainer["rng"])
         step, tokens_seen = trainer["step"], trainer["tokens"]
+    # Rows logged after the checkpoint are about to be trained again: drop them so the file
+    # holds each step once, as an uninterrupted run's would.
+    truncate_metrics(run_dir / METRICS_FILE, step)
 
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     forward = torch.compile(model) if use_compile else model
 
     state = StateFile(run_dir)
     state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
-                 started_at=state.state.get("started_at") or now_iso())
+                 started_at=state.state.get("started_at") or now_iso(), error=None)
     metrics = MetricsWriter(run_dir / METRICS_FILE)
     reporter.start({"run_id": run_dir.name, "run_dir": str(run_dir), "step": step,
                     "total_steps": cfg.steps, "device": str(device), "compile": use_compile,
                     "num_params": model.num_params(), "params": format_count(model.num_params()),
                     "resumed_from": str(resumed_from) if resumed_from else None,
-                    "headline": task.headline})
+                    "skipped_checkpoints": skipped, "headline": task.headline})
+    saved_step = step if resumed_from is not None else None
 
     def save() -> None:
+        nonlocal saved_step
         trainer = {"step": step, "tokens": tokens_seen, "data": stream.state_dict(),
                    "rng": rng_state(), "run_id": run_dir.name, "saved_at": now_iso(),
                    "model": config["model"], "experiment": config["experiment"]}
         path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
                                cfg.keep_checkpoints)
+        saved_step = step
         reporter.checkpoint(step, path)
 
     def evaluate() -> dict:
@@ -146,56 +157,123 @@ def run_training(run_dir: Path, reporter=None) -> dict:
         reporter.eval(row)
         return row
 
-    status = "failed"
-    try:
-        model.train()
-        window_start, window_tokens = time.perf_counter(), 0
-        last_eval = None
-        while step < cfg.steps:
-            lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
-                                    cfg.weight_decay)
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                inputs, labels = stream.next_batch()
-                inputs, labels = inputs.to(device), labels.to(device)
-                with autocast():
-                    logits = forward(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += cfg.tokens_per_step
-            window_tokens += cfg.tokens_per_step
+    status, error, last_eval = "failed", None, None
+    with stop_signals() as stop:
+        try:
+            model.train()
+            window_start, window_tokens = time.perf_counter(), 0
+            while step < cfg.steps and not stop.requested:
+                lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
+                                        cfg.weight_decay)
+                loss_sum = torch.zeros((), device=device)
+                for _ in range(cfg.grad_accum):
+                    inputs, labels = stream.next_batch()
+                    inputs, labels = inputs.to(device), labels.to(device)
+                    with autocast():
+                        logits = forward(inputs)
+                    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                           ignore_index=IGNORE)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += cfg.tokens_per_step
+                window_tokens += cfg.tokens_per_step
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "split": "train", "loss": loss_sum.item() / cfg.grad_accum,
-                       "lr": lr, "wd": wd, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                       "tok_per_s": window_tokens / max(elapsed, 1e-9), "time": time.time()}
-                metrics.write(row)
-                reporter.log(row)
-                state.update(status="running", step=step, total_steps=cfg.steps,
-                             loss=row["loss"], tok_per_s=row["tok_per_s"])
-                window_start, window_tokens = time.perf_counter(), 0
-            paused = False
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval, paused = evaluate(), True
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save()
-                paused = True
-            if paused:  # tokens/s measures training alone, not evaluation or saving
-                window_start, window_tokens = time.perf_counter(), 0
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        metrics.close()
-        state.update(status=status, step=step, total_steps=cfg.steps)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": step, "split": "train",
+                           "loss": loss_sum.item() / cfg.grad_accum, "lr": lr, "wd": wd,
+                           "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                           "tok_per_s": window_tokens / max(elapsed, 1e-9), "time": time.time()}
+                    metrics.write(row)
+                    reporter.log(row)
+                    state.update(status="running", step=step, total_steps=cfg.steps,
+                                 loss=row["loss"], tok_per_s=row["tok_per_s"])
+                    window_start, window_tokens = time.perf_counter(), 0
+                paused = False
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    last_eval, paused = evaluate(), True
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save()
+                    paused = True
+                if paused:  # tokens/s measures training alone, not evaluation or saving
+                    window_start, window_tokens = time.perf_counter(), 0
+            if stop.requested:
+                if saved_step != step:
+                    save()
+                status = "interrupted"
+            else:
+                status = "finished"
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
+            status = "interrupted"
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            metrics.close()
+            state.update(status=status, step=step, total_steps=cfg.steps, error=error,
+                         checkpoint_step=saved_step)
     info = {"run_id": run_dir.name, "run_dir": str(run_dir), "status": status, "step": step,
-            "last_eval": last_eval, "headline": task.headline}
+            "checkpoint_step": saved_step, "last_eval": last_eval, "headline": task.headline}
     reporter.finish(info)
     return info
+
+
+class stop_signals:
+    """While active, the first SIGINT or SIGTERM only sets `requested`, so the loop can finish
+    its step and save; a second SIGINT raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def prepare_resume(run_dir: Path, steps: int | None = None) -> None:
+    """Check that a run can be resumed and extend it to `steps`; nothing on disk changes unless
+    every check passes."""
+    config = read_json(run_dir / CONFIG_FILE)
+    state_path = run_dir / STATE_FILE
+    state = read_json(state_path) if state_path.exists() else {}
+    status = run_status(state)
+    run_id = run_dir.name
+    if status == "running":
+        where = f" on {state.get('host')}" if pid_alive(state.get("pid"), state.get("host")) is None else ""
+        raise BitnetError(f"run {run_id} is still running (pid {state.get('pid')}{where}); "
+                          "stop it first, or watch it with `bitnet status --watch`")
+    path, contents, _ = newest_loadable(run_dir / "checkpoints")
+    if path is None:
+        raise BitnetError(f"run {run_id} has no checkpoint to resume from; start a new run with: "
+                          + " ".join(config.get("argv") or ["bitnet", "train", config["experiment"]]))
+    done = contents[2]["step"]
+    total = config["train"]["steps"]
+    if steps is not None:
+        if steps < 1:
+            raise BitnetError(f"--steps must be a positive whole number, got {steps}")
+        if steps <= done:
+            raise BitnetError(f"--steps {steps} is not more than the {done} steps run {run_id} "
+                              "has already done")
+        if steps != total:
+            config["train"]["steps"] = steps
+            write_json_atomic(run_dir / CONFIG_FILE, config)
+    elif done >= total:
+        raise BitnetError(f"run {run_id} already finished all {total} steps; pass --steps N "
+                          f"(more than {total}) to train it further")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 stderr = Console(stderr=True)
+stdout = Console()
 
 SMOOTHING = 0.9  # weight of the past in the displayed exponential moving average of the loss
 
@@ -62,6 +63,8 @@ class LiveTrainingView:
         self.console.print(f"[bold]{info['run_id']}[/]: {info['params']} parameters on "
                            f"{info['device']}{' (compiled)' if info['compile'] else ''}, {where}")
         self.console.print(f"  run folder {info['run_dir']}")
+        for reason in info.get("skipped_checkpoints") or []:
+            self.console.print(Text(f"  skipped a damaged checkpoint: {reason}", style="yellow"))
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
                                            eta="--:--", stats="")
@@ -90,6 +93,8 @@ class LiveTrainingView:
         self.progress.console.print(Text(f"step {step:>7}  saved {path.name}", style="dim"))
 
     def finish(self, info: dict) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=info["step"])
         self.close()
         self.console.print(f"[bold green]{info['status']}[/] {info['run_id']} at step {info['step']}"
                            + (f": {format_eval(info['last_eval'], self.headline)}"
@@ -98,3 +103,138 @@ class LiveTrainingView:
     def close(self) -> None:
         if self.task is not None:
             self.progress.stop()
+
+
+STATUS_STYLE = {"running": "bold green", "finished": "cyan", "interrupted": "yellow",
+                "crashed": "bold red", "failed": "bold red", "created": "dim", "unknown": "dim"}
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+
+def _eval_cell(s: dict) -> str:
+    value = s.get("eval_value")
+    if value is None:
+        return "-"
+    return f"{s['eval_metric']} {value:.1%}" if s["eval_metric"] != "loss" else f"loss {value:.4f}"
+
+
+def _params(n) -> str:
+    from bitnet_cli.config import format_count
+    return format_count(n) if isinstance(n, (int, float)) else "-"
+
+
+def runs_table(summaries: list[dict]):
+    from rich.table import Table
+    table = Table(title=None, expand=False, header_style="bold")
+    for column, justify in [("run", "left"), ("experiment", "left"), ("params", "right"),
+                            ("step", "right"), ("loss", "right"), ("eval", "right"),
+                            ("tok/s", "right"), ("ETA", "right"), ("state", "left"),
+                            ("updated", "left")]:
+        table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
+    for s in summaries:
+        experiment = f"{s['experiment']} {s['size']}" + (" fp" if s.get("quant") == "none" else "")
+        world = f" ×{s['world_size']}" if (s.get("world_size") or 1) > 1 else ""
+        table.add_row(
+            s["run_id"], experiment, _params(s["params"]),
+            f"{s['step']}/{s['total_steps'] or '?'}", _num(s["loss"], ".4f"), _eval_cell(s),
+            (format_rate(s["tok_per_s"]) + world) if s.get("tok_per_s") else "-",
+            format_duration(s["eta_s"]) if s.get("eta_s") is not None else "-",
+            Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
+            (s.get("updated_at") or "-").replace("T", " ")[:19])
+    return table
+
+
+def run_detail(d: dict):
+    """One run in depth: what it is, where it is, recent metrics, checkpoints, a loss sparkline."""
+    from rich.console import Group
+    from rich.table import Table
+    model, train = d["model"], d["train"]
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("run", f"{d['run_id']}  [{STATUS_STYLE.get(d['status'], '')}]{d['status']}[/]")
+    head.add_row("folder", d["path"])
+    head.add_row("model", f"{d['experiment']} {d['size']}, {_params(d['params'])} parameters, "
+                          f"{model.get('quant', '?')}: {model.get('num_hidden_layers')} layers x "
+                          f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
+                          f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
+                          f"vocab {model.get('vocab_size')}")
+    head.add_row("training", f"step {d['step']}/{d['total_steps']}, batch {train.get('batch_size')} x "
+                             f"seq {train.get('seq_len')} x accum {train.get('grad_accum')}, "
+                             f"peak lr {train.get('lr')}, seed {train.get('seed')}")
+    head.add_row("speed", (f"{format_rate(d['tok_per_s'])} tok/s" if d.get("tok_per_s") else "-")
+                 + (f", ETA {format_duration(d['eta_s'])}" if d.get("eta_s") is not None else ""))
+    head.add_row("latest eval", _eval_cell(d) + (f" at step {d['eval_step']}" if d.get("eval_step") else ""))
+    head.add_row("updated", f"{d.get('updated_at') or '-'} on {d.get('host') or '?'} (pid {d.get('pid') or '?'})")
+    if d.get("error"):
+        head.add_row("error", Text(d["error"], style="red"))
+    if d["loss_sparkline"]:
+        head.add_row("train loss", d["loss_sparkline"])
+    if d.get("argv"):
+        head.add_row("command", " ".join(d["argv"]))
+
+    recent = Table(title="recent steps", header_style="bold", title_justify="left")
+    for column in ("step", "loss", "lr", "grad norm", "tok/s"):
+        recent.add_column(column, justify="right")
+    for r in d["recent_train"]:
+        recent.add_row(str(r.get("step")), _num(r.get("loss"), ".4f"), _num(r.get("lr"), ".2e"),
+                       _num(r.get("grad_norm"), ".3f"),
+                       format_rate(r["tok_per_s"]) if r.get("tok_per_s") else "-")
+    evals = Table(title="recent evaluations", header_style="bold", title_justify="left")
+    evals.add_column("step", justify="right")
+    evals.add_column("result")
+    for r in d["recent_eval"]:
+        evals.add_row(str(r.get("step")), format_eval(r, d["eval_metric"]))
+    ckpts = Table(title="checkpoints", header_style="bold", title_justify="left")
+    for column in ("name", "size", "saved", ""):
+        ckpts.add_column(column)
+    for c in d["checkpoints"]:
+        ckpts.add_row(c["name"], f"{c['bytes'] / 2**20:.1f} MiB", (c.get("saved_at") or "-")[:19],
+                      "latest" if c["latest"] else ("" if c["complete"] else "incomplete"))
+    return Group(head, recent, evals, ckpts)
+
+
+CHART_MARKERS = "•ox+*#@%"
+
+
+def terminal_chart(series: list[tuple[str, list[tuple[float, float]]]], width: int = 72,
+                   height: int = 16, log_y: bool = False) -> Text:
+    """A scatter-line chart in plain characters: one marker per series, axes labelled."""
+    import math
+    points = [(x, y) for _, pts in series for x, y in pts if not log_y or y > 0]
+    if not points:
+        return Text("(nothing to draw yet)")
+    ty = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xs = [x for x, _ in points]
+    ys = [ty(y) for _, y in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    grid = [[" "] * width for _ in range(height)]
+    colours = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_black"]
+    owner = [[None] * width for _ in range(height)]
+    for index, (_, pts) in enumerate(series):
+        for x, y in pts:
+            if log_y and y <= 0:
+                continue
+            col = round((x - x0) / (x1 - x0) * (width - 1))
+            row = height - 1 - round((ty(y) - y0) / (y1 - y0) * (height - 1))
+            grid[row][col] = CHART_MARKERS[index % len(CHART_MARKERS)]
+            owner[row][col] = index
+    label = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
+    text = Text()
+    for r in range(height):
+        value = y1 - (y1 - y0) * r / (height - 1)
+        text.append(f"{label(value) if r in (0, height // 2, height - 1) else '':>8} │")
+        for c in range(width):
+            index = owner[r][c]
+            text.append(grid[r][c], style=colours[index % len(colours)] if index is not None else "")
+        text.append("\n")
+    text.append(" " * 9 + "└" + "─" * width + "\n")
+    text.append(f"{'step':>9} {x0:<{width // 2}.0f}{x1:>{width - width // 2}.0f}\n")
+    for index, (name, _) in enumerate(series):
+        text.append(f"  {CHART_MARKERS[index % len(CHART_MARKERS)]} {name}\n",
+                    style=colours[index % len(colours)])
+    return text

@@ -1,13 +1,17 @@
-"""`bitnet resume`, `bitnet status`, `bitnet plot`: runs you can trust and watch."""
+"""`bitnet resume`, `bitnet status`, `bitnet plot`: runs you can trust and watch.
+
+status and plot import no torch: they answer instantly, even beside a training run."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from bitnet_cli.cli import app, friendly, not_implemented
+from bitnet_cli.cli import app, friendly
+from bitnet_cli.errors import BitnetError
 
 RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folder."
 
@@ -16,10 +20,23 @@ RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folde
 @friendly
 def resume(
     run: str = typer.Argument(..., help=RUN_HELP, show_default=False),
-    steps: Optional[int] = typer.Option(None, help="New total number of steps (extends a finished run)."),
+    steps: Optional[int] = typer.Option(None, help="New total number of steps; extends a "
+                                                   "finished run (the schedule is stretched to it)."),
 ) -> None:
-    """Continue a run from its newest good checkpoint, exactly where it stopped."""
-    not_implemented("resume")
+    """Continue a run from its newest good checkpoint, exactly where it stopped.
+
+    Model, optimizer, learning-rate schedule, step, data position and every random state come
+    back, so on CPU the resumed run follows the uninterrupted trajectory bit for bit. Metrics
+    logged after that checkpoint are dropped and trained again, so metrics.jsonl holds each
+    step once. A damaged newest checkpoint is skipped for the one before it.
+    """
+    from bitnet_cli.cli.train import train_with_view
+    from bitnet_cli.runs import resolve_run
+    from bitnet_cli.train import prepare_resume
+
+    run_dir = resolve_run(run)
+    prepare_resume(run_dir, steps)
+    train_with_view(run_dir)
 
 
 @app.command(rich_help_panel="Watching")
@@ -29,9 +46,49 @@ def status(
                                         show_default=False),
     watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C."),
     json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
+    interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch.", min=0.1),
 ) -> None:
-    """Show how every run is doing, or one run in detail."""
-    not_implemented("status")
+    """Show how every run is doing, or one run in detail.
+
+    A run's state is running, finished, interrupted (Ctrl-C or SIGTERM, with a checkpoint),
+    failed (an error), or crashed: state.json says running but its process is gone (killed,
+    out of memory, power loss). Resume any but a running one with `bitnet resume RUN`.
+    """
+    from bitnet_cli.runs import resolve_run
+    from bitnet_cli import summary
+
+    if watch and json:
+        raise BitnetError("--watch and --json do not go together; use --json alone and poll")
+    run_dir = resolve_run(run) if run else None
+
+    def snapshot():
+        return summary.detail(run_dir) if run_dir else summary.summarize_all()
+
+    if json:
+        typer.echo(summary.to_json(snapshot()))
+        return
+    from bitnet_cli import ui
+
+    def render(data):
+        if run_dir:
+            return ui.run_detail(data)
+        if not data:
+            from bitnet_cli.runs import runs_dir
+            return f"no runs in {runs_dir()} yet; start one with `bitnet train simple`"
+        return ui.runs_table(data)
+
+    if not watch:
+        ui.stdout.print(render(snapshot()))
+        return
+    from rich.live import Live
+    try:
+        with Live(render(snapshot()), console=ui.stdout, auto_refresh=False,
+                  screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(snapshot()), refresh=True)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends
 
 
 @app.command(rich_help_panel="Watching")
@@ -39,9 +96,34 @@ def status(
 def plot(
     runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure.",
                                      show_default=False),
-    out: Optional[Path] = typer.Option(None, help="Write a PNG or SVG here instead of drawing in "
-                                                  "the terminal."),
-    metric: Optional[str] = typer.Option(None, help="Metric to draw (default: loss)."),
+    out: Optional[Path] = typer.Option(None, help="Write a .png, .svg or .pdf here instead of "
+                                                  "drawing in the terminal."),
+    metric: Optional[str] = typer.Option(None, help="Draw this metric instead of the loss curves "
+                                                    "(lr, grad_norm, tok_per_s, acc/+, ...)."),
 ) -> None:
-    """Draw loss curves (and the experiment's eval metric) for one or more runs."""
-    not_implemented("plot")
+    """Draw loss curves for one or more runs: raw and smoothed train loss, eval loss, and the
+    experiment's eval metric (accuracy for arithmetic).
+
+    Several runs share one figure, for example a BitNet run beside its --quant none twin:
+
+      bitnet plot ternary full-precision --out curves.png
+    """
+    from bitnet_cli import plot as plotting
+    from bitnet_cli.runs import resolve_run
+
+    if out is not None:
+        plotting.check_out_path(out)
+    collected = [plotting.collect(resolve_run(r), metric) for r in runs]
+    if out is not None:
+        path = plotting.write_figure(collected, out)
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", err=True)
+        return
+    from bitnet_cli import ui
+    panels = list(dict.fromkeys(name for run in collected for name in run["panels"]))
+    for panel in panels:
+        series = [(f"{run['run_id']}: {label}" if len(collected) > 1 else label, pts)
+                  for run in collected for label, pts in run["panels"].get(panel, {}).items()
+                  if pts and label != "train loss"]
+        ui.stdout.print(f"[bold]{panel}[/]")
+        ui.stdout.print(ui.terminal_chart(series, width=min(100, ui.stdout.width - 12),
+                                          log_y=panel == "loss"))

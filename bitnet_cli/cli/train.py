@@ -74,15 +74,29 @@ def train(
         raise BitnetError(f"the {experiment!r} experiment makes its own data and takes no --data")
     if nproc_per_node not in (None, 1):
         raise BitnetError("multi-process training (--nproc-per-node) is not implemented yet")
-    from bitnet_cli.train import create_run, run_training
-    from bitnet_cli.ui import LiveTrainingView
+    from bitnet_cli.train import create_run
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                    save_every=save_every, name=name, device=device, compile=compile, quant=quant)
     run_dir = create_run(experiment, argv=command_line(experiment, options), **options)
+    train_with_view(run_dir)
+
+
+def train_with_view(run_dir) -> None:
+    """Run the training loop under the live view; an interrupted run says how to continue."""
+    from bitnet_cli.train import run_training
+    from bitnet_cli.ui import LiveTrainingView
+
     view = LiveTrainingView()
     try:
-        run_training(run_dir, view)
+        info = run_training(run_dir, view)
     finally:
         view.close()
+    if info["status"] == "interrupted":
+        saved = info.get("checkpoint_step")
+        where = ("saved" if saved == info["step"] else
+                 f"last checkpoint at step {saved}" if saved is not None else "no checkpoint yet")
+        typer.echo(f"interrupted at step {info['step']} ({where}); continue with: "
+                   f"bitnet resume {info['run_id']}", err=True)
+        raise typer.Exit(130)

@@ -1,0 +1,110 @@
+"""Curves from metrics.jsonl: gathered here, drawn to PNG/SVG/PDF with matplotlib (imported only
+when a file is written), or handed to ui.py for a chart in the terminal. No torch here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.metrics import read_metrics
+from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, read_json
+
+FORMATS = (".png", ".svg", ".pdf")
+SMOOTHING = 0.9  # weight of the past in the exponential moving average of the train loss
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased so the first points are not dragged towards 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def collect(run_dir: Path, metric: str | None = None) -> dict:
+    """The curves of one run. Without `metric`: train loss (raw and smoothed), eval loss, and the
+    experiment's headline eval metric. With one: that metric wherever it is logged."""
+    rows = read_metrics(run_dir / METRICS_FILE)
+    if not rows:
+        raise BitnetError(f"run {run_dir.name} has no metrics yet")
+    try:
+        headline = read_json(run_dir / CONFIG_FILE).get("headline")
+    except (OSError, ValueError):
+        headline = None
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "eval"]
+
+    def points(source, key):
+        return [(r["step"], r[key]) for r in source
+                if isinstance(r.get(key), (int, float)) and "step" in r]
+
+    if metric:
+        found = points(train, metric) or points(evals, metric)
+        if not found:
+            known = sorted({k for r in rows for k, v in r.items()
+                            if isinstance(v, (int, float)) and k not in ("step", "time")})
+            raise BitnetError(f"run {run_dir.name} has no metric {metric!r}; it has: {', '.join(known)}")
+        return {"run_id": run_dir.name, "panels": {metric: {metric: found}}}
+    train_loss = points(train, "loss")
+    loss_panel = {
+        "train loss": train_loss,
+        "train loss (smoothed)": list(zip([s for s, _ in train_loss],
+                                          smooth([v for _, v in train_loss]))),
+        "eval loss": points(evals, "loss"),
+    }
+    panels = {"loss": loss_panel}
+    if headline and headline != "loss" and points(evals, headline):
+        panels[headline] = {f"eval {headline}": points(evals, headline)}
+    return {"run_id": run_dir.name, "panels": panels}
+
+
+def check_out_path(out: Path) -> None:
+    if out.suffix.lower() not in FORMATS:
+        raise BitnetError(f"--out {out} must end in one of {', '.join(FORMATS)}")
+    if not out.parent.is_dir():
+        raise BitnetError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BitnetError(f"--out {out} is a folder; give a file name like curves.png")
+
+
+def write_figure(runs: list[dict], out: Path) -> Path:
+    """All runs on one figure, one panel per quantity, one colour per run; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    check_out_path(out)
+    panel_names = list(dict.fromkeys(name for run in runs for name in run["panels"]))
+    fig = Figure(figsize=(9, 3.6 * len(panel_names)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panel_names), 1, squeeze=False)[:, 0]
+    colours = matplotlib.colormaps["tab10"]
+    for ax, panel in zip(axes, panel_names):
+        for index, run in enumerate(runs):
+            for label, pts in run["panels"].get(panel, {}).items():
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                style = _style(label)
+                ax.plot(xs, ys, color=colours(index % 10), label=f"{run['run_id']}: {label}", **style)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if panel == "loss":
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+    return out
+
+
+def _style(label: str) -> dict:
+    if label == "train loss":
+        return {"alpha": 0.25, "linewidth": 0.8}
+    if label.startswith("eval"):
+        return {"marker": "o", "markersize": 3, "linewidth": 1.2, "linestyle": "--"}
+    return {"linewidth": 1.6}

@@ -1,0 +1,205 @@
+"""Runs you can trust: a killed, interrupted or crashed run resumes onto the exact trajectory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli.checkpoint import newest_loadable
+from bitnet_cli.cli import app
+
+runner = CliRunner()
+STEPS = 200
+ARGS = ["simple", "--steps", str(STEPS), "--save-every", "40", "--eval-every", "50", "--no-compile"]
+
+
+def invoke(*args, code=0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, result.output + result.stderr
+    return result
+
+
+def final_weights(home, name, step=STEPS):
+    return (home / "runs" / name / f"checkpoints/step_{step:06d}/model.safetensors").read_bytes()
+
+
+def metric_steps(home, name, split):
+    path = home / "runs" / name / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()
+            if json.loads(line)["split"] == split]
+
+
+def start_training(name):
+    return subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *ARGS, "--name", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(home, name, at_least, proc, timeout=120):
+    state = home / "runs" / name / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            step = json.loads(state.read_text()).get("step", 0)
+        except (OSError, ValueError):
+            step = 0
+        if step >= at_least:
+            return step
+        time.sleep(0.01)
+    raise AssertionError("training did not get there in time")
+
+
+def snapshot(folder):
+    """Every file under a folder with its bytes: to show that nothing changed."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def reference(bitnet_home):
+    invoke("train", *ARGS, "--name", "reference")
+    return final_weights(bitnet_home, "reference")
+
+
+def test_sigkill_then_resume_is_bit_identical(bitnet_home, reference):
+    proc = start_training("killed")
+    wait_for_step(bitnet_home, "killed", 45, proc)  # past the checkpoint at 40
+    proc.kill()
+    proc.wait()
+    status = json.loads(invoke("status", "killed", "--json").stdout)
+    assert status["status"] == "crashed"
+    assert 45 <= status["step"] < STEPS
+    invoke("resume", "killed")
+    assert final_weights(bitnet_home, "killed") == reference
+    expected = list(range(5, STEPS + 1, 5))
+    assert metric_steps(bitnet_home, "killed", "train") == expected
+    assert metric_steps(bitnet_home, "killed", "eval") == [50, 100, 150, 200]
+    assert json.loads(invoke("status", "killed", "--json").stdout)["status"] == "finished"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_and_resumes_bit_identical(bitnet_home, reference, sig):
+    proc = start_training("stopped")
+    wait_for_step(bitnet_home, "stopped", 45, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "continue with: bitnet resume stopped" in stderr
+    assert "Traceback" not in stderr
+    state = json.loads((bitnet_home / "runs/stopped/state.json").read_text())
+    assert state["status"] == "interrupted"
+    # The checkpoint is taken at the step where the signal landed, not the last cadence step.
+    path, _, _ = newest_loadable(bitnet_home / "runs/stopped/checkpoints")
+    assert path.name == f"step_{state['step']:06d}"
+    invoke("resume", "stopped")
+    assert final_weights(bitnet_home, "stopped") == reference
+    assert metric_steps(bitnet_home, "stopped", "train") == list(range(5, STEPS + 1, 5))
+
+
+def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, monkeypatch):
+    import bitnet_cli.checkpoint as checkpoint
+    real_save = checkpoint.save_file
+
+    def dying_save(tensors, filename, **kw):
+        if "step_000080.partial" in filename and "optim" in filename:
+            raise KeyboardInterrupt  # the process dies half way through the write
+        return real_save(tensors, filename, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", dying_save)
+    invoke("train", *ARGS, "--name", "torn", code=130)
+    ckpts = bitnet_home / "runs/torn/checkpoints"
+    assert (ckpts / "step_000080.partial").is_dir()
+    assert (ckpts / "latest").read_text().strip() == "step_000040"
+    path, contents, _ = newest_loadable(ckpts)
+    assert path.name == "step_000040" and contents[2]["step"] == 40
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    invoke("resume", "torn")
+    assert final_weights(bitnet_home, "torn") == reference
+
+
+def test_disk_error_during_checkpoint_is_one_line(bitnet_home, monkeypatch):
+    import bitnet_cli.checkpoint as checkpoint
+
+    def full_disk(tensors, filename, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    result = invoke("train", "simple", "--steps", "4", "--save-every", "2", "--no-compile",
+                    "--name", "full", code=1)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write checkpoint step_000002 in {bitnet_home / 'runs/full/checkpoints'}: "
+        "No space left on device; the previous checkpoint is kept")
+    state = json.loads((bitnet_home / "runs/full/state.json").read_text())
+    assert state["status"] == "failed" and "No space left" in state["error"]
+
+
+def test_resume_extends_a_finished_run(bitnet_home):
+    invoke("train", "simple", "--steps", "20", "--eval-every", "10", "--save-every", "10",
+           "--no-compile", "--name", "short")
+    result = invoke("resume", "short", code=1)
+    assert "already finished all 20 steps; pass --steps" in result.stderr
+    invoke("resume", "short", "--steps", "30")
+    status = json.loads(invoke("status", "short", "--json").stdout)
+    assert status["status"] == "finished" and status["step"] == 30 and status["total_steps"] == 30
+    assert metric_steps(bitnet_home, "short", "train")[-4:] == [15, 20, 25, 30]
+    result = invoke("resume", "short", "--steps", "25", code=1)
+    assert "--steps 25 is not more than the 30 steps" in result.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(bitnet_home):
+    invoke("train", "simple", "--steps", "20", "--save-every", "5", "--eval-every", "20",
+           "--no-compile", "--name", "damaged")
+    ckpts = bitnet_home / "runs/damaged/checkpoints"
+    model = ckpts / "step_000020/model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    # Pretend it stopped before the end, so there is something to resume.
+    config_path = bitnet_home / "runs/damaged/config.json"
+    result = invoke("resume", "damaged", "--steps", "25")
+    assert "skipped" in result.stderr and "step_000020" in result.stderr
+    assert json.loads(config_path.read_text())["train"]["steps"] == 25
+    assert newest_loadable(ckpts)[0].name == "step_000025"
+
+
+def test_bad_resumes_change_nothing(bitnet_home):
+    invoke("train", "simple", "--steps", "10", "--save-every", "5", "--eval-every", "10",
+           "--no-compile", "--name", "base")
+    run = bitnet_home / "runs/base"
+    state_path = run / "state.json"
+    state = json.loads(state_path.read_text())
+
+    # A running run (its pid is alive: this test's own process).
+    state_path.write_text(json.dumps({**state, "status": "running", "pid": os.getpid()}))
+    before = snapshot(run)
+    result = invoke("resume", "base", "--steps", "20", code=1)
+    assert "is still running" in result.stderr and result.stderr.count("\n") == 1
+    assert snapshot(run) == before
+
+    # Every checkpoint damaged.
+    state_path.write_text(json.dumps({**state, "status": "crashed"}))
+    for model in run.glob("checkpoints/step_*/model.safetensors"):
+        model.write_bytes(b"not a safetensors file")
+    before = snapshot(run)
+    result = invoke("resume", "base", "--steps", "20", code=1)
+    assert "no checkpoint in" in result.stderr and "can be read" in result.stderr
+    assert result.stderr.count("\n") == 1 and snapshot(run) == before
+
+    # No checkpoint at all.
+    for folder in run.glob("checkpoints/step_*"):
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    before = snapshot(run)
+    result = invoke("resume", "base", "--steps", "20", code=1)
+    assert "has no checkpoint to resume from" in result.stderr
+    assert snapshot(run) == before
+
+    # Unknown and ambiguous run ids name the closest ones.
+    result = invoke("resume", "bsae", code=1)
+    assert "no run 'bsae'" in result.stderr and "closest: base" in result.stderr
+    invoke("train", "simple", "--steps", "2", "--no-compile", "--name", "base2")
+    result = invoke("resume", "bas", code=1)
+    assert "matches 2 runs" in result.stderr

@@ -1,0 +1,133 @@
+"""Runs you can watch: status (table, detail, JSON, live) and plot (PNG/SVG and terminal)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args, code=0):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, result.output + result.stderr
+    return result
+
+
+@pytest.fixture
+def two_runs(bitnet_home):
+    for name, quant in [("bitnet", "ternary"), ("twin", "none")]:
+        invoke("train", "simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--save-every", "10", "--no-compile", "--quant", quant,
+               "--name", name)
+    return bitnet_home
+
+
+def set_state(home, name, **fields):
+    path = home / "runs" / name / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def test_status_reports_every_state(two_runs):
+    home = two_runs
+    set_state(home, "twin", status="running", pid=os.getpid())  # alive: this process
+    rows = {r["run_id"]: r for r in json.loads(invoke("status", "--json").stdout)}
+    assert rows["bitnet"]["status"] == "finished" and rows["twin"]["status"] == "running"
+    assert rows["bitnet"]["step"] == 20 and rows["bitnet"]["total_steps"] == 20
+    assert rows["bitnet"]["eval_metric"] == "acc" and 0 <= rows["bitnet"]["eval_value"] <= 1
+    assert rows["bitnet"]["params"] > 0 and rows["bitnet"]["tok_per_s"] > 0
+    assert rows["twin"]["quant"] == "none" and rows["twin"]["eta_s"] is not None
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    set_state(home, "twin", status="running", pid=dead.pid)
+    assert json.loads(invoke("status", "twin", "--json").stdout)["status"] == "crashed"
+    set_state(home, "twin", status="interrupted")
+    assert json.loads(invoke("status", "twin", "--json").stdout)["status"] == "interrupted"
+
+    table = invoke("status").stdout
+    assert "bitnet" in table and "twin" in table and "interrupted" in table and "finished" in table
+
+
+def test_status_of_one_run_in_detail(two_runs):
+    detail = json.loads(invoke("status", "bitnet", "--json").stdout)
+    assert [c["name"] for c in detail["checkpoints"]] == ["step_000010", "step_000020"]
+    assert detail["checkpoints"][-1]["latest"] and detail["loss_sparkline"]
+    assert detail["recent_eval"][-1]["step"] == 20
+    text = invoke("status", "bitnet").stdout
+    for expected in ["step_000020", "latest", "recent steps", "recent evaluations", "ternary",
+                     "short"]:
+        assert expected in text
+
+
+def test_truncated_metrics_and_missing_state_are_tolerated(two_runs):
+    home = two_runs
+    with open(home / "runs/bitnet/metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "split": "tra')  # a crash in the middle of a line
+    (home / "runs/twin/state.json").unlink()
+    rows = {r["run_id"]: r for r in json.loads(invoke("status", "--json").stdout)}
+    assert rows["bitnet"]["step"] == 20
+    assert rows["twin"]["status"] == "unknown"
+    invoke("plot", "bitnet")
+
+
+def test_plot_writes_real_images(two_runs, tmp_path):
+    one = tmp_path / "one.png"
+    invoke("plot", "bitnet", "--out", str(one))
+    data = one.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    both = tmp_path / "both.png"
+    invoke("plot", "bitnet", "twin", "--out", str(both))
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and both.stat().st_size > len(data)
+    svg = tmp_path / "curves.svg"
+    invoke("plot", "bitnet", "twin", "--out", str(svg), "--metric", "acc/short")
+    assert b"<svg" in svg.read_bytes()[:1000]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_plot_in_the_terminal(two_runs):
+    out = invoke("plot", "bitnet", "twin").stdout
+    assert "bitnet: train loss (smoothed)" in out and "twin: eval acc" in out and "│" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plot", "nope"], "no run 'nope'"),
+    (["plot", "bitnet", "--out", "x.txt"], "must end in one of .png, .svg, .pdf"),
+    (["plot", "bitnet", "--out", "/no/such/folder/x.png"], "does not exist"),
+    (["plot", "bitnet", "--metric", "colour"], "has no metric 'colour'; it has:"),
+    (["status", "nope"], "no run 'nope'"),
+    (["status", "--watch", "--json"], "do not go together"),
+])
+def test_bad_input(two_runs, args, message):
+    result = invoke(*args, code=1)
+    assert message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_status_and_plot_import_no_torch(two_runs, tmp_path):
+    code = ("import sys; from bitnet_cli.cli import app\n"
+            "for args in (['status'], ['status', 'bitnet'], ['plot', 'bitnet'],"
+            f" ['plot', 'bitnet', '--out', {str(tmp_path / 'x.png')!r}]):\n"
+            "    try:\n        app(args)\n    except SystemExit as e:\n        assert not e.code, e\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_status_watch_updates_live(two_runs):
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "160"}  # draw as in a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "--watch",
+                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    time.sleep(2)
+    set_state(two_runs, "twin", status="running", pid=os.getpid(), step=777, total_steps=999)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "20/20" in out and "777/999" in out
+    assert out.index("777/999") > out.index("20/20")
