@@ -2,7 +2,8 @@
 
     checkpoints/step_000500/model.safetensors   the model's state dict (lm_head absent when tied)
     checkpoints/step_000500/optim.safetensors   AdamW moments, keyed by parameter name
-    checkpoints/step_000500/trainer.json        step, data cursor, RNG states, config
+    checkpoints/step_000500/trainer.json        step, data cursor, RNG states, model config
+    checkpoints/step_000500/tokenizer.json      a copy of the run's tokenizer
     checkpoints/latest                          the name of the newest complete checkpoint
 
 A checkpoint is written into `step_000500.partial/`, fsynced, renamed into place, and only then
@@ -91,7 +92,10 @@ def _unb64(text: str) -> torch.Tensor:
 
 
 def save_checkpoint(checkpoints: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer: dict, keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer, trainer: dict, keep: int,
+                    tokenizer: Path | None = None) -> Path:
+    """Write one checkpoint atomically. A copy of the run's tokenizer goes in too, so that a
+    checkpoint folder alone is enough to chat with, play, evaluate or export the model."""
     final = checkpoints / step_dir_name(step)
     partial = checkpoints / (final.name + ".partial")
     try:
@@ -101,6 +105,8 @@ def save_checkpoint(checkpoints: Path, step: int, model: torch.nn.Module,
         save_file(model_tensors(model), str(partial / MODEL_FILE), metadata={"format": "pt"})
         save_file(optimizer_tensors(model, optimizer), str(partial / OPTIM_FILE))
         write_json_atomic(partial / TRAINER_FILE, trainer)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, partial / tokenizer.name)
         for name in (MODEL_FILE, OPTIM_FILE):
             _fsync(partial / name)
         if final.exists():  # the same step saved again (a resumed run): replace it whole

@@ -145,7 +145,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
                    "rng": rng_state(), "run_id": run_dir.name, "saved_at": now_iso(),
                    "model": config["model"], "experiment": config["experiment"]}
         path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
-                               cfg.keep_checkpoints)
+                               cfg.keep_checkpoints, tokenizer=run_dir / TOKENIZER_FILE)
         saved_step = step
         reporter.checkpoint(step, path)
 

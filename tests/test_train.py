@@ -146,3 +146,21 @@ def test_help_and_version():
     assert result.exit_code == 0 and "arithmetic" in result.stdout
     for command in ["resume", "status", "plot", "chat", "play", "eval", "cost", "export", "bench"]:
         assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_a_checkpoint_folder_alone_loads_the_model(bitnet_home, tmp_path):
+    import shutil
+
+    import torch
+
+    from bitnet_cli.inference import load_model
+    train("simple", "--steps", "4", "--save-every", "4", "--eval-every", "4", "--no-compile",
+          "--name", "alone")
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(bitnet_home / "runs/alone/checkpoints/step_000004", copy)
+    shutil.rmtree(bitnet_home / "runs")
+    loaded = load_model(str(copy))
+    assert loaded.experiment == "simple" and loaded.step == 4
+    ids = loaded.tokenizer.encode("d3=").ids
+    logits = loaded.model(torch.tensor([ids]))
+    assert logits.shape == (1, 3, loaded.config.vocab_size)
