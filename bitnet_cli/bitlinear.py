@@ -51,8 +51,20 @@ class BitLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self._frozen: tuple | None = None  # (weight version, quantized weight) for inference
+
+    def quantized_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return straight_through(self.weight.float(), weight_quant(self.weight))
+        # Without gradients the weights cannot be changing under us, so quantize them once
+        # and reuse that until the tensor is modified (its version counter moves).
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, weight_quant(self.weight))
+        return self._frozen[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = straight_through(x.float(), activation_quant(x))
-        w_q = straight_through(self.weight.float(), weight_quant(self.weight))
-        return F.linear(x_q, w_q)
+        x_q = activation_quant(x)
+        if torch.is_grad_enabled():
+            x_q = straight_through(x.float(), x_q)
+        return F.linear(x_q, self.quantized_weight())

@@ -70,14 +70,6 @@ DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 
 FITS_FRACTION = 0.9  # the CUDA context, allocator caching and fragmentation take the rest
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
-# The original project's 95M FineWeb-Edu run, which `bitnet train baseline` will reproduce; a later
-# issue moves it into config.PRESETS when that experiment exists.
-BASELINE = {
-    "model": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
-                  num_key_value_heads=6, intermediate_size=3072),
-    "train": dict(steps=400_000, batch_size=16, seq_len=256, grad_accum=2),
-}
-
 # Without --layers/--hidden the shape behind --params is guessed: width ≈ 128 × layers (GPT-3
 # 6.7B to 175B and Llama 7B sit near that ratio), 64-wide heads, and a 32000-token vocabulary
 # (the baseline's, Llama 2's), or a byte-level 256 for models too small to carry that table.
@@ -111,7 +103,7 @@ class Horizon:
 
 
 def preset_names() -> list[str]:
-    names = ["baseline"]
+    names = []
     for experiment, spec in PRESETS.items():
         names += [experiment] + [f"{experiment}-{size}" for size in spec["sizes"]]
     return names
@@ -149,20 +141,17 @@ def estimate_shape(params: int, layers: int | None = None, hidden: int | None = 
 def preset(name: str) -> tuple[Shape, dict]:
     """The shape and training batch/steps of a built-in experiment: 'baseline', 'arithmetic',
     'arithmetic-tiny', ..."""
-    if name == "baseline":
-        model, train = BASELINE["model"], dict(BASELINE["train"])
-        source = "the original 95M baseline"
-    else:
-        experiment, _, size = name.partition("-")
-        if experiment not in PRESETS or (size and size not in PRESETS[experiment]["sizes"]):
-            raise BitnetError(f"unknown preset {name!r}; choose one of: "
-                              f"{', '.join(preset_names())}")
-        size = size or PRESETS[experiment]["default_size"]
-        chosen = PRESETS[experiment]["sizes"][size]
-        model = dict(chosen["model"], vocab_size=PRESETS[experiment]["vocab_size"])
-        source = f"{experiment}-{size}"
-        train = {k: chosen["train"][k] for k in ("steps", "batch_size", "seq_len")}
-        train["grad_accum"] = chosen["train"].get("grad_accum", 1)
+    experiment, _, size = name.partition("-")
+    if experiment not in PRESETS or (size and size not in PRESETS[experiment]["sizes"]):
+        raise BitnetError(f"unknown preset {name!r}; choose one of: "
+                          f"{', '.join(preset_names())}")
+    size = size or PRESETS[experiment]["default_size"]
+    chosen = PRESETS[experiment]["sizes"][size]
+    model = dict(chosen["model"], vocab_size=PRESETS[experiment]["vocab_size"])
+    source = ("the original 95M baseline" if (experiment, size) == ("baseline", "95M")
+              else f"{experiment}-{size}")
+    train = {k: chosen["train"][k] for k in ("steps", "batch_size", "seq_len")}
+    train["grad_accum"] = chosen["train"].get("grad_accum", 1)
     cfg = ModelConfig(max_position_embeddings=train["seq_len"], **model)
     return shape_of(cfg, source), train
 

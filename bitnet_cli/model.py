@@ -73,17 +73,28 @@ class Attention(nn.Module):
         self.attn_sub_norm = RMSNorm(d, config.rms_norm_eps)
         self.o_proj = make_linear(config, d, d)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:  # keep this step's keys and values, attend over all so far
+            k_all, v_all = cache
+            k_all[:, :, start:start + T] = k
+            v_all[:, :, start:start + T] = v
+            k, v = k_all[:, :, :start + T], v_all[:, :, :start + T]
+            if start > 0:  # new queries see every cached position and the new ones causally
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start) \
+                    if T > 1 else None
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head
             repeats = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.attn_sub_norm(y))
 
@@ -110,8 +121,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,17 +155,82 @@ class BitNetForCausalLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32 for token ids (B, T)."""
+    def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32 for token ids (B, T). With a cache, the ids continue
+        the sequence the cache holds, and their keys and values are added to it."""
         T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
                              f"({self.config.max_position_embeddings})")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length += T
         return self.lm_head(self.model.norm(x)).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to the model's context, so that each new
+    token costs one token's worth of work instead of re-running the whole sequence."""
+
+    def __init__(self, config: ModelConfig, batch_size: int = 1, device=None,
+                 dtype: torch.dtype = torch.float32):
+        shape = (batch_size, config.num_key_value_heads, config.max_position_embeddings,
+                 config.head_dim)
+        self.layers = [(torch.zeros(shape, device=device, dtype=dtype),
+                        torch.zeros(shape, device=device, dtype=dtype))
+                       for _ in range(config.num_hidden_layers)]
+        self.length = 0
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> int:
+    """One token id from a (vocab,) row of logits: greedy at temperature 0, else sampled from
+    the temperature-scaled distribution cut to the top k and to the top-p nucleus."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep each token whose preceding mass is below p: the smallest set reaching p.
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: BitNetForCausalLM, prompt_ids: list[int], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids: tuple[int, ...] = (), use_cache: bool = True,
+             generator: torch.Generator | None = None):
+    """Yield new token ids one at a time; stops after a stop id (which is yielded), after
+    max_new_tokens, or when the context is full."""
+    context = model.config.max_position_embeddings
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= context:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
+    device = model.rope_cos.device
+    ids = list(prompt_ids)
+    cache = KVCache(model.config, device=device) if use_cache else None
+    logits = model(torch.tensor([ids], device=device), cache)[0, -1]
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)
+        yield next_id
+        ids.append(next_id)
+        if next_id in stop_ids or len(ids) >= context:
+            return
+        if cache is not None:
+            logits = model(torch.tensor([[next_id]], device=device), cache)[0, -1]
+        else:
+            logits = model(torch.tensor([ids], device=device))[0, -1]

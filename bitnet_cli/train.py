@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from bitnet_cli import __version__
 from bitnet_cli.checkpoint import (load_model_tensors, load_optimizer_tensors, newest_loadable,
                                    rng_state, save_checkpoint, set_rng_state)
-from bitnet_cli.config import (build_configs, check_experiment, format_count, model_config_from_dict, to_dict,
-                               train_config_from_dict)
+from bitnet_cli.config import (PRESETS, build_configs, check_experiment, format_count,
+                               model_config_from_dict, to_dict, train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.problems import IGNORE
@@ -36,6 +37,7 @@ from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, TOKENIZER_FI
 class NullReporter:
     """The reporter protocol; every hook is optional to implement."""
 
+    def preparing(self, what: str, done: int, total: int | None) -> None: ...
     def start(self, info: dict) -> None: ...
     def log(self, row: dict) -> None: ...
     def eval(self, row: dict) -> None: ...
@@ -65,15 +67,29 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext
 
 
+def prepare_task(task, cfg, progress=None) -> None:
+    """Text experiments find or build their token shards and tokenizer; the synthetic ones
+    make their data as they go and need nothing."""
+    if hasattr(task, "prepare"):
+        vocab = cfg.vocab_size or PRESETS[cfg.experiment]["vocab_size"]
+        task.prepare(cfg.data, vocab, cfg.steps * cfg.tokens_per_step, progress)
+    elif cfg.data is not None:
+        raise BitnetError(f"the {cfg.experiment!r} experiment makes its own data and takes no --data")
+    elif cfg.vocab_size is not None:
+        raise BitnetError(f"the {cfg.experiment!r} experiment has a fixed vocabulary; "
+                          "--vocab-size is for the text experiments")
+
+
 def create_run(experiment: str, size: str | None = None, argv: list[str] | None = None,
-               quant: str | None = None, **overrides) -> Path:
-    """Validate the configuration, then make the run folder with config.json, tokenizer.json
-    and state.json. Nothing is written when the configuration is bad."""
+               quant: str | None = None, progress=None, **overrides) -> Path:
+    """Validate the configuration and the data, then make the run folder with config.json,
+    tokenizer.json and state.json. Nothing is written when either is bad."""
     check_experiment(experiment)
     task = load_experiment(experiment)
-    model_cfg, train_cfg = build_configs(experiment, size, task.tokenizer().get_vocab_size(),
-                                         quant=quant, **overrides)
+    model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
     resolve_device(train_cfg.device)  # fail before creating anything
+    prepare_task(task, train_cfg, progress)
+    model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     run_dir = create_run_dir(experiment, train_cfg.size, train_cfg.name)
     config = {
         "run_id": run_dir.name,
@@ -104,6 +120,10 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     model_cfg = model_config_from_dict(config["model"])
     cfg = train_config_from_dict(config["train"])
     task = load_experiment(config["experiment"])
+    prepare_task(task, cfg, reporter.preparing)
+    if task.tokenizer().to_str() != Tokenizer.from_file(str(run_dir / TOKENIZER_FILE)).to_str():
+        raise BitnetError(f"the data for run {run_dir.name} no longer gives the tokenizer it was "
+                          "trained with (its files changed, or the shard cache was rebuilt)")
     device = resolve_device(cfg.device)
     autocast = autocast_for(device)
 

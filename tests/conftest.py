@@ -13,3 +13,11 @@ def bitnet_home(tmp_path, monkeypatch):
     home = tmp_path / "bitnet-home"
     monkeypatch.setenv("BITNET_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def bitnet_cache(tmp_path, monkeypatch):
+    """Token shards go to a per-test cache folder too."""
+    cache = tmp_path / "bitnet-cache"
+    monkeypatch.setenv("BITNET_CACHE", str(cache))
+    return cache

@@ -146,7 +146,7 @@ def test_tables_by_default():
     (["--params", "1M", "--vocab", "32000"], "smaller than a 32000-token × 64 embedding table"),
     ([], "say what to cost with one of --params 95M, --preset baseline or --from-run RUN"),
     (["--params", "95M", "--preset", "baseline"], "not --params and --preset"),
-    (["--preset", "nope"], "unknown preset 'nope'; choose one of: baseline, simple"),
+    (["--preset", "nope"], "unknown preset 'nope'; choose one of: simple, simple-tiny, arithmetic"),
     (["--from-run", "nope"], "no runs in"),
 ])
 def test_bad_input_is_one_clear_line(args, message):

@@ -104,4 +104,7 @@ def test_preset_vocab_sizes_match_the_tokenizers():
     """`bitnet cost` reads PRESETS' vocab sizes without importing the experiments (torch)."""
     from bitnet_cli.config import PRESETS
     for name, preset in PRESETS.items():
-        assert preset["vocab_size"] == load_experiment(name).tokenizer().get_vocab_size(), name
+        task = load_experiment(name)
+        if hasattr(task, "prepare"):
+            continue  # a text experiment's BPE is trained on the data, to --vocab-size
+        assert preset["vocab_size"] == task.tokenizer().get_vocab_size(), name

@@ -36,3 +36,37 @@ def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
     (run_dir,) = (bitnet_home / "runs").iterdir()
     last = final_eval(run_dir)
     assert last["acc/+"] >= 0.95 and last["acc/-"] >= 0.95, last
+
+    # chat answers held-out sums the way a person writes them, at the measured accuracy.
+    from bitnet_cli.chat import ChatSession, Sampling
+    from bitnet_cli.experiments.arithmetic import ArithmeticTask
+    from bitnet_cli.inference import load_model
+    session = ChatSession(load_model(str(run_dir)), Sampling(temperature=0.0, max_new_tokens=8))
+    sums = [p for p in ArithmeticTask().heldout() if p[2] == "+"][:200]
+    right = 0
+    for prompt, _, _ in sums:
+        a, b = int(prompt[:3]), int(prompt[4:7])
+        right += "".join(session.reply(f"{a}+{b}=")) == str(a + b)
+    assert abs(right / len(sums) - last["acc/+"]) <= 0.03, (right, last["acc/+"])
+    result = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "12+35=", "--temperature", "0"])
+    assert result.exit_code == 0 and result.stdout == "47\n"
+
+
+@pytest.mark.slow
+def test_tinystories_tiny_learns_a_local_corpus(bitnet_home, tmp_path):
+    import re
+
+    from bitnet_cli.storygen import write_stories
+    write_stories(tmp_path / "stories", 5000)
+    result = CliRunner().invoke(app, ["train", "tinystories", "--size", "tiny", "--data",
+                                      str(tmp_path / "stories")])
+    assert result.exit_code == 0, result.stderr
+    (run_dir,) = (bitnet_home / "runs").iterdir()
+    last = final_eval(run_dir)
+    assert last["loss"] < 0.5 * last["unigram_loss"], last
+    result = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "Once upon a time",
+                                      "--temperature", "0", "--max-new-tokens", "60"])
+    assert result.exit_code == 0
+    corpus_words = set(re.findall(r"[a-z]+", (tmp_path / "stories/stories.jsonl").read_text().lower()))
+    words = re.findall(r"[a-z]+", result.stdout.lower())
+    assert len(words) >= 10 and sum(w in corpus_words for w in words) / len(words) >= 0.9, result.stdout

@@ -8,20 +8,12 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from bitnet_cli.checkpoint import newest_loadable
-from bitnet_cli.cli import app
+from tests.cli import invoke
 
-runner = CliRunner()
 STEPS = 200
 ARGS = ["simple", "--steps", str(STEPS), "--save-every", "40", "--eval-every", "50", "--no-compile"]
-
-
-def invoke(*args, code=0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, result.output + result.stderr
-    return result
 
 
 def final_weights(home, name, step=STEPS):

@@ -8,17 +8,9 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from bitnet_cli.cli import app
+from tests.cli import invoke
 
-runner = CliRunner()
-
-
-def invoke(*args, code=0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, result.output + result.stderr
-    return result
 
 
 @pytest.fixture

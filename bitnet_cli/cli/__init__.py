@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 
 
+MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
+
+
 def fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -72,7 +75,7 @@ def root(
 
 
 # Importing the command modules registers them, in the order the help lists their panels.
-from bitnet_cli.cli import train, runs, talk, cost, ship  # noqa: E402,F401,I001
+from bitnet_cli.cli import train, runs, chat, talk, cost, ship  # noqa: E402,F401,I001
 
 
 def main() -> None:

@@ -42,6 +42,8 @@ Examples:
   bitnet train arithmetic --size tiny      # learns + and - to >95% on a laptop CPU
 
   bitnet train arithmetic --quant none     # the full-precision twin, for comparison
+
+  bitnet train tinystories --size tiny --data stories/   # your own text, offline
 """, rich_help_panel="Training")
 @friendly
 def train(
@@ -65,21 +67,27 @@ def train(
                                            show_default=False),
     quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
                                               "twin with the same names and shapes)."),
-    data: Optional[str] = typer.Option(None, help="Local text data (for the text experiments)."),
+    data: Optional[str] = typer.Option(None, help="Text experiments: local .txt, .jsonl or .parquet "
+                                                  "files (a 'text' field), or a folder of them, "
+                                                  "instead of the hub data set."),
+    vocab_size: Optional[int] = typer.Option(None, help="Text experiments: size of the byte-level "
+                                                        "BPE trained on the data."),
     nproc_per_node: Optional[int] = typer.Option(None, help="Worker processes on this machine "
                                                             "(torch.distributed)."),
 ) -> None:
     check_experiment(experiment)
-    if data is not None:
-        raise BitnetError(f"the {experiment!r} experiment makes its own data and takes no --data")
     if nproc_per_node not in (None, 1):
         raise BitnetError("multi-process training (--nproc-per-node) is not implemented yet")
     from bitnet_cli.train import create_run
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
-                   save_every=save_every, name=name, device=device, compile=compile, quant=quant)
-    run_dir = create_run(experiment, argv=command_line(experiment, options), **options)
+                   save_every=save_every, name=name, device=device, compile=compile, quant=quant,
+                   data=data, vocab_size=vocab_size)
+    from bitnet_cli.ui import DataProgress
+    with DataProgress() as progress:
+        run_dir = create_run(experiment, argv=command_line(experiment, options), progress=progress,
+                             **options)
     train_with_view(run_dir)
 
 

@@ -7,8 +7,11 @@ depends on (the carry), which is what makes the task learnable by a small model.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments.problems import ProblemTask
 
 OPERATORS = "+-*/"
@@ -49,6 +52,9 @@ def _code(a, op_index, b):
     return (op_index * _NA + (a - A_RANGE[0])) * _NB + (b - B_RANGE[0])
 
 
+PROBLEM = re.compile(r"^\s*(\d{1,3})\s*([-+*/])\s*(\d{1,3})\s*=?\s*$")
+
+
 class ArithmeticTask(ProblemTask):
     alphabet = "0123456789+-*/=;"
 
@@ -70,6 +76,18 @@ class ArithmeticTask(ProblemTask):
 
     def heldout(self) -> list[tuple[str, str, str]]:
         return self._heldout
+
+    def chat_prompt(self, text: str) -> str:
+        """'12+35=' (as a person writes it) -> '012+035=' (as the model was trained)."""
+        match = PROBLEM.match(text)
+        if not match:
+            raise BitnetError(f"{text.strip()!r} is not a problem like 12+35= (a and b from 0 to "
+                              "999, one of + - * /)")
+        return format_prompt(int(match.group(1)), match.group(2), int(match.group(3)))
+
+    def chat_reply(self, generated: str) -> str:
+        value = parse_answer(generated)
+        return str(value) if value is not None else generated.split(";", 1)[0]
 
     def sample(self, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
         a = rng.integers(A_RANGE[0], A_RANGE[1] + 1, size=n)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import Regex
 
+from bitnet_cli.errors import BitnetError
+
 PAD, UNK = "<pad>", "<unk>"
 IGNORE = -100
 
@@ -49,6 +51,21 @@ class ProblemTask:
 
     def encode(self, text: str) -> list[int]:
         return [self.char_ids[ch] for ch in text]
+
+    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        return (tokenizer.token_to_id(self.answer_end),)
+
+    def chat_prompt(self, text: str) -> str:
+        """What the user typed, as the model reads a prompt (ends with '=')."""
+        text = text.strip().rstrip("=").replace(" ", "") + "="
+        unknown = sorted(set(text) - set(self.alphabet))
+        if unknown:
+            raise BitnetError(f"this model only reads the characters {self.alphabet!r}, "
+                              f"not {''.join(unknown)!r}")
+        return text
+
+    def chat_reply(self, generated: str) -> str:
+        return generated.split(self.answer_end, 1)[0]
 
     def stream(self, seed: int, batch_size: int, seq_len: int) -> "ProblemStream":
         return ProblemStream(self, seed, batch_size, seq_len)

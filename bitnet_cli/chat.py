@@ -1,0 +1,122 @@
+"""A conversation with a trained model: prompt formatting per experiment, history kept within
+the context window, and replies streamed as text as the tokens are made. No Rich, no argv."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.experiments import load_experiment
+from bitnet_cli.inference import LoadedModel
+from bitnet_cli.model import generate
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 256
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise BitnetError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise BitnetError(f"--top-k must be a positive whole number, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BitnetError(f"--top-p must be above 0 and at most 1, got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise BitnetError(f"--max-new-tokens must be a positive whole number, got {self.max_new_tokens}")
+
+
+@dataclass
+class ReplyStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: str = ""  # "stop token", "length", "context" or "interrupted"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    loaded: LoadedModel
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.sampling.validate()
+        self.task = load_experiment(self.loaded.experiment)
+        self.tokenizer = self.loaded.tokenizer
+        self.context = self.loaded.config.max_position_embeddings
+        self.history: list[int] = []
+        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self.last = ReplyStats()
+
+    @property
+    def keeps_history(self) -> bool:
+        """Text models continue the whole conversation; a problem solver answers each alone."""
+        return not hasattr(self.task, "chat_prompt")
+
+    def reset(self) -> None:
+        self.history = []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        model_text = self.task.chat_prompt(text) if hasattr(self.task, "chat_prompt") else text
+        ids = self.tokenizer.encode(model_text).ids
+        if not ids:
+            raise BitnetError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise BitnetError(f"the prompt is {len(ids)} tokens, but this model reads at most "
+                              f"{self.context}; shorten it")
+        return ids
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Yield the reply as text pieces while it is generated. Stop it by closing the
+        generator (KeyboardInterrupt in the caller does that); what was said stays in history."""
+        prompt = self.encode_prompt(text)
+        if self.keeps_history:
+            # Keep as much recent history as fits beside the prompt and a full reply.
+            room = max(self.context - len(prompt) - self.sampling.max_new_tokens, 0)
+            prompt = self.history[len(self.history) - room:] + prompt if room else prompt
+        max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
+        stop_ids = tuple(self.task.stop_ids(self.tokenizer))
+        new: list[int] = []
+        shown = ""
+        self.last = ReplyStats(stopped="length")
+        start = time.perf_counter()
+        try:
+            for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,
+                                  self.sampling.top_k, self.sampling.top_p, stop_ids,
+                                  generator=self.generator):
+                if token in stop_ids:
+                    self.last.stopped = "stop token"
+                    break
+                new.append(token)
+                if hasattr(self.task, "chat_reply"):
+                    continue  # a formatted answer is only shown whole
+                text_so_far = self.tokenizer.decode(new)
+                if not text_so_far.endswith("\ufffd"):  # hold back half a UTF-8 character
+                    yield text_so_far[len(shown):]
+                    shown = text_so_far
+            else:
+                if len(prompt) + len(new) >= self.context:
+                    self.last.stopped = "context"
+        except GeneratorExit:
+            self.last.stopped = "interrupted"
+            raise
+        finally:
+            self.last.tokens = len(new)
+            self.last.seconds = time.perf_counter() - start
+            if self.keeps_history:
+                self.history = prompt + new
+        if hasattr(self.task, "chat_reply"):
+            yield self.task.chat_reply(self.tokenizer.decode(new))
+        elif len(self.tokenizer.decode(new)) > len(shown):
+            yield self.tokenizer.decode(new)[len(shown):]

@@ -1,0 +1,113 @@
+"""`bitnet chat`: talk to a trained model, its reply streamed token by token."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from bitnet_cli.cli import MODEL_HELP, app, friendly
+from bitnet_cli.errors import BitnetError
+COMMANDS = """/help      this list
+/reset     forget the conversation so far
+/temp X    sampling temperature (0 = greedy)
+/quit      leave (Ctrl-D does too; Ctrl-C stops a reply)"""
+
+
+@app.command(rich_help_panel="Using a model")
+@friendly
+def chat(
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
+    prompt: Optional[str] = typer.Option(None, help="Answer this once, print only the completion "
+                                                    "on stdout, and exit."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Sample among the smallest set of tokens whose "
+                                                     "probability adds up to P."),
+    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+    seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
+) -> None:
+    """Talk to a trained model, streaming its reply token by token.
+
+    Text models continue the conversation, keeping as much history as fits in their context.
+    Problem solvers answer one problem at a time: for an arithmetic model, `12+35=` gives 47.
+    Tokens/s go to stderr, so `--prompt` output can be piped.
+
+      bitnet chat latest --prompt "Once upon a time" --temperature 0
+    """
+    from bitnet_cli.chat import ChatSession, Sampling
+    from bitnet_cli.inference import load_model
+
+    loaded = load_model(model)
+    if loaded.experiment == "tictactoe":
+        raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
+                          f"`bitnet play {model}`")
+    session = ChatSession(loaded, Sampling(temperature, top_k, top_p, max_new_tokens), seed)
+    if prompt is not None:
+        for piece in session.reply(prompt):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _report(session)
+        return
+    typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens. "
+               "/help lists the commands.", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("", err=True)
+            return
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not _command(session, line.strip()):
+                return
+            continue
+        replies = None
+        try:
+            replies = session.reply(line)
+            for piece in replies:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if replies is not None:
+                replies.close()
+            sys.stdout.write(" [stopped]")
+        except BitnetError as e:
+            typer.echo(f"{e}", err=True)
+            continue
+        sys.stdout.write("\n")
+        _report(session)
+
+
+def _report(session) -> None:
+    last = session.last
+    note = {"context": ", context full", "length": ", --max-new-tokens reached"}.get(last.stopped, "")
+    typer.echo(f"[{last.tokens} tokens, {last.tokens_per_s:.1f} tok/s{note}]", err=True)
+
+
+def _command(session, line: str) -> bool:
+    """Carry out a /command; False means leave."""
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        typer.echo(COMMANDS, err=True)
+    elif name == "/reset":
+        session.reset()
+        typer.echo("(conversation forgotten)", err=True)
+    elif name == "/temp":
+        try:
+            value = float(arg)
+            if value < 0:
+                raise ValueError
+        except ValueError:
+            typer.echo("/temp takes a number of 0 or more, like /temp 0.7", err=True)
+        else:
+            session.sampling.temperature = value
+            typer.echo(f"(temperature {value})", err=True)
+    else:
+        typer.echo(f"unknown command {name}; /help lists them", err=True)
+    return True

@@ -1,0 +1,103 @@
+"""Natural language: TinyStories (12M) and the FineWeb-Edu baseline (95M), or local text.
+
+The model reads fixed windows of `seq_len + 1` tokens cut from the token shards; each epoch
+visits every window once in an order drawn from the seed, so the data cursor is two integers
+(epoch, position) and resuming is exact. Evaluation is the held-out loss over a fixed set of
+windows, beside the unigram baseline that any learning must beat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from bitnet_cli.data import EOT, Progress, Shards, prepare_shards
+from bitnet_cli.errors import BitnetError
+
+EVAL_WINDOWS = 256
+
+
+class TextTask:
+    headline = "loss"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.shards: Shards | None = None
+
+    def prepare(self, data: str | None, vocab_size: int, min_train_tokens: int,
+                progress: Progress | None = None) -> None:
+        self.shards = prepare_shards(self.name, data, vocab_size, min_train_tokens, progress)
+        self._tokenizer = Tokenizer.from_file(str(self.shards.tokenizer_path))
+
+    def tokenizer(self) -> Tokenizer:
+        if self.shards is None:
+            raise RuntimeError("prepare() the text task before asking for its tokenizer")
+        return self._tokenizer
+
+    def stream(self, seed: int, batch_size: int, seq_len: int) -> "WindowStream":
+        return WindowStream(np.asarray(self.shards.train), seed, batch_size, seq_len)
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast=contextlib.nullcontext, batch_size: int = 32) -> dict:
+        seq_len = model.config.max_position_embeddings
+        val = np.asarray(self.shards.val)
+        windows = min(EVAL_WINDOWS, (len(val) - 1) // seq_len)
+        if windows == 0:  # held-out text shorter than one window: score what there is
+            seq_len, windows = len(val) - 1, 1
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for start in range(0, windows, batch_size):
+            rows = np.stack([val[i * seq_len:i * seq_len + seq_len + 1]
+                             for i in range(start, min(start + batch_size, windows))]).astype(np.int64)
+            x = torch.from_numpy(rows[:, :-1]).to(device)
+            y = torch.from_numpy(rows[:, 1:]).to(device)
+            with autocast():
+                logits = model(x)
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+        model.train(was_training)
+        return {"loss": total / count, "unigram_loss": self.shards.meta["unigram_loss"]}
+
+    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        return (tokenizer.token_to_id(EOT),)
+
+
+class WindowStream:
+    def __init__(self, tokens: np.ndarray, seed: int, batch_size: int, seq_len: int):
+        self.tokens, self.seed, self.batch_size, self.seq_len = tokens, seed, batch_size, seq_len
+        self.windows = (len(tokens) - 1) // seq_len
+        if self.windows < batch_size:
+            raise BitnetError(f"the training text has {len(tokens):,} tokens: too few for a batch "
+                              f"of {batch_size} windows of {seq_len}; use more text, or a smaller "
+                              "--batch-size or --seq-len")
+        self.epoch, self.position = 0, 0
+        self._order = None
+
+    def order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = (self.epoch, rng.permutation(self.windows))
+        return self._order[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = []
+        while len(picks) < self.batch_size:
+            take = min(self.batch_size - len(picks), self.windows - self.position)
+            picks.extend(self.order()[self.position:self.position + take])
+            self.position += take
+            if self.position == self.windows:
+                self.epoch, self.position = self.epoch + 1, 0
+        T = self.seq_len
+        rows = np.stack([self.tokens[i * T:i * T + T + 1] for i in picks]).astype(np.int64)
+        return torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
