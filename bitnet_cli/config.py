@@ -83,6 +83,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off elsewhere
     name: str | None = None
     data: str | None = None
+    vocab_size: int | None = None  # text experiments: size of the BPE trained on the data
 
     def validate(self) -> None:
         positive = {
@@ -97,6 +98,8 @@ class TrainConfig:
         for flag, value in positive.items():
             if value is None or value < 1:
                 raise BitnetError(f"{flag} must be a positive whole number, got {value}")
+        if self.vocab_size is not None and not 256 < self.vocab_size <= 2**20:
+            raise BitnetError(f"--vocab-size must be between 257 and {2**20}, got {self.vocab_size}")
         if not self.lr > 0:
             raise BitnetError(f"--lr must be positive, got {self.lr}")
         if self.device not in DEVICES:
@@ -146,23 +149,77 @@ PRESETS: dict[str, dict] = {
             },
         },
     },
+    "tictactoe": {
+        "about": "play tic-tac-toe: learns from perfect and noisy games, judged by playing",
+        "default_size": "12M",
+        "vocab_size": 15,  # '>' start, cells 1-9, results X O D, <pad>, <unk>
+        "sizes": {
+            # seq 10 holds exactly one game (11 tokens), so no row wastes room on a cut-off game
+            "tiny": {
+                "model": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=336),
+                "train": dict(steps=3000, batch_size=128, seq_len=10, lr=2e-3, warmup_steps=100,
+                              eval_every=250, save_every=500, log_every=10),
+            },
+            "12M": {
+                "model": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                              num_key_value_heads=3, intermediate_size=1152),
+                "train": dict(steps=5000, batch_size=32, seq_len=128, lr=1.5e-3,
+                              warmup_steps=375, eval_every=500, save_every=1000, log_every=10),
+            },
+        },
+    },
+    "tinystories": {
+        "about": "short children's stories (TinyStories, or your own text with --data)",
+        "default_size": "12M",
+        "vocab_size": 2048,  # byte-level BPE trained on the data; --vocab-size changes it
+        "sizes": {
+            "tiny": {
+                "model": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=384),
+                "train": dict(steps=1500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=100,
+                              eval_every=250, save_every=500, log_every=10),
+            },
+            "12M": {
+                "model": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=8,
+                              num_key_value_heads=4, intermediate_size=1152),
+                "train": dict(steps=20000, batch_size=32, seq_len=256, lr=1.5e-3,
+                              warmup_steps=375, eval_every=500, save_every=1000, log_every=10),
+            },
+        },
+    },
+    "baseline": {
+        "about": "the original project's 95M model on FineWeb-Edu (sample-10BT, streamed)",
+        "default_size": "95M",
+        "vocab_size": 32000,
+        "sizes": {
+            "tiny": {
+                "model": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=384),
+                "train": dict(steps=1000, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=100,
+                              eval_every=250, save_every=500, log_every=10),
+            },
+            # 400k steps of 16 x 256 x 2 = 3.28B tokens, as the original project ran it.
+            "95M": {
+                "model": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
+                              num_key_value_heads=6, intermediate_size=3072),
+                "train": dict(steps=400_000, batch_size=16, seq_len=256, grad_accum=2, lr=1.5e-3,
+                              warmup_steps=375, eval_every=2000, save_every=5000, log_every=50),
+            },
+        },
+    },
 }
-
-EXPERIMENTS = ("simple", "arithmetic", "tictactoe", "tinystories", "baseline")
-
 
 def check_experiment(experiment: str) -> dict:
     """The preset of a known experiment, or a clear error naming the ones there are."""
     if experiment not in PRESETS:
-        if experiment in EXPERIMENTS:
-            raise BitnetError(f"the {experiment!r} experiment is not available in this version yet; "
-                              f"try one of: {', '.join(PRESETS)}")
         raise BitnetError(f"unknown experiment {experiment!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[experiment]
 
 
-def build_configs(experiment: str, size: str | None, vocab_size: int, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """The preset for (experiment, size) with every non-None override applied on top."""
+def build_configs(experiment: str, size: str | None, **overrides) -> tuple[ModelConfig, TrainConfig]:
+    """The preset for (experiment, size) with every non-None override applied on top. The
+    model's vocab_size is left 0: it is the tokenizer's, known once the data is prepared."""
     preset = check_experiment(experiment)
     size = size or preset["default_size"]
     if size not in preset["sizes"]:
@@ -177,8 +234,7 @@ def build_configs(experiment: str, size: str | None, vocab_size: int, **override
     train_kwargs = {**chosen["train"], **{k: v for k, v in overrides.items() if v is not None}}
     train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
     train.validate()
-    model = ModelConfig(vocab_size=vocab_size,
-                        max_position_embeddings=train.seq_len,
+    model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
                         quant=quant, **chosen["model"])
     model.validate()
     return model, train

@@ -32,8 +32,10 @@ def format_rate(tokens_per_s: float) -> str:
 
 def format_eval(row: dict, headline: str) -> str:
     parts = [f"loss {row['loss']:.4f}"]
-    if headline in row:
+    if headline != "loss" and headline in row:
         parts.append(f"{headline} {row[headline]:.1%}")
+    if "unigram_loss" in row:
+        parts.append(f"(unigram baseline {row['unigram_loss']:.4f})")
     groups = [f"{k.split('/', 1)[1]} {v:.0%}" for k, v in row.items() if k.startswith(f"{headline}/")]
     if groups:
         parts.append("(" + ", ".join(groups) + ")")
@@ -51,13 +53,26 @@ class LiveTrainingView:
             TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[stats]}"), console=console, transient=False)
         self.task = None
+        self.data_task = None
         self.smoothed = None
         self.headline = "loss"
         self.last_eval = ""
         self.last_train = ""
         self.rate_steps = None  # (start step, start time) for the ETA
 
+    def preparing(self, what: str, done: int, total: int | None) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.data_task is None:
+            self.progress.start()
+            self.data_task = self.progress.add_task(what, total=total, eta="", stats="")
+        self.progress.update(self.data_task, description=what, completed=done, total=total,
+                             stats=f"{done:,} tokens" if done else "")
+
     def start(self, info: dict) -> None:
+        if self.data_task is not None:
+            self.progress.remove_task(self.data_task)
+            self.progress.stop()
         self.headline = info["headline"]
         where = f"resuming from {info['resumed_from']}" if info.get("resumed_from") else "from scratch"
         self.console.print(f"[bold]{info['run_id']}[/]: {info['params']} parameters on "
@@ -103,6 +118,34 @@ class LiveTrainingView:
     def close(self) -> None:
         if self.task is not None:
             self.progress.stop()
+
+
+class DataProgress:
+    """A transient progress line for data preparation (tokenizer training, encoding), shown
+    only if there is work to do."""
+
+    def __init__(self, console: Console = stderr):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                 console=console, transient=True)
+        self.task = None
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        if not self.progress.console.is_terminal:
+            return  # a log or a pipe gets the outcome, not a redrawn bar
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task(what, total=total, stats="")
+        self.progress.update(self.task, description=what, completed=done, total=total,
+                             stats=f"{done:,} tokens" if done else "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.task is not None:
+            self.progress.stop()
+        return False
 
 
 STATUS_STYLE = {"running": "bold green", "finished": "cyan", "interrupted": "yellow",
@@ -238,3 +281,50 @@ def terminal_chart(series: list[tuple[str, list[tuple[float, float]]]], width: i
         text.append(f"  {CHART_MARKERS[index % len(CHART_MARKERS)]} {name}\n",
                     style=colours[index % len(colours)])
     return text
+
+
+def board_text(board: str) -> Text:
+    """A tic-tac-toe board ("X.O......", row by row): X and O in colour, each free cell shown
+    by its number, which is what the person types to take it."""
+    marks = {"X": "bold cyan", "O": "bold magenta"}
+    text = Text()
+    for row in range(3):
+        for col in range(3):
+            cell = row * 3 + col
+            mark = board[cell]
+            text.append(f" {mark} " if mark in marks else f" {cell + 1} ", style=marks.get(mark, "dim"))
+            text.append("│" if col < 2 else "\n")
+        if row < 2:
+            text.append("───┼───┼───\n")
+    return text
+
+
+def eval_report(report: dict):
+    """`bitnet eval`: which model, then its metrics; games as a won/drawn/lost table."""
+    from rich.console import Group
+    from rich.table import Table
+    metrics = report["metrics"]
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("model", f"{report['experiment']}, {_params(report['params'])} parameters, "
+                          f"step {report['step']}")
+    head.add_row("checkpoint", report["checkpoint"])
+    groups = [key[:-len("/won")] for key in metrics if key.endswith("/won")]
+    counted = {f"{g}/{outcome}" for g in groups for outcome in ("won", "drawn", "lost")}
+    for key, value in metrics.items():
+        if key not in counted:
+            shown = f"{value:.4f}" if "loss" in key or key == "ppl" else f"{value:.1%}"
+            head.add_row(key, Text(shown, style="bold" if key == report["headline"] else ""))
+    if not groups:
+        return head
+    games = Table(header_style="bold", title="the model's games", title_justify="left")
+    for column in ("opponent", "model as", "won", "drawn", "lost"):
+        games.add_column(column, justify="left" if column in ("opponent", "model as") else "right")
+    for group in groups:
+        opponent, _, side = group.rpartition("-")
+        lost = metrics[f"{group}/lost"]
+        games.add_row("any (every line)" if opponent == "every" else opponent, side.upper(),
+                      str(metrics[f"{group}/won"]), str(metrics[f"{group}/drawn"]),
+                      Text(str(lost), style="bold red" if lost else "bold green"))
+    return Group(head, games)

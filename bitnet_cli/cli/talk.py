@@ -7,23 +7,9 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli import app, friendly, not_implemented
+from bitnet_cli.errors import BitnetError
 
 MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
-
-
-@app.command(rich_help_panel="Using a model")
-@friendly
-def chat(
-    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
-    prompt: Optional[str] = typer.Option(None, help="Answer this once, print only the completion, exit."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
-    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, help="Sample among the smallest set of tokens whose "
-                                                     "probability adds up to P."),
-    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
-) -> None:
-    """Talk to a trained model, streaming its reply token by token."""
-    not_implemented("chat")
 
 
 @app.command(rich_help_panel="Using a model")
@@ -32,8 +18,17 @@ def play(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     as_: str = typer.Option("x", "--as", help="Play as x (moves first) or o."),
 ) -> None:
-    """Play tic-tac-toe against a model trained on the tictactoe experiment."""
-    not_implemented("play")
+    """Play tic-tac-toe against a model trained on the tictactoe experiment.
+
+    The board shows each free cell's number (1-9, row by row from the top left): type one to
+    take it. The model answers with its best legal cell; the rules decide who won. q or Ctrl-D
+    ends the session.
+    """
+    side = as_.strip().upper()
+    if side not in ("X", "O"):
+        raise BitnetError(f"--as must be x or o, got {as_!r}")
+    from bitnet_cli.cli.game import play_session
+    play_session(model, side)
 
 
 @app.command("eval", rich_help_panel="Using a model")
@@ -42,5 +37,20 @@ def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Measure a model on its experiment's held-out task."""
-    not_implemented("eval")
+    """Measure a model on its experiment's held-out task.
+
+    tictactoe: won/drawn/lost in 100 games as X and 100 as O against a random and a perfect
+    (minimax) player, and over every line any opponent can play against it; and how often the
+    model's top choice was a legal cell before masking. arithmetic and simple: exact match per
+    operator (or group) on held-out problems. Every experiment: held-out loss and perplexity.
+    --json prints the same as one JSON object on stdout.
+    """
+    import json as json_lib
+
+    from bitnet_cli import ui
+    from bitnet_cli.evaluate import evaluate_model
+    report = evaluate_model(model)
+    if json:
+        typer.echo(json_lib.dumps(report, indent=2))
+    else:
+        ui.stdout.print(ui.eval_report(report))

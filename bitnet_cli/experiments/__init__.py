@@ -19,4 +19,10 @@ def load_experiment(name: str):
     if name == "arithmetic":
         from bitnet_cli.experiments.arithmetic import ArithmeticTask
         return ArithmeticTask()
+    if name == "tictactoe":
+        from bitnet_cli.experiments.tictactoe import TicTacToeTask
+        return TicTacToeTask()
+    if name in ("tinystories", "baseline"):
+        from bitnet_cli.experiments.text import TextTask
+        return TextTask(name)
     raise BitnetError(f"unknown experiment {name!r}")

@@ -1,0 +1,70 @@
+"""`bitnet play`: a person against a model at tic-tac-toe, in the terminal.
+
+The rules engine keeps the board and decides every result; the model only proposes its best
+legal cell. Moves are read as lines from stdin, so a script can play as well as a person, and
+the end of input (Ctrl-D) ends the session cleanly.
+"""
+
+from __future__ import annotations
+
+from bitnet_cli import ui
+from bitnet_cli.tictactoe import DRAW, START, IllegalMove, parse_move, place, result, to_move
+
+QUIT = ("q", "quit", "exit")
+
+
+def play_session(selector: str, person: str, console=ui.stdout) -> None:
+    """Games until the person declines another, quits, or input ends. `person` is "X" or "O"."""
+    from bitnet_cli.experiments.tictactoe import load_player
+
+    player, loaded = load_player(selector)
+    console.print(f"Playing {loaded.checkpoint} (step {loaded.step}). You are {person}; X moves "
+                  "first. Type a cell's number to take it; q quits.")
+    while play_game(player, person, console):
+        try:
+            again = console.input("Play again? (y/n) ").strip().lower()
+        except EOFError:
+            console.print()
+            return
+        if again not in ("y", "yes", ""):
+            return
+
+
+def play_game(player, person: str, console) -> bool:
+    """One game to its end (True), or until the person quits or input ends (False)."""
+    board, moves = START, []
+    while result(board) is None:
+        if to_move(board) == person:
+            console.print(ui.board_text(board))
+            cell = read_move(board, person, console)
+            if cell is None:
+                return False
+        else:
+            (cell,), _ = player.choose([moves])
+            console.print(f"The model ({to_move(board)}) takes cell {cell}.")
+        board, moves = place(board, cell), moves + [cell]
+    console.print(ui.board_text(board))
+    outcome = result(board)
+    if outcome == DRAW:
+        console.print("[bold]Draw.[/]")
+    elif outcome == person:
+        console.print(f"[bold green]You win[/] ({person} has a line).")
+    else:
+        console.print(f"[bold red]The model wins[/] ({outcome} has a line).")
+    return True
+
+
+def read_move(board: str, person: str, console) -> int | None:
+    """The person's cell, asking again after a hint until it is a free one; None to stop."""
+    while True:
+        try:
+            text = console.input(f"Your move ({person}): ")
+        except EOFError:
+            console.print()
+            return None
+        if text.strip().lower() in QUIT:
+            return None
+        try:
+            return parse_move(board, text)
+        except IllegalMove as e:
+            console.print(f"[yellow]{e}[/]")
