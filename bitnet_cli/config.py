@@ -156,7 +156,7 @@ PRESETS: dict[str, dict] = {
         "sizes": {
             # seq 10 holds exactly one game (11 tokens), so no row wastes room on a cut-off game
             "tiny": {
-                "model": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                "model": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=336),
                 "train": dict(steps=3000, batch_size=128, seq_len=10, lr=2e-3, warmup_steps=100,
                               eval_every=250, save_every=500, log_every=10),

@@ -1,4 +1,4 @@
-"""`bitnet chat`, `bitnet play`, `bitnet eval`: use a trained model."""
+"""`bitnet play`, `bitnet eval`: use a trained model."""
 
 from __future__ import annotations
 
