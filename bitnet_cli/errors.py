@@ -3,3 +3,8 @@
 
 class BitnetError(Exception):
     """A problem the user can fix: bad input, a missing file, an unavailable device."""
+
+
+class Reported(BitnetError):
+    """An error another process (rank 0 of a distributed job) has already reported: this one
+    stops with exit code 1 and says nothing more."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from bitnet_cli import __version__
+from bitnet_cli import __version__, dist
 from bitnet_cli.checkpoint import (load_model_tensors, load_optimizer_tensors, newest_loadable,
                                    rng_state, save_checkpoint, set_rng_state)
 from bitnet_cli.config import (PRESETS, build_configs, check_experiment, format_count,
@@ -81,13 +81,17 @@ def prepare_task(task, cfg, progress=None) -> None:
 
 
 def create_run(experiment: str, size: str | None = None, argv: list[str] | None = None,
-               quant: str | None = None, progress=None, **overrides) -> Path:
+               quant: str | None = None, progress=None, world_size: int = 1,
+               **overrides) -> Path:
     """Validate the configuration and the data, then make the run folder with config.json,
-    tokenizer.json and state.json. Nothing is written when either is bad."""
+    tokenizer.json and state.json. Nothing is written when either is bad. `world_size` is the
+    number of processes it will train on, all on this machine."""
     check_experiment(experiment)
     task = load_experiment(experiment)
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
-    resolve_device(train_cfg.device)  # fail before creating anything
+    # fail before creating anything
+    dist.check_world(world_size, world_size, train_cfg.batch_size,
+                     resolve_device(train_cfg.device))
     prepare_task(task, train_cfg, progress)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     run_dir = create_run_dir(experiment, train_cfg.size, train_cfg.name)
@@ -113,24 +117,42 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
 def run_training(run_dir: Path, reporter=None) -> dict:
     """Train the run in `run_dir` from its newest good checkpoint (or from scratch) to its last
     step. SIGINT or SIGTERM stops it after the current step with a checkpoint; the returned
-    status is then "interrupted" (a second signal stops at once, without one)."""
-    reporter = reporter or NullReporter()
+    status is then "interrupted" (a second signal stops at once, without one).
+
+    Under torchrun every rank calls this with the same folder; each trains on its share of
+    every batch and only rank 0 reports and writes (see dist.py)."""
+    share = dist.current()
+    reporter = (reporter or NullReporter()) if share.is_main else NullReporter()
     run_dir = Path(run_dir)
     config = read_json(run_dir / CONFIG_FILE)
     model_cfg = model_config_from_dict(config["model"])
     cfg = train_config_from_dict(config["train"])
     task = load_experiment(config["experiment"])
+    device = resolve_device(cfg.device)
+    dist.check_world(share.world_size, share.local_world_size, cfg.batch_size, device)
+    device = dist.start(share, device)
+    try:
+        return _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
+    finally:
+        dist.stop()
+
+
+def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> dict:
+    # One process per machine builds the data cache; the others then find it ready.
+    if share.local_rank != 0:
+        dist.barrier()
     prepare_task(task, cfg, reporter.preparing)
+    if share.local_rank == 0:
+        dist.barrier()
     if task.tokenizer().to_str() != Tokenizer.from_file(str(run_dir / TOKENIZER_FILE)).to_str():
         raise BitnetError(f"the data for run {run_dir.name} no longer gives the tokenizer it was "
                           "trained with (its files changed, or the shard cache was rebuilt)")
-    device = resolve_device(cfg.device)
     autocast = autocast_for(device)
 
     torch.manual_seed(cfg.seed)
     model = BitNetForCausalLM(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
-    stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len)
+    stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank, share.world_size)
     step, tokens_seen = 0, 0
 
     resumed_from, contents, skipped = newest_loadable(run_dir / "checkpoints")
@@ -141,19 +163,24 @@ def run_training(run_dir: Path, reporter=None) -> dict:
         stream.load_state_dict(trainer["data"])
         set_rng_state(trainer["rng"])
         step, tokens_seen = trainer["step"], trainer["tokens"]
-    # Rows logged after the checkpoint are about to be trained again: drop them so the file
-    # holds each step once, as an uninterrupted run's would.
-    truncate_metrics(run_dir / METRICS_FILE, step)
+    if share.is_main:
+        # Rows logged after the checkpoint are about to be trained again: drop them so the
+        # file holds each step once, as an uninterrupted run's would.
+        truncate_metrics(run_dir / METRICS_FILE, step)
 
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    forward = torch.compile(model) if use_compile else model
+    trained = dist.wrap(model, share, device)
+    forward = torch.compile(trained) if use_compile else trained
 
-    state = StateFile(run_dir)
-    state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
-                 started_at=state.state.get("started_at") or now_iso(), error=None)
-    metrics = MetricsWriter(run_dir / METRICS_FILE)
+    state = StateFile(run_dir) if share.is_main else None
+    metrics = MetricsWriter(run_dir / METRICS_FILE) if share.is_main else None
+    if share.is_main:
+        state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
+                     world_size=share.world_size, local_world_size=share.local_world_size,
+                     started_at=state.state.get("started_at") or now_iso(), error=None)
     reporter.start({"run_id": run_dir.name, "run_dir": str(run_dir), "step": step,
                     "total_steps": cfg.steps, "device": str(device), "compile": use_compile,
+                    "world_size": share.world_size,
                     "num_params": model.num_params(), "params": format_count(model.num_params()),
                     "resumed_from": str(resumed_from) if resumed_from else None,
                     "skipped_checkpoints": skipped, "headline": task.headline})
@@ -161,15 +188,19 @@ def run_training(run_dir: Path, reporter=None) -> dict:
 
     def save() -> None:
         nonlocal saved_step
+        saved_step = step
+        if not share.is_main:
+            return
         trainer = {"step": step, "tokens": tokens_seen, "data": stream.state_dict(),
                    "rng": rng_state(), "run_id": run_dir.name, "saved_at": now_iso(),
                    "model": config["model"], "experiment": config["experiment"]}
         path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
                                cfg.keep_checkpoints, tokenizer=run_dir / TOKENIZER_FILE)
-        saved_step = step
         reporter.checkpoint(step, path)
 
-    def evaluate() -> dict:
+    def evaluate() -> dict | None:
+        if not share.is_main:  # the others go on to the next step and wait for rank 0 there
+            return None
         row = {"step": step, "split": "eval", "tokens": tokens_seen, "time": time.time(),
                **task.evaluate(model, device, autocast)}
         row["ppl"] = math.exp(min(row["loss"], 50.0))
@@ -182,18 +213,24 @@ def run_training(run_dir: Path, reporter=None) -> dict:
         try:
             model.train()
             window_start, window_tokens = time.perf_counter(), 0
-            while step < cfg.steps and not stop.requested:
+            while step < cfg.steps and not dist.any_rank(bool(stop.requested), device):
                 lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
                                         cfg.weight_decay)
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     inputs, labels = stream.next_batch()
                     inputs, labels = inputs.to(device), labels.to(device)
-                    with autocast():
-                        logits = forward(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                           ignore_index=IGNORE)
-                    (loss / cfg.grad_accum).backward()
+                    # The mean over the whole batch's target tokens, on every rank: a rank's
+                    # rows may hold more or fewer answer tokens than another's.
+                    targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
+                    with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
+                        with autocast():
+                            logits = forward(inputs)
+                        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                               ignore_index=IGNORE, reduction="sum") / targets
+                        # DDP averages gradients over ranks; each rank's loss is its share of
+                        # the sum, so scale back up by the world size.
+                        (loss * (share.world_size / cfg.grad_accum)).backward()
                     loss_sum += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -203,15 +240,18 @@ def run_training(run_dir: Path, reporter=None) -> dict:
                 window_tokens += cfg.tokens_per_step
 
                 if step % cfg.log_every == 0 or step == cfg.steps:
+                    loss_sum = dist.all_sum(loss_sum)
                     elapsed = time.perf_counter() - window_start
-                    row = {"step": step, "split": "train",
-                           "loss": loss_sum.item() / cfg.grad_accum, "lr": lr, "wd": wd,
-                           "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                           "tok_per_s": window_tokens / max(elapsed, 1e-9), "time": time.time()}
-                    metrics.write(row)
-                    reporter.log(row)
-                    state.update(status="running", step=step, total_steps=cfg.steps,
-                                 loss=row["loss"], tok_per_s=row["tok_per_s"])
+                    if share.is_main:  # tokens are the whole batch's: tok/s is global
+                        row = {"step": step, "split": "train",
+                               "loss": loss_sum.item() / cfg.grad_accum, "lr": lr, "wd": wd,
+                               "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                               "tok_per_s": window_tokens / max(elapsed, 1e-9),
+                               "time": time.time()}
+                        metrics.write(row)
+                        reporter.log(row)
+                        state.update(status="running", step=step, total_steps=cfg.steps,
+                                     loss=row["loss"], tok_per_s=row["tok_per_s"])
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = False
                 if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -221,7 +261,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
                     paused = True
                 if paused:  # tokens/s measures training alone, not evaluation or saving
                     window_start, window_tokens = time.perf_counter(), 0
-            if stop.requested:
+            if step < cfg.steps:  # some rank was asked to stop
                 if saved_step != step:
                     save()
                 status = "interrupted"
@@ -230,12 +270,16 @@ def run_training(run_dir: Path, reporter=None) -> dict:
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
             status = "interrupted"
         except BaseException as e:
-            error = f"{type(e).__name__}: {e}"
+            error = dist.peer_failure(e) or f"{type(e).__name__}: {e}"
+            if dist.peer_failure(e):
+                raise dist.lost_peer_error(f"run {run_dir.name} stopped at step {step}: {error}; "
+                                           f"resume it with: bitnet resume {run_dir.name}") from None
             raise
         finally:
-            metrics.close()
-            state.update(status=status, step=step, total_steps=cfg.steps, error=error,
-                         checkpoint_step=saved_step)
+            if share.is_main:
+                metrics.close()
+                state.update(status=status, step=step, total_steps=cfg.steps, error=error,
+                             checkpoint_step=saved_step)
     info = {"run_id": run_dir.name, "run_dir": str(run_dir), "status": status, "step": step,
             "checkpoint_step": saved_step, "last_eval": last_eval, "headline": task.headline}
     reporter.finish(info)
@@ -267,10 +311,13 @@ class stop_signals:
         return False
 
 
-def prepare_resume(run_dir: Path, steps: int | None = None) -> None:
-    """Check that a run can be resumed and extend it to `steps`; nothing on disk changes unless
-    every check passes."""
+def prepare_resume(run_dir: Path, steps: int | None = None, world_size: int = 1) -> None:
+    """Check that a run can be resumed, on `world_size` processes of this machine, and extend
+    it to `steps`; nothing on disk changes unless every check passes. A run created but never
+    started (the launcher of a multi-process run starts its workers this way) starts at step 0."""
     config = read_json(run_dir / CONFIG_FILE)
+    dist.check_world(world_size, world_size, config["train"]["batch_size"],
+                     resolve_device(config["train"]["device"]))
     state_path = run_dir / STATE_FILE
     state = read_json(state_path) if state_path.exists() else {}
     status = run_status(state)
@@ -280,7 +327,9 @@ def prepare_resume(run_dir: Path, steps: int | None = None) -> None:
         raise BitnetError(f"run {run_id} is still running (pid {state.get('pid')}{where}); "
                           "stop it first, or watch it with `bitnet status --watch`")
     path, contents, _ = newest_loadable(run_dir / "checkpoints")
-    if path is None:
+    if path is None and status == "created":
+        contents = (None, None, {"step": 0})
+    elif path is None:
         raise BitnetError(f"run {run_id} has no checkpoint to resume from; start a new run with: "
                           + " ".join(config.get("argv") or ["bitnet", "train", config["experiment"]]))
     done = contents[2]["step"]
@@ -297,3 +346,25 @@ def prepare_resume(run_dir: Path, steps: int | None = None) -> None:
     elif done >= total:
         raise BitnetError(f"run {run_id} already finished all {total} steps; pass --steps N "
                           f"(more than {total}) to train it further")
+
+
+def record_worker_failure(run_dir: Path, failure: str) -> str:
+    """After a worker of a multi-process run failed: mark the run failed if rank 0 died before
+    it could, and say where the run stands."""
+    state = StateFile(run_dir)
+    if run_status(state.state) in ("crashed", "created", "running"):
+        state.update(status="failed", error=failure)
+    path, contents, _ = newest_loadable(run_dir / "checkpoints")
+    kept = f"last checkpoint at step {contents[2]['step']}" if path else "no checkpoint yet"
+    step = state.state.get("step", 0)
+    return (f"{failure}, so run {run_dir.name} stopped at step {step} ({kept}); continue it "
+            f"with: bitnet resume {run_dir.name}")
+
+
+def last_world_size(run_dir: Path) -> int:
+    """How many processes to resume a run on by default: as many as it last used, when they
+    were all on one machine (a multi-node run is resumed with torchrun on each node)."""
+    state_path = run_dir / STATE_FILE
+    state = read_json(state_path) if state_path.exists() else {}
+    world = state.get("world_size", 1)
+    return world if world == state.get("local_world_size", world) else 1

@@ -75,8 +75,10 @@ class LiveTrainingView:
             self.progress.stop()
         self.headline = info["headline"]
         where = f"resuming from {info['resumed_from']}" if info.get("resumed_from") else "from scratch"
+        world = info.get("world_size", 1)
+        on = f"{world} processes on {info['device'].split(':')[0]}" if world > 1 else info["device"]
         self.console.print(f"[bold]{info['run_id']}[/]: {info['params']} parameters on "
-                           f"{info['device']}{' (compiled)' if info['compile'] else ''}, {where}")
+                           f"{on}{' (compiled)' if info['compile'] else ''}, {where}")
         self.console.print(f"  run folder {info['run_dir']}")
         for reason in info.get("skipped_checkpoints") or []:
             self.console.print(Text(f"  skipped a damaged checkpoint: {reason}", style="yellow"))
@@ -178,7 +180,7 @@ def runs_table(summaries: list[dict]):
         table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
     for s in summaries:
         experiment = f"{s['experiment']} {s['size']}" + (" fp" if s.get("quant") == "none" else "")
-        world = f" ×{s['world_size']}" if (s.get("world_size") or 1) > 1 else ""
+        world = f" ({s['world_size']} procs)" if (s.get("world_size") or 1) > 1 else ""
         table.add_row(
             s["run_id"], experiment, _params(s["params"]),
             f"{s['step']}/{s['total_steps'] or '?'}", _num(s["loss"], ".4f"), _eval_cell(s),
@@ -207,7 +209,9 @@ def run_detail(d: dict):
     head.add_row("training", f"step {d['step']}/{d['total_steps']}, batch {train.get('batch_size')} x "
                              f"seq {train.get('seq_len')} x accum {train.get('grad_accum')}, "
                              f"peak lr {train.get('lr')}, seed {train.get('seed')}")
+    world = d.get("world_size") or 1
     head.add_row("speed", (f"{format_rate(d['tok_per_s'])} tok/s" if d.get("tok_per_s") else "-")
+                 + (f" over {world} processes" if world > 1 else "")
                  + (f", ETA {format_duration(d['eta_s'])}" if d.get("eta_s") is not None else ""))
     head.add_row("latest eval", _eval_cell(d) + (f" at step {d['eval_step']}" if d.get("eval_step") else ""))
     head.add_row("updated", f"{d.get('updated_at') or '-'} on {d.get('host') or '?'} (pid {d.get('pid') or '?'})")

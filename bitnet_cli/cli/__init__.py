@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from bitnet_cli import __version__
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, Reported
 
 app = typer.Typer(
     name="bitnet",
@@ -42,6 +42,8 @@ def friendly(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Reported:
+            raise typer.Exit(1) from None
         except BitnetError as e:
             fail(str(e))
         except KeyboardInterrupt:

@@ -22,6 +22,10 @@ def resume(
     run: str = typer.Argument(..., help=RUN_HELP, show_default=False),
     steps: Optional[int] = typer.Option(None, help="New total number of steps; extends a "
                                                    "finished run (the schedule is stretched to it)."),
+    nproc_per_node: Optional[str] = typer.Option(
+        None, help="Worker processes on this machine (default: as many as the run last used, "
+                   "if it ran on one machine). Any number continues the same run: the batch "
+                   "is global.", show_default=False),
 ) -> None:
     """Continue a run from its newest good checkpoint, exactly where it stopped.
 
@@ -30,13 +34,29 @@ def resume(
     logged after that checkpoint are dropped and trained again, so metrics.jsonl holds each
     step once. A damaged newest checkpoint is skipped for the one before it.
     """
-    from bitnet_cli.cli.train import train_with_view
+    from bitnet_cli import dist
+    from bitnet_cli.cli.train import parse_nproc, train_with_view
     from bitnet_cli.runs import resolve_run
-    from bitnet_cli.train import prepare_resume
+    from bitnet_cli.train import last_world_size, prepare_resume
 
+    nproc = parse_nproc(nproc_per_node)
+    share = dist.current()
+    if share.distributed:  # under torchrun: rank 0 checks and extends the run, all train it
+        if nproc is not None:
+            raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
+                              "leave it out and use torchrun's own --nproc-per-node")
+
+        def prepare() -> str:
+            run_dir = resolve_run(run)
+            prepare_resume(run_dir, steps, share.world_size)
+            return str(run_dir)
+
+        train_with_view(Path(dist.main_first(share, prepare)))
+        return
     run_dir = resolve_run(run)
-    prepare_resume(run_dir, steps)
-    train_with_view(run_dir)
+    nproc = nproc or last_world_size(run_dir)
+    prepare_resume(run_dir, steps, nproc)
+    train_with_view(run_dir, nproc)
 
 
 @app.command(rich_help_panel="Watching")

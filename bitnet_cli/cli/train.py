@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -44,6 +45,12 @@ Examples:
   bitnet train arithmetic --quant none     # the full-precision twin, for comparison
 
   bitnet train tinystories --size tiny --data stories/   # your own text, offline
+
+  bitnet train baseline --nproc-per-node 8  # data-parallel on 8 GPUs (torchrun's launcher)
+
+Several machines: start `torchrun --nnodes ... -m bitnet_cli train ...` on each (see the
+README). --batch-size is always the global batch: any number of processes trains the same
+model, each on its share of every batch.
 """, rich_help_panel="Training")
 @friendly
 def train(
@@ -72,39 +79,77 @@ def train(
                                                   "instead of the hub data set."),
     vocab_size: Optional[int] = typer.Option(None, help="Text experiments: size of the byte-level "
                                                         "BPE trained on the data."),
-    nproc_per_node: Optional[int] = typer.Option(None, help="Worker processes on this machine "
-                                                            "(torch.distributed)."),
+    nproc_per_node: Optional[str] = typer.Option(
+        None, help="Data-parallel worker processes on this machine, one per GPU (or CPU "
+                   "processes with gloo), started through torch.distributed.run.",
+        show_default=False),
 ) -> None:
     check_experiment(experiment)
-    if nproc_per_node not in (None, 1):
-        raise BitnetError("multi-process training (--nproc-per-node) is not implemented yet")
+    nproc = parse_nproc(nproc_per_node)
+    from bitnet_cli import dist
     from bitnet_cli.train import create_run
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                    save_every=save_every, name=name, device=device, compile=compile, quant=quant,
                    data=data, vocab_size=vocab_size)
+    argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
+    share = dist.current()
+    if share.distributed:  # every rank of a torchrun job runs this: rank 0 makes the run
+        if nproc is not None:
+            raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
+                              "leave it out and use torchrun's own --nproc-per-node")
+        run_dir = dist.main_first(share, lambda: str(create_run(
+            experiment, argv=argv, world_size=share.world_size, **options)))
+        train_with_view(Path(run_dir))
+        return
     from bitnet_cli.ui import DataProgress
     with DataProgress() as progress:
-        run_dir = create_run(experiment, argv=command_line(experiment, options), progress=progress,
+        run_dir = create_run(experiment, argv=argv, progress=progress, world_size=nproc or 1,
                              **options)
-    train_with_view(run_dir)
+    train_with_view(run_dir, nproc or 1)
 
 
-def train_with_view(run_dir) -> None:
-    """Run the training loop under the live view; an interrupted run says how to continue."""
+def parse_nproc(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        nproc = int(text)
+    except ValueError:
+        raise BitnetError(f"--nproc-per-node takes a whole number of processes, got {text!r}") from None
+    if nproc < 1:
+        raise BitnetError(f"--nproc-per-node must be at least 1, got {nproc}")
+    return nproc
+
+
+def train_with_view(run_dir, nproc: int = 1) -> None:
+    """Run the training loop under the live view, in this process or as `nproc` workers; an
+    interrupted run says how to continue."""
+    from bitnet_cli import dist
     from bitnet_cli.train import run_training
     from bitnet_cli.ui import LiveTrainingView
 
-    view = LiveTrainingView()
+    if nproc > 1:
+        # The workers resume the run just made (it starts at step 0); rank 0 shows the view.
+        code, failure = dist.launch(nproc, ["resume", str(run_dir)])
+        if failure:
+            from bitnet_cli.train import record_worker_failure
+            typer.echo(f"error: {record_worker_failure(run_dir, failure)}", err=True)
+        if code:
+            raise typer.Exit(code)
+        return
+    main = dist.current().is_main
+    view = LiveTrainingView() if main else None
     try:
         info = run_training(run_dir, view)
     finally:
-        view.close()
-    if info["status"] == "interrupted":
+        if view:
+            view.close()
+    if info["status"] == "interrupted" and main:
         saved = info.get("checkpoint_step")
         where = ("saved" if saved == info["step"] else
                  f"last checkpoint at step {saved}" if saved is not None else "no checkpoint yet")
         typer.echo(f"interrupted at step {info['step']} ({where}); continue with: "
                    f"bitnet resume {info['run_id']}", err=True)
+    if info["status"] == "interrupted":
         raise typer.Exit(130)

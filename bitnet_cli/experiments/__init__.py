@@ -2,7 +2,9 @@
 
 An experiment object offers:
     tokenizer()                      a `tokenizers.Tokenizer`, saved as the run's tokenizer.json
-    stream(seed, batch_size, seq_len)  an endless, resumable source of (inputs, labels) batches
+    stream(seed, batch_size, seq_len, rank, world_size)
+                                     an endless, resumable source of (inputs, labels) batches:
+                                     this rank's share of each global batch (see rows.py)
     evaluate(model, device)          held-out metrics: always "loss", plus the experiment's own
     headline                         the name of the metric that says how well it does
 """

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import Regex
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.experiments.rows import RowStream
 
 PAD, UNK = "<pad>", "<unk>"
 IGNORE = -100
@@ -67,8 +68,9 @@ class ProblemTask:
     def chat_reply(self, generated: str) -> str:
         return generated.split(self.answer_end, 1)[0]
 
-    def stream(self, seed: int, batch_size: int, seq_len: int) -> "ProblemStream":
-        return ProblemStream(self, seed, batch_size, seq_len)
+    def stream(self, seed: int, batch_size: int, seq_len: int, rank: int = 0,
+               world_size: int = 1) -> "ProblemStream":
+        return ProblemStream(self, seed, batch_size, seq_len, rank, world_size)
 
     def encode_problem(self, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
         """Token ids of prompt+answer, and for each token whether it is to be predicted."""
@@ -115,22 +117,25 @@ class ProblemTask:
         return metrics
 
 
-class ProblemStream:
-    """Endless batches of packed problems; its whole position is the numpy generator state."""
+class ProblemStream(RowStream):
+    """Rows of problems packed back to back; row n draws its problems from its own generator,
+    seeded by (seed, n)."""
 
-    def __init__(self, task: ProblemTask, seed: int, batch_size: int, seq_len: int):
-        self.task, self.batch_size, self.seq_len = task, batch_size, seq_len
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, task: ProblemTask, seed: int, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(seed, batch_size, rank, world_size)
+        self.task, self.seq_len = task, seq_len
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_rows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.seq_len + 1
-        tokens = np.zeros((self.batch_size, width), dtype=np.int64)
-        targets = np.zeros((self.batch_size, width), dtype=bool)
-        for row in range(self.batch_size):
+        tokens = np.zeros((count, width), dtype=np.int64)
+        targets = np.zeros((count, width), dtype=bool)
+        for row in range(count):
+            rng = np.random.default_rng([self.seed, first + row])
             ids, mask = [], []
             while len(ids) < width:
                 # Sample a handful at a time: vectorised sampling, few calls.
-                for prompt, answer, _ in self.task.sample(self.rng, 8):
+                for prompt, answer, _ in self.task.sample(rng, 8):
                     p_ids, p_mask = self.task.encode_problem(prompt, answer)
                     ids += p_ids
                     mask += p_mask
@@ -139,9 +144,3 @@ class ProblemStream:
         inputs = torch.from_numpy(tokens[:, :-1].copy())
         labels = torch.from_numpy(np.where(targets[:, 1:], tokens[:, 1:], IGNORE))
         return inputs, labels
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]

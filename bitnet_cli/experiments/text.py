@@ -1,8 +1,8 @@
 """Natural language: TinyStories (12M) and the FineWeb-Edu baseline (95M), or local text.
 
 The model reads fixed windows of `seq_len + 1` tokens cut from the token shards; each epoch
-visits every window once in an order drawn from the seed, so the data cursor is two integers
-(epoch, position) and resuming is exact. Evaluation is the held-out loss over a fixed set of
+visits every window once in an order drawn from the seed, so the data cursor is the number of
+rows read (see rows.py) and resuming is exact. Evaluation is the held-out loss over a fixed set of
 windows, beside the unigram baseline that any learning must beat.
 """
 
@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.data import EOT, Progress, Shards, prepare_shards
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.experiments.rows import RowStream
 
 EVAL_WINDOWS = 256
 
@@ -38,8 +39,10 @@ class TextTask:
             raise RuntimeError("prepare() the text task before asking for its tokenizer")
         return self._tokenizer
 
-    def stream(self, seed: int, batch_size: int, seq_len: int) -> "WindowStream":
-        return WindowStream(np.asarray(self.shards.train), seed, batch_size, seq_len)
+    def stream(self, seed: int, batch_size: int, seq_len: int, rank: int = 0,
+               world_size: int = 1) -> "WindowStream":
+        return WindowStream(np.asarray(self.shards.train), seed, batch_size, seq_len, rank,
+                            world_size)
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast=contextlib.nullcontext, batch_size: int = 32) -> dict:
@@ -67,37 +70,28 @@ class TextTask:
         return (tokenizer.token_to_id(EOT),)
 
 
-class WindowStream:
-    def __init__(self, tokens: np.ndarray, seed: int, batch_size: int, seq_len: int):
-        self.tokens, self.seed, self.batch_size, self.seq_len = tokens, seed, batch_size, seq_len
+class WindowStream(RowStream):
+    """Row n is window order(epoch)[n % windows] of epoch n // windows."""
+
+    def __init__(self, tokens: np.ndarray, seed: int, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(seed, batch_size, rank, world_size)
+        self.tokens, self.seq_len = tokens, seq_len
         self.windows = (len(tokens) - 1) // seq_len
         if self.windows < batch_size:
             raise BitnetError(f"the training text has {len(tokens):,} tokens: too few for a batch "
                               f"of {batch_size} windows of {seq_len}; use more text, or a smaller "
                               "--batch-size or --seq-len")
-        self.epoch, self.position = 0, 0
         self._order = None
 
-    def order(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = (self.epoch, rng.permutation(self.windows))
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = (epoch, rng.permutation(self.windows))
         return self._order[1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = []
-        while len(picks) < self.batch_size:
-            take = min(self.batch_size - len(picks), self.windows - self.position)
-            picks.extend(self.order()[self.position:self.position + take])
-            self.position += take
-            if self.position == self.windows:
-                self.epoch, self.position = self.epoch + 1, 0
+    def make_rows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
+        picks = [self.order(n // self.windows)[n % self.windows] for n in range(first, first + count)]
         rows = np.stack([self.tokens[i * T:i * T + T + 1] for i in picks]).astype(np.int64)
         return torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments.problems import IGNORE, char_tokenizer
+from bitnet_cli.experiments.rows import RowStream
 from bitnet_cli.inference import load_model
 from bitnet_cli.tictactoe import (DRAW, START, legal_moves, noisy_player, perfect_player, place,
                                   play_game, random_player, replay, result, to_move)
@@ -73,8 +74,9 @@ class TicTacToeTask:
         learn = [False] + [perfect[ply % 2] for ply in range(len(moves))] + [True]
         return ids, learn
 
-    def stream(self, seed: int, batch_size: int, seq_len: int) -> "GameStream":
-        return GameStream(self, seed, batch_size, seq_len)
+    def stream(self, seed: int, batch_size: int, seq_len: int, rank: int = 0,
+               world_size: int = 1) -> "GameStream":
+        return GameStream(self, seed, batch_size, seq_len, rank, world_size)
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast=contextlib.nullcontext) -> dict:
@@ -107,38 +109,29 @@ def shift(tokens: np.ndarray, learn: np.ndarray) -> tuple[torch.Tensor, torch.Te
     return inputs, labels
 
 
-class GameStream:
-    """Endless batches of fresh games. Its position is the generator state plus the one game
-    drawn but not yet placed, because it did not fit at the end of the previous row."""
+class GameStream(RowStream):
+    """Rows of fresh games placed back to back; row n plays its games with its own generator,
+    seeded by (seed, n). A game that does not fit at the end of a row is left out."""
 
-    def __init__(self, task: TicTacToeTask, seed: int, batch_size: int, seq_len: int):
-        self.task, self.batch_size, self.width = task, batch_size, seq_len + 1
-        self.rng = np.random.default_rng(seed)
-        self.pending = None
+    def __init__(self, task: TicTacToeTask, seed: int, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(seed, batch_size, rank, world_size)
+        self.task, self.width = task, seq_len + 1
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = np.zeros((self.batch_size, self.width), dtype=np.int64)  # <pad> is id 0
-        learn = np.zeros((self.batch_size, self.width), dtype=bool)
-        for row in range(self.batch_size):
+    def make_rows(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = np.zeros((count, self.width), dtype=np.int64)  # <pad> is id 0
+        learn = np.zeros((count, self.width), dtype=bool)
+        for row in range(count):
+            rng = np.random.default_rng([self.seed, first + row])
             used = 0
             while True:
-                if self.pending is None:
-                    self.pending = self.task.encode_game(*sample_game(self.rng))
                 # Only a context shorter than a game (seq_len < 10) ever cuts one short.
-                ids, mask = (part[:self.width] for part in self.pending)
+                ids, mask = (part[:self.width] for part in self.task.encode_game(*sample_game(rng)))
                 if used + len(ids) > self.width:
                     break
                 tokens[row, used:used + len(ids)], learn[row, used:used + len(ids)] = ids, mask
                 used += len(ids)
-                self.pending = None
         return shift(tokens, learn)
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "pending": self.pending}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.pending = state["pending"]
 
 
 class ModelPlayer:
