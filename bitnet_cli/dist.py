@@ -51,9 +51,14 @@ def current() -> Share:
                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)))
 
 
-def check_world(world_size: int, local_world_size: int, batch_size: int,
-                device: torch.device) -> None:
+def on_this_machine(nproc: int) -> Share:
+    """The job `--nproc-per-node N` starts: N processes, all here."""
+    return Share(world_size=nproc, local_world_size=nproc)
+
+
+def check_world(share: Share, batch_size: int, device: torch.device) -> None:
     """Fail early, with what to do, on a job that cannot run as asked."""
+    world_size, local_world_size = share.world_size, share.local_world_size
     if world_size < 2:
         return
     if device.type == "mps":
@@ -118,12 +123,13 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool) -> bool:
     """Whether the flag is set on any rank: every rank gets the same answer, so all of them stop
-    at the same step when a signal reaches only some."""
+    at the same step when a signal reaches only some. (A CPU tensor, so it goes over gloo and
+    never waits for the GPU.)"""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

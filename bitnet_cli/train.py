@@ -81,17 +81,16 @@ def prepare_task(task, cfg, progress=None) -> None:
 
 
 def create_run(experiment: str, size: str | None = None, argv: list[str] | None = None,
-               quant: str | None = None, progress=None, world_size: int = 1,
+               quant: str | None = None, progress=None, share: dist.Share = dist.Share(),
                **overrides) -> Path:
     """Validate the configuration and the data, then make the run folder with config.json,
-    tokenizer.json and state.json. Nothing is written when either is bad. `world_size` is the
-    number of processes it will train on, all on this machine."""
+    tokenizer.json and state.json. Nothing is written when either is bad. `share` says how many
+    processes will train it (in all, and on this machine)."""
     check_experiment(experiment)
     task = load_experiment(experiment)
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
     # fail before creating anything
-    dist.check_world(world_size, world_size, train_cfg.batch_size,
-                     resolve_device(train_cfg.device))
+    dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
     prepare_task(task, train_cfg, progress)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     run_dir = create_run_dir(experiment, train_cfg.size, train_cfg.name)
@@ -129,7 +128,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     cfg = train_config_from_dict(config["train"])
     task = load_experiment(config["experiment"])
     device = resolve_device(cfg.device)
-    dist.check_world(share.world_size, share.local_world_size, cfg.batch_size, device)
+    dist.check_world(share, cfg.batch_size, device)
     device = dist.start(share, device)
     try:
         return _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
@@ -213,7 +212,7 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         try:
             model.train()
             window_start, window_tokens = time.perf_counter(), 0
-            while step < cfg.steps and not dist.any_rank(bool(stop.requested), device):
+            while step < cfg.steps and not dist.any_rank(bool(stop.requested)):
                 lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
                                         cfg.weight_decay)
                 loss_sum = torch.zeros((), device=device)
@@ -311,13 +310,13 @@ class stop_signals:
         return False
 
 
-def prepare_resume(run_dir: Path, steps: int | None = None, world_size: int = 1) -> None:
-    """Check that a run can be resumed, on `world_size` processes of this machine, and extend
-    it to `steps`; nothing on disk changes unless every check passes. A run created but never
+def prepare_resume(run_dir: Path, steps: int | None = None,
+                   share: dist.Share = dist.Share()) -> None:
+    """Check that a run can be resumed on the processes `share` describes, and extend it to
+    `steps`; nothing on disk changes unless every check passes. A run created but never
     started (the launcher of a multi-process run starts its workers this way) starts at step 0."""
     config = read_json(run_dir / CONFIG_FILE)
-    dist.check_world(world_size, world_size, config["train"]["batch_size"],
-                     resolve_device(config["train"]["device"]))
+    dist.check_world(share, config["train"]["batch_size"], resolve_device(config["train"]["device"]))
     state_path = run_dir / STATE_FILE
     state = read_json(state_path) if state_path.exists() else {}
     status = run_status(state)

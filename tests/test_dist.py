@@ -116,6 +116,16 @@ def test_more_processes_than_gpus_gets_one_line(bitnet_home, monkeypatch):
     assert not (bitnet_home / "runs").exists()
 
 
+def test_gpus_are_counted_per_machine(monkeypatch):
+    from bitnet_cli import dist
+    from bitnet_cli.errors import BitnetError
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    cuda = torch.device("cuda")
+    dist.check_world(dist.Share(world_size=16, local_world_size=8), 128, cuda)  # 2 nodes x 8
+    with pytest.raises(BitnetError, match="more processes than this machine's 8 GPU"):
+        dist.check_world(dist.on_this_machine(16), 128, cuda)
+
+
 def test_a_batch_that_does_not_split_gets_one_line(bitnet_home):
     result = invoke("train", "simple", "--batch-size", "9", "--nproc-per-node", "2", code=1)
     assert result.stderr.startswith("error: a batch of 9 sequences cannot be split evenly over 2 "

@@ -48,14 +48,14 @@ def resume(
 
         def prepare() -> str:
             run_dir = resolve_run(run)
-            prepare_resume(run_dir, steps, share.world_size)
+            prepare_resume(run_dir, steps, share)
             return str(run_dir)
 
         train_with_view(Path(dist.main_first(share, prepare)))
         return
     run_dir = resolve_run(run)
     nproc = nproc or last_world_size(run_dir)
-    prepare_resume(run_dir, steps, nproc)
+    prepare_resume(run_dir, steps, dist.on_this_machine(nproc))
     train_with_view(run_dir, nproc)
 
 

@@ -88,6 +88,7 @@ def train(
     nproc = parse_nproc(nproc_per_node)
     from bitnet_cli import dist
     from bitnet_cli.train import create_run
+    from bitnet_cli.ui import DataProgress
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
@@ -99,14 +100,16 @@ def train(
         if nproc is not None:
             raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
                               "leave it out and use torchrun's own --nproc-per-node")
-        run_dir = dist.main_first(share, lambda: str(create_run(
-            experiment, argv=argv, world_size=share.world_size, **options)))
-        train_with_view(Path(run_dir))
+        def make() -> str:
+            with DataProgress() as progress:
+                return str(create_run(experiment, argv=argv, progress=progress,
+                                      share=share, **options))
+
+        train_with_view(Path(dist.main_first(share, make)))
         return
-    from bitnet_cli.ui import DataProgress
     with DataProgress() as progress:
-        run_dir = create_run(experiment, argv=argv, progress=progress, world_size=nproc or 1,
-                             **options)
+        run_dir = create_run(experiment, argv=argv, progress=progress,
+                             share=dist.on_this_machine(nproc or 1), **options)
     train_with_view(run_dir, nproc or 1)
 
 
