@@ -141,10 +141,37 @@ def test_nproc_under_torchrun_is_refused(bitnet_home, monkeypatch):
 
 # --- two gloo processes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("quant, tolerance", [("none", 1e-5), ("ternary", 5e-3)])
-def test_two_processes_follow_the_single_process_trajectory(bitnet_home, quant, tolerance):
-    invoke("train", *SHORT, "--quant", quant, "--name", "one")
-    two = bitnet("train", *SHORT, "--quant", quant, "--name", "two", "--nproc-per-node", "2")
+def test_gradients_are_all_reduced_on_the_last_micro_step_only(tmp_path):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bitnet_cli import dist
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
+                                         rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 4))
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, counting_hook)
+        for step in range(2):
+            for micro in range(3):
+                with dist.gradient_sync(ddp, micro == 2):
+                    ddp(torch.randn(2, 4)).sum().backward()
+            assert len(calls) == step + 1  # one all-reduce per optimizer step, not three
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("quant, accum, tolerance", [("none", 2, 1e-5), ("ternary", 1, 5e-3)])
+def test_two_processes_follow_the_single_process_trajectory(bitnet_home, quant, accum, tolerance):
+    args = [*SHORT, "--quant", quant, "--grad-accum", accum]
+    invoke("train", *args, "--name", "one")
+    two = bitnet("train", *args, "--name", "two", "--nproc-per-node", "2")
     assert two.returncode == 0, two.stderr
     assert "2 processes on cpu" in two.stderr
     one, two = losses(bitnet_home, "one"), losses(bitnet_home, "two")
