@@ -4,6 +4,9 @@ A BitLinear layer keeps full-precision latent weights for the optimizer, but eve
 sees them quantized to {-1, 0, +1} times one per-tensor scale (absmean), and sees its input
 quantized to 8 bits per token (absmax). Rounding has no useful gradient, so the backward pass
 treats both quantizers as the identity: the straight-through estimator.
+
+For shipping, the ternary weights are stored as 2-bit codes, four to a byte, in the layout of the
+released BitNet b1.58 2B4T checkpoint (`pack_ternary` / `unpack_ternary`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ def ternary_codes(w: torch.Tensor) -> torch.Tensor:
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
     """W quantized to {-1, 0, 1} / s, in float32."""
     return ternary_codes(w) / weight_scale(w)
+
+
+def ternary_codes_and_scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W as int8 codes in {-1, 0, 1} and the one float32 multiplier (mean|W|) that restores it:
+    codes * scale == weight_quant(w) exactly, because a code of +-1 divided by s is the same
+    float32 division as 1 / s."""
+    s = weight_scale(w)
+    return ternary_codes(w).to(torch.int8), torch.ones((), dtype=torch.float32) / s
 
 
 def activation_quant(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +79,31 @@ class BitLinear(nn.Linear):
         if torch.is_grad_enabled():
             x_q = straight_through(x.float(), x_q)
         return F.linear(x_q, self.quantized_weight())
+
+
+CODES_PER_BYTE = 4
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in {-1, 0, 1} of shape (out, in) as uint8 of shape (out/4, in), 2 bits per code.
+
+    The layout of the released 2B4T checkpoint (and transformers' unpack_weights): the output
+    rows are cut into four blocks of out/4, and byte j holds row j of each block, block b in bits
+    2b..2b+1, stored as code + 1 (0, 1, 2).
+    """
+    out_features = codes.shape[0]
+    if out_features % CODES_PER_BYTE:
+        raise ValueError(f"cannot pack {out_features} output rows: not a multiple of {CODES_PER_BYTE}")
+    if codes.numel() and codes.abs().max() > 1:
+        raise ValueError("only ternary codes (-1, 0, 1) can be packed")
+    stored = (codes.to(torch.int16) + 1).to(torch.uint8)
+    blocks = stored.view(CODES_PER_BYTE, out_features // CODES_PER_BYTE, *codes.shape[1:])
+    return blocks[0] | blocks[1] << 2 | blocks[2] << 4 | blocks[3] << 6
+
+
+def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_ternary: int8 codes in {-1, 0, 1} of shape (4 * rows, ...)."""
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
+    shifts = shifts.view(CODES_PER_BYTE, *[1] * packed.dim())
+    stored = (packed.unsqueeze(0) >> shifts) & 3
+    return stored.flatten(0, 1).to(torch.int8) - 1

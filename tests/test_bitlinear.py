@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from bitnet_cli.bitlinear import BitLinear, activation_quant, straight_through, weight_quant
+from bitnet_cli.bitlinear import (BitLinear, activation_quant, pack_ternary, straight_through,
+                                  ternary_codes_and_scale, unpack_ternary, weight_quant)
 
 
 def test_weights_are_ternary_times_absmean():
@@ -64,3 +66,37 @@ def test_bitlinear_forward_and_backward_use_quantized_values():
     torch.testing.assert_close(layer.weight.grad,
                                torch.ones(6, 8).T @ activation_quant(x.detach()).reshape(6, 16))
     assert layer.bias is None
+
+
+def test_pack_unpack_roundtrip_is_exact():
+    torch.manual_seed(0)
+    codes = torch.randint(-1, 2, (96, 40), dtype=torch.int8)
+    packed = pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, 40)
+    assert torch.equal(unpack_ternary(packed), codes)
+
+
+def test_packed_layout_is_the_2b4t_one():
+    # transformers' unpack_weights docstring: row j of each quarter of the rows shares byte j,
+    # quarter b in bits 2b..2b+1, stored as code + 1.
+    packed = torch.tensor([[0b10100001, 0b00011000], [0b10010000, 0b00001010]], dtype=torch.uint8)
+    expected = torch.tensor([[0, -1], [-1, 1], [-1, 1], [-1, 1],
+                             [1, 0], [0, -1], [1, -1], [1, -1]], dtype=torch.int8)
+    assert torch.equal(unpack_ternary(packed), expected)
+    assert torch.equal(pack_ternary(expected), packed)
+
+
+def test_pack_refuses_what_it_cannot_store():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_ternary(torch.zeros(6, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="ternary"):
+        pack_ternary(torch.full((4, 8), 2, dtype=torch.int8))
+
+
+def test_codes_times_scale_is_the_ternary_weight_exactly():
+    torch.manual_seed(0)
+    for _ in range(20):
+        w = torch.randn(64, 48) * 0.02
+        codes, scale = ternary_codes_and_scale(w)
+        assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
+        assert torch.equal(codes.float() * scale, weight_quant(w))
