@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from bitnet_cli.cli import MODEL_HELP, app, friendly, not_implemented
+from bitnet_cli.cli import MODEL_HELP, app, friendly
 
 
 @app.command(rich_help_panel="Shipping")
@@ -16,8 +16,25 @@ def export(
     format: str = typer.Option(..., "--format", help="hf, hf-packed or gguf."),
     out: Path = typer.Option(..., "--out", help="Folder to write (must not exist or be empty)."),
 ) -> None:
-    """Export a model for transformers (latent or 2-bit packed weights) or llama.cpp (GGUF)."""
-    not_implemented("export")
+    """Export a model for transformers (latent or 2-bit packed weights) or llama.cpp (GGUF).
+
+    hf: config.json, model.safetensors (latent fp32 weights) and the
+    tokenizer; AutoModelForCausalLM.from_pretrained(OUT) loads it.
+
+    hf-packed: the same, with the ternary weights packed 4 per byte as the
+    released BitNet b1.58 2B4T checkpoint stores them.
+
+    gguf: OUT/model.gguf for llama.cpp's bitnet architecture, tokenizer inside.
+
+    OUT is written whole or not at all, and never over existing files.
+    """
+    from bitnet_cli.export import GGUF_FILE, export_model
+
+    written = export_model(model, format, out)
+    size = sum(f.stat().st_size for f in written.iterdir())
+    how = (f"llama.cpp: llama-cli -m {written / GGUF_FILE}" if format == "gguf" else
+           f'transformers: AutoModelForCausalLM.from_pretrained("{written}")')
+    typer.echo(f"wrote {written} ({format}, {size / 1e6:.1f} MB); load it with {how}")
 
 
 @app.command(rich_help_panel="Shipping")
