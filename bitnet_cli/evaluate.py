@@ -18,10 +18,10 @@ from bitnet_cli.runs import CONFIG_FILE, read_json
 from bitnet_cli.train import autocast_for, prepare_task, resolve_device
 
 
-def evaluate_model(selector: str, device: str = "auto") -> dict:
+def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:
     """The metrics of the model a RUN|CKPT selector names, and what was measured."""
     where = resolve_device(device)
-    loaded = load_model(selector, where)
+    loaded = load_model(selector, where, engine)
     task = load_experiment(loaded.experiment)
     if hasattr(task, "prepare"):
         # Text experiments hold out part of the data the run trained on: find it again from the
@@ -35,5 +35,6 @@ def evaluate_model(selector: str, device: str = "auto") -> dict:
     metrics = task.evaluate(loaded.model, where, autocast_for(where))
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
     return {"checkpoint": str(loaded.checkpoint), "experiment": loaded.experiment,
-            "step": loaded.step, "params": loaded.model.num_params(), "device": str(where),
+            "step": loaded.step, "params": loaded.config.num_params(), "device": str(where),
+            "engine": loaded.engine, "engine_note": loaded.engine_note,
             "headline": task.headline, "metrics": metrics}

@@ -1,5 +1,9 @@
 """Loading a trained model for use: from a run (id, prefix, 'latest', folder) or from a
-checkpoint folder alone, which holds everything needed (weights, model config, tokenizer)."""
+checkpoint folder alone, which holds everything needed (weights, model config, tokenizer).
+
+Two engines run it: `float`, the training maths in floating point (quantize, then multiply
+floats), and `int8`, the same maths with integer matmuls (bitnet_cli/int8.py), the default on
+CPU where it is several times faster."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from tokenizers import Tokenizer
 from bitnet_cli.checkpoint import MODEL_FILE, load_model_tensors, newest_loadable, read_checkpoint
 from bitnet_cli.config import ModelConfig, model_config_from_dict
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.int8 import ENGINES, to_int8
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.runs import TOKENIZER_FILE, resolve_run
 
@@ -24,6 +29,8 @@ class LoadedModel:
     experiment: str
     checkpoint: Path
     step: int
+    engine: str = "float"  # the engine that runs it
+    engine_note: str | None = None  # why it is not the engine asked for
 
 
 def find_checkpoint(selector: str) -> tuple[Path, tuple]:
@@ -39,7 +46,15 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple]:
     return found, contents
 
 
-def load_model(selector: str, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(selector: str, device: str | torch.device = "cpu",
+               engine: str | None = None) -> LoadedModel:
+    """The model a RUN|CKPT selector names, on `device`, run by `engine` ("int8" or "float";
+    None picks int8 on CPU and float elsewhere, where bf16 autocast already has fast kernels)."""
+    device = torch.device(device)
+    if engine is None:
+        engine = "int8" if device.type == "cpu" else "float"
+    if engine not in ENGINES:
+        raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     checkpoint, (tensors, _, trainer) = find_checkpoint(selector)
     if "model" not in trainer or "experiment" not in trainer:
         raise BitnetError(f"{checkpoint} was not written by bitnet (its trainer.json has no model "
@@ -51,6 +66,11 @@ def load_model(selector: str, device: str | torch.device = "cpu") -> LoadedModel
     model = BitNetForCausalLM(config)
     load_model_tensors(model, tensors)
     model.to(device).eval()
+    note = None
+    if engine == "int8":
+        note = to_int8(model)
+        if note is not None:
+            engine, note = "float", f"int8 engine not used: {note}"
     return LoadedModel(model=model, tokenizer=Tokenizer.from_file(str(tokenizer_path)),
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
-                       step=trainer.get("step", 0))
+                       step=trainer.get("step", 0), engine=engine, engine_note=note)

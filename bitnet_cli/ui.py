@@ -314,6 +314,8 @@ def eval_report(report: dict):
     head.add_row("model", f"{report['experiment']}, {_params(report['params'])} parameters, "
                           f"step {report['step']}")
     head.add_row("checkpoint", report["checkpoint"])
+    note = report.get("engine_note")
+    head.add_row("engine", report["engine"] + (f" ({note})" if note else ""))
     groups = [key[:-len("/won")] for key in metrics if key.endswith("/won")]
     counted = {f"{g}/{outcome}" for g in groups for outcome in ("won", "drawn", "lost")}
     for key, value in metrics.items():

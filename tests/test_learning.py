@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
+from tests.test_int8 import assert_engines_agree
 
 
 def final_eval(run_dir):
@@ -36,6 +37,7 @@ def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
     (run_dir,) = (bitnet_home / "runs").iterdir()
     last = final_eval(run_dir)
     assert last["acc/+"] >= 0.95 and last["acc/-"] >= 0.95, last
+    assert_engines_agree(run_dir, "012+035=")  # the int8 engine, on a fully trained model
 
     # chat answers held-out sums the way a person writes them, at the measured accuracy.
     from bitnet_cli.chat import ChatSession, Sampling
@@ -64,6 +66,7 @@ def test_tinystories_tiny_learns_a_local_corpus(bitnet_home, tmp_path):
     (run_dir,) = (bitnet_home / "runs").iterdir()
     last = final_eval(run_dir)
     assert last["loss"] < 0.5 * last["unigram_loss"], last
+    assert_engines_agree(run_dir, "Once upon a time")
     result = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "Once upon a time",
                                       "--temperature", "0", "--max-new-tokens", "60"])
     assert result.exit_code == 0

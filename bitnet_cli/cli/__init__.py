@@ -28,6 +28,9 @@ app = typer.Typer(
 
 
 MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
+ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
+               "default on CPU). float: the training maths in floating point (the default on "
+               "GPUs). Same quantization, same greedy tokens.")
 
 
 def fail(message: str, code: int = 1) -> None:

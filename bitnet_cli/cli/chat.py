@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import MODEL_HELP, app, friendly
+from bitnet_cli.cli import ENGINE_HELP, MODEL_HELP, app, friendly
 from bitnet_cli.errors import BitnetError
 COMMANDS = """/help      this list
 /reset     forget the conversation so far
@@ -27,6 +27,7 @@ def chat(
                                                      "probability adds up to P."),
     max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
     seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
+    engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
 ) -> None:
     """Talk to a trained model, streaming its reply token by token.
 
@@ -39,7 +40,9 @@ def chat(
     from bitnet_cli.chat import ChatSession, Sampling
     from bitnet_cli.inference import load_model
 
-    loaded = load_model(model)
+    loaded = load_model(model, engine=engine)
+    if loaded.engine_note:
+        typer.echo(loaded.engine_note, err=True)
     if loaded.experiment == "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
                           f"`bitnet play {model}`")
@@ -51,8 +54,8 @@ def chat(
         sys.stdout.write("\n")
         _report(session)
         return
-    typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens. "
-               "/help lists the commands.", err=True)
+    typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens, "
+               f"{loaded.engine} engine. /help lists the commands.", err=True)
     while True:
         try:
             line = input("> ")

@@ -13,13 +13,15 @@ from bitnet_cli.tictactoe import DRAW, START, IllegalMove, parse_move, place, re
 QUIT = ("q", "quit", "exit")
 
 
-def play_session(selector: str, person: str, console=ui.stdout) -> None:
+def play_session(selector: str, person: str, console=ui.stdout, engine: str | None = None) -> None:
     """Games until the person declines another, quits, or input ends. `person` is "X" or "O"."""
     from bitnet_cli.experiments.tictactoe import load_player
 
-    player, loaded = load_player(selector)
-    console.print(f"Playing {loaded.checkpoint} (step {loaded.step}). You are {person}; X moves "
-                  "first. Type a cell's number to take it; q quits.")
+    player, loaded = load_player(selector, engine)
+    if loaded.engine_note:
+        ui.stderr.print(loaded.engine_note)
+    console.print(f"Playing {loaded.checkpoint} (step {loaded.step}, {loaded.engine} engine). "
+                  f"You are {person}; X moves first. Type a cell's number to take it; q quits.")
     while play_game(player, person, console):
         try:
             again = console.input("Play again? (y/n) ").strip().lower()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import app, friendly, not_implemented
+from bitnet_cli.cli import ENGINE_HELP, app, friendly
 from bitnet_cli.errors import BitnetError
 
 MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
@@ -17,6 +17,7 @@ MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
 def play(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     as_: str = typer.Option("x", "--as", help="Play as x (moves first) or o."),
+    engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
 ) -> None:
     """Play tic-tac-toe against a model trained on the tictactoe experiment.
 
@@ -28,7 +29,7 @@ def play(
     if side not in ("X", "O"):
         raise BitnetError(f"--as must be x or o, got {as_!r}")
     from bitnet_cli.cli.game import play_session
-    play_session(model, side)
+    play_session(model, side, engine=engine)
 
 
 @app.command("eval", rich_help_panel="Using a model")
@@ -36,6 +37,7 @@ def play(
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
 ) -> None:
     """Measure a model on its experiment's held-out task.
 
@@ -49,7 +51,7 @@ def evaluate(
 
     from bitnet_cli import ui
     from bitnet_cli.evaluate import evaluate_model
-    report = evaluate_model(model)
+    report = evaluate_model(model, engine=engine)
     if json:
         typer.echo(json_lib.dumps(report, indent=2))
     else:

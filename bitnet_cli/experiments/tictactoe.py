@@ -159,9 +159,9 @@ class ModelPlayer:
         return (choice + 1).tolist(), top_legal.tolist()
 
 
-def load_player(selector: str):
+def load_player(selector: str, engine: str | None = None):
     """A ModelPlayer for the model of a run or checkpoint folder, and the loaded model itself."""
-    loaded = load_model(selector)
+    loaded = load_model(selector, engine=engine)
     if loaded.experiment != "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
                           f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")

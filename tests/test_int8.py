@@ -1,0 +1,174 @@
+"""The int8 inference path: BitLinear's maths in integers, and the same model outputs.
+
+Tolerances, and why:
+- One Int8Linear against the exact value of BitLinear's maths (integer sum / both scales,
+  in float64): within 2**-23 relative, elementwise. The int32 sum is exact; the rescale rounds
+  twice in float32 (the product of the scales, the division). Measured: at most 1.87 * 2**-24.
+- Against BitLinear's own float32 forward: within 2e-6 of each token's largest output. That is
+  the float path's error (it rounds every product and partial sum). Measured: at most 4.6e-7.
+- Whole trained models, the int8 engine (bf16 head) against the float engine (float32): logits
+  within 1% of the largest |logit| at worst and 0.2% on average; with a float32 head, 0.02% on
+  average. An activation within float rounding of a quantization boundary may round either way
+  in the two engines, which moves that token's code by one step (1/127 of its largest value);
+  that, not the matmul, makes the worst case. Measured on the tiny checkpoints below: at most
+  0.47%, mean at most 0.08% (bf16 head) and 0.005% (float32 head).
+- Greedy generation: token-identical.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bitnet_cli.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
+from bitnet_cli.cli import app
+from bitnet_cli.config import ModelConfig
+from bitnet_cli.inference import load_model
+from bitnet_cli.int8 import Int8Linear, activation_codes, int8_unusable, to_int8
+from bitnet_cli.model import BitNetForCausalLM, generate
+
+runner = CliRunner()
+PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
+           "tinystories": "Once upon a time", "baseline": "The dog"}
+TEXT = ["--batch-size", "8", "--seq-len", "64", "--vocab-size", "512"]
+
+
+def rel_to_exact(layer: BitLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|y - exact| / |exact| elementwise, where exact is BitLinear's maths in float64 from the
+    integer codes (rows whose exact value is 0 must give exactly 0)."""
+    x_codes, x_scale = activation_codes(x.reshape(-1, x.shape[-1]))
+    acc = x_codes.double() @ ternary_codes(layer.weight).double().T
+    exact = acc / (x_scale.double() * weight_scale(layer.weight).double())
+    y = y.reshape(exact.shape).double()
+    assert torch.equal(y[exact == 0], exact[exact == 0])
+    return ((y - exact).abs() / exact.abs())[exact != 0]
+
+
+@pytest.mark.parametrize("in_features, out_features", [(7, 5), (64, 48), (384, 1152), (1152, 384)])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 100.0])
+def test_int8_linear_is_bitlinear_in_integers(in_features, out_features, magnitude):
+    torch.manual_seed(0)
+    layer = BitLinear(in_features, out_features)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    fast = Int8Linear(layer)
+    # The integer codes are exactly the ones the float path quantizes to.
+    assert fast.codes.dtype == torch.int8 and set(fast.codes.unique().tolist()) <= {-1, 0, 1}
+    assert torch.equal(fast.codes.float() / fast.scale, weight_quant(layer.weight))
+    x = torch.randn(3, 5, in_features) * magnitude
+    x[0, 0] = 0.0  # an all-zero token: scale clamped, output exactly 0
+    codes, scale = activation_codes(x)
+    assert codes.dtype == torch.int8 and torch.equal(codes.float() / scale, activation_quant(x))
+
+    with torch.no_grad():
+        y, reference = fast(x), layer(x)
+    assert y.shape == reference.shape and y.dtype == torch.float32
+    assert torch.equal(y[0, 0], torch.zeros(out_features))
+    assert rel_to_exact(layer, x, y).max() <= 2**-23
+    row_max = reference.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+    assert ((y - reference).abs() / row_max).max() <= 2e-6
+
+
+def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
+    cfg = dict(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32)
+    model = BitNetForCausalLM(ModelConfig(**cfg)).eval()
+    assert to_int8(model) is None
+    assert not any(isinstance(m, BitLinear) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the input stays exact
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.float32
+
+    twin = BitNetForCausalLM(ModelConfig(**cfg, quant="none")).eval()
+    before = copy.deepcopy(twin.state_dict())
+    assert "no ternary layers" in to_int8(twin)
+    assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
+    assert int8_unusable(torch.device("cpu"), {(7, 5), (64, 48)}) is None
+
+
+@pytest.fixture(scope="module", params=list(PROMPTS))
+def trained(request, tmp_path_factory):
+    """A checkpoint of each experiment after a short run on its tiny size (local text data)."""
+    experiment = request.param
+    home = tmp_path_factory.mktemp("home")
+    args = ["train", experiment, "--size", "tiny", "--steps", "30", "--eval-every", "30",
+            "--save-every", "30", "--no-compile", "--name", experiment]
+    if experiment in ("tinystories", "baseline"):
+        from bitnet_cli.storygen import write_stories
+        write_stories(home / "data", 600)
+        args += [*TEXT, "--data", str(home / "data")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITNET_HOME", str(home))
+        mp.setenv("BITNET_CACHE", str(home / "cache"))
+        result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + result.stderr
+    return experiment, home / "runs" / experiment / "checkpoints" / "step_000030"
+
+
+def assert_engines_agree(checkpoint, prompt: str, max_new_tokens: int = 64) -> None:
+    """The int8 engine against the float engine on one checkpoint: logits on random windows
+    within the tolerances above, greedy tokens identical."""
+    slow = load_model(str(checkpoint), engine="float")
+    fast = load_model(str(checkpoint), engine="int8")
+    exact_head = copy.deepcopy(slow)
+    to_int8(exact_head.model, head_dtype=None)
+    assert (slow.engine, fast.engine) == ("float", "int8") and fast.engine_note is None
+    assert not any(isinstance(m, BitLinear) for m in fast.model.modules())
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, slow.config.vocab_size, (8, slow.config.max_position_embeddings))
+    with torch.no_grad():
+        reference = slow.model(ids)
+        scale = reference.abs().max()
+        for model, mean_tol in ((fast.model, 2e-3), (exact_head.model, 2e-4)):
+            diff = (model(ids) - reference).abs()
+            assert diff.max() <= 1e-2 * scale and diff.mean() <= mean_tol * scale, \
+                (diff.max() / scale, diff.mean() / scale)
+
+    prompt_ids = slow.tokenizer.encode(prompt).ids
+    steps = min(max_new_tokens, slow.config.max_position_embeddings - len(prompt_ids))
+    greedy = list(generate(slow.model, prompt_ids, steps))
+    assert list(generate(fast.model, prompt_ids, steps)) == greedy
+    assert list(generate(exact_head.model, prompt_ids, steps)) == greedy
+
+
+def test_int8_engine_agrees_with_float_on_every_experiment(trained):
+    experiment, checkpoint = trained
+    assert_engines_agree(checkpoint, PROMPTS[experiment])
+
+
+def test_engine_option_of_chat_and_eval(tmp_path, monkeypatch):
+    """--engine picks the engine; int8 is the CPU default; a --quant none model says why it
+    stays in float; a bad engine is one clear line."""
+    monkeypatch.setenv("BITNET_HOME", str(tmp_path))
+    for name, quant in (("ternary", "ternary"), ("twin", "none")):
+        result = runner.invoke(app, ["train", "simple", "--steps", "20", "--eval-every", "20",
+                                     "--no-compile", "--quant", quant, "--name", name])
+        assert result.exit_code == 0, result.stderr
+    replies = {}
+    for engine in ([], ["--engine", "int8"], ["--engine", "float"]):
+        result = runner.invoke(app, ["chat", "ternary", "--prompt", "d3=", "--temperature", "0",
+                                     *engine])
+        assert result.exit_code == 0, result.stderr
+        replies[tuple(engine)] = result.stdout
+    assert len(set(replies.values())) == 1
+
+    reports = {}
+    for engine in ("int8", "float"):
+        result = runner.invoke(app, ["eval", "ternary", "--json", "--engine", engine])
+        assert result.exit_code == 0, result.stderr
+        reports[engine] = json.loads(result.stdout)
+    assert reports["int8"]["engine"] == "int8" and reports["float"]["engine"] == "float"
+    assert reports["int8"]["params"] == reports["float"]["params"]
+    assert reports["int8"]["metrics"]["acc"] == reports["float"]["metrics"]["acc"]
+    assert reports["int8"]["metrics"]["loss"] == pytest.approx(reports["float"]["metrics"]["loss"],
+                                                               rel=1e-3)
+
+    result = runner.invoke(app, ["chat", "twin", "--prompt", "d3=", "--temperature", "0"])
+    assert result.exit_code == 0
+    assert "int8 engine not used: it has no ternary layers (trained with --quant none)" in result.stderr
+    result = runner.invoke(app, ["eval", "ternary", "--engine", "fp4"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: --engine must be one of int8, float, got 'fp4'\n"
