@@ -222,7 +222,7 @@ TERNARY_BLOCK = 256  # QK_K: a TQ2_0 block holds 256 codes of one row and one f1
 def write_gguf(loaded: LoadedModel, folder: Path) -> None:
     """model.gguf for llama.cpp's `bitnet` architecture: NEOX rope, which is our half-split
     layout, so q and k need no permuting; relu2 declared as bitnet.hidden_activation (llama.cpp
-    builds that predate that key run SiLU instead).
+    does not know that value yet and runs SiLU instead: see the README).
 
     Each BitLinear weight is stored as its codes in {-1, 0, 1} with a unit scale per block, plus
     a separate F32 tensor `blk.N.<name>.scale` holding mean|W|, which llama.cpp's bitnet graph
