@@ -29,8 +29,10 @@ def ternary_codes(w: torch.Tensor) -> torch.Tensor:
 
 
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
-    """W quantized to {-1, 0, 1} / s, in float32."""
-    return ternary_codes(w) / weight_scale(w)
+    """W quantized to {-1, 0, 1} / s, in float32: ternary_codes(w) / s, computing the scale once
+    and rounding in place, because each pass over the weights costs training time."""
+    s = weight_scale(w)
+    return (w.float() * s).round_().clamp_(-1, 1).div_(s)
 
 
 def ternary_codes_and_scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,16 +47,23 @@ def activation_quant(x: torch.Tensor) -> torch.Tensor:
     """x quantized per token (last dim) to 256 levels: round(x * 127 / max|x|) / (127 / max|x|)."""
     x = x.float()
     scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return (x * scale).round().clamp(-128, 127) / scale
+    return (x * scale).round_().clamp_(-128, 127).div_(scale)
 
 
-def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """Forward: exactly `quantized`. Backward: the gradient flows to `x` unchanged.
+class StraightThrough(torch.autograd.Function):
+    """Forward: exactly `quantized`. Backward: the gradient flows to `x` unchanged. (The same
+    as quantized.detach() + (x - x.detach()), without two passes over x to add an exact zero.)"""
 
-    Written as q + (x - x.detach()) rather than x + (q - x).detach(): the latter can be off by
-    one float ulp from q, the former adds an exact zero.
-    """
-    return quantized.detach() + (x - x.detach())
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+straight_through = StraightThrough.apply
 
 
 class BitLinear(nn.Linear):
@@ -64,21 +73,23 @@ class BitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self._frozen: tuple | None = None  # (weight version, quantized weight) for inference
 
-    def quantized_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return straight_through(self.weight.float(), weight_quant(self.weight))
-        # Without gradients the weights cannot be changing under us, so quantize them once
-        # and reuse that until the tensor is modified (its version counter moves).
+    def frozen_weight(self) -> torch.Tensor:
+        """Without gradients the weights cannot be changing under us, so quantize them once
+        and reuse that until the tensor is modified (its version counter moves)."""
         key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
         if self._frozen is None or self._frozen[0] != key:
             self._frozen = (key, weight_quant(self.weight))
         return self._frozen[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = activation_quant(x)
-        if torch.is_grad_enabled():
-            x_q = straight_through(x.float(), x_q)
-        return F.linear(x_q, self.quantized_weight())
+        if not torch.is_grad_enabled():
+            return F.linear(activation_quant(x), self.frozen_weight())
+        # The quantizers' own graphs would never be used (the straight-through estimator stands
+        # in for their gradient), so they run without autograd and save nothing for backward.
+        with torch.no_grad():
+            x_q, w_q = activation_quant(x), weight_quant(self.weight)
+        return F.linear(straight_through(x.float(), x_q),
+                        straight_through(self.weight.float(), w_q))
 
 
 CODES_PER_BYTE = 4
