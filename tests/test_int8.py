@@ -6,13 +6,16 @@ Tolerances, and why:
   twice in float32 (the product of the scales, the division). Measured: at most 1.87 * 2**-24.
 - Against BitLinear's own float32 forward: within 2e-6 of each token's largest output. That is
   the float path's error (it rounds every product and partial sum). Measured: at most 4.6e-7.
-- Whole trained models, the int8 engine (bf16 head) against the float engine (float32): logits
-  within 1% of the largest |logit| at worst and 0.2% on average; with a float32 head, 0.02% on
-  average. An activation within float rounding of a quantization boundary may round either way
-  in the two engines, which moves that token's code by one step (1/127 of its largest value);
-  that, not the matmul, makes the worst case. Measured on the tiny checkpoints below: at most
-  0.47%, mean at most 0.08% (bf16 head) and 0.005% (float32 head).
-- Greedy generation: token-identical.
+- Whole trained models, the int8 engine (float16 head) against the float engine (float32):
+  logits within 3% of the largest |logit| at worst and 0.05% on average, the same greedy
+  tokens, and the same top choice at 99.9% of positions. Not tighter, because an activation
+  within float rounding of a quantization boundary may round either way in the two engines: that
+  token's code moves one step (1/127 of its largest value) and the difference travels on. The
+  float engine does the same to itself when only the batch shape changes its summation order.
+  Measured on the tiny checkpoints below over 256 random windows each: at most 1.0%, mean at
+  most 0.006%, top choice the same at 99.99% or more; with a float32 head instead of float16
+  the worst case is unchanged (the head is not what makes it).
+- Greedy generation from each experiment's prompt: token-identical.
 """
 
 import copy
@@ -26,7 +29,7 @@ from bitnet_cli.bitlinear import BitLinear, activation_quant, ternary_codes, wei
 from bitnet_cli.cli import app
 from bitnet_cli.config import ModelConfig
 from bitnet_cli.inference import load_model
-from bitnet_cli.int8 import Int8Linear, activation_codes, int8_unusable, to_int8
+from bitnet_cli.int8 import HalfHead, Int8Linear, activation_codes, int8_unusable, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
 
 runner = CliRunner()
@@ -77,7 +80,7 @@ def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
     assert to_int8(model) is None
     assert not any(isinstance(m, BitLinear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7
-    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.float16
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the input stays exact
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.float32
 
@@ -86,6 +89,22 @@ def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
     assert "no ternary layers" in to_int8(twin)
     assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
     assert int8_unusable(torch.device("cpu"), {(7, 5), (64, 48)}) is None
+
+
+def test_half_head_rounds_only_where_float16_must():
+    """Several rows: the float16 weights widened, so only their own rounding remains. One row
+    (decoding): input and output are float16 too, each rounded by at most 2**-11 relative."""
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 64) * 0.02
+    head = HalfHead(weight)
+    x = torch.randn(5, 64)
+    stored = weight.half().double()
+    exact = x.double() @ stored.T
+    torch.testing.assert_close(head(x).double(), exact, rtol=1e-6, atol=1e-7)
+    one = torch.cat([head(row[None]) for row in x]).double()
+    bound = 2**-10 * (x.double().abs() @ stored.abs().T) + 1e-7
+    assert ((one - exact).abs() <= bound).all()
+    assert head(x).dtype == torch.float32 and head(x[:1]).dtype == torch.float32
 
 
 @pytest.fixture(scope="module", params=list(PROMPTS))
@@ -112,26 +131,21 @@ def assert_engines_agree(checkpoint, prompt: str, max_new_tokens: int = 64) -> N
     within the tolerances above, greedy tokens identical."""
     slow = load_model(str(checkpoint), engine="float")
     fast = load_model(str(checkpoint), engine="int8")
-    exact_head = copy.deepcopy(slow)
-    to_int8(exact_head.model, head_dtype=None)
     assert (slow.engine, fast.engine) == ("float", "int8") and fast.engine_note is None
     assert not any(isinstance(m, BitLinear) for m in fast.model.modules())
 
-    torch.manual_seed(0)
-    ids = torch.randint(0, slow.config.vocab_size, (8, slow.config.max_position_embeddings))
+    ids = torch.randint(0, slow.config.vocab_size, (8, slow.config.max_position_embeddings),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = slow.model(ids)
-        scale = reference.abs().max()
-        for model, mean_tol in ((fast.model, 2e-3), (exact_head.model, 2e-4)):
-            diff = (model(ids) - reference).abs()
-            assert diff.max() <= 1e-2 * scale and diff.mean() <= mean_tol * scale, \
-                (diff.max() / scale, diff.mean() / scale)
+        reference, logits = slow.model(ids), fast.model(ids)
+    scale = reference.abs().max()
+    diff = (logits - reference).abs() / scale
+    assert diff.max() <= 3e-2 and diff.mean() <= 5e-4, (diff.max(), diff.mean())
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.999
 
     prompt_ids = slow.tokenizer.encode(prompt).ids
     steps = min(max_new_tokens, slow.config.max_position_embeddings - len(prompt_ids))
-    greedy = list(generate(slow.model, prompt_ids, steps))
-    assert list(generate(fast.model, prompt_ids, steps)) == greedy
-    assert list(generate(exact_head.model, prompt_ids, steps)) == greedy
+    assert list(generate(fast.model, prompt_ids, steps)) == list(generate(slow.model, prompt_ids, steps))
 
 
 def test_int8_engine_agrees_with_float_on_every_experiment(trained):
