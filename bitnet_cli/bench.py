@@ -1,55 +1,251 @@
 """Side-by-side measurements in one process, ratios first. Speed claims are shown here, never
-asserted by timed tests.
+asserted by timed tests. Random weights on the presets' shapes: speed and size do not depend
+on what a model has learned.
 
-    decode   greedy generation with the KV cache vs re-running the whole sequence per token
+    machine      memory bandwidth: the limit decoding runs into (it reads every weight per token)
+    train_step   BitNet's forward + backward + AdamW step against its --quant none twin
+    decode       tokens/s with the KV cache: the int8 engine against the float engine in fp32
+                 and in bf16 autocast; bytes of weights read per token and the GB/s that makes
+    layers       the BitLinear matmuls alone at decode shape (one token), float against int8
+    size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
+    memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
+    kv_cache     decoding with the KV cache against re-running the whole sequence per token
+
+Each timing is the best of a few runs after a warm-up run, and the alternatives take turns, so
+a background hiccup hits both sides alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+from bitnet_cli.bitlinear import BitLinear
 from bitnet_cli.config import PRESETS, ModelConfig
+from bitnet_cli.int8 import Int8Linear, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
+from bitnet_cli.optim import build_optimizer
 
-PROMPT_TOKENS, NEW_TOKENS = 32, 256
-
-
-def _timed(fn, repeats: int = 2) -> tuple[float, object]:
-    """Best wall time of `repeats` runs after one warm-up run, and the last result."""
-    result = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+# (experiment, size, batch, seq) of the training step: the preset's own batch where a step
+# takes under a second on two cores, a stated smaller one above that.
+TRAIN_SHAPES = [("arithmetic", "tiny", 64, 64), ("arithmetic", "5M", 64, 64),
+                ("tinystories", "12M", 4, 256), ("baseline", "95M", 2, 256)]
+DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
+PROMPT_TOKENS, NEW_TOKENS = 16, 48
+HEAD_BYTES = {"float32": 4, "bf16 autocast": 4, "int8": 2}  # the int8 engine's head is float16
 
 
-def decode_kv_cache(experiment: str = "tinystories", size: str = "12M") -> dict:
-    """Tokens/s of greedy decoding with and without the KV cache on a preset's shape."""
+def build(experiment: str, size: str, context: int, quant: str = "ternary") -> BitNetForCausalLM:
     shape = PRESETS[experiment]["sizes"][size]["model"]
     config = ModelConfig(vocab_size=PRESETS[experiment]["vocab_size"],
-                         max_position_embeddings=PROMPT_TOKENS + NEW_TOKENS, **shape)
+                         max_position_embeddings=context, quant=quant, **shape)
     torch.manual_seed(0)
-    model = BitNetForCausalLM(config).eval()
-    prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
-    with_cache, tokens = _timed(lambda: list(generate(model, prompt, NEW_TOKENS)))
-    without, plain = _timed(lambda: list(generate(model, prompt, NEW_TOKENS, use_cache=False)), 1)
-    return {
-        "name": f"decode {NEW_TOKENS} tokens, {experiment} {size} shape, fp32, prompt {PROMPT_TOKENS}",
-        "params": model.num_params(),
-        "kv_cache_tok_per_s": NEW_TOKENS / with_cache,
-        "no_cache_tok_per_s": NEW_TOKENS / without,
-        "speedup": without / with_cache,
-        # Random weights give near-tied logits, where float rounding can pick either token;
-        # a trained model's greedy output is identical (tests/test_text.py checks that).
-        "identical_prefix": next((i for i, (a, b) in enumerate(zip(tokens, plain)) if a != b),
-                                 len(tokens)),
-        "threads": torch.get_num_threads(),
-    }
+    return BitNetForCausalLM(config)
 
 
-def run_all() -> list[dict]:
-    return [decode_kv_cache()]
+def best_of(runs: dict, repeats: int) -> dict:
+    """Best wall time of each named function over `repeats` interleaved rounds, after a
+    warm-up call of each."""
+    for fn in runs.values():
+        fn()
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def machine() -> dict:
+    """Memory bandwidth as this process sees it: summing (reading) and copying 256 MiB."""
+    x = torch.ones(64 * 2**20)
+    y = torch.empty_like(x)
+    t = best_of({"read": x.sum, "copy": lambda: y.copy_(x)}, 4)
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "read_gb_s": x.nbytes / t["read"] / 1e9, "copy_gb_s": 2 * x.nbytes / t["copy"] / 1e9}
+
+
+def train_step(experiment: str, size: str, batch_size: int, seq_len: int) -> dict:
+    """Best step time of BitNet and of its twin, each timed while it is the only model in the
+    process (built, warmed up, timed, freed; in the order twin, BitNet, BitNet, twin). Two
+    live models make each other's steps slower through the memory allocator, unevenly."""
+    ids = torch.randint(0, PRESETS[experiment]["vocab_size"], (batch_size, seq_len + 1),
+                        generator=torch.Generator().manual_seed(0))
+    best = {"ternary": float("inf"), "none": float("inf")}
+    for quant in ("none", "ternary", "ternary", "none"):
+        model = build(experiment, size, seq_len, quant).train()
+        optimizer = build_optimizer(model, 1e-3, 0.1, "cpu")
+        for i in range(3):  # the first is a warm-up
+            start = time.perf_counter()
+            F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i:
+                best[quant] = min(best[quant], time.perf_counter() - start)
+        del model, optimizer
+        gc.collect()
+    return {"shape": f"{experiment} {size}", "batch": f"{batch_size} x {seq_len}",
+            "bitnet_s": best["ternary"], "twin_s": best["none"],
+            "ratio": best["ternary"] / best["none"]}
+
+
+def weight_bytes(model: torch.nn.Module, head_bytes: int) -> int:
+    """Bytes of weights one decoded token reads: every projection, the head, one embedding row
+    (norms are too small to count)."""
+    config = model.config
+    linear = sum(m.codes.numel() if isinstance(m, Int8Linear) else 4 * m.weight.numel()
+                 for m in model.modules() if isinstance(m, (BitLinear, Int8Linear)))
+    return linear + head_bytes * config.vocab_size * config.hidden_size + 4 * config.hidden_size
+
+
+def decode_rate(model, prompt: list[int], context) -> float:
+    """Tokens/s of greedy decoding with the KV cache, after the prompt's forward pass."""
+    with context():
+        stream = generate(model, prompt, NEW_TOKENS)
+        next(stream)  # the prompt itself is not timed
+        start = time.perf_counter()
+        count = sum(1 for _ in stream)
+        return count / (time.perf_counter() - start)
+
+
+def decode(experiment: str, size: str) -> dict:
+    model = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
+    fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
+    to_int8(fast)
+    prompt = torch.randint(0, model.config.vocab_size, (PROMPT_TOKENS,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    engines = {"float32": (model, contextlib.nullcontext), "bf16 autocast": (model, bf16),
+               "int8": (fast, contextlib.nullcontext)}
+    rates = {name: 0.0 for name in engines}
+    for name, (m, context) in engines.items():
+        decode_rate(m, prompt, context)  # warm-up: kernels chosen, float weights quantized once
+    for _ in range(2):
+        for name, (m, context) in engines.items():
+            rates[name] = max(rates[name], decode_rate(m, prompt, context))
+    result = {"shape": f"{experiment} {size}", "params": model.num_params(),
+              "int8_vs_float32": rates["int8"] / rates["float32"],
+              "bf16_vs_float32": rates["bf16 autocast"] / rates["float32"], "engines": {}}
+    for name, (m, _) in engines.items():
+        read = weight_bytes(m, HEAD_BYTES[name])
+        result["engines"][name] = {"tok_per_s": rates[name], "weight_bytes_per_token": read,
+                                   "gb_s": read * rates[name] / 1e9}
+    # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
+    # bytes per token are not the weights' size, so no GB/s is claimed for it.
+    result["engines"]["bf16 autocast"]["gb_s"] = None
+    result["layers"] = layers(model, fast)
+    return result
+
+
+@torch.inference_mode()
+def layers(model: BitNetForCausalLM, fast: BitNetForCausalLM, repeats: int = 20) -> dict:
+    """One token through every BitLinear in model order, float (quantized fp32 weights, as the
+    float engine keeps them) against int8: the matmuls with their quantization and rescale."""
+    slow = [m for m in model.modules() if isinstance(m, BitLinear)]
+    quick = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+    inputs = [torch.randn(1, 1, m.in_features) for m in slow]
+
+    def run(modules):
+        return lambda: [[m(x) for m, x in zip(modules, inputs)] for _ in range(repeats)]
+    t = best_of({"float": run(slow), "int8": run(quick)}, 3)
+    read = {"float": 4 * sum(m.weight.numel() for m in slow),
+            "int8": sum(m.codes.numel() for m in quick)}
+    return {"count": len(slow), "ratio": t["float"] / t["int8"],
+            **{f"{k}_ms": 1e3 * t[k] / repeats for k in t},
+            **{f"{k}_gb_s": read[k] * repeats / t[k] / 1e9 for k in t}}
+
+
+def checkpoint_size(experiment: str, size: str) -> dict:
+    from bitnet_cli.export import linear_weight_bytes
+    with torch.device("meta"):
+        model = build(experiment, size, 8)
+    latent, packed = linear_weight_bytes(model)
+    rest = 4 * (model.num_params() - sum(m.weight.numel() for m in model.modules()
+                                         if isinstance(m, BitLinear)))
+    return {"shape": f"{experiment} {size}", "latent_bytes": latent, "packed_bytes": packed,
+            "ratio": latent / packed, "other_bytes": rest,
+            "file_ratio": (latent + rest) / (packed + rest)}
+
+
+# Run in a fresh interpreter per case, so one case's freed memory cannot hide in another's peak.
+_CHILD = """
+import resource, sys
+import torch, torch.nn.functional as F
+from bitnet_cli.bench import build, NEW_TOKENS, PROMPT_TOKENS
+from bitnet_cli.int8 import to_int8
+from bitnet_cli.model import generate
+from bitnet_cli.optim import build_optimizer
+kind, what = sys.argv[1:3]
+if kind == "decode":
+    model = build("baseline", "95M", PROMPT_TOKENS + NEW_TOKENS).eval()
+    if what == "int8":
+        to_int8(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=what == "bf16 autocast"):
+        for _ in generate(model, list(range(PROMPT_TOKENS)), 8):
+            pass
+elif kind == "train":
+    model = build("baseline", "95M", 256, what)
+    optimizer = build_optimizer(model, 1e-3, 0.1, "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 257))
+    for _ in range(2):
+        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+try:  # VmHWM is this program's own peak (ru_maxrss can carry the parent's over from fork)
+    status = open("/proc/self/status").read()
+    print(*(int(status.split(f"{key}:")[1].split()[0]) * 1024 for key in ("VmHWM", "VmRSS")))
+except (OSError, IndexError):
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), 0)
+"""
+
+
+def rss(kind: str, what: str) -> dict:
+    """Peak and final RSS (bytes) of a fresh process running one case (0 where unknown)."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, kind, what], capture_output=True,
+                         text=True, check=True)
+    peak, final = map(int, out.stdout.split())
+    return {"kind": kind, "what": what, "peak_rss_bytes": peak, "final_rss_bytes": final}
+
+
+def memory() -> list[dict]:
+    """Fresh processes on the 95M shape; `idle` has imported torch and bitnet only, the floor
+    under every other row. Loading for int8 builds the float model first, which sets its peak;
+    what it keeps after conversion is its final RSS."""
+    cases = [("idle", "-"), ("decode", "float32"), ("decode", "bf16 autocast"), ("decode", "int8"),
+             ("train", "ternary"), ("train", "none")]
+    return [rss(kind, what) for kind, what in cases]
+
+
+def kv_cache(experiment: str = "tinystories", size: str = "12M", new_tokens: int = 128) -> dict:
+    """Tokens/s of greedy decoding (int8 engine) with and without the KV cache: without it,
+    every token re-runs the whole sequence so far."""
+    model = build(experiment, size, PROMPT_TOKENS + new_tokens).eval()
+    to_int8(model)
+    prompt = list(range(PROMPT_TOKENS))
+    t = best_of({"cache": lambda: list(generate(model, prompt, new_tokens)),
+                 "none": lambda: list(generate(model, prompt, new_tokens, use_cache=False))}, 1)
+    return {"shape": f"{experiment} {size}", "new_tokens": new_tokens,
+            "ratio": t["none"] / t["cache"], "cache_tok_per_s": new_tokens / t["cache"],
+            "no_cache_tok_per_s": new_tokens / t["none"]}
+
+
+def run_all(progress=lambda what: None) -> dict:
+    results = {}
+    steps = [("machine", machine),
+             ("train_step", lambda: [train_step(*s) for s in TRAIN_SHAPES]),
+             ("decode", lambda: [decode(*s) for s in DECODE_SHAPES]),
+             ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
+             ("memory", memory),
+             ("kv_cache", kv_cache)]
+    for name, fn in steps:
+        progress(name)
+        results[name] = fn()
+        gc.collect()
+    return results

@@ -40,24 +40,26 @@ def export(
 @app.command(rich_help_panel="Shipping")
 @friendly
 def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
-    """Measure speed side by side in one process: ratios first, absolute numbers beside them.
+    """Measure speed and size side by side in one process: ratios first, absolute numbers beside
+    them. Random weights on the presets' shapes (tiny to 95M); about two minutes on 2 cores, so
+    close other work first.
 
-    decode: greedy generation of 256 tokens on the TinyStories 12M shape (random weights), with
-    the KV cache against re-running the whole sequence for every token.
+    training step: BitNet against its --quant none twin (forward, backward, AdamW).
+    decode: tokens/s with the KV cache, the int8 engine (float16 head) against the float engine
+    in fp32 and in bf16 autocast; the bytes of weights each token reads and the GB/s that makes,
+    beside the machine's own memory bandwidth; the BitLinear layers alone at one token.
+    size: the projection weights in fp32 (latent) against 2-bit packed (export --format hf-packed).
+    memory: peak RSS of fresh processes decoding and training the 95M shape.
+    kv cache: decoding with it against re-running the sequence for every token.
     """
     import json as jsonlib
 
-    from bitnet_cli.bench import NEW_TOKENS, run_all
-    from bitnet_cli.ui import stderr
+    from bitnet_cli import ui
+    from bitnet_cli.bench import run_all
 
-    with stderr.status("measuring (about a minute)..."):
-        results = run_all()
+    with ui.stderr.status("measuring...") as status:
+        results = run_all(lambda what: status.update(f"measuring: {what}..."))
     if json:
         typer.echo(jsonlib.dumps(results, indent=2))
-        return
-    for r in results:
-        typer.echo(f"{r['name']}: KV cache {r['speedup']:.1f}x faster "
-                   f"({r['kv_cache_tok_per_s']:.1f} vs {r['no_cache_tok_per_s']:.1f} tok/s, "
-                   f"first {r['identical_prefix']} of {NEW_TOKENS} tokens identical with random "
-                   f"weights, "
-                   f"{r['threads']} threads)")
+    else:
+        ui.stdout.print(ui.bench_report(results))

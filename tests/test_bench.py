@@ -1,0 +1,43 @@
+"""`bitnet bench`: every section runs and renders, and its byte counts are right. Its speed
+numbers are measurements to read, never asserted."""
+
+import io
+
+from rich.console import Console
+
+from bitnet_cli import bench, ui
+from bitnet_cli.config import PRESETS
+
+
+def test_sections_run_count_bytes_and_render():
+    shape = PRESETS["simple"]["sizes"]["tiny"]["model"]
+    d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
+    vocab = PRESETS["simple"]["vocab_size"]
+
+    size = bench.checkpoint_size("simple", "tiny")
+    assert size["latent_bytes"] == 4 * layers * per_layer
+    assert size["packed_bytes"] == layers * per_layer // 4 + 4 * 7 * layers  # + a scale each
+    assert size["ratio"] > 15
+
+    decode = bench.decode("simple", "tiny")
+    engines = decode["engines"]
+    # One byte per ternary weight and a float16 head, against float32 for both.
+    assert engines["int8"]["weight_bytes_per_token"] == layers * per_layer + 2 * vocab * d + 4 * d
+    assert engines["float32"]["weight_bytes_per_token"] == 4 * layers * per_layer + 4 * vocab * d + 4 * d
+    assert all(e["tok_per_s"] > 0 for e in engines.values())
+    assert decode["layers"]["count"] == 7 * layers and decode["layers"]["ratio"] > 0
+
+    results = {"machine": bench.machine(),
+               "train_step": [bench.train_step("simple", "tiny", 4, 16)],
+               "decode": [decode], "size": [size],
+               "memory": [bench.rss("idle", "-")],
+               "kv_cache": bench.kv_cache("simple", "tiny", new_tokens=8)}
+    assert results["memory"][0]["peak_rss_bytes"] > 0
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(ui.bench_report(results))
+    text = console.export_text()
+    for title in ("training step", "decode with the KV cache", "weights read per decoded token",
+                  "BitLinear layers alone", "2-bit packed", "memory", "re-running"):
+        assert title in text
