@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
-        # the (out, in) rows directly and is ~2.5x faster this way than on a transposed copy.
+        # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
         acc = int_mm(x_codes, self.codes.t())
         return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
 
@@ -89,7 +89,8 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
         try:
             got = int_mm(a.to(device), b.to(device).t()).cpu()
         except (RuntimeError, NotImplementedError) as e:
-            return f"torch._int_mm fails on {device.type} for a {k}x{n} layer ({str(e).splitlines()[0]})"
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return f"torch._int_mm fails on {device.type} for a {k}x{n} layer ({first_line})"
         if not torch.equal(got, a.long().mm(b.long().t()).int()):
             return f"torch._int_mm gives wrong results on {device.type} for a {k}x{n} layer"
     return None

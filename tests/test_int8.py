@@ -89,6 +89,12 @@ def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
     assert "no ternary layers" in to_int8(twin)
     assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())
     assert int8_unusable(torch.device("cpu"), {(7, 5), (64, 48)}) is None
+    # A device where _int_mm cannot run (here: meta, which holds no data) keeps the float model
+    # and says why, as a GPU without usable int8 kernels would.
+    with torch.device("meta"):
+        elsewhere = BitNetForCausalLM(ModelConfig(**cfg)).eval()
+    assert to_int8(elsewhere).startswith("torch._int_mm fails on meta for a ")
+    assert sum(isinstance(m, BitLinear) for m in elsewhere.modules()) == 2 * 7
 
 
 def test_half_head_rounds_only_where_float16_must():
