@@ -131,7 +131,11 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     dist.check_world(share, cfg.batch_size, device)
     device = dist.start(share, device)
     try:
-        return _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
+        info = _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
+        # Rank 0 may still be evaluating or saving the last step: leave together, or the others
+        # would tear the process group down under it.
+        dist.barrier()
+        return info
     finally:
         dist.stop()
 
