@@ -56,10 +56,6 @@ def friendly(command):
     return wrapper
 
 
-def not_implemented(command: str) -> None:
-    raise BitnetError(f"`bitnet {command}` is not implemented in bitnet {__version__} yet")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"bitnet {__version__}")
