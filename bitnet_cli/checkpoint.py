@@ -1,35 +1,41 @@
 """Checkpoints as bytes on disk: safetensors for tensors, JSON for everything else, written atomically.
 
-    checkpoints/step_000500/model.safetensors   the model's state dict (lm_head absent when tied)
-    checkpoints/step_000500/optim.safetensors   AdamW moments, keyed by parameter name
-    checkpoints/step_000500/trainer.json        step, data cursor, RNG states, model config
-    checkpoints/step_000500/tokenizer.json      a copy of the run's tokenizer
-    checkpoints/latest                          the name of the newest complete checkpoint
+    checkpoints/step_000000500/model.safetensors  the model's state dict (lm_head absent when tied)
+    checkpoints/step_000000500/optim.safetensors  AdamW moments, keyed by parameter name
+    checkpoints/step_000000500/trainer.json       step, data cursor, RNG states, model config
+    checkpoints/step_000000500/tokenizer.json     a copy of the run's tokenizer
+    checkpoints/latest                            the name of the newest checkpoint
 
-A checkpoint is written into `step_000500.partial/`, fsynced, renamed into place, and only then
-named in `latest`; a crash at any instant leaves the previous checkpoint whole and current.
-Loading never runs code: there is no pickle anywhere.
+A checkpoint is written into a fresh hidden folder, fsynced file by file, renamed into place,
+and only then named in `latest`; a crash at any instant leaves every earlier checkpoint whole.
+Readers take the highest step on disk and skip a damaged one for the one before. Loading never
+runs code: there is no pickle anywhere.
 """
 
 from __future__ import annotations
 
 import base64
-import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bitnet_cli.config import PRESETS, RESTORE, check_fields, model_config_from_dict
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.runs import read_json, write_json_atomic
+from bitnet_cli.files import (atomic_folder, remove_leftovers, to_json, write_bytes_atomic,
+                              write_error)
+from bitnet_cli.runs import read_json
 
 MODEL_FILE, OPTIM_FILE, TRAINER_FILE, LATEST = (
     "model.safetensors", "optim.safetensors", "trainer.json", "latest")
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
+    """Nine digits: names sort by number up to the largest --steps there is (999,999,999)."""
+    return f"step_{step:09d}"
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +47,11 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise BitnetError(f"checkpoint does not fit the model: {why[:200]}") from None
     if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -64,6 +74,11 @@ def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimi
         state = {key.rsplit(".", 1)[1]: value for key, value in tensors.items()
                  if key.rsplit(".", 1)[0] == name}
         if state:
+            for key, value in state.items():
+                if key != "step" and value.shape != param.shape:
+                    raise BitnetError(f"the optimizer state of {name} has shape "
+                                      f"{list(value.shape)}, but the parameter "
+                                      f"{list(param.shape)}: it belongs to another model")
             # AdamW keeps `step` on the CPU unless it runs fused (then beside the parameter).
             on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
             optimizer.state[param] = {
@@ -94,67 +109,61 @@ def _unb64(text: str) -> torch.Tensor:
 def save_checkpoint(checkpoints: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer: dict, keep: int,
                     tokenizer: Path | None = None) -> Path:
-    """Write one checkpoint atomically. A copy of the run's tokenizer goes in too, so that a
-    checkpoint folder alone is enough to chat with, play, evaluate or export the model."""
+    """Write one checkpoint whole or not at all (see files.atomic_folder), then name it in
+    `latest` and prune the oldest beyond `keep`. A copy of the run's tokenizer goes in too, so
+    that a checkpoint folder alone is enough to chat with, play, evaluate or export the model.
+    Any write error is one line, and leaves the checkpoints that were there before."""
     final = checkpoints / step_dir_name(step)
-    partial = checkpoints / (final.name + ".partial")
     try:
+        if checkpoints.is_symlink():
+            raise BitnetError(f"{checkpoints} is a symbolic link; bitnet writes checkpoints only "
+                              "inside the run folder (move the link away)")
         checkpoints.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        save_file(model_tensors(model), str(partial / MODEL_FILE), metadata={"format": "pt"})
-        save_file(optimizer_tensors(model, optimizer), str(partial / OPTIM_FILE))
-        write_json_atomic(partial / TRAINER_FILE, trainer)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, partial / tokenizer.name)
-        for name in (MODEL_FILE, OPTIM_FILE):
-            _fsync(partial / name)
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-    except OSError as e:
+        with atomic_folder(final, replace=True) as folder:
+            save_file(model_tensors(model), str(folder / MODEL_FILE), metadata={"format": "pt"})
+            save_file(optimizer_tensors(model, optimizer), str(folder / OPTIM_FILE))
+            (folder / TRAINER_FILE).write_text(to_json(trainer) + "\n")
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, folder / tokenizer.name)
+        write_bytes_atomic(checkpoints / LATEST, (final.name + "\n").encode())
+    except (OSError, SafetensorError) as e:
+        kept = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
         raise BitnetError(f"cannot write checkpoint {final.name} in {checkpoints}: "
-                          f"{e.strerror or e}; the previous checkpoint is kept") from None
-    _fsync_dir(checkpoints)
-    latest = checkpoints / LATEST
-    tmp = checkpoints / f".{LATEST}.tmp"
-    tmp.write_text(final.name + "\n")
-    os.replace(tmp, latest)
-    _fsync_dir(checkpoints)
-    _prune(checkpoints, keep)
+                          f"{write_error(e)}; "
+                          + (f"{kept.name} is kept" if kept else "there is no earlier checkpoint")
+                          ) from None
+    _prune(checkpoints, keep, final)
     return final
 
 
-def _prune(checkpoints: Path, keep: int) -> None:
-    complete = sorted(p for p in checkpoints.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _prune(checkpoints: Path, keep: int, newest: Path) -> None:
+    """Delete all but the `keep` newest checkpoints (keep 0: none); never the one just written."""
+    for old in checkpoints_newest_first(checkpoints)[keep:] if keep > 0 else []:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def remove_partial_saves(checkpoints: Path) -> None:
+    """What a save killed mid-way left behind (called by the run's lock holder)."""
+    for pattern in (".step_*", "step_*.partial", f".{LATEST}.*"):
+        remove_leftovers(checkpoints, pattern)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint folder's name gives (step_000500 -> 500), or None."""
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoints_newest_first(checkpoints: Path) -> list[Path]:
-    """Complete checkpoint folders, the one `latest` names first, then the rest newest first.
-    `.partial` folders (a write that never finished) are never candidates."""
-    complete = sorted((p for p in checkpoints.glob("step_*")
-                       if p.is_dir() and not p.name.endswith(".partial")), reverse=True)
-    pointer = checkpoints / LATEST
-    named = checkpoints / pointer.read_text().strip() if pointer.is_file() else None
-    if named in complete:
-        complete.remove(named)
-        complete.insert(0, named)
-    return complete
+    """Checkpoint folders on disk, the highest step first, by number. Only whole ones are ever
+    under a step_N name (a save renames its folder into place last); `latest` is for people
+    and other tools, and a crash between that rename and `latest` changes nothing here."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir()
+             if checkpoint_step(p) is not None and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -178,13 +187,39 @@ def newest_loadable(checkpoints: Path) -> tuple[Path | None, tuple | None, list[
 
 def read_checkpoint(path: Path, with_optimizer: bool = True) -> tuple[dict, dict | None, dict]:
     """(model tensors, optimizer tensors or None, trainer.json) of a checkpoint folder."""
+    for name in (MODEL_FILE, TRAINER_FILE) + ((OPTIM_FILE,) if with_optimizer else ()):
+        if not (path / name).is_file():
+            raise BitnetError(f"checkpoint {path} is incomplete: {name} is missing")
     try:
         model = load_file(str(path / MODEL_FILE))
         optim = load_file(str(path / OPTIM_FILE)) if with_optimizer else None
         trainer = read_json(path / TRAINER_FILE)
-    except FileNotFoundError as e:
-        raise BitnetError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
-    except Exception as e:  # safetensors and json raise several types for damaged files
-        raise BitnetError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                          "it may be damaged") from None
+    except BitnetError:
+        raise
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise BitnetError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                          f"{str(e)[:120]}); it may be damaged") from None
+    check_trainer(trainer, path / TRAINER_FILE)
     return model, optim, trainer
+
+
+TRAINER_FIELDS = {"step": "count", "tokens": "count", "data": "object", "rng": "object",
+                  "model": "object", "experiment": "text"}
+
+
+def check_trainer(trainer: dict, source: Path) -> None:
+    """trainer.json holds what resuming and loading need, each of its kind; else one line."""
+    check_fields(trainer, TRAINER_FIELDS, source)
+    check_fields(trainer["data"], {"seed": "count", "rows": "count"}, f"{source} (data)")
+    check_fields(trainer["rng"], {"torch": "text", "cuda": "texts?"}, f"{source} (rng)")
+    if trainer["experiment"] not in PRESETS:
+        raise BitnetError(f"{source} is damaged: unknown experiment {trainer['experiment'][:40]!r}; "
+                          f"{RESTORE}")
+    model_config_from_dict(trainer["model"], source)
+    try:
+        torch.Generator().set_state(_unb64(trainer["rng"]["torch"]))
+        for text in trainer["rng"].get("cuda") or []:
+            base64.b64decode(text, validate=True)
+    except (ValueError, RuntimeError):  # not base64, or not a generator's state
+        raise BitnetError(f"{source} is damaged: its random number state cannot be restored; "
+                          f"{RESTORE}") from None

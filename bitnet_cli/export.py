@@ -15,20 +15,20 @@
 
 A `--quant none` run (the full-precision twin) has no ternary weights: it exports as `hf` only,
 without quantization_config, so transformers builds plain linear layers.
-Every export is written into OUT.partial and renamed to OUT once complete, so a failure leaves
-nothing half-written; an OUT that exists and is not empty is never touched.
+Every export is written into a fresh hidden folder beside OUT and renamed to OUT once complete
+(files.atomic_folder), so a failure leaves nothing half-written; an OUT that exists and is not
+empty is never touched, and neither is anything else beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +36,7 @@ from bitnet_cli.bitlinear import CODES_PER_BYTE, pack_ternary, ternary_codes_and
 from bitnet_cli.checkpoint import model_tensors
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
+from bitnet_cli.files import atomic_folder, write_error
 from bitnet_cli.inference import LoadedModel, load_model
 from bitnet_cli.runs import TOKENIZER_FILE
 
@@ -56,8 +57,14 @@ def export_model(selector: str, fmt: str, out: Path) -> Path:
     loaded = load_model(selector, engine="float")  # the latent weights, as training left them
     check_exportable(loaded, fmt)
     writer = {"hf": write_hf, "hf-packed": write_hf_packed, "gguf": write_gguf}[fmt]
-    with atomic_folder(out) as folder:
-        writer(loaded, folder)
+    if not out.parent.is_dir():
+        raise BitnetError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        with atomic_folder(out) as folder:
+            writer(loaded, folder)
+    except (OSError, SafetensorError) as e:
+        raise BitnetError(f"cannot write {out}: {write_error(e)}; "
+                          "nothing was written") from None
     return out
 
 
@@ -76,24 +83,6 @@ def check_exportable(loaded: LoadedModel, fmt: str) -> None:
     if fmt == "gguf" and not config.tie_word_embeddings:
         raise BitnetError("llama.cpp's bitnet graph uses the token embedding as the output layer, "
                           "but this model has its own lm_head; --format hf exports it")
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path):
-    """A fresh OUT.partial to write into, renamed to OUT when the block succeeds, removed when
-    it fails."""
-    partial = out.with_name(out.name + ".partial")
-    try:
-        shutil.rmtree(partial, ignore_errors=True)  # left by an export that was killed
-        partial.mkdir(parents=True)
-        yield partial
-        os.replace(partial, out)  # OUT is absent or an empty folder, which rename replaces
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise BitnetError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import to_json, write_bytes_atomic
+
 
 class MetricsWriter:
+    """Appends rows; never through a symlink (O_NOFOLLOW), so a planted link cannot make a
+    run write outside its folder. Non-finite numbers are written as null."""
+
     def __init__(self, path: Path):
-        self.file = open(path, "a")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise BitnetError(f"cannot append to {path}: {e.strerror} (is it a symbolic "
+                              "link? bitnet writes only inside the run folder)") from None
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(to_json(row, indent=None) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -20,24 +33,36 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Every complete row; a line cut short by a crash (or any unreadable line) is skipped."""
+    """Every complete row; a line cut short by a crash (or any unreadable line) is skipped, and
+    a file that cannot be read at all has none."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return _parse(f)
-    except FileNotFoundError:
+    except OSError:
         return []
 
 
 def _parse(lines) -> list[dict]:
+    """The rows that are JSON objects with a whole-number step. Of their fields only finite
+    numbers and the split (a string) are kept: NaN, Infinity or a wrong type reads as absent."""
     rows = []
     for line in lines:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(row, dict):
+        if not isinstance(row, dict):
+            continue
+        row = {key: value for key, value in row.items() if _finite(value)
+               or (key == "split" and isinstance(value, str))}
+        if isinstance(row.get("step"), int) and row["step"] >= 0:
             rows.append(row)
     return rows
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def read_metrics_tail(path: Path, max_bytes: int = 256 * 1024) -> list[dict]:
@@ -49,7 +74,7 @@ def read_metrics_tail(path: Path, max_bytes: int = 256 * 1024) -> list[dict]:
             size = f.tell()
             f.seek(max(0, size - max_bytes))
             data = f.read()
-    except FileNotFoundError:
+    except OSError:
         return []
     lines = data.decode("utf-8", errors="replace").splitlines()
     if size > max_bytes:
@@ -61,16 +86,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the complete rows up to `step` (rewritten atomically; untouched if already so)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, "".join(kept).encode())

@@ -7,6 +7,7 @@ code drives the live terminal view, the tests, and anything else that wants to w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import signal
@@ -20,18 +21,22 @@ from tokenizers import Tokenizer
 
 from bitnet_cli import __version__, dist
 from bitnet_cli.checkpoint import (load_model_tensors, load_optimizer_tensors, newest_loadable,
-                                   rng_state, save_checkpoint, set_rng_state)
+                                   remove_partial_saves, rng_state, save_checkpoint,
+                                   set_rng_state)
 from bitnet_cli.config import (PRESETS, build_configs, check_experiment, format_count,
                                model_config_from_dict, to_dict, train_config_from_dict)
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import remove_leftovers, write_json_atomic
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.problems import IGNORE
 from bitnet_cli.metrics import MetricsWriter, truncate_metrics
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.optim import apply_schedule, build_optimizer
-from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, TOKENIZER_FILE, StateFile,
-                             create_run_dir, now_iso, pid_alive, read_json, run_status,
-                             write_json_atomic)
+from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, StateFile,
+                             heartbeat_fresh, new_run_dir, now_iso, on_other_host, read_json,
+                             run_lock, run_status)
+
+MAX_NONFINITE_STEPS = 20  # skipped steps in a row before a run is called diverged
 
 
 class NullReporter:
@@ -93,9 +98,17 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
     prepare_task(task, train_cfg, progress)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
-    run_dir = create_run_dir(experiment, train_cfg.size, train_cfg.name)
-    config = {
-        "run_id": run_dir.name,
+    with new_run_dir(experiment, train_cfg.size, train_cfg.name) as (run_dir, folder):
+        config = _run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)
+        task.tokenizer().save(str(folder / TOKENIZER_FILE))
+        StateFile(folder).update(status="created", step=0, total_steps=train_cfg.steps)
+        write_json_atomic(folder / CONFIG_FILE, config)
+    return run_dir
+
+
+def _run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
+    return {
+        "run_id": run_id,
         "experiment": experiment,
         "size": train_cfg.size,
         "num_params": model_cfg.num_params(),
@@ -107,10 +120,6 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
         "argv": argv or [],
         "created_at": now_iso(),
     }
-    write_json_atomic(run_dir / CONFIG_FILE, config)
-    task.tokenizer().save(str(run_dir / TOKENIZER_FILE))
-    StateFile(run_dir).update(status="created", step=0, total_steps=train_cfg.steps)
-    return run_dir
 
 
 def run_training(run_dir: Path, reporter=None) -> dict:
@@ -123,12 +132,39 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     share = dist.current()
     reporter = (reporter or NullReporter()) if share.is_main else NullReporter()
     run_dir = Path(run_dir)
-    config = read_json(run_dir / CONFIG_FILE)
-    model_cfg = model_config_from_dict(config["model"])
-    cfg = train_config_from_dict(config["train"])
-    task = load_experiment(config["experiment"])
+    config, model_cfg, cfg = read_run_config(run_dir)
+    task = load_experiment(cfg.experiment)
     device = resolve_device(cfg.device)
     dist.check_world(share, cfg.batch_size, device)
+    # Before joining the process group, so that no collective waits on it: every process finds
+    # or builds the data (one per machine builds it; the others wait on the cache's file lock).
+    prepare_task(task, cfg, reporter.preparing)
+    with run_lock(run_dir) if share.is_main else contextlib.nullcontext():
+        return _train_in_group(run_dir, config, model_cfg, cfg, task, share, device, reporter)
+
+
+def read_run_config(run_dir: Path):
+    """(config.json, its model config, its train config), each checked; one line naming the
+    file when anything in it is wrong."""
+    path = run_dir / CONFIG_FILE
+    try:
+        config = read_json(path)
+    except FileNotFoundError:
+        raise BitnetError(f"{run_dir} has no {CONFIG_FILE}: it is not a bitnet run") from None
+    return (config, model_config_from_dict(config.get("model"), path),
+            train_config_from_dict(config.get("train"), path))
+
+
+def run_tokenizer(run_dir: Path) -> Tokenizer:
+    path = run_dir / TOKENIZER_FILE
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+        raise BitnetError(f"{path} cannot be read ({str(e)[:120]}); restore it from a "
+                          f"checkpoint folder's copy") from None
+
+
+def _train_in_group(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> dict:
     device = dist.start(share, device)
     try:
         info = _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
@@ -141,13 +177,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
 
 
 def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> dict:
-    # One process per machine builds the data cache; the others then find it ready.
-    if share.local_rank != 0:
-        dist.barrier()
-    prepare_task(task, cfg, reporter.preparing)
-    if share.local_rank == 0:
-        dist.barrier()
-    if task.tokenizer().to_str() != Tokenizer.from_file(str(run_dir / TOKENIZER_FILE)).to_str():
+    if task.tokenizer().to_str() != run_tokenizer(run_dir).to_str():
         raise BitnetError(f"the data for run {run_dir.name} no longer gives the tokenizer it was "
                           "trained with (its files changed, or the shard cache was rebuilt)")
     autocast = autocast_for(device)
@@ -159,14 +189,13 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     step, tokens_seen = 0, 0
 
     resumed_from, contents, skipped = newest_loadable(run_dir / "checkpoints")
+    nonfinite = {"total": 0, "in_a_row": 0}  # steps skipped for a non-finite gradient
     if resumed_from is not None:
-        tensors, optim_tensors, trainer = contents
-        load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
-        load_optimizer_tensors(model, optimizer, optim_tensors)
-        stream.load_state_dict(trainer["data"])
-        set_rng_state(trainer["rng"])
-        step, tokens_seen = trainer["step"], trainer["tokens"]
-    if share.is_main:
+        step, tokens_seen = _restore(resumed_from, contents, model, optimizer, stream, device)
+        nonfinite.update(contents[2].get("nonfinite") or {})
+    if share.is_main:  # under the run's lock: whatever temporary files are here are a crash's
+        remove_leftovers(run_dir, ".*.tmp")
+        remove_partial_saves(run_dir / "checkpoints")
         # Rows logged after the checkpoint are about to be trained again: drop them so the
         # file holds each step once, as an uninterrupted run's would.
         truncate_metrics(run_dir / METRICS_FILE, step)
@@ -191,15 +220,18 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
 
     def save() -> None:
         nonlocal saved_step
-        saved_step = step
-        if not share.is_main:
-            return
-        trainer = {"step": step, "tokens": tokens_seen, "data": stream.state_dict(),
-                   "rng": rng_state(), "run_id": run_dir.name, "saved_at": now_iso(),
-                   "model": config["model"], "experiment": config["experiment"]}
-        path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
-                               cfg.keep_checkpoints, tokenizer=run_dir / TOKENIZER_FILE)
-        reporter.checkpoint(step, path)
+        if share.is_main:
+            if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+                raise BitnetError(f"run {run_dir.name} diverged: its weights are not finite at "
+                                  f"step {step}, so they were not saved; {_lower_lr(cfg)}")
+            trainer = {"step": step, "tokens": tokens_seen, "data": stream.state_dict(),
+                       "rng": rng_state(), "nonfinite": dict(nonfinite), "run_id": run_dir.name,
+                       "saved_at": now_iso(), "model": config["model"],
+                       "experiment": config["experiment"]}
+            path = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, trainer,
+                                   cfg.keep_checkpoints, tokenizer=run_dir / TOKENIZER_FILE)
+            reporter.checkpoint(step, path)
+        saved_step = step  # only once the checkpoint is on disk
 
     def evaluate() -> dict | None:
         if not share.is_main:  # the others go on to the next step and wait for rank 0 there
@@ -218,7 +250,7 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
             window_start, window_tokens = time.perf_counter(), 0
             while step < cfg.steps and not dist.any_rank(bool(stop.requested)):
                 lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
-                                        cfg.weight_decay)
+                                        cfg.weight_decay, cfg.extended_at)
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     inputs, labels = stream.next_batch()
@@ -236,11 +268,23 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                         (loss * (share.world_size / cfg.grad_accum)).backward()
                     loss_sum += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                # A non-finite loss makes a non-finite gradient. The norm is of the all-reduced
+                # gradient, so every rank skips the same steps.
+                if bool(grad_norm.isfinite()):
+                    optimizer.step()
+                    nonfinite["in_a_row"] = 0
+                else:
+                    nonfinite["total"] += 1
+                    nonfinite["in_a_row"] += 1
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += cfg.tokens_per_step
                 window_tokens += cfg.tokens_per_step
+                if nonfinite["in_a_row"] >= MAX_NONFINITE_STEPS:
+                    raise BitnetError(
+                        f"run {run_dir.name} diverged: the loss or gradient was not finite for "
+                        f"{MAX_NONFINITE_STEPS} steps in a row (steps "
+                        f"{step - MAX_NONFINITE_STEPS + 1}-{step}); {_lower_lr(cfg)}")
 
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     loss_sum = dist.all_sum(loss_sum)
@@ -251,6 +295,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                                "grad_norm": grad_norm.item(), "tokens": tokens_seen,
                                "tok_per_s": window_tokens / max(elapsed, 1e-9),
                                "time": time.time()}
+                        if nonfinite["total"]:
+                            row["skipped_steps"] = nonfinite["total"]
                         metrics.write(row)
                         reporter.log(row)
                         state.update(status="running", step=step, total_steps=cfg.steps,
@@ -273,20 +319,60 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
             status = "interrupted"
         except BaseException as e:
-            error = dist.peer_failure(e) or f"{type(e).__name__}: {e}"
-            if dist.peer_failure(e):
-                raise dist.lost_peer_error(f"run {run_dir.name} stopped at step {step}: {error}; "
-                                           f"resume it with: bitnet resume {run_dir.name}") from None
+            failure = _as_user_error(e, run_dir, cfg, model, step)
+            error = str(failure) if failure else f"{type(e).__name__}: {e}"
+            if failure:
+                raise failure from None
             raise
         finally:
             if share.is_main:
-                metrics.close()
-                state.update(status=status, step=step, total_steps=cfg.steps, error=error,
-                             checkpoint_step=saved_step)
+                with contextlib.suppress(OSError):  # a full disk: nothing more can be recorded
+                    metrics.close()
+                    state.update(status=status, step=step, total_steps=cfg.steps, error=error,
+                                 checkpoint_step=saved_step)
     info = {"run_id": run_dir.name, "run_dir": str(run_dir), "status": status, "step": step,
             "checkpoint_step": saved_step, "last_eval": last_eval, "headline": task.headline}
     reporter.finish(info)
     return info
+
+
+def _restore(path: Path, contents, model, optimizer, stream, device) -> tuple[int, int]:
+    """Put a checkpoint's model, optimizer, data cursor and RNG back; (step, tokens) seen."""
+    tensors, optim_tensors, trainer = contents
+    try:
+        load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
+        load_optimizer_tensors(model, optimizer, optim_tensors)
+        stream.load_state_dict(trainer["data"])
+        set_rng_state(trainer["rng"])
+        return trainer["step"], trainer["tokens"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BitnetError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
+                          f"{str(e)[:200]}); move it away to resume from the one before") from None
+
+
+def _lower_lr(cfg) -> str:
+    return f"train again with a lower --lr (this run's is {cfg.lr:g})"
+
+
+def _as_user_error(e: BaseException, run_dir: Path, cfg, model, step: int) -> BitnetError | None:
+    """The one line to stop with for an error the user can act on; None for a bug."""
+    if isinstance(e, BitnetError):
+        return e
+    peer = dist.peer_failure(e)
+    if peer:
+        return dist.lost_peer_error(f"run {run_dir.name} stopped at step {step}: {peer}; "
+                                    f"resume it with: bitnet resume {run_dir.name}")
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+            s in str(e) for s in ("out of memory", "can't allocate memory"))):
+        accumulated = f" (x{cfg.grad_accum} accumulated)" if cfg.grad_accum > 1 else ""
+        return BitnetError(
+            f"out of memory at step {step}: a batch of {cfg.batch_size} x {cfg.seq_len} tokens"
+            f"{accumulated} through {format_count(model.num_params())} parameters does not fit; "
+            "lower --batch-size (--grad-accum keeps the effective batch) or --seq-len")
+    if isinstance(e, OSError):
+        return BitnetError(f"run {run_dir.name} stopped at step {step}: cannot write "
+                           f"{e.filename or 'to its folder'}: {e.strerror or e}")
+    return None
 
 
 class stop_signals:
@@ -317,35 +403,31 @@ class stop_signals:
 def prepare_resume(run_dir: Path, steps: int | None = None,
                    share: dist.Share = dist.Share()) -> None:
     """Check that a run can be resumed on the processes `share` describes, and extend it to
-    `steps`; nothing on disk changes unless every check passes. A run created but never
-    started (the launcher of a multi-process run starts its workers this way) starts at step 0."""
-    config = read_json(run_dir / CONFIG_FILE)
-    dist.check_world(share, config["train"]["batch_size"], resolve_device(config["train"]["device"]))
-    state_path = run_dir / STATE_FILE
-    state = read_json(state_path) if state_path.exists() else {}
-    status = run_status(state)
+    `steps`; nothing on disk changes unless every check passes. The caller holds the run's lock
+    (see runs.run_lock), so no other process on this machine trains it. A run without a
+    checkpoint (created but never started, or killed before its first save) starts at step 0:
+    its config is all it needs."""
+    config, _, cfg = read_run_config(run_dir)
+    dist.check_world(share, cfg.batch_size, resolve_device(cfg.device))
+    state = StateFile(run_dir).state
     run_id = run_dir.name
-    if status == "running":
-        where = f" on {state.get('host')}" if pid_alive(state.get("pid"), state.get("host")) is None else ""
-        raise BitnetError(f"run {run_id} is still running (pid {state.get('pid')}{where}); "
-                          "stop it first, or watch it with `bitnet status --watch`")
+    if state.get("status") == "running" and on_other_host(state) and heartbeat_fresh(state):
+        raise BitnetError(f"run {run_id} is running on {state['host']} (its heartbeat is "
+                          "recent); stop it there first, or watch it with `bitnet status --watch`")
     path, contents, _ = newest_loadable(run_dir / "checkpoints")
-    if path is None and status == "created":
-        contents = (None, None, {"step": 0})
-    elif path is None:
-        raise BitnetError(f"run {run_id} has no checkpoint to resume from; start a new run with: "
-                          + " ".join(config.get("argv") or ["bitnet", "train", config["experiment"]]))
-    done = contents[2]["step"]
-    total = config["train"]["steps"]
+    done = contents[2]["step"] if path is not None else 0
+    total = cfg.steps
     if steps is not None:
-        if steps < 1:
-            raise BitnetError(f"--steps must be a positive whole number, got {steps}")
         if steps <= done:
             raise BitnetError(f"--steps {steps} is not more than the {done} steps run {run_id} "
                               "has already done")
         if steps != total:
-            config["train"]["steps"] = steps
-            write_json_atomic(run_dir / CONFIG_FILE, config)
+            # The planned schedule is kept; an extension begins where the plan ended (optim.py).
+            marks = [m for m in cfg.extended_at if m < steps]
+            extended = dataclasses.replace(cfg, steps=steps,
+                                           extended_at=marks + [total] if steps > total else marks)
+            extended.validate()  # before anything is written
+            write_json_atomic(run_dir / CONFIG_FILE, {**config, "train": to_dict(extended)})
     elif done >= total:
         raise BitnetError(f"run {run_id} already finished all {total} steps; pass --steps N "
                           f"(more than {total}) to train it further")
@@ -355,7 +437,7 @@ def record_worker_failure(run_dir: Path, failure: str) -> str:
     """After a worker of a multi-process run failed: mark the run failed if rank 0 died before
     it could, and say where the run stands."""
     state = StateFile(run_dir)
-    if run_status(state.state) in ("crashed", "created", "running"):
+    if run_status(state.state, run_dir) in ("crashed", "created", "running"):
         state.update(status="failed", error=failure)
     path, contents, _ = newest_loadable(run_dir / "checkpoints")
     kept = f"last checkpoint at step {contents[2]['step']}" if path else "no checkpoint yet"
@@ -367,7 +449,8 @@ def record_worker_failure(run_dir: Path, failure: str) -> str:
 def last_world_size(run_dir: Path) -> int:
     """How many processes to resume a run on by default: as many as it last used, when they
     were all on one machine (a multi-node run is resumed with torchrun on each node)."""
-    state_path = run_dir / STATE_FILE
-    state = read_json(state_path) if state_path.exists() else {}
+    state = StateFile(run_dir).state
     world = state.get("world_size", 1)
+    if not isinstance(world, int) or not 1 <= world <= 1024:
+        return 1
     return world if world == state.get("local_world_size", world) else 1

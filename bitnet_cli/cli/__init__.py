@@ -49,6 +49,9 @@ def friendly(command):
             raise typer.Exit(1) from None
         except BitnetError as e:
             fail(str(e))
+        except OSError as e:  # the machine, not bitnet: a full disk, a permission, a lost mount
+            where = f" ({e.filename})" if e.filename else ""
+            fail(f"{e.strerror or e}{where}; nothing half-written was left behind")
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

@@ -20,8 +20,8 @@ RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folde
 @friendly
 def resume(
     run: str = typer.Argument(..., help=RUN_HELP, show_default=False),
-    steps: Optional[int] = typer.Option(None, help="New total number of steps; extends a "
-                                                   "finished run (the schedule is stretched to it)."),
+    steps: Optional[int] = typer.Option(None, help="New total number of steps; more than "
+                                                   "planned extends the run (see below)."),
     nproc_per_node: Optional[str] = typer.Option(
         None, help="Worker processes on this machine (default: as many as the run last used, "
                    "if it ran on one machine). Any number continues the same run: the batch "
@@ -33,10 +33,16 @@ def resume(
     back, so on CPU the resumed run follows the uninterrupted trajectory bit for bit. Metrics
     logged after that checkpoint are dropped and trained again, so metrics.jsonl holds each
     step once. A damaged newest checkpoint is skipped for the one before it.
+
+    --steps N past the planned total extends the run, finished or not: the planned steps keep
+    their schedule, and from the planned end the learning rate re-warms linearly over the
+    warmup steps (at most half the extension) from the rate the plan ended at to the stage-two
+    starting rate, then anneals again to N; weight decay stays 0. A smaller N, still above the steps done,
+    ends the current schedule at N instead.
     """
     from bitnet_cli import dist
     from bitnet_cli.cli.train import parse_nproc, train_with_view
-    from bitnet_cli.runs import resolve_run
+    from bitnet_cli.runs import resolve_run, run_lock
     from bitnet_cli.train import last_world_size, prepare_resume
 
     nproc = parse_nproc(nproc_per_node)
@@ -48,14 +54,21 @@ def resume(
 
         def prepare() -> str:
             run_dir = resolve_run(run)
-            prepare_resume(run_dir, steps, share)
+            with run_lock(run_dir):
+                prepare_resume(run_dir, steps, share)
             return str(run_dir)
 
         train_with_view(Path(dist.main_first(share, prepare)))
         return
     run_dir = resolve_run(run)
     nproc = nproc or last_world_size(run_dir)
-    prepare_resume(run_dir, steps, dist.on_this_machine(nproc))
+    # One writer per run: a second resume (or --steps change) of a run being trained is refused
+    # before anything is written. With workers, rank 0 takes the lock over for the training.
+    with run_lock(run_dir):
+        prepare_resume(run_dir, steps, dist.on_this_machine(nproc))
+        if nproc == 1:
+            train_with_view(run_dir)
+            return
     train_with_view(run_dir, nproc)
 
 
@@ -85,7 +98,8 @@ def status(
         return summary.detail(run_dir) if run_dir else summary.summarize_all()
 
     if json:
-        typer.echo(summary.to_json(snapshot()))
+        from bitnet_cli.files import to_json
+        typer.echo(to_json(snapshot()))
         return
     from bitnet_cli import ui
 
