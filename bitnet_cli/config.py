@@ -7,13 +7,20 @@ must never import torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
 
 QUANT_MODES = ("ternary", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_STEPS = 999_999_999  # checkpoint folder names hold nine digits
+# numpy's default_rng takes any int >= 0 and torch.manual_seed up to 2**64 - 1: 32 bits suit both
+MAX_SEED = 2**32 - 1
+MAX_NAME = 100
+RESERVED_NAMES = ("latest",)  # a selector, never a run id
 
 
 @dataclass
@@ -36,6 +43,22 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        shape = {"vocab_size": (self.vocab_size, 0, 2**20),  # 0: the tokenizer's, not known yet
+                 "hidden_size": (self.hidden_size, 2, 2**16),
+                 "num_hidden_layers": (self.num_hidden_layers, 1, 1024),
+                 "num_attention_heads": (self.num_attention_heads, 1, 2**12),
+                 "num_key_value_heads": (self.num_key_value_heads, 1, 2**12),
+                 "intermediate_size": (self.intermediate_size, 1, 2**18),
+                 "max_position_embeddings": (self.max_position_embeddings, 1, 2**20)}
+        for name, (value, low, high) in shape.items():
+            _check_whole(name, value, low, high)
+        for name, value in (("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps),
+                            ("initializer_range", self.initializer_range)):
+            if not _real(value) or value < 0 or (value == 0 and name != "initializer_range"):
+                raise BitnetError(f"{name} must be a positive finite number, got {_show(value)}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise BitnetError(f"tie_word_embeddings must be true or false, got "
+                              f"{_show(self.tie_word_embeddings)}")
         if self.quant not in QUANT_MODES:
             raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -84,30 +107,58 @@ class TrainConfig:
     name: str | None = None
     data: str | None = None
     vocab_size: int | None = None  # text experiments: size of the BPE trained on the data
+    extended_at: list[int] = dataclasses.field(default_factory=list)  # see optim.lr_factor
 
     def validate(self) -> None:
-        positive = {
-            "--steps": self.steps,
-            "--batch-size": self.batch_size,
-            "--seq-len": self.seq_len,
-            "--grad-accum": self.grad_accum,
-            "--eval-every": self.eval_every,
-            "--save-every": self.save_every,
-            "--log-every": self.log_every,
+        if not isinstance(self.experiment, str) or not isinstance(self.size, str):
+            raise BitnetError(f"experiment and size must be names, got {_show(self.experiment)} "
+                              f"and {_show(self.size)}")
+        preset = check_experiment(self.experiment)
+        counts = {
+            "--steps": (self.steps, 1, MAX_STEPS),
+            "--batch-size": (self.batch_size, 1, 2**20),
+            "--seq-len": (self.seq_len, 1, 2**20),
+            "--grad-accum": (self.grad_accum, 1, 2**20),
+            "--eval-every": (self.eval_every, 1, MAX_STEPS),
+            "--save-every": (self.save_every, 1, MAX_STEPS),
+            "--log-every": (self.log_every, 1, MAX_STEPS),
+            "--seed": (self.seed, 0, MAX_SEED),
+            "warmup_steps": (self.warmup_steps, 0, MAX_STEPS),
+            "keep_checkpoints": (self.keep_checkpoints, 0, 10**6),
         }
-        for flag, value in positive.items():
-            if value is None or value < 1:
-                raise BitnetError(f"{flag} must be a positive whole number, got {value}")
-        if self.vocab_size is not None and not 256 < self.vocab_size <= 2**20:
-            raise BitnetError(f"--vocab-size must be between 257 and {2**20}, got {self.vocab_size}")
-        if not self.lr > 0:
-            raise BitnetError(f"--lr must be positive, got {self.lr}")
+        for flag, (value, low, high) in counts.items():
+            _check_whole(flag, value, low, high)
+        shortest = preset["min_seq_len"]
+        if self.seq_len < shortest:
+            raise BitnetError(f"--seq-len must be at least {shortest} for {self.experiment} (its "
+                              f"examples need that much context), got {self.seq_len}")
+        if self.vocab_size is not None:
+            _check_whole("--vocab-size", self.vocab_size, 257, 2**20)
+        for flag, value, low in (("--lr", self.lr, 0), ("grad_clip", self.grad_clip, 0)):
+            if not _real(value) or value <= low:
+                raise BitnetError(f"{flag} must be a positive finite number, got {_show(value)}")
+        if not _real(self.weight_decay) or self.weight_decay < 0:
+            raise BitnetError(f"weight_decay must be a finite number of 0 or more, got "
+                              f"{_show(self.weight_decay)}")
+        if not (isinstance(self.extended_at, list) and all(
+                isinstance(m, int) and not isinstance(m, bool) and 0 < m < self.steps
+                for m in self.extended_at) and self.extended_at == sorted(set(self.extended_at))):
+            raise BitnetError(f"extended_at must be rising step numbers below --steps, got "
+                              f"{_show(self.extended_at)}")
         if self.device not in DEVICES:
-            raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise BitnetError(
-                f"--name {self.name!r} may only use letters, digits, '.', '_' and '-'"
-            )
+            raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {_show(self.device)}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise BitnetError(f"compile must be true, false or null, got {_show(self.compile)}")
+        if self.data is not None and not isinstance(self.data, str):
+            raise BitnetError(f"--data must be a path, got {_show(self.data)}")
+        if self.name is not None:
+            if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                                                                  self.name):
+                raise BitnetError(f"--name {_show(self.name)} may only use letters, digits, '.', "
+                                  "'_' and '-', and must start with a letter or digit")
+            if len(self.name) > MAX_NAME or self.name in RESERVED_NAMES:
+                raise BitnetError(f"--name must be at most {MAX_NAME} characters and not "
+                                  f"{' or '.join(map(repr, RESERVED_NAMES))}, got {_show(self.name)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -118,6 +169,7 @@ class TrainConfig:
 # The reference sizes are the original project's models; `tiny` learns on a 2-core CPU in minutes.
 PRESETS: dict[str, dict] = {
     "simple": {
+        "min_seq_len": 12,  # the longest problem, a9=bcdefghij;, is 13 tokens
         "about": "continue the alphabet (d3= -> efg): a one-minute check that training works",
         "default_size": "tiny",
         "vocab_size": 39,  # 26 letters, 1-9, '=', ';', <pad>, <unk> (a test holds it to the tokenizer)
@@ -131,6 +183,7 @@ PRESETS: dict[str, dict] = {
         },
     },
     "arithmetic": {
+        "min_seq_len": 12,  # the longest problem is 13 tokens
         "about": "a op b = r with + - * and floor division, operands 0-100",
         "default_size": "5M",
         "vocab_size": 18,  # 0-9, + - * /, '=', ';', <pad>, <unk>
@@ -150,6 +203,7 @@ PRESETS: dict[str, dict] = {
         },
     },
     "tictactoe": {
+        "min_seq_len": 10,  # a whole game is 11 tokens
         "about": "play tic-tac-toe: learns from perfect and noisy games, judged by playing",
         "default_size": "12M",
         "vocab_size": 15,  # '>' start, cells 1-9, results X O D, <pad>, <unk>
@@ -170,6 +224,7 @@ PRESETS: dict[str, dict] = {
         },
     },
     "tinystories": {
+        "min_seq_len": 2,
         "about": "short children's stories (TinyStories, or your own text with --data)",
         "default_size": "12M",
         "vocab_size": 2048,  # byte-level BPE trained on the data; --vocab-size changes it
@@ -189,6 +244,7 @@ PRESETS: dict[str, dict] = {
         },
     },
     "baseline": {
+        "min_seq_len": 2,
         "about": "the original project's 95M model on FineWeb-Edu (sample-10BT, streamed)",
         "default_size": "95M",
         "vocab_size": 32000,
@@ -232,6 +288,8 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
     train_kwargs = {**chosen["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    if train_kwargs.get("data") is not None:  # resume and eval may run from another folder
+        train_kwargs["data"] = str(Path(train_kwargs["data"]).expanduser().resolve())
     train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
     train.validate()
     model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
@@ -268,12 +326,82 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def model_config_from_dict(data: dict) -> ModelConfig:
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in known})
+def model_config_from_dict(data: dict, source="the run's config.json") -> ModelConfig:
+    config = _from_dict(ModelConfig, data, source)
+    if config.vocab_size < 1:
+        raise BitnetError(f"{source} is damaged: vocab_size must be at least 1; {RESTORE}")
+    return config
 
 
-def train_config_from_dict(data: dict) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+def train_config_from_dict(data: dict, source="the run's config.json") -> TrainConfig:
+    return _from_dict(TrainConfig, data, source)
+
+
+RESTORE = "restore it or remove the run"
+
+
+def _from_dict(cls, data, source):
+    """A validated `cls` from a JSON object read from `source`; any fault names `source`."""
+    label = cls.__name__.removesuffix("Config").lower()
+    if not isinstance(data, dict):
+        raise BitnetError(f"{source} is damaged: its {label} settings are {_show(data)}, "
+                          f"not a JSON object; {RESTORE}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise BitnetError(f"{source} is damaged: its {label} settings have no "
+                          f"{missing[0]!r}; {RESTORE}")
+    config = cls(**{k: v for k, v in data.items() if k in fields})
+    try:
+        config.validate()
+    except BitnetError as e:
+        raise BitnetError(f"{source} is damaged: {e}; {RESTORE}") from None
+    return config
+
+
+# The kinds of value check_fields knows; a trailing '?' also allows absent or null.
+FIELD_KINDS = {
+    "count": (lambda v: _whole(v) and v >= 0, "a whole number of 0 or more"),
+    "pid": (lambda v: _whole(v) and 0 < v < 2**31, "a process id"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "a list of strings"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def check_fields(data: dict, kinds: dict[str, str], source) -> None:
+    """Each field of `data` named in `kinds` is of its kind, or a BitnetError naming `source`."""
+    for name, kind in kinds.items():
+        value = data.get(name)
+        if value is None and kind.endswith("?"):
+            continue
+        test, what = FIELD_KINDS[kind.rstrip("?")]
+        if name not in data:
+            raise BitnetError(f"{source} is damaged: it has no {name!r}; {RESTORE}")
+        if not test(value):
+            raise BitnetError(f"{source} is damaged: {name!r} should be {what}, not "
+                              f"{_show(value)}; {RESTORE}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_whole(name: str, value, low: int, high: int) -> None:
+    if not _whole(value) or not low <= value <= high:
+        raise BitnetError(f"{name} must be a whole number from {low:,} to {high:,}, "
+                          f"got {_show(value)}")
+
+
+def _show(value) -> str:
+    """A value as an error message quotes it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from bitnet_cli.checkpoint import MODEL_FILE, load_model_tensors, newest_loadable, read_checkpoint
+from bitnet_cli.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors, newest_loadable,
+                                   read_checkpoint)
 from bitnet_cli.config import ModelConfig, model_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.int8 import ENGINES, to_int8
@@ -55,14 +56,23 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         engine = "int8" if device.type == "cpu" else "float"
     if engine not in ENGINES:
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    checkpoint, (tensors, _, trainer) = find_checkpoint(selector)
-    if "model" not in trainer or "experiment" not in trainer:
-        raise BitnetError(f"{checkpoint} was not written by bitnet (its trainer.json has no model "
-                          "config)")
+    checkpoint, (tensors, _, trainer) = find_checkpoint(selector)  # trainer.json checked there
     tokenizer_path = checkpoint / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise BitnetError(f"{checkpoint} has no {TOKENIZER_FILE}")
-    config = model_config_from_dict(trainer["model"])
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
+        raise BitnetError(f"{tokenizer_path} is damaged ({str(e)[:80]}); restore it from the "
+                          "run folder's copy") from None
+    config = model_config_from_dict(trainer["model"], checkpoint / TRAINER_FILE)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise BitnetError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens, more than "
+                          f"the model's {config.vocab_size}; it is not this model's tokenizer")
+    # A model config far bigger than its tensors is damaged: say so before allocating it.
+    if config.num_params() > sum(t.numel() for t in tensors.values()):
+        raise BitnetError(f"checkpoint {checkpoint} does not fit its trainer.json: the model "
+                          f"config has {config.num_params():,} parameters, the tensors fewer")
     model = BitNetForCausalLM(config)
     load_model_tensors(model, tensors)
     model.to(device).eval()
@@ -71,6 +81,6 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         note = to_int8(model)
         if note is not None:
             engine, note = "float", f"int8 engine not used: {note}"
-    return LoadedModel(model=model, tokenizer=Tokenizer.from_file(str(tokenizer_path)),
+    return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note)

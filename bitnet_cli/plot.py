@@ -31,8 +31,9 @@ def collect(run_dir: Path, metric: str | None = None) -> dict:
         raise BitnetError(f"run {run_dir.name} has no metrics yet")
     try:
         headline = read_json(run_dir / CONFIG_FILE).get("headline")
-    except (OSError, ValueError):
+    except (OSError, BitnetError):  # a damaged config.json: the loss curves alone
         headline = None
+    headline = headline if isinstance(headline, str) else None
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
 

@@ -3,34 +3,58 @@ answers instantly even while a run trains."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from bitnet_cli.config import check_fields, model_config_from_dict, train_config_from_dict
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.metrics import read_metrics, read_metrics_tail
 from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_run_dirs, read_json,
                              run_status)
 
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train": "object",
+                 "num_params": "count?", "headline": "text?", "argv": "texts?",
+                 "created_at": "text?"}
+STATE_FIELDS = {"status": "text?", "step": "count?", "total_steps": "count?", "pid": "pid?",
+                "host": "text?", "device": "text?", "error": "text?", "updated_at": "text?",
+                "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?"}
 
 
-def _read_json_or_empty(path: Path) -> dict:
+def read_run(run_dir: Path) -> tuple[dict, dict, str | None]:
+    """(config.json, state.json, None), each checked field by field; ({}, {}, why) when either
+    is damaged, so that one broken run never breaks the others' rows."""
     try:
-        data = read_json(path)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        config = read_json(run_dir / CONFIG_FILE)
+        check_fields(config, CONFIG_FIELDS, run_dir / CONFIG_FILE)
+        model_config_from_dict(config["model"], run_dir / CONFIG_FILE)
+        train_config_from_dict(config["train"], run_dir / CONFIG_FILE)
+        try:
+            state = read_json(run_dir / STATE_FILE)
+        except FileNotFoundError:
+            state = {}
+        check_fields(state, STATE_FIELDS, run_dir / STATE_FILE)
+    except FileNotFoundError as e:
+        return {}, {}, f"{e.filename} is missing"
+    except OSError as e:
+        return {}, {}, f"cannot read {e.filename}: {e.strerror}"
+    except BitnetError as e:
+        return {}, {}, str(e)
+    return config, state, None
 
 
 def summarize(run_dir: Path) -> dict:
-    """One run's row: identity, progress, latest loss and eval metric, speed, ETA, status."""
-    config = _read_json_or_empty(run_dir / CONFIG_FILE)
-    state = _read_json_or_empty(run_dir / STATE_FILE)
+    """One run's row: identity, progress, latest loss and eval metric, speed, ETA, status; a
+    run whose files are damaged is 'damaged', with the reason as its error."""
+    return _row(run_dir, *read_run(run_dir))
+
+
+def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
     train = config.get("train", {})
     rows = read_metrics_tail(run_dir / METRICS_FILE)
     last_train = next((r for r in reversed(rows) if r.get("split") == "train"), {})
     last_eval = next((r for r in reversed(rows) if r.get("split") == "eval"), {})
     headline = config.get("headline", "loss")
-    status = run_status(state) if state else "unknown"
+    status = "damaged" if problem else run_status(state, run_dir) if state else "unknown"
     step = max(state.get("step") or 0, last_train.get("step") or 0)
     total = state.get("total_steps") or train.get("steps")
     tok_per_s = last_train.get("tok_per_s")
@@ -62,7 +86,7 @@ def summarize(run_dir: Path) -> dict:
         "device": state.get("device"),
         "host": state.get("host"),
         "pid": state.get("pid"),
-        "error": state.get("error"),
+        "error": problem or state.get("error"),
     }
 
 
@@ -76,9 +100,9 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
     rows = read_metrics(run_dir / METRICS_FILE)
     train_rows = [r for r in rows if r.get("split") == "train"]
     eval_rows = [r for r in rows if r.get("split") == "eval"]
-    config = _read_json_or_empty(run_dir / CONFIG_FILE)
+    config, state, problem = read_run(run_dir)
     return {
-        **summarize(run_dir),
+        **_row(run_dir, config, state, problem),
         "model": config.get("model", {}),
         "train": config.get("train", {}),
         "argv": config.get("argv"),
@@ -92,17 +116,23 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
 
 def checkpoints(run_dir: Path) -> list[dict]:
     folder = run_dir / "checkpoints"
-    pointer = folder / "latest"
-    latest = pointer.read_text().strip() if pointer.is_file() else None
+    try:
+        latest = (folder / "latest").read_text(errors="replace").strip()
+    except OSError:
+        latest = None
     found = []
     for path in sorted(folder.glob("step_*")) if folder.is_dir() else []:
-        if not path.is_dir() or path.name.endswith(".partial"):
+        if not path.is_dir() or path.is_symlink() or path.name.endswith(".partial"):
             continue
-        trainer = _read_json_or_empty(path / "trainer.json")
+        try:
+            trainer = read_json(path / "trainer.json")
+        except (OSError, BitnetError):
+            trainer = {}
+        step, saved_at = trainer.get("step"), trainer.get("saved_at")
         found.append({
             "name": path.name,
-            "step": trainer.get("step"),
-            "saved_at": trainer.get("saved_at"),
+            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+            "saved_at": saved_at if isinstance(saved_at, str) else None,
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
             "latest": path.name == latest,
             "complete": all((path / f).is_file() for f in
@@ -124,7 +154,3 @@ def sparkline(values: list[float], width: int = 60) -> str:
     low, high = min(means), max(means)
     span = (high - low) or 1.0
     return "".join(SPARK_LEVELS[int((v - low) / span * (len(SPARK_LEVELS) - 1))] for v in means)
-
-
-def to_json(data) -> str:
-    return json.dumps(data, indent=2, default=str)

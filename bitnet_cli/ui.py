@@ -31,12 +31,14 @@ def format_rate(tokens_per_s: float) -> str:
 
 
 def format_eval(row: dict, headline: str) -> str:
-    parts = [f"loss {row['loss']:.4f}"]
+    """An eval row in one line; a value that is absent or not a number shows as '-'."""
+    parts = [f"loss {_num(row.get('loss'), '.4f')}"]
     if headline != "loss" and headline in row:
-        parts.append(f"{headline} {row[headline]:.1%}")
+        parts.append(f"{headline} {_num(row[headline], '.1%')}")
     if "unigram_loss" in row:
-        parts.append(f"(unigram baseline {row['unigram_loss']:.4f})")
-    groups = [f"{k.split('/', 1)[1]} {v:.0%}" for k, v in row.items() if k.startswith(f"{headline}/")]
+        parts.append(f"(unigram baseline {_num(row['unigram_loss'], '.4f')})")
+    groups = [f"{k.split('/', 1)[1]} {_num(v, '.0%')}" for k, v in row.items()
+              if k.startswith(f"{headline}/")]
     if groups:
         parts.append("(" + ", ".join(groups) + ")")
     return " ".join(parts)
@@ -151,18 +153,21 @@ class DataProgress:
 
 
 STATUS_STYLE = {"running": "bold green", "finished": "cyan", "interrupted": "yellow",
-                "crashed": "bold red", "failed": "bold red", "created": "dim", "unknown": "dim"}
+                "crashed": "bold red", "failed": "bold red", "created": "dim", "unknown": "dim",
+                "damaged": "bold red"}
 
 
 def _num(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return format(value, fmt) if ok else "-"
 
 
 def _eval_cell(s: dict) -> str:
     value = s.get("eval_value")
     if value is None:
         return "-"
-    return f"{s['eval_metric']} {value:.1%}" if s["eval_metric"] != "loss" else f"loss {value:.4f}"
+    metric = s["eval_metric"]
+    return f"{metric} {_num(value, '.1%')}" if metric != "loss" else f"loss {_num(value, '.4f')}"
 
 
 def _params(n) -> str:
@@ -171,6 +176,8 @@ def _params(n) -> str:
 
 
 def runs_table(summaries: list[dict]):
+    """Every run in a row; below the table, why each damaged one is damaged."""
+    from rich.console import Group
     from rich.table import Table
     table = Table(title=None, expand=False, header_style="bold")
     for column, justify in [("run", "left"), ("experiment", "left"), ("params", "right"),
@@ -179,7 +186,8 @@ def runs_table(summaries: list[dict]):
                             ("updated", "left")]:
         table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
     for s in summaries:
-        experiment = f"{s['experiment']} {s['size']}" + (" fp" if s.get("quant") == "none" else "")
+        experiment = (f"{s['experiment'] or '-'} {s['size'] or ''}"
+                      + (" fp" if s.get("quant") == "none" else ""))
         world = f" ({s['world_size']} procs)" if (s.get("world_size") or 1) > 1 else ""
         table.add_row(
             s["run_id"], experiment, _params(s["params"]),
@@ -188,7 +196,9 @@ def runs_table(summaries: list[dict]):
             format_duration(s["eta_s"]) if s.get("eta_s") is not None else "-",
             Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
             (s.get("updated_at") or "-").replace("T", " ")[:19])
-    return table
+    damaged = [Text(f"{s['run_id']} is damaged: {s['error']}", style="red")
+               for s in summaries if s["status"] == "damaged"]
+    return Group(table, *damaged) if damaged else table
 
 
 def run_detail(d: dict):
@@ -201,12 +211,12 @@ def run_detail(d: dict):
     head.add_column()
     head.add_row("run", f"{d['run_id']}  [{STATUS_STYLE.get(d['status'], '')}]{d['status']}[/]")
     head.add_row("folder", d["path"])
-    head.add_row("model", f"{d['experiment']} {d['size']}, {_params(d['params'])} parameters, "
+    head.add_row("model", f"{d['experiment'] or '-'} {d['size'] or ''}, {_params(d['params'])} parameters, "
                           f"{model.get('quant', '?')}: {model.get('num_hidden_layers')} layers x "
                           f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
                           f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
                           f"vocab {model.get('vocab_size')}")
-    head.add_row("training", f"step {d['step']}/{d['total_steps']}, batch {train.get('batch_size')} x "
+    head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch {train.get('batch_size')} x "
                              f"seq {train.get('seq_len')} x accum {train.get('grad_accum')}, "
                              f"peak lr {train.get('lr')}, seed {train.get('seed')}")
     world = d.get("world_size") or 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from typing import Optional
 
 import typer
@@ -10,6 +9,7 @@ import typer
 from bitnet_cli.cli import app, friendly
 from bitnet_cli.config import format_count
 from bitnet_cli.cost import DEFAULT_MFU, GPUS, estimate, preset_names
+from bitnet_cli.files import to_json
 
 
 def _option(help: str, metavar: str | None = None):
@@ -91,7 +91,7 @@ def cost(
                       from_run=from_run, layers=layers, hidden=hidden, vocab=vocab, gpu=gpu,
                       gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if json:
-        typer.echo(jsonlib.dumps(report, indent=2))
+        typer.echo(to_json(report))
     else:
         render(report)
 

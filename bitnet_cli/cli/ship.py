@@ -52,14 +52,13 @@ def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.
     memory: peak RSS of fresh processes decoding and training the 95M shape.
     kv cache: decoding with it against re-running the sequence for every token.
     """
-    import json as jsonlib
-
     from bitnet_cli import ui
     from bitnet_cli.bench import run_all
+    from bitnet_cli.files import to_json
 
     with ui.stderr.status("measuring...") as status:
         results = run_all(lambda what: status.update(f"measuring: {what}..."))
     if json:
-        typer.echo(jsonlib.dumps(results, indent=2))
+        typer.echo(to_json(results))
     else:
         ui.stdout.print(ui.bench_report(results))

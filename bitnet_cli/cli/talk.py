@@ -47,12 +47,11 @@ def evaluate(
     operator (or group) on held-out problems. Every experiment: held-out loss and perplexity.
     --json prints the same as one JSON object on stdout.
     """
-    import json as json_lib
-
     from bitnet_cli import ui
     from bitnet_cli.evaluate import evaluate_model
+    from bitnet_cli.files import to_json
     report = evaluate_model(model, engine=engine)
     if json:
-        typer.echo(json_lib.dumps(report, indent=2))
+        typer.echo(to_json(report))
     else:
         ui.stdout.print(ui.eval_report(report))
