@@ -3,16 +3,26 @@ the context window, and replies streamed as text as the tokens are made. No Rich
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from bitnet_cli.config import MAX_SEED
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import LoadedModel
 from bitnet_cli.model import generate
+
+
+MIN_TEMPERATURE = 1e-3  # anything lower is greedy in effect, and can overflow logits / temperature
+TEMPERATURE_RULE = f"0 (greedy) or a number from {MIN_TEMPERATURE} up"
+
+
+def valid_temperature(value: float) -> bool:
+    return value == 0 or MIN_TEMPERATURE <= value < math.inf
 
 
 @dataclass
@@ -22,11 +32,12 @@ class Sampling:
     top_p: float | None = None
     max_new_tokens: int = 256
 
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise BitnetError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise BitnetError(f"--top-k must be a positive whole number, got {self.top_k}")
+    def validate(self, vocab_size: int) -> None:
+        if not valid_temperature(self.temperature):
+            raise BitnetError(f"--temperature must be {TEMPERATURE_RULE}, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise BitnetError(f"--top-k must be a whole number from 1 to {vocab_size:,} (the "
+                              f"model's vocabulary), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise BitnetError(f"--top-p must be above 0 and at most 1, got {self.top_p}")
         if self.max_new_tokens < 1:
@@ -51,11 +62,14 @@ class ChatSession:
     seed: int | None = None
 
     def __post_init__(self):
-        self.sampling.validate()
+        self.sampling.validate(self.loaded.config.vocab_size)
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise BitnetError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, "
+                              f"got {self.seed}")
         self.task = load_experiment(self.loaded.experiment)
         self.tokenizer = self.loaded.tokenizer
         self.context = self.loaded.config.max_position_embeddings
-        self.history: list[int] = []
+        self.turns: list[list[int]] = []  # each earlier prompt with its reply, oldest first
         self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         self.last = ReplyStats()
 
@@ -65,7 +79,18 @@ class ChatSession:
         return not hasattr(self.task, "chat_prompt")
 
     def reset(self) -> None:
-        self.history = []
+        self.turns = []
+
+    def recent_history(self, prompt_len: int) -> list[int]:
+        """The most recent whole turns that fit beside the prompt, leaving a reply room of a
+        quarter of the context (or max_new_tokens, if smaller); the reply may use what is left."""
+        room = self.context - prompt_len - min(self.sampling.max_new_tokens, self.context // 4)
+        kept: list[int] = []
+        for turn in reversed(self.turns):
+            if len(kept) + len(turn) > room:
+                break
+            kept = turn + kept
+        return kept
 
     def encode_prompt(self, text: str) -> list[int]:
         model_text = self.task.chat_prompt(text) if hasattr(self.task, "chat_prompt") else text
@@ -80,11 +105,8 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Yield the reply as text pieces while it is generated. Stop it by closing the
         generator (KeyboardInterrupt in the caller does that); what was said stays in history."""
-        prompt = self.encode_prompt(text)
-        if self.keeps_history:
-            # Keep as much recent history as fits beside the prompt and a full reply.
-            room = max(self.context - len(prompt) - self.sampling.max_new_tokens, 0)
-            prompt = self.history[len(self.history) - room:] + prompt if room else prompt
+        turn = self.encode_prompt(text)
+        prompt = self.recent_history(len(turn)) + turn if self.keeps_history else turn
         max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
         stop_ids = tuple(self.task.stop_ids(self.tokenizer))
         new: list[int] = []
@@ -115,7 +137,7 @@ class ChatSession:
             self.last.tokens = len(new)
             self.last.seconds = time.perf_counter() - start
             if self.keeps_history:
-                self.history = prompt + new
+                self.turns.append(turn + new)
         if hasattr(self.task, "chat_reply"):
             yield self.task.chat_reply(self.tokenizer.decode(new))
         elif len(self.tokenizer.decode(new)) > len(shown):

@@ -69,10 +69,11 @@ def parse_move(board: str, text: str) -> int:
     free = " ".join(str(cell) for cell in legal_moves(board))
     if not (text.isascii() and text.isdigit()):
         raise IllegalMove(f"type the number of a free cell: {free}")
-    cell = int(text)
+    short = len(text) <= 4  # int() refuses digit strings past 4300, and no cell needs more
+    cell = int(text) if short else 0
     if not 1 <= cell <= 9:
-        raise IllegalMove(f"there is no cell {cell}: cells are numbered 1-9, row by row from "
-                          f"the top left; free now: {free}")
+        raise IllegalMove(f"there is no cell {text if short else text[:4] + '...'}: cells are "
+                          f"numbered 1-9, row by row from the top left; free now: {free}")
     if board[cell - 1] != EMPTY:
         raise IllegalMove(f"cell {cell} is taken; free cells: {free}")
     return cell

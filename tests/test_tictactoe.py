@@ -67,6 +67,7 @@ def test_typed_moves_get_hints():
     for text, hint in [("abc", "type the number of a free cell: 2 3 4 6 7 8 9"),
                        ("", "type the number"), ("-1", "type the number"), ("²", "type the number"),
                        ("0", "there is no cell 0"), ("10", "there is no cell 10"),
+                       ("9" * 5000, r"there is no cell 9999\.\.\.: cells are numbered 1-9"),
                        ("5", "cell 5 is taken; free cells: 2 3 4 6 7 8 9")]:
         with pytest.raises(IllegalMove, match=hint):
             parse_move(board, text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -25,13 +26,16 @@ def chat(
     top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens."),
     top_p: Optional[float] = typer.Option(None, help="Sample among the smallest set of tokens whose "
                                                      "probability adds up to P."),
-    max_new_tokens: int = typer.Option(256, help="Longest reply, in tokens."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help="Longest reply, in tokens (default 256); a reply also stops when the "
+                   "context is full.", show_default=False),
     seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
 ) -> None:
     """Talk to a trained model, streaming its reply token by token.
 
-    Text models continue the conversation, keeping as much history as fits in their context.
+    Text models continue the conversation: earlier turns, whole and newest first, are kept as
+    long as a quarter of the context (or --max-new-tokens, if less) stays free for the reply.
     Problem solvers answer one problem at a time: for an arithmetic model, `12+35=` gives 47.
     Tokens/s go to stderr, so `--prompt` output can be piped.
 
@@ -46,7 +50,13 @@ def chat(
     if loaded.experiment == "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
                           f"`bitnet play {model}`")
-    session = ChatSession(loaded, Sampling(temperature, top_k, top_p, max_new_tokens), seed)
+    sampling = Sampling(temperature, top_k, top_p)
+    if max_new_tokens is not None:
+        sampling.max_new_tokens = max_new_tokens
+    session = ChatSession(loaded, sampling, seed)
+    if max_new_tokens is not None and max_new_tokens > session.context:
+        typer.echo(f"note: --max-new-tokens {max_new_tokens:,} is more than this model's context "
+                   f"of {session.context} tokens; replies stop when it is full", err=True)
     if prompt is not None:
         for piece in session.reply(prompt):
             sys.stdout.write(piece)
@@ -102,15 +112,16 @@ def _command(session, line: str) -> bool:
         session.reset()
         typer.echo("(conversation forgotten)", err=True)
     elif name == "/temp":
+        from bitnet_cli.chat import TEMPERATURE_RULE, valid_temperature
         try:
             value = float(arg)
-            if value < 0:
-                raise ValueError
         except ValueError:
-            typer.echo("/temp takes a number of 0 or more, like /temp 0.7", err=True)
-        else:
+            value = math.nan
+        if valid_temperature(value):
             session.sampling.temperature = value
             typer.echo(f"(temperature {value})", err=True)
+        else:
+            typer.echo(f"/temp takes {TEMPERATURE_RULE}, like /temp 0.7", err=True)
     else:
         typer.echo(f"unknown command {name}; /help lists them", err=True)
     return True

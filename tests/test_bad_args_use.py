@@ -1,0 +1,100 @@
+"""Bad arguments of chat, play and eval: one `error:` line and exit 1 (2 for Typer's own usage
+errors), never a traceback."""
+
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli.cli import app
+from bitnet_cli.experiments import tictactoe
+from bitnet_cli.tictactoe import legal_moves, replay
+
+runner = CliRunner()
+MODEL = "{model}"  # the simple run of the fixture
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITNET_HOME", str(home))
+        result = runner.invoke(app, ["train", "simple", "--steps", "20", "--save-every", "10",
+                                     "--eval-every", "10", "--no-compile", "--name", "s"])
+    assert result.exit_code == 0, result.output + result.stderr
+    return str(home / "runs" / "s")
+
+
+def run(model, *args, code, input=None):
+    result = runner.invoke(app, [a.format(model=model) for a in args], input=input)
+    assert result.exit_code == code, result.output + result.stderr
+    assert isinstance(result.exception, (SystemExit, type(None))), repr(result.exception)
+    assert "Traceback" not in result.output + result.stderr
+    return result
+
+
+CHAT = ("chat", MODEL, "--prompt", "d3=")
+BAD = [
+    (CHAT + ("--temperature", "nan"), "--temperature must be 0 (greedy) or a number from 0.001"),
+    (CHAT + ("--temperature", "inf"), "--temperature must be"),
+    (CHAT + ("--temperature", "-1"), "--temperature must be"),
+    (CHAT + ("--temperature", "1e-40"), "--temperature must be"),
+    (CHAT + ("--top-p", "nan"), "--top-p must be above 0 and at most 1, got nan"),
+    (CHAT + ("--top-p", "inf"), "--top-p must be"),
+    (CHAT + ("--top-p", "0"), "--top-p must be"),
+    (CHAT + ("--top-k", "0"), "--top-k must be a whole number from 1 to"),
+    (CHAT + ("--top-k", "99999999999999999999"), "(the model's vocabulary), got 9999"),
+    (CHAT + ("--max-new-tokens", "0"), "--max-new-tokens must be a positive whole number"),
+    (CHAT + ("--max-new-tokens", "-5"), "--max-new-tokens must be"),
+    (CHAT + ("--seed", "-1"), "--seed must be a whole number from 0 to 4,294,967,295, got -1"),
+    (CHAT + ("--seed", "99999999999999999999999"), "--seed must be"),
+    (CHAT + ("--engine", "bogus"), "--engine must be one of"),
+    (("chat", "nope", "--prompt", "d3="), "no run 'nope'"),
+    (("play", MODEL, "--as", "z"), "--as must be x or o, got 'z'"),
+    (("play", MODEL, "--as", ""), "--as must be x or o, got ''"),
+    (("play", MODEL, "--as", "xo"), "--as must be x or o"),
+    (("play", MODEL), "is not a tic-tac-toe model (it was trained on simple)"),
+    (("play", MODEL, "--engine", "bogus"), "--engine must be one of"),
+    (("eval", "nope"), "no run 'nope'"),
+    (("eval", MODEL, "--engine", "bogus"), "--engine must be one of"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD,
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_bad_argument_is_one_error_line(model, args, message):
+    result = run(model, *args, code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("args", [CHAT + ("--temperature", "warm"), CHAT + ("--top-k", "1.5"),
+                                  CHAT + ("--seed", "9" * 5000), ("play", MODEL, "--as")])
+def test_malformed_values_are_typer_usage_errors(model, args):
+    run(model, *args, code=2)
+
+
+def test_max_new_tokens_past_the_context_is_clamped_with_a_note(model):
+    result = run(model, *CHAT, "--max-new-tokens", "999999999999", "--temperature", "0", code=0)
+    assert "note: --max-new-tokens 999,999,999,999 is more than this model's context" in (
+        result.stderr)
+    assert result.stdout.strip()
+
+
+def test_interactive_temp_nan_is_refused_and_chat_goes_on(model):
+    result = run(model, "chat", MODEL, input="/temp nan\n/temp inf\n/temp 0\nd3=\n", code=0)
+    assert result.stderr.count("/temp takes 0 (greedy) or a number from 0.001 up") == 2
+    assert "(temperature 0.0)" in result.stderr and "tok/s" in result.stderr
+
+
+def test_a_huge_number_typed_into_play_is_asked_again(model, monkeypatch):
+    class FirstFreeCell:
+        def choose(self, lines):
+            return [legal_moves(replay(moves))[0] for moves in lines], None
+
+    loaded = SimpleNamespace(engine_note=None, checkpoint="ttt", step=1, engine="float")
+    monkeypatch.setattr(tictactoe, "load_player",
+                        lambda selector, engine=None: (FirstFreeCell(), loaded))
+    result = run(model, "play", "ttt", input="9" * 5000 + "\n99999999999999999999\nq\n", code=0)
+    assert "there is no cell 9999...: cells are numbered 1-9" in result.stdout
+    assert result.stdout.count("Your move (X)") == 3

@@ -1,0 +1,79 @@
+"""Chat history: whole earlier turns are kept within the context, newest first."""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from bitnet_cli import chat
+from bitnet_cli.chat import ChatSession, Sampling
+from bitnet_cli.config import ModelConfig
+from bitnet_cli.data import EOT
+from bitnet_cli.inference import LoadedModel
+
+WORDS = "once upon a time there was cat dog the end and then ran home".split()
+
+
+def session(monkeypatch, context: int, replies: list[str], **sampling) -> tuple[ChatSession, list]:
+    """A text-model session whose generate() answers with `replies` in turn and records
+    (prompt ids, max_new_tokens) of each call."""
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate([EOT, *WORDS])},
+                                           unk_token=EOT))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    config = ModelConfig(vocab_size=len(WORDS) + 1, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                         max_position_embeddings=context)
+    loaded = LoadedModel(None, tokenizer, config, "tinystories", Path("ckpt"), 1)
+    calls = []
+
+    def generate(model, prompt, max_new, *args, **kwargs):
+        calls.append((list(prompt), max_new))
+        yield from tokenizer.encode(replies[len(calls) - 1]).ids[:max_new]
+        yield tokenizer.token_to_id(EOT)
+
+    monkeypatch.setattr(chat, "generate", generate)
+    return ChatSession(loaded, Sampling(**sampling)), calls
+
+
+def ids(s: ChatSession, text: str) -> list[int]:
+    return s.tokenizer.encode(text).ids
+
+
+def test_second_reply_is_conditioned_on_the_first_turn(monkeypatch):
+    s, calls = session(monkeypatch, 64, ["there was a cat", "the end"])
+    assert "".join(s.reply("once upon a time")) == "there was a cat"
+    assert "".join(s.reply("and then")) == "the end"
+    first, second = calls[0][0], calls[1][0]
+    assert first == ids(s, "once upon a time")
+    assert second == ids(s, "once upon a time there was a cat and then")
+    # The reply gets what the context leaves, not a fixed --max-new-tokens (256 here).
+    assert calls[1][1] == 64 - len(second)
+
+
+def test_history_is_cut_at_turn_boundaries_oldest_first(monkeypatch):
+    # Context 16: a reply keeps at least 4 tokens, so prompt + history get 12.
+    s, calls = session(monkeypatch, 16, ["a cat", "a dog", "the end", "home"])
+    for prompt in ["once upon a time", "there was", "and then ran", "the dog ran"]:
+        "".join(s.reply(prompt))
+    assert calls[1][0] == ids(s, "once upon a time a cat there was")  # 6 + 3 tokens fit
+    assert calls[2][0] == ids(s, "there was a dog and then ran")  # 6 + 4 + 3 would not
+    assert calls[3][0] == ids(s, "there was a dog and then ran the end the dog ran")  # 4 + 5 + 3
+    assert all(len(p) <= 16 - 4 for p, _ in calls)
+
+
+def test_reply_room_is_at_most_max_new_tokens(monkeypatch):
+    s, calls = session(monkeypatch, 16, ["a cat", "a dog"], max_new_tokens=2)
+    "".join(s.reply("once upon a time"))
+    "".join(s.reply("there was"))
+    # Reply room 2, so 16 - 2 - 2 = 12 tokens of history fit: the whole first turn (4 + 2).
+    assert calls[1] == (ids(s, "once upon a time a cat there was"), 2)
+
+
+def test_a_long_prompt_leaves_no_room_for_history_and_reset_forgets(monkeypatch):
+    s, calls = session(monkeypatch, 16, ["a cat", "a dog", "the end"])
+    "".join(s.reply("once upon a time"))
+    long_prompt = "the dog ran home " * 3  # 12 tokens: no room beside a 4-token reply
+    "".join(s.reply(long_prompt))
+    assert calls[1] == (ids(s, long_prompt), 4)
+    s.reset()
+    "".join(s.reply("there was"))
+    assert calls[2][0] == ids(s, "there was")
