@@ -1,41 +1,47 @@
-"""Text data: documents from the Hugging Face hub or local files, a byte-level BPE tokenizer
-trained on them, and token shards (numpy memmaps) cached so later runs skip the work.
+"""Text data: a byte-level BPE tokenizer trained on the documents (from documents.py), and token
+shards (numpy memmaps) cached so later runs skip the work.
 
-    <cache>/shards/<key>/train.bin, val.bin   uint16 or uint32 token ids, documents separated
-                                              by <|endoftext|>
-    <cache>/shards/<key>/tokenizer.json       the BPE the shards were made with
-    <cache>/shards/<key>/meta.json            what went in, token counts, the unigram baseline
+    <cache>/shards/<key>[-<budget>]/train.bin, val.bin   uint16 or uint32 token ids, documents
+                                                         separated by <|endoftext|>
+                                    tokenizer.json       the BPE the shards were made with
+                                    meta.json            what went in, token counts, the
+                                                         unigram baseline
 
 Every 20th document is held out for evaluation, so no document is in both splits.
+
+The cache never changes data that a run depends on. <key> hashes the source (the hub dataset,
+or each local file's path, size and mtime), the vocabulary size and the format. Local files
+are encoded whole; a hub stream only until the run's token budget is in, which leaves the
+folder incomplete. A run uses the first folder of its key, in the order they were built (plain
+<key> first), that is complete or holds its budget; when none does, it builds <key>-<budget>.
+Built folders are never replaced or removed, and a new one is only built when none is enough,
+so the same arguments always find the same folder. A build writes into a temporary folder that
+is renamed into place when whole, holding <cache>/locks/<key>.lock, so processes that prepare
+the same data at once (the ranks of a job, two runs) build it once: the others wait, then find
+it. A meta.json that cannot be read is an error naming it, never a reason to rebuild.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from bitnet_cli.documents import EOT, HUB_SOURCES, hub_documents, local_documents, local_files
 from bitnet_cli.errors import BitnetError
 
-EOT = "<|endoftext|>"
-SUFFIXES = (".txt", ".jsonl", ".parquet")
 HELD_OUT_EVERY = 20
 MAX_VAL_TOKENS = 1_000_000
 TOKENIZER_SAMPLE_CHARS = 50_000_000  # enough text for a stable BPE; the rest is only encoded
 FORMAT_VERSION = 1
-
-# The hub datasets behind the built-in text experiments (streamed: never downloaded whole).
-HUB_SOURCES = {
-    "tinystories": {"path": "roneneldan/TinyStories", "name": None, "split": "train"},
-    "baseline": {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train"},
-}
 
 Progress = Callable[[str, int, int | None], None]  # (what, done, total or None)
 
@@ -47,110 +53,6 @@ def cache_dir() -> Path:
     import platformdirs
     return Path(platformdirs.user_cache_dir("bitnet"))
 
-
-# --- where documents come from -------------------------------------------------------------
-
-def local_files(path: str) -> list[Path]:
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise BitnetError(f"--data {path} does not exist")
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
-        if not files:
-            raise BitnetError(f"--data {path} holds no {', '.join(SUFFIXES)} files")
-    for f in files:
-        if f.suffix.lower() not in SUFFIXES:
-            raise BitnetError(f"--data {f}: expected a {', '.join(SUFFIXES)} file or a folder of them")
-    return files
-
-
-def _text_documents(f: Path) -> Iterator[str]:
-    try:
-        text = f.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BitnetError(f"{f} is not UTF-8 text (is it a binary file?)") from None
-    if "\x00" in text:
-        raise BitnetError(f"{f} is not text: it contains NUL bytes (is it a binary file?)")
-    separator = EOT if EOT in text else "\n\n"
-    for doc in text.split(separator):
-        if doc.strip():
-            yield doc.strip()
-
-
-def _jsonl_documents(f: Path) -> Iterator[str]:
-    with open(f, encoding="utf-8", errors="strict") as lines:
-        try:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise BitnetError(f"{f} line {number} is not JSON") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise BitnetError(f"{f} line {number} has no 'text' string field")
-                if row["text"].strip():
-                    yield row["text"]
-        except UnicodeDecodeError:
-            raise BitnetError(f"{f} is not UTF-8 text (is it a binary file?)") from None
-
-
-def _parquet_documents(f: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
-    try:
-        table = pq.ParquetFile(f)
-    except Exception:
-        raise BitnetError(f"{f} is not a readable parquet file") from None
-    columns = table.schema_arrow.names
-    if "text" not in columns:
-        raise BitnetError(f"{f} has no 'text' column (it has: {', '.join(columns) or 'none'})")
-    for batch in table.iter_batches(columns=["text"], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text.strip():
-                yield text
-
-
-def local_documents(files: list[Path]) -> Iterator[str]:
-    readers = {".txt": _text_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
-    for f in files:
-        yield from readers[f.suffix.lower()](f)
-
-
-def hub_documents(experiment: str) -> Iterator[str]:
-    source = HUB_SOURCES[experiment]
-    hint = ("pass local text with --data PATH (.txt, .jsonl or .parquet files with a 'text' "
-            "field, or a folder of them)")
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline:
-        _check_hub_reachable(hint)
-    import datasets
-    try:
-        stream = datasets.load_dataset(source["path"], source["name"], split=source["split"],
-                                       streaming=True)
-        for row in stream:
-            if row.get("text"):
-                yield row["text"]
-    except Exception as e:  # datasets raises many types for a missing hub or cache
-        why = ("the hub is switched off here (HF_HUB_OFFLINE) and it is not in the local cache"
-               if offline else f"{type(e).__name__}: {str(e)[:200]}")
-        raise BitnetError(f"cannot load {source['path']}: {why}; {hint}") from None
-
-
-def _check_hub_reachable(hint: str, timeout: float = 3.0) -> None:
-    """datasets retries an unreachable hub for ~20 s; a plain connection attempt says so in 3."""
-    from urllib.parse import urlparse
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-    except OSError:
-        raise BitnetError(f"the Hugging Face hub ({endpoint.hostname}) cannot be reached from "
-                          f"here; {hint}") from None
-
-
-# --- tokenizer and shards ------------------------------------------------------------------
 
 def train_tokenizer(documents: Iterator[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -174,15 +76,26 @@ def _sample(documents: Iterator[str], max_chars: int) -> list[str]:
     return out
 
 
+META_KEYS = ("complete", "train_tokens", "val_tokens", "dtype", "unigram_loss")
+
+
 class Shards:
     """A prepared data set: token memmaps, the tokenizer that made them, and their metadata."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
-        dtype = np.dtype(self.meta["dtype"])
-        self.train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
-        self.val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
+        path = folder / "meta.json"
+        try:
+            self.meta = json.loads(path.read_text())
+            missing = [k for k in META_KEYS if k not in self.meta]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            dtype = np.dtype(self.meta["dtype"])
+            self.train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
+            self.val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
+        except (OSError, ValueError, TypeError) as e:  # JSON errors are ValueErrors
+            raise BitnetError(f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); delete "
+                              f"{folder} to have the data prepared again") from None
 
     @property
     def tokenizer_path(self) -> Path:
@@ -196,76 +109,165 @@ def source_identity(experiment: str, data: str | None) -> dict:
                       for f in local_files(data)]}
 
 
-def prepare_shards(experiment: str, data: str | None, vocab_size: int, min_train_tokens: int,
-                   progress: Progress | None = None) -> Shards:
-    """Find the cached shards for this source and vocabulary, or build them: train the BPE on
-    a sample, then encode documents until the source ends or `min_train_tokens` are in."""
-    progress = progress or (lambda *a: None)
+def _identity(experiment: str, data: str | None, vocab_size: int) -> tuple[dict, str]:
     identity = {"source": source_identity(experiment, data), "vocab_size": vocab_size,
                 "version": FORMAT_VERSION}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "shards" / key
-    if (folder / "meta.json").is_file():
+    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _find(root: Path, key: str, min_train_tokens: int) -> Shards | None:
+    built = []
+    for folder in root.glob(f"{key}*"):
+        suffix = folder.name[len(key):]
+        if suffix == "" or (suffix[0] == "-" and suffix[1:].isdigit()):
+            built.append((int(suffix[1:] or -1), folder))
+    for _, folder in sorted(built):
         shards = Shards(folder)
         if shards.meta["complete"] or shards.meta["train_tokens"] >= min_train_tokens:
             return shards
+    return None
 
-    def documents() -> Iterator[str]:
-        return local_documents(local_files(data)) if data else hub_documents(experiment)
 
+def find_shards(experiment: str, data: str | None, vocab_size: int,
+                min_train_tokens: int) -> Shards | None:
+    """The cached shards that a run with these arguments uses, or None if none are built."""
+    _, key = _identity(experiment, data, vocab_size)
+    return _find(cache_dir() / "shards", key, min_train_tokens)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, progress: Progress) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress("waiting for another process preparing the same data", 0, None)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def prepare_shards(experiment: str, data: str | None, vocab_size: int, min_train_tokens: int,
+                   progress: Progress | None = None) -> Shards:
+    """The shards a run with these arguments uses (see the module docstring), built if there
+    are none: train the BPE on a sample, then encode documents until the source ends or
+    `min_train_tokens` are in."""
+    progress = progress or (lambda *a: None)
+    identity, key = _identity(experiment, data, vocab_size)
+    root = cache_dir() / "shards"
+    found = _find(root, key, min_train_tokens)
+    if found is not None:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "locks").mkdir(exist_ok=True)
+    with _locked(cache_dir() / "locks" / f"{key}.lock", progress):
+        found = _find(root, key, min_train_tokens)  # built by another process while we waited
+        if found is not None:
+            return found
+        for stale in root.glob(f"{key}*.partial-*"):  # left by a build that died
+            shutil.rmtree(stale, ignore_errors=True)
+        name = f"{key}-{min_train_tokens}" if (root / key).exists() else key
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}.partial-"))
+        try:
+            _build(tmp, identity, _documents(experiment, data), data, min_train_tokens, progress)
+            os.rename(tmp, root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Shards(root / name)
+
+
+def _documents(experiment: str, data: str | None) -> Callable[[], Iterator[str]]:
+    return lambda: local_documents(local_files(data)) if data else hub_documents(experiment)
+
+
+def _is_held_out(index: int) -> bool:
+    return index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
+
+def _dtype(tok) -> np.dtype:
+    return np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+
+
+def _build(tmp: Path, identity: dict, documents: Callable[[], Iterator[str]], data: str | None,
+           budget: int, progress: Progress) -> None:
     progress("training the tokenizer", 0, None)
-    sample = _sample((d for i, d in enumerate(documents()) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1),
+    sample = _sample((d for i, d in enumerate(documents()) if not _is_held_out(i)),
                      TOKENIZER_SAMPLE_CHARS)
     if not sample:
         raise BitnetError(f"--data {data} holds no text" if data else "the data set is empty")
-    tok = train_tokenizer(iter(sample), vocab_size)
-    eot = tok.token_to_id(EOT)
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-
-    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tok = train_tokenizer(iter(sample), identity["vocab_size"])
+    dtype = _dtype(tok)
+    stop_at = None if data else budget  # a hub stream has more; this run does not need it
     counts = {"train": 0, "val": 0}
     unigram = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    complete = True
     with open(tmp / "train.bin", "wb") as train_f, open(tmp / "val.bin", "wb") as val_f:
-        batch: list[tuple[int, str]] = []
-
-        def flush() -> None:
-            encodings = tok.encode_batch([doc for _, doc in batch])
-            for (index, _), enc in zip(batch, encodings):
-                ids = np.array(enc.ids + [eot], dtype=dtype)
-                held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 and \
-                    counts["val"] < MAX_VAL_TOKENS
-                split = "val" if held_out else "train"
-                (val_f if held_out else train_f).write(ids.tobytes())
-                counts[split] += len(ids)
-                if not held_out:
-                    unigram[:] += np.bincount(ids, minlength=len(unigram))
-            batch.clear()
-            progress("encoding", counts["train"], min_train_tokens if not data else None)
-
-        for index, doc in enumerate(documents()):
-            batch.append((index, doc))
-            if len(batch) == 256:
-                flush()
-                if counts["train"] >= min_train_tokens and not data:
-                    complete = False  # a hub stream has more; this run does not need it
-                    break
-        if batch:
-            flush()
+        for split, ids in _encoded(documents(), tok, stop_at, progress=progress):
+            (val_f if split == "val" else train_f).write(ids.tobytes())
+            counts[split] += len(ids)
+            if split == "train":
+                unigram += np.bincount(ids, minlength=len(unigram))
     if counts["val"] == 0:
         raise BitnetError(f"--data {data} is too small: it needs at least {HELD_OUT_EVERY} "
                           "documents, so that one can be held out for evaluation")
     tok.save(str(tmp / "tokenizer.json"))
-    meta = {**identity, "complete": complete, "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "dtype": np.dtype(dtype).name,
+    meta = {**identity, "budget": budget, "complete": stop_at is None or counts["train"] < stop_at,
+            "train_tokens": counts["train"], "val_tokens": counts["val"], "dtype": dtype.name,
             "unigram_loss": unigram_cross_entropy(unigram, np.fromfile(tmp / "val.bin", dtype=dtype))}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return Shards(folder)
+
+
+def _encoded(documents: Iterator[str], tok, stop_at: int | None, train: bool = True,
+             progress: Progress | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, token ids ending in EOT) per document, in source order, split as every build
+    splits: held out while val holds under MAX_VAL_TOKENS, and reading stops after the batch
+    in which train reaches `stop_at`. train=False skips encoding the training documents."""
+    eot, dtype = tok.token_to_id(EOT), _dtype(tok)
+    counts = {"train": 0, "val": 0}
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> Iterator[tuple[str, np.ndarray]]:
+        wanted = [(i, doc) for i, doc in batch if train or _is_held_out(i)]
+        for (index, _), enc in zip(wanted, tok.encode_batch([doc for _, doc in wanted])):
+            ids = np.array(enc.ids + [eot], dtype=dtype)
+            split = "val" if _is_held_out(index) and counts["val"] < MAX_VAL_TOKENS else "train"
+            counts[split] += len(ids)
+            yield split, ids
+        batch.clear()
+        if progress:
+            progress("encoding", counts["train"], stop_at)
+
+    for index, doc in enumerate(documents):
+        batch.append((index, doc))
+        if len(batch) == 256:
+            yield from flush()
+            if stop_at is not None and counts["train"] >= stop_at:
+                return
+    yield from flush()
+
+
+def held_out_tokens(experiment: str, data: str | None, tokenizer, max_tokens: int,
+                    min_train_tokens: int) -> np.ndarray:
+    """The start (up to `max_tokens`) of the val split that prepare_shards builds for these
+    arguments, made with `tokenizer` instead of a newly trained BPE, and without the train
+    split: local files need only their held-out documents; a hub stream is also encoded up to
+    the budget, to stop where the build stops."""
+    parts, total = [], 0
+    stop_at = None if data else min_train_tokens
+    for split, ids in _encoded(_documents(experiment, data)(), tokenizer, stop_at,
+                               train=stop_at is not None):
+        if split == "val":
+            parts.append(ids)
+            total += len(ids)
+            if total >= max_tokens:
+                break
+    if not parts:
+        raise BitnetError(f"--data {data} has no held-out documents to evaluate on (it needs at "
+                          f"least {HELD_OUT_EVERY})" if data else "the data set is empty")
+    return np.concatenate(parts)[:max_tokens]
 
 
 def unigram_cross_entropy(train_counts: np.ndarray, val_tokens: np.ndarray) -> float:

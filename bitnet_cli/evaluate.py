@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 
-from bitnet_cli.config import train_config_from_dict
+from bitnet_cli.config import PRESETS, train_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import load_model
 from bitnet_cli.runs import CONFIG_FILE, read_json
-from bitnet_cli.train import autocast_for, prepare_task, resolve_device
+from bitnet_cli.train import autocast_for, resolve_device
 
 
 def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:
@@ -23,7 +23,7 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
     where = resolve_device(device)
     loaded = load_model(selector, where, engine)
     task = load_experiment(loaded.experiment)
-    if hasattr(task, "prepare"):
+    if hasattr(task, "prepare_eval"):
         # Text experiments hold out part of the data the run trained on: find it again from the
         # run's config, next to its checkpoints folder.
         config = loaded.checkpoint.parent.parent / CONFIG_FILE
@@ -31,7 +31,10 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
             raise BitnetError(f"{loaded.checkpoint} is outside its run folder; evaluating a "
                               f"{loaded.experiment} model needs the run's config.json to find "
                               "its held-out text")
-        prepare_task(task, train_config_from_dict(read_json(config)["train"]))
+        cfg = train_config_from_dict(read_json(config)["train"])
+        task.prepare_eval(cfg.data, cfg.vocab_size or PRESETS[cfg.experiment]["vocab_size"],
+                          cfg.steps * cfg.tokens_per_step, loaded.tokenizer,
+                          loaded.config.max_position_embeddings)
     metrics = task.evaluate(loaded.model, where, autocast_for(where))
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
     return {"checkpoint": str(loaded.checkpoint), "experiment": loaded.experiment,

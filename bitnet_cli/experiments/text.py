@@ -3,7 +3,8 @@
 The model reads fixed windows of `seq_len + 1` tokens cut from the token shards; each epoch
 visits every window once in an order drawn from the seed, so the data cursor is the number of
 rows read (see rows.py) and resuming is exact. Evaluation is the held-out loss over a fixed set of
-windows, beside the unigram baseline that any learning must beat.
+windows, beside the unigram baseline that any learning must beat. `bitnet eval` reads only the
+held-out split (prepare_eval), never the training budget.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from bitnet_cli.data import EOT, Progress, Shards, prepare_shards
+from bitnet_cli.data import EOT, Progress, Shards, find_shards, held_out_tokens, prepare_shards
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments.rows import RowStream
 
@@ -28,14 +29,34 @@ class TextTask:
     def __init__(self, name: str):
         self.name = name
         self.shards: Shards | None = None
+        self._tokenizer: Tokenizer | None = None
 
     def prepare(self, data: str | None, vocab_size: int, min_train_tokens: int,
                 progress: Progress | None = None) -> None:
         self.shards = prepare_shards(self.name, data, vocab_size, min_train_tokens, progress)
         self._tokenizer = Tokenizer.from_file(str(self.shards.tokenizer_path))
+        self._val, self._unigram = self.shards.val, self.shards.meta["unigram_loss"]
+
+    def prepare_eval(self, data: str | None, vocab_size: int, min_train_tokens: int,
+                     tokenizer: Tokenizer, seq_len: int) -> None:
+        """Only what evaluate() reads, for a model trained with `tokenizer` on these arguments:
+        the held-out split of the run's cached shards, or when the cache has none, the held-out
+        documents encoded with `tokenizer` (without the unigram baseline, which needs the rest)."""
+        shards = find_shards(self.name, data, vocab_size, min_train_tokens)
+        if shards is None:
+            self._val = held_out_tokens(self.name, data, tokenizer, EVAL_WINDOWS * seq_len + 1,
+                                        min_train_tokens)
+            self._unigram = None
+        elif Tokenizer.from_file(str(shards.tokenizer_path)).to_str() != tokenizer.to_str():
+            raise BitnetError(f"the data ({data or 'the ' + self.name + ' hub data set'}) no longer "
+                              "gives the tokenizer this model was trained with (its files changed "
+                              "since); restore them to evaluate it")
+        else:
+            self._val, self._unigram = shards.val, shards.meta["unigram_loss"]
+        self._tokenizer = tokenizer
 
     def tokenizer(self) -> Tokenizer:
-        if self.shards is None:
+        if self._tokenizer is None:
             raise RuntimeError("prepare() the text task before asking for its tokenizer")
         return self._tokenizer
 
@@ -47,7 +68,7 @@ class TextTask:
     @torch.no_grad()
     def evaluate(self, model, device, autocast=contextlib.nullcontext, batch_size: int = 32) -> dict:
         seq_len = model.config.max_position_embeddings
-        val = np.asarray(self.shards.val)
+        val = np.asarray(self._val)
         windows = min(EVAL_WINDOWS, (len(val) - 1) // seq_len)
         if windows == 0:  # held-out text shorter than one window: score what there is
             seq_len, windows = len(val) - 1, 1
@@ -64,7 +85,10 @@ class TextTask:
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
         model.train(was_training)
-        return {"loss": total / count, "unigram_loss": self.shards.meta["unigram_loss"]}
+        metrics = {"loss": total / count}
+        if self._unigram is not None:
+            metrics["unigram_loss"] = self._unigram
+        return metrics
 
     def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
         return (tokenizer.token_to_id(EOT),)
