@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from bitnet_cli.config import PRESETS, RESTORE, check_fields, model_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import (atomic_folder, remove_leftovers, to_json, write_bytes_atomic,
                               write_error)
-from bitnet_cli.runs import read_json
+from bitnet_cli.runs import TOKENIZER_FILE, read_json
 
 MODEL_FILE, OPTIM_FILE, TRAINER_FILE, LATEST = (
     "model.safetensors", "optim.safetensors", "trainer.json", "latest")
@@ -186,21 +187,27 @@ def newest_loadable(checkpoints: Path) -> tuple[Path | None, tuple | None, list[
 
 
 def read_checkpoint(path: Path, with_optimizer: bool = True) -> tuple[dict, dict | None, dict]:
-    """(model tensors, optimizer tensors or None, trainer.json) of a checkpoint folder."""
-    for name in (MODEL_FILE, TRAINER_FILE) + ((OPTIM_FILE,) if with_optimizer else ()):
+    """(model tensors, optimizer tensors or None, trainer.json) of a checkpoint folder, each
+    file checked, its tokenizer.json too: what resuming or loading the model needs."""
+    for name in (MODEL_FILE, TRAINER_FILE, TOKENIZER_FILE) + ((OPTIM_FILE,) if with_optimizer else ()):
         if not (path / name).is_file():
             raise BitnetError(f"checkpoint {path} is incomplete: {name} is missing")
-    try:
-        model = load_file(str(path / MODEL_FILE))
-        optim = load_file(str(path / OPTIM_FILE)) if with_optimizer else None
-        trainer = read_json(path / TRAINER_FILE)
-    except BitnetError:
-        raise
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise BitnetError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                          f"{str(e)[:120]}); it may be damaged") from None
+    model = _read(path / MODEL_FILE, lambda f: load_file(str(f)))
+    optim = _read(path / OPTIM_FILE, lambda f: load_file(str(f))) if with_optimizer else None
+    trainer = _read(path / TRAINER_FILE, read_json)
+    _read(path / TOKENIZER_FILE, lambda f: Tokenizer.from_file(str(f)))
     check_trainer(trainer, path / TRAINER_FILE)
     return model, optim, trainer
+
+
+def _read(file: Path, reader):
+    try:
+        return reader(file)
+    except BitnetError:
+        raise
+    except Exception as e:  # safetensors and tokenizers raise several types for damaged files
+        raise BitnetError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                          "it may be damaged") from None
 
 
 TRAINER_FIELDS = {"step": "count", "tokens": "count", "data": "object", "rng": "object",

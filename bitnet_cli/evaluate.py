@@ -40,4 +40,5 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
     return {"checkpoint": str(loaded.checkpoint), "experiment": loaded.experiment,
             "step": loaded.step, "params": loaded.config.num_params(), "device": str(where),
             "engine": loaded.engine, "engine_note": loaded.engine_note,
+            "skipped_checkpoints": loaded.skipped,
             "headline": task.headline, "metrics": metrics}

@@ -46,8 +46,9 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def export_model(selector: str, fmt: str, out: Path) -> Path:
-    """Write the model a RUN|CKPT selector names to the folder `out` in format `fmt`."""
+def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
+    """Write the model a RUN|CKPT selector names to the folder `out` in format `fmt`; returns
+    the folder and the notes to show (newer checkpoints skipped as damaged)."""
     if fmt not in FORMATS:
         raise BitnetError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     out = Path(out).expanduser().resolve()
@@ -65,7 +66,7 @@ def export_model(selector: str, fmt: str, out: Path) -> Path:
     except (OSError, SafetensorError) as e:
         raise BitnetError(f"cannot write {out}: {write_error(e)}; "
                           "nothing was written") from None
-    return out
+    return out, loaded.skipped
 
 
 def check_exportable(loaded: LoadedModel, fmt: str) -> None:

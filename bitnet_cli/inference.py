@@ -7,7 +7,7 @@ CPU where it is several times faster."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,19 +32,26 @@ class LoadedModel:
     step: int
     engine: str = "float"  # the engine that runs it
     engine_note: str | None = None  # why it is not the engine asked for
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be read
+
+    @property
+    def notes(self) -> list[str]:
+        """What to tell the user before using the model: skipped checkpoints, a fallback."""
+        return self.skipped + ([self.engine_note] if self.engine_note else [])
 
 
-def find_checkpoint(selector: str) -> tuple[Path, tuple]:
-    """The checkpoint a RUN|CKPT argument names, read back whole."""
+def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
+    """The checkpoint a RUN|CKPT argument names, read back whole, and why newer ones of its
+    run were skipped."""
     path = Path(selector).expanduser()
     if (path / MODEL_FILE).is_file():
-        return path, read_checkpoint(path, with_optimizer=False)
+        return path, read_checkpoint(path, with_optimizer=False), []
     run_dir = resolve_run(selector)
-    found, contents, _ = newest_loadable(run_dir / "checkpoints")
+    found, contents, skipped = newest_loadable(run_dir / "checkpoints")
     if found is None:
         raise BitnetError(f"run {run_dir.name} has no checkpoint yet; wait for its first save "
                           "or train it further")
-    return found, contents
+    return found, contents, skipped
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",
@@ -56,15 +63,10 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         engine = "int8" if device.type == "cpu" else "float"
     if engine not in ENGINES:
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    checkpoint, (tensors, _, trainer) = find_checkpoint(selector)  # trainer.json checked there
+    # Every file of the checkpoint, its tokenizer.json included, is checked there.
+    checkpoint, (tensors, _, trainer), skipped = find_checkpoint(selector)
     tokenizer_path = checkpoint / TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise BitnetError(f"{checkpoint} has no {TOKENIZER_FILE}")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
-        raise BitnetError(f"{tokenizer_path} is damaged ({str(e)[:80]}); restore it from the "
-                          "run folder's copy") from None
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     config = model_config_from_dict(trainer["model"], checkpoint / TRAINER_FILE)
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise BitnetError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens, more than "
@@ -83,4 +85,5 @@ def load_model(selector: str, device: str | torch.device = "cpu",
             engine, note = "float", f"int8 engine not used: {note}"
     return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
-                       step=trainer.get("step", 0), engine=engine, engine_note=note)
+                       step=trainer.get("step", 0), engine=engine, engine_note=note,
+                       skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])

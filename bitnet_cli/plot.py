@@ -3,10 +3,11 @@ when a file is written), or handed to ui.py for a chart in the terminal. No torc
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import write_bytes_atomic
 from bitnet_cli.metrics import read_metrics
 from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, read_json
 
@@ -97,9 +98,9 @@ def write_figure(runs: list[dict], out: Path) -> Path:
         if panel == "loss":
             ax.set_yscale("log")
         ax.legend(fontsize="small")
-    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format=out.suffix.lower().lstrip("."))
+    write_bytes_atomic(out, image.getvalue())
     return out
 
 

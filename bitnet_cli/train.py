@@ -91,12 +91,8 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     """Validate the configuration and the data, then make the run folder with config.json,
     tokenizer.json and state.json. Nothing is written when either is bad. `share` says how many
     processes will train it (in all, and on this machine)."""
-    check_experiment(experiment)
-    task = load_experiment(experiment)
-    model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
-    # fail before creating anything
-    dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
-    prepare_task(task, train_cfg, progress)
+    task, model_cfg, train_cfg = prepare_data(experiment, size, quant, progress, share,
+                                              **overrides)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     with new_run_dir(experiment, train_cfg.size, train_cfg.name) as (run_dir, folder):
         config = _run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)
@@ -104,6 +100,19 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
         StateFile(folder).update(status="created", step=0, total_steps=train_cfg.steps)
         write_json_atomic(folder / CONFIG_FILE, config)
     return run_dir
+
+
+def prepare_data(experiment: str, size: str | None = None, quant: str | None = None,
+                 progress=None, share: dist.Share = dist.Share(), **overrides):
+    """Check the configuration, then find or build the run's data: (task, model config, train
+    config). Every rank of a torchrun job calls this before any collective, so none waits on
+    another's data preparation (they share it through the cache's file lock)."""
+    check_experiment(experiment)
+    task = load_experiment(experiment)
+    model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
+    dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
+    prepare_task(task, train_cfg, progress)
+    return task, model_cfg, train_cfg
 
 
 def _run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:

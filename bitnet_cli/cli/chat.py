@@ -45,8 +45,8 @@ def chat(
     from bitnet_cli.inference import load_model
 
     loaded = load_model(model, engine=engine)
-    if loaded.engine_note:
-        typer.echo(loaded.engine_note, err=True)
+    for note in loaded.notes:
+        typer.echo(note, err=True)
     if loaded.experiment == "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
                           f"`bitnet play {model}`")

@@ -18,8 +18,8 @@ def play_session(selector: str, person: str, console=ui.stdout, engine: str | No
     from bitnet_cli.experiments.tictactoe import load_player
 
     player, loaded = load_player(selector, engine)
-    if loaded.engine_note:
-        ui.stderr.print(loaded.engine_note)
+    for note in loaded.notes:
+        ui.stderr.print(note, markup=False)
     console.print(f"Playing {loaded.checkpoint} (step {loaded.step}, {loaded.engine} engine). "
                   f"You are {person}; X moves first. Type a cell's number to take it; q quits.")
     while play_game(player, person, console):

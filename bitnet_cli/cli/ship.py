@@ -30,7 +30,9 @@ def export(
     """
     from bitnet_cli.export import GGUF_FILE, export_model
 
-    written = export_model(model, format, out)
+    written, notes = export_model(model, format, out)
+    for note in notes:
+        typer.echo(note, err=True)
     size = sum(f.stat().st_size for f in written.iterdir())
     how = (f"llama.cpp: llama-cli -m {written / GGUF_FILE}" if format == "gguf" else
            f'transformers: AutoModelForCausalLM.from_pretrained("{written}")')

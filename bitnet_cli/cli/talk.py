@@ -51,6 +51,8 @@ def evaluate(
     from bitnet_cli.evaluate import evaluate_model
     from bitnet_cli.files import to_json
     report = evaluate_model(model, engine=engine)
+    for note in report["skipped_checkpoints"]:
+        typer.echo(note, err=True)
     if json:
         typer.echo(to_json(report))
     else:

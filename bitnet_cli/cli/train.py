@@ -87,7 +87,7 @@ def train(
     check_experiment(experiment)
     nproc = parse_nproc(nproc_per_node)
     from bitnet_cli import dist
-    from bitnet_cli.train import create_run
+    from bitnet_cli.train import create_run, prepare_data
     from bitnet_cli.ui import DataProgress
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -100,10 +100,12 @@ def train(
         if nproc is not None:
             raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
                               "leave it out and use torchrun's own --nproc-per-node")
+        # Every rank finds or builds the data first, outside any collective's timeout.
+        with DataProgress() as progress:
+            prepare_data(experiment, progress=progress, share=share, **options)
+
         def make() -> str:
-            with DataProgress() as progress:
-                return str(create_run(experiment, argv=argv, progress=progress,
-                                      share=share, **options))
+            return str(create_run(experiment, argv=argv, share=share, **options))
 
         train_with_view(Path(dist.main_first(share, make)))
         return
