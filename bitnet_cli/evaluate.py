@@ -15,7 +15,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import load_model
 from bitnet_cli.runs import CONFIG_FILE, read_json
-from bitnet_cli.train import autocast_for, resolve_device
+from bitnet_cli.run_setup import autocast_for, resolve_device
 
 
 def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:

@@ -43,7 +43,7 @@ def resume(
     from bitnet_cli import dist
     from bitnet_cli.cli.train import parse_nproc, train_with_view
     from bitnet_cli.runs import resolve_run, run_lock
-    from bitnet_cli.train import last_world_size, prepare_resume
+    from bitnet_cli.run_setup import last_world_size, prepare_resume
 
     nproc = parse_nproc(nproc_per_node)
     share = dist.current()

@@ -87,7 +87,7 @@ def train(
     check_experiment(experiment)
     nproc = parse_nproc(nproc_per_node)
     from bitnet_cli import dist
-    from bitnet_cli.train import create_run, prepare_data
+    from bitnet_cli.run_setup import create_run, prepare_data
     from bitnet_cli.ui import DataProgress
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -138,7 +138,7 @@ def train_with_view(run_dir, nproc: int = 1) -> None:
         # The workers resume the run just made (it starts at step 0); rank 0 shows the view.
         code, failure = dist.launch(nproc, ["resume", str(run_dir)])
         if failure:
-            from bitnet_cli.train import record_worker_failure
+            from bitnet_cli.run_setup import record_worker_failure
             typer.echo(f"error: {record_worker_failure(run_dir, failure)}", err=True)
         if code:
             raise typer.Exit(code)
