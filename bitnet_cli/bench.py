@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.bitlinear import BitLinear
-from bitnet_cli.config import PRESETS, ModelConfig
+from bitnet_cli.config import ModelConfig
+from bitnet_cli.presets import PRESETS
 from bitnet_cli.int8 import Int8Linear, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
 from bitnet_cli.optim import build_optimizer

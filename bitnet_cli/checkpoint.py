@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from bitnet_cli.config import PRESETS, RESTORE, check_fields, model_config_from_dict
+from bitnet_cli.config import RESTORE, check_fields, model_config_from_dict
+from bitnet_cli.presets import PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import (atomic_folder, remove_leftovers, to_json, write_bytes_atomic,
                               write_error)

@@ -27,10 +27,10 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bitnet_cli.config import (PRESETS, ModelConfig, format_count, model_config_from_dict,
-                               parse_size)
+from bitnet_cli.config import ModelConfig, format_count, model_config_from_dict, parse_size
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.metrics import read_metrics
+from bitnet_cli.presets import PRESETS
 from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json, resolve_run
 
 

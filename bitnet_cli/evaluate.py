@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from bitnet_cli.config import PRESETS, train_config_from_dict
+from bitnet_cli.config import train_config_from_dict
+from bitnet_cli.presets import PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import load_model

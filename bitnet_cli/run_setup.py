@@ -15,11 +15,12 @@ from tokenizers import Tokenizer
 
 from bitnet_cli import __version__, dist
 from bitnet_cli.checkpoint import newest_loadable
-from bitnet_cli.config import (PRESETS, build_configs, check_experiment, model_config_from_dict,
-                               to_dict, train_config_from_dict)
+from bitnet_cli.config import (build_configs, model_config_from_dict, to_dict,
+                               train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.files import write_json_atomic
+from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
 

@@ -6,7 +6,7 @@ import io
 from rich.console import Console
 
 from bitnet_cli import bench, ui
-from bitnet_cli.config import PRESETS
+from bitnet_cli.presets import PRESETS
 
 
 def test_sections_run_count_bytes_and_render():

@@ -102,7 +102,7 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
 def test_preset_vocab_sizes_match_the_tokenizers():
     """`bitnet cost` reads PRESETS' vocab sizes without importing the experiments (torch)."""
-    from bitnet_cli.config import PRESETS
+    from bitnet_cli.presets import PRESETS
     for name, preset in PRESETS.items():
         task = load_experiment(name)
         if hasattr(task, "prepare"):

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli import app, friendly
-from bitnet_cli.config import PRESETS, check_experiment
+from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
 _EXPERIMENTS = "\n\n".join(
