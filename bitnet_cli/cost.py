@@ -315,6 +315,12 @@ def _memory(shape: Shape, horizon: Horizon) -> dict:
                           "ternary_packed": (shape.ternary_params + 3) // 4 + 2 * full_precision}}
 
 
+def training_bytes(model: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """What one training step of `batch_size` sequences holds at once, by the formula above."""
+    horizon = Horizon(0, batch_size, seq_len, 1, None, "")
+    return _memory(shape_of(model, "run"), horizon)["training"]["total"]
+
+
 def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list[GPU],
                 gpus: int) -> dict:
     """The rest of a run at the speed it has measured so far."""

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli import __version__, dist
 from bitnet_cli.checkpoint import newest_loadable
-from bitnet_cli.config import (build_configs, model_config_from_dict, to_dict,
+from bitnet_cli.config import (build_configs, format_count, model_config_from_dict, to_dict,
                                train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
@@ -69,6 +69,7 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     task, model_cfg, train_cfg = prepare_data(experiment, size, quant, progress, share,
                                               **overrides)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
+    check_memory(model_cfg, train_cfg, resolve_device(train_cfg.device), share.world_size)
     with new_run_dir(experiment, train_cfg.size, train_cfg.name) as (run_dir, folder):
         config = _run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)
         task.tokenizer().save(str(folder / TOKENIZER_FILE))
@@ -104,6 +105,35 @@ def _run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
         "argv": argv or [],
         "created_at": now_iso(),
     }
+
+
+def check_memory(model_cfg, cfg, device: torch.device, world_size: int) -> None:
+    """Refuse, in one line, a step that cannot fit: on a CPU the kernel would kill the process
+    mid-step with no word of why. The estimate is bitnet cost's (activations kept for backward)."""
+    from bitnet_cli.cost import training_bytes
+
+    micro_batch = max(cfg.batch_size // world_size, 1)
+    needed = training_bytes(model_cfg, micro_batch, cfg.seq_len)
+    free = _free_memory(device)
+    if free is not None and needed > free:
+        raise BitnetError(
+            f"a training step of {micro_batch} x {cfg.seq_len} tokens through "
+            f"{format_count(model_cfg.num_params())} parameters needs about {needed / 2**30:.1f} "
+            f"GiB, but {device} has {free / 2**30:.1f} GiB free; lower --batch-size "
+            "(--grad-accum keeps the effective batch) or --seq-len")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(line for line in f if line.startswith("MemAvailable:"))
+            return int(available.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def read_run_config(run_dir: Path):

@@ -29,8 +29,8 @@ from bitnet_cli.files import remove_leftovers
 from bitnet_cli.metrics import MetricsWriter, truncate_metrics
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.optim import apply_schedule, build_optimizer
-from bitnet_cli.run_setup import (autocast_for, prepare_task, read_run_config, resolve_device,
-                                  run_tokenizer)
+from bitnet_cli.run_setup import (autocast_for, check_memory, prepare_task, read_run_config,
+                                  resolve_device, run_tokenizer)
 from bitnet_cli.runs import METRICS_FILE, TOKENIZER_FILE, StateFile, now_iso, run_lock
 
 MAX_NONFINITE_STEPS = 20  # skipped steps in a row before a run is called diverged
@@ -70,6 +70,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
 
 def _train_in_group(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> dict:
     device = dist.start(share, device)
+    check_memory(model_cfg, cfg, device, share.world_size)
     try:
         info = _train(run_dir, config, model_cfg, cfg, task, share, device, reporter)
         # Rank 0 may still be evaluating or saving the last step: leave together, or the others

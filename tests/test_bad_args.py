@@ -22,6 +22,7 @@ CASES = [
     (["train", "simple", "--steps", "abc"], 2),
     (["train", "simple", "--batch-size", "0"], 1),
     (["train", "simple", "--batch-size", BIG], 1),
+    (["train", "simple", "--batch-size", "1000000"], 1),  # out of memory: refused at the start
     (["train", "simple", "--seq-len", "1"], 1),
     (["train", "simple", "--seq-len", "11"], 1),  # its longest problem needs 12
     (["train", "tictactoe", "--size", "tiny", "--seq-len", "9"], 1),  # a game needs 10

@@ -1,7 +1,6 @@
 """Runs you can trust: a killed, interrupted or crashed run resumes onto the exact trajectory."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,15 +8,17 @@ import time
 
 import pytest
 
-from bitnet_cli.checkpoint import newest_loadable
+from bitnet_cli.checkpoint import newest_loadable, step_dir_name
 from tests.cli import invoke
+from tests.test_status_plot import stand_in_trainer
 
 STEPS = 200
 ARGS = ["simple", "--steps", str(STEPS), "--save-every", "40", "--eval-every", "50", "--no-compile"]
 
 
 def final_weights(home, name, step=STEPS):
-    return (home / "runs" / name / f"checkpoints/step_{step:06d}/model.safetensors").read_bytes()
+    return (home / "runs" / name / "checkpoints" / step_dir_name(step) /
+            "model.safetensors").read_bytes()
 
 
 def metric_steps(home, name, split):
@@ -51,10 +52,15 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def reference(bitnet_home):
-    invoke("train", *ARGS, "--name", "reference")
-    return final_weights(bitnet_home, "reference")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The final weights of an uninterrupted run, trained once for every test that needs them."""
+    home = tmp_path_factory.mktemp("reference-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITNET_HOME", str(home))
+        mp.setenv("BITNET_CACHE", str(home / "cache"))
+        invoke("train", *ARGS, "--name", "reference")
+    return final_weights(home, "reference")
 
 
 def test_sigkill_then_resume_is_bit_identical(bitnet_home, reference):
@@ -86,7 +92,7 @@ def test_interrupt_saves_and_resumes_bit_identical(bitnet_home, reference, sig):
     assert state["status"] == "interrupted"
     # The checkpoint is taken at the step where the signal landed, not the last cadence step.
     path, _, _ = newest_loadable(bitnet_home / "runs/stopped/checkpoints")
-    assert path.name == f"step_{state['step']:06d}"
+    assert path.name == step_dir_name(state["step"])
     invoke("resume", "stopped")
     assert final_weights(bitnet_home, "stopped") == reference
     assert metric_steps(bitnet_home, "stopped", "train") == list(range(5, STEPS + 1, 5))
@@ -97,17 +103,17 @@ def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, mon
     real_save = checkpoint.save_file
 
     def dying_save(tensors, filename, **kw):
-        if "step_000080.partial" in filename and "optim" in filename:
+        if step_dir_name(80) in filename and "optim" in filename:
             raise KeyboardInterrupt  # the process dies half way through the write
         return real_save(tensors, filename, **kw)
 
     monkeypatch.setattr(checkpoint, "save_file", dying_save)
     invoke("train", *ARGS, "--name", "torn", code=130)
     ckpts = bitnet_home / "runs/torn/checkpoints"
-    assert (ckpts / "step_000080.partial").is_dir()
-    assert (ckpts / "latest").read_text().strip() == "step_000040"
+    assert sorted(p.name for p in ckpts.iterdir()) == [step_dir_name(40), "latest"]
+    assert (ckpts / "latest").read_text().strip() == step_dir_name(40)
     path, contents, _ = newest_loadable(ckpts)
-    assert path.name == "step_000040" and contents[2]["step"] == 40
+    assert path.name == step_dir_name(40) and contents[2]["step"] == 40
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     invoke("resume", "torn")
     assert final_weights(bitnet_home, "torn") == reference
@@ -123,8 +129,8 @@ def test_disk_error_during_checkpoint_is_one_line(bitnet_home, monkeypatch):
     result = invoke("train", "simple", "--steps", "4", "--save-every", "2", "--no-compile",
                     "--name", "full", code=1)
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: cannot write checkpoint step_000002 in {bitnet_home / 'runs/full/checkpoints'}: "
-        "No space left on device; the previous checkpoint is kept")
+        f"error: cannot write checkpoint {step_dir_name(2)} in {bitnet_home / 'runs/full/checkpoints'}: "
+        "No space left on device; there is no earlier checkpoint")
     state = json.loads((bitnet_home / "runs/full/state.json").read_text())
     assert state["status"] == "failed" and "No space left" in state["error"]
 
@@ -146,14 +152,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(bitnet_home):
     invoke("train", "simple", "--steps", "20", "--save-every", "5", "--eval-every", "20",
            "--no-compile", "--name", "damaged")
     ckpts = bitnet_home / "runs/damaged/checkpoints"
-    model = ckpts / "step_000020/model.safetensors"
+    model = ckpts / step_dir_name(20) / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])
     # Pretend it stopped before the end, so there is something to resume.
     config_path = bitnet_home / "runs/damaged/config.json"
     result = invoke("resume", "damaged", "--steps", "25")
-    assert "skipped" in result.stderr and "step_000020" in result.stderr
+    assert "skipped" in result.stderr and step_dir_name(20) in result.stderr
     assert json.loads(config_path.read_text())["train"]["steps"] == 25
-    assert newest_loadable(ckpts)[0].name == "step_000025"
+    assert newest_loadable(ckpts)[0].name == step_dir_name(25)
 
 
 def test_bad_resumes_change_nothing(bitnet_home):
@@ -163,11 +169,13 @@ def test_bad_resumes_change_nothing(bitnet_home):
     state_path = run / "state.json"
     state = json.loads(state_path.read_text())
 
-    # A running run (its pid is alive: this test's own process).
-    state_path.write_text(json.dumps({**state, "status": "running", "pid": os.getpid()}))
-    before = snapshot(run)
-    result = invoke("resume", "base", "--steps", "20", code=1)
-    assert "is still running" in result.stderr and result.stderr.count("\n") == 1
+    # A running run: another live process holds it, as its trainer would.
+    with stand_in_trainer(run) as pid:
+        state_path.write_text(json.dumps({**state, "status": "running", "pid": pid}))
+        before = snapshot(run)
+        result = invoke("resume", "base", "--steps", "20", code=1)
+    assert "is being trained by another process" in result.stderr
+    assert result.stderr.count("\n") == 1
     assert snapshot(run) == before
 
     # Every checkpoint damaged.

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
-from bitnet_cli.checkpoint import latest_checkpoint
+from bitnet_cli.checkpoint import latest_checkpoint, step_dir_name
 from bitnet_cli.cli import app
 from tests.test_model import expected_keys
 
@@ -51,10 +51,10 @@ def test_simple_run_leaves_a_complete_run_folder(bitnet_home):
     ckpts = run / "checkpoints"
     # Saved at 4, 8, 12; the last three are kept and `latest` names the newest.
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [
-        "step_000004", "step_000008", "step_000012"]
-    assert latest_checkpoint(ckpts).name == "step_000012"
+        step_dir_name(4), step_dir_name(8), step_dir_name(12)]
+    assert latest_checkpoint(ckpts).name == step_dir_name(12)
     assert not list(ckpts.glob("*.partial"))
-    step = ckpts / "step_000012"
+    step = ckpts / step_dir_name(12)
     with safe_open(str(step / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == expected_keys(config["model"]["num_hidden_layers"], tied=True)
     trainer = json.loads((step / "trainer.json").read_text())
@@ -66,15 +66,15 @@ def test_checkpoints_beyond_keep_are_pruned(bitnet_home):
     train("simple", "--steps", "10", "--save-every", "2", "--eval-every", "10", "--no-compile")
     ckpts = only_run(bitnet_home) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [
-        "step_000006", "step_000008", "step_000010"]
+        step_dir_name(6), step_dir_name(8), step_dir_name(10)]
 
 
 def test_same_seed_gives_bit_identical_weights(bitnet_home):
     train("simple", *FAST, "--seed", "7", "--name", "a")
     train("simple", *FAST, "--seed", "7", "--name", "b")
     train("simple", *FAST, "--seed", "8", "--name", "c")
-    files = {n: (bitnet_home / "runs" / n / "checkpoints/step_000012/model.safetensors").read_bytes()
-             for n in "abc"}
+    files = {n: (bitnet_home / "runs" / n / "checkpoints" / step_dir_name(12) /
+                 "model.safetensors").read_bytes() for n in "abc"}
     assert files["a"] == files["b"]
     assert files["a"] != files["c"]
 
@@ -88,9 +88,9 @@ def test_quant_none_trains_the_twin(bitnet_home):
 
 @pytest.mark.parametrize("args, message", [
     (["nonsense"], "unknown experiment 'nonsense'"),
-    (["simple", "--steps", "0"], "--steps must be a positive whole number, got 0"),
-    (["simple", "--steps", "-5"], "--steps must be a positive whole number, got -5"),
-    (["simple", "--batch-size", "0"], "--batch-size must be a positive whole number, got 0"),
+    (["simple", "--steps", "0"], "--steps must be a whole number from 1 to 999,999,999, got 0"),
+    (["simple", "--steps", "-5"], "--steps must be a whole number from 1 to 999,999,999, got -5"),
+    (["simple", "--batch-size", "0"], "--batch-size must be a whole number from 1 to 1,048,576, got 0"),
     (["simple", "--size", "huge"], "unknown size 'huge' for simple"),
     (["simple", "--quant", "binary"], "--quant must be one of ternary, none"),
     (["simple", "--lr", "0"], "--lr must be positive"),
@@ -157,7 +157,7 @@ def test_a_checkpoint_folder_alone_loads_the_model(bitnet_home, tmp_path):
     train("simple", "--steps", "4", "--save-every", "4", "--eval-every", "4", "--no-compile",
           "--name", "alone")
     copy = tmp_path / "elsewhere"
-    shutil.copytree(bitnet_home / "runs/alone/checkpoints/step_000004", copy)
+    shutil.copytree(bitnet_home / "runs/alone/checkpoints" / step_dir_name(4), copy)
     shutil.rmtree(bitnet_home / "runs")
     loaded = load_model(str(copy))
     assert loaded.experiment == "simple" and loaded.step == 4
