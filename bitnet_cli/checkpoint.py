@@ -173,13 +173,15 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def newest_loadable(checkpoints: Path) -> tuple[Path | None, tuple | None, list[str]]:
+def newest_loadable(checkpoints: Path, for_resume: bool = True
+                    ) -> tuple[Path | None, tuple | None, list[str]]:
     """The newest checkpoint that reads back whole: (path, its contents, why newer ones were
-    skipped). (None, None, []) when there are none; an error when none of them can be read."""
+    skipped). (None, None, []) when there are none; an error when none of them can be read.
+    Using a model needs less than resuming its training: no optimizer, data cursor or RNG."""
     skipped = []
     for path in checkpoints_newest_first(checkpoints):
         try:
-            return path, read_checkpoint(path), skipped
+            return path, read_checkpoint(path, with_optimizer=for_resume), skipped
         except BitnetError as e:
             skipped.append(str(e))
     if skipped:
@@ -197,7 +199,7 @@ def read_checkpoint(path: Path, with_optimizer: bool = True) -> tuple[dict, dict
     optim = _read(path / OPTIM_FILE, lambda f: load_file(str(f))) if with_optimizer else None
     trainer = _read(path / TRAINER_FILE, read_json)
     _read(path / TOKENIZER_FILE, lambda f: Tokenizer.from_file(str(f)))
-    check_trainer(trainer, path / TRAINER_FILE)
+    check_trainer(trainer, path / TRAINER_FILE, for_resume=with_optimizer)
     return model, optim, trainer
 
 
@@ -211,19 +213,23 @@ def _read(file: Path, reader):
                           "it may be damaged") from None
 
 
-TRAINER_FIELDS = {"step": "count", "tokens": "count", "data": "object", "rng": "object",
-                  "model": "object", "experiment": "text"}
+MODEL_FIELDS = {"step": "count", "model": "object", "experiment": "text"}
+RESUME_FIELDS = {"tokens": "count", "data": "object", "rng": "object"}
 
 
-def check_trainer(trainer: dict, source: Path) -> None:
-    """trainer.json holds what resuming and loading need, each of its kind; else one line."""
-    check_fields(trainer, TRAINER_FIELDS, source)
-    check_fields(trainer["data"], {"seed": "count", "rows": "count"}, f"{source} (data)")
-    check_fields(trainer["rng"], {"torch": "text", "cuda": "texts?"}, f"{source} (rng)")
+def check_trainer(trainer: dict, source: Path, for_resume: bool = True) -> None:
+    """trainer.json holds what loading the model (and, for_resume, continuing its training)
+    needs, each of its kind; else one line."""
+    check_fields(trainer, MODEL_FIELDS, source)
     if trainer["experiment"] not in PRESETS:
         raise BitnetError(f"{source} is damaged: unknown experiment {trainer['experiment'][:40]!r}; "
                           f"{RESTORE}")
     model_config_from_dict(trainer["model"], source)
+    if not for_resume:
+        return
+    check_fields(trainer, RESUME_FIELDS, source)
+    check_fields(trainer["data"], {"seed": "count", "rows": "count"}, f"{source} (data)")
+    check_fields(trainer["rng"], {"torch": "text", "cuda": "texts?"}, f"{source} (rng)")
     try:
         torch.Generator().set_state(_unb64(trainer["rng"]["torch"]))
         for text in trainer["rng"].get("cuda") or []:

@@ -47,7 +47,7 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
     if (path / MODEL_FILE).is_file():
         return path, read_checkpoint(path, with_optimizer=False), []
     run_dir = resolve_run(selector)
-    found, contents, skipped = newest_loadable(run_dir / "checkpoints")
+    found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
     if found is None:
         raise BitnetError(f"run {run_dir.name} has no checkpoint yet; wait for its first save "
                           "or train it further")

@@ -92,7 +92,7 @@ def test_a_huge_number_typed_into_play_is_asked_again(model, monkeypatch):
         def choose(self, lines):
             return [legal_moves(replay(moves))[0] for moves in lines], None
 
-    loaded = SimpleNamespace(engine_note=None, checkpoint="ttt", step=1, engine="float")
+    loaded = SimpleNamespace(notes=[], checkpoint="ttt", step=1, engine="float")
     monkeypatch.setattr(tictactoe, "load_player",
                         lambda selector, engine=None: (FirstFreeCell(), loaded))
     result = run(model, "play", "ttt", input="9" * 5000 + "\n99999999999999999999\nq\n", code=0)
