@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bitnet_cli.cli import app
-from tests.cli import invoke, runner
+from tests.cli import home_at, invoke, runner
 
 RUN = "done"  # a finished 4-step run
 BIG = "99999999999999999999999"
@@ -89,8 +89,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     home = tmp_path_factory.mktemp("bad-args-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
+    with home_at(home):
         invoke("train", "simple", "--steps", "4", "--batch-size", "8", "--save-every", "4",
                "--eval-every", "4", "--no-compile", "--name", RUN)
     return home

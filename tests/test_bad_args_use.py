@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from bitnet_cli.cli import app
 from bitnet_cli.experiments import tictactoe
 from bitnet_cli.tictactoe import legal_moves, replay
+from tests.cli import home_at
 
 runner = CliRunner()
 MODEL = "{model}"  # the simple run of the fixture
@@ -17,8 +18,7 @@ MODEL = "{model}"  # the simple run of the fixture
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
+    with home_at(home):
         result = runner.invoke(app, ["train", "simple", "--steps", "20", "--save-every", "10",
                                      "--eval-every", "10", "--no-compile", "--name", "s"])
     assert result.exit_code == 0, result.output + result.stderr

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from bitnet_cli.checkpoint import checkpoints_newest_first, newest_loadable, step_dir_name
 from bitnet_cli.files import write_json_atomic
-from tests.cli import invoke
+from tests.cli import home_at, invoke
 
 ARGS = ["simple", "--steps", "30", "--save-every", "10", "--eval-every", "10", "--no-compile"]
 
@@ -34,8 +34,7 @@ def leftovers(run):
 def reference(tmp_path_factory):
     """An uninterrupted run (checkpoints at 10, 20, 30), trained once for the whole module."""
     home = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
+    with home_at(home):
         invoke("train", *ARGS, "--name", "ref")
     return home / "runs" / "ref"
 

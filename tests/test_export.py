@@ -20,7 +20,7 @@ from bitnet_cli.export import PROJECTIONS, linear_weight_bytes
 from bitnet_cli.inference import load_model
 from bitnet_cli.model import BitNetForCausalLM, generate
 from bitnet_cli.storygen import story
-from tests.cli import invoke
+from tests.cli import home_at, invoke
 
 PROMPT = "d3=efg;k5=lmnop;a2="  # 19 tokens; the tiny simple model's context is 32
 
@@ -29,9 +29,7 @@ PROMPT = "d3=efg;k5=lmnop;a2="  # 19 tokens; the tiny simple model's context is 
 def trained_run(tmp_path_factory):
     """A tiny `simple` model trained for 30 steps: weights well away from their init."""
     home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
-        mp.setenv("BITNET_CACHE", str(home / "cache"))
+    with home_at(home):
         invoke("train", "simple", "--steps", "30", "--eval-every", "30", "--save-every", "30",
                "--no-compile", "--name", "exported")
     return home / "runs" / "exported"

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load, save
 
 from bitnet_cli.cli import app
-from tests.cli import invoke, runner
+from tests.cli import home_at, invoke, runner
 
 VICTIM, HEALTHY = "victim", "healthy"
 CKPT = "CKPT"  # the newest checkpoint's folder, whatever its name is
@@ -145,9 +145,7 @@ def template(tmp_path_factory):
     """A home with the victim (12 steps, checkpoints at 4, 8, 12) and a healthy run beside it,
     trained once for the module."""
     home = tmp_path_factory.mktemp("fuzz-template")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
-        mp.setenv("BITNET_CACHE", str(home.parent / "fuzz-cache"))
+    with home_at(home, cache=home.parent / "fuzz-cache"):
         invoke("train", "simple", "--steps", "12", "--save-every", "4", "--eval-every", "4",
                "--batch-size", "8", "--no-compile", "--name", VICTIM)
         invoke("train", "simple", "--steps", "4", "--save-every", "4", "--eval-every", "4",

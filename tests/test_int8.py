@@ -27,11 +27,13 @@ import torch
 from typer.testing import CliRunner
 
 from bitnet_cli.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
+from bitnet_cli.checkpoint import step_dir_name
 from bitnet_cli.cli import app
 from bitnet_cli.config import ModelConfig
 from bitnet_cli.inference import load_model
 from bitnet_cli.int8 import HalfHead, Int8Linear, activation_codes, int8_unusable, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
+from tests.cli import home_at
 
 runner = CliRunner()
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
@@ -125,12 +127,10 @@ def trained(request, tmp_path_factory):
         from bitnet_cli.storygen import write_stories
         write_stories(home / "data", 600)
         args += [*TEXT, "--data", str(home / "data")]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
-        mp.setenv("BITNET_CACHE", str(home / "cache"))
+    with home_at(home):
         result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + result.stderr
-    return experiment, home / "runs" / experiment / "checkpoints" / "step_000030"
+    return experiment, home / "runs" / experiment / "checkpoints" / step_dir_name(30)
 
 
 def assert_engines_agree(checkpoint, prompt: str, max_new_tokens: int = 64) -> None:

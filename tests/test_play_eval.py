@@ -11,23 +11,24 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bitnet_cli.checkpoint import step_dir_name
 from bitnet_cli.cli import app
 from bitnet_cli.config import build_configs
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.tictactoe import CELLS, ModelPlayer, load_player, play_matches
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.tictactoe import DRAW, START, best_moves, legal_moves, place, replay, result, to_move
+from tests.cli import home_at
 
 runner = CliRunner()
 
 
 def train_checkpoint(home, experiment, *args):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
+    with home_at(home):
         result = runner.invoke(app, ["train", experiment, "--steps", "20", "--eval-every", "20",
                                      "--save-every", "20", "--name", experiment, *args])
     assert result.exit_code == 0, result.output + result.stderr
-    return home / "runs" / experiment / "checkpoints" / "step_000020"
+    return home / "runs" / experiment / "checkpoints" / step_dir_name(20)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bitnet_cli.checkpoint import newest_loadable, step_dir_name
-from tests.cli import invoke
+from tests.cli import home_at, invoke
 from tests.test_status_plot import stand_in_trainer
 
 STEPS = 200
@@ -56,9 +56,7 @@ def snapshot(folder):
 def reference(tmp_path_factory):
     """The final weights of an uninterrupted run, trained once for every test that needs them."""
     home = tmp_path_factory.mktemp("reference-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BITNET_HOME", str(home))
-        mp.setenv("BITNET_CACHE", str(home / "cache"))
+    with home_at(home):
         invoke("train", *ARGS, "--name", "reference")
     return final_weights(home, "reference")
 

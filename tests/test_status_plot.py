@@ -1,23 +1,36 @@
 """Runs you can watch: status (table, detail, JSON, live) and plot (PNG/SVG and terminal)."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from tests.cli import invoke
+from bitnet_cli.checkpoint import step_dir_name
+from tests.cli import home_at, invoke
 
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """Two finished 20-step runs, trained once for the whole module into their own folder."""
+    home = tmp_path_factory.mktemp("two-runs-home")
+    with home_at(home):
+        for name, quant in [("bitnet", "ternary"), ("twin", "none")]:
+            invoke("train", "simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10",
+                   "--save-every", "10", "--no-compile", "--quant", quant, "--name", name)
+    return home / "runs"
 
 
 @pytest.fixture
-def two_runs(bitnet_home):
-    for name, quant in [("bitnet", "ternary"), ("twin", "none")]:
-        invoke("train", "simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10", "--save-every", "10", "--no-compile", "--quant", quant,
-               "--name", name)
+def two_runs(trained_runs, bitnet_home):
+    """A copy of the two runs in this test's own BITNET_HOME: the test may change it freely."""
+    shutil.copytree(trained_runs, bitnet_home / "runs")
     return bitnet_home
 
 
@@ -26,10 +39,31 @@ def set_state(home, name, **fields):
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
+@contextlib.contextmanager
+def stand_in_trainer(run_dir):
+    """A live process that holds a run as its trainer would: it locks the run folder (flock)
+    and its pid is alive. Yields the pid."""
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_status_reports_every_state(two_runs):
     home = two_runs
-    set_state(home, "twin", status="running", pid=os.getpid())  # alive: this process
-    rows = {r["run_id"]: r for r in json.loads(invoke("status", "--json").stdout)}
+    with stand_in_trainer(home / "runs" / "twin") as pid:
+        set_state(home, "twin", status="running", pid=pid)
+        rows = {r["run_id"]: r for r in json.loads(invoke("status", "--json").stdout)}
     assert rows["bitnet"]["status"] == "finished" and rows["twin"]["status"] == "running"
     assert rows["bitnet"]["step"] == 20 and rows["bitnet"]["total_steps"] == 20
     assert rows["bitnet"]["eval_metric"] == "acc" and 0 <= rows["bitnet"]["eval_value"] <= 1
@@ -49,11 +83,11 @@ def test_status_reports_every_state(two_runs):
 
 def test_status_of_one_run_in_detail(two_runs):
     detail = json.loads(invoke("status", "bitnet", "--json").stdout)
-    assert [c["name"] for c in detail["checkpoints"]] == ["step_000010", "step_000020"]
+    assert [c["name"] for c in detail["checkpoints"]] == [step_dir_name(10), step_dir_name(20)]
     assert detail["checkpoints"][-1]["latest"] and detail["loss_sparkline"]
     assert detail["recent_eval"][-1]["step"] == 20
     text = invoke("status", "bitnet").stdout
-    for expected in ["step_000020", "latest", "recent steps", "recent evaluations", "ternary",
+    for expected in [step_dir_name(20), "latest", "recent steps", "recent evaluations", "ternary",
                      "short"]:
         assert expected in text
 
@@ -110,16 +144,54 @@ def test_status_and_plot_import_no_torch(two_runs, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
 
 
-def test_status_watch_updates_live(two_runs):
+class Reader:
+    """Reads a child's stdout on a thread as it comes, so a test can wait for what it expects."""
+
+    def __init__(self, stream):
+        self.stream, self.chunks, self.lock = stream, [], threading.Lock()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while chunk := os.read(self.stream.fileno(), 65536):
+            with self.lock:
+                self.chunks.append(chunk)
+
+    def text(self):
+        with self.lock:
+            return b"".join(self.chunks).decode(errors="replace")
+
+    def wait_for(self, expected, proc, timeout=60):
+        deadline = time.monotonic() + timeout
+        while expected not in self.text():
+            assert proc.poll() is None, f"exited {proc.returncode} before showing {expected!r}"
+            assert time.monotonic() < deadline, f"waited for {expected!r}:\n{self.text()}"
+            time.sleep(0.02)
+
+
+def test_status_watch_updates_live(two_runs, tmp_path):
     env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "160"}  # draw as in a terminal
-    proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "--watch",
-                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True)
-    time.sleep(2)
-    set_state(two_runs, "twin", status="running", pid=os.getpid(), step=777, total_steps=999)
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "--watch",
+                                 "--interval", "0.2"], stdout=subprocess.PIPE, stderr=stderr,
+                                env=env)
+        try:
+            out = Reader(proc.stdout)
+            out.wait_for("20/20", proc)  # the first drawing
+            set_state(two_runs, "twin", status="running", pid=os.getpid(), step=777,
+                      total_steps=999)
+            out.wait_for("777/999", proc)  # a later drawing shows the change
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            out.thread.join(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        stderr.seek(0)
+        err = stderr.read()
     assert proc.returncode == 0, err
-    assert "20/20" in out and "777/999" in out
-    assert out.index("777/999") > out.index("20/20")
+    text = out.text()
+    assert "20/20" in text and "777/999" in text
+    assert text.index("777/999") > text.index("20/20")
