@@ -108,7 +108,7 @@ def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, mon
     monkeypatch.setattr(checkpoint, "save_file", dying_save)
     invoke("train", *ARGS, "--name", "torn", code=130)
     ckpts = bitnet_home / "runs/torn/checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == [step_dir_name(40), "latest"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", step_dir_name(40)]
     assert (ckpts / "latest").read_text().strip() == step_dir_name(40)
     path, contents, _ = newest_loadable(ckpts)
     assert path.name == step_dir_name(40) and contents[2]["step"] == 40
@@ -185,15 +185,7 @@ def test_bad_resumes_change_nothing(bitnet_home):
     assert "no checkpoint in" in result.stderr and "can be read" in result.stderr
     assert result.stderr.count("\n") == 1 and snapshot(run) == before
 
-    # No checkpoint at all.
-    for folder in run.glob("checkpoints/step_*"):
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
-    before = snapshot(run)
-    result = invoke("resume", "base", "--steps", "20", code=1)
-    assert "has no checkpoint to resume from" in result.stderr
-    assert snapshot(run) == before
+    # (No checkpoint at all is no error: the run starts again from step 0; test_crash_safety.)
 
     # Unknown and ambiguous run ids name the closest ones.
     result = invoke("resume", "bsae", code=1)

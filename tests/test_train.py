@@ -93,7 +93,7 @@ def test_quant_none_trains_the_twin(bitnet_home):
     (["simple", "--batch-size", "0"], "--batch-size must be a whole number from 1 to 1,048,576, got 0"),
     (["simple", "--size", "huge"], "unknown size 'huge' for simple"),
     (["simple", "--quant", "binary"], "--quant must be one of ternary, none"),
-    (["simple", "--lr", "0"], "--lr must be positive"),
+    (["simple", "--lr", "0"], "--lr must be a positive finite number, got 0.0"),
     (["simple", "--device", "tpu"], "--device must be one of"),
     (["simple", "--name", "../escape"], "--name '../escape' may only use"),
 ])
