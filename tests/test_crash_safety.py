@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from bitnet_cli.checkpoint import checkpoints_newest_first, newest_loadable, step_dir_name
 from bitnet_cli.files import write_json_atomic
-from tests.cli import home_at, invoke
+from tests.cli import home_at, invoke, state_step, wait_until
 
 ARGS = ["simple", "--steps", "30", "--save-every", "10", "--eval-every", "10", "--no-compile"]
 
@@ -123,10 +123,7 @@ def test_killed_before_first_checkpoint_resumes_from_step_zero(reference, bitnet
     proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *ARGS, "--name", "early"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = bitnet_home / "runs/early/state.json"
-    deadline = time.monotonic() + 120
-    while not (state.is_file() and json.loads(state.read_text()).get("step", 0) >= 5):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.005)
+    wait_until(lambda: state_step(state) >= 5, "step 5", proc)
     proc.kill()
     proc.wait()
     run = bitnet_home / "runs/early"
@@ -138,13 +135,10 @@ def test_killed_before_first_checkpoint_resumes_from_step_zero(reference, bitnet
 
 
 def wait_until_running(proc, run):
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+    def running():
         summary = json.loads(invoke("status", run.name, "--json").stdout)
-        if summary["status"] == "running" and summary["step"] > 10:
-            return
-        time.sleep(0.05)
+        return summary["status"] == "running" and summary["step"] > 10
+    wait_until(running, "the run to train past step 10", proc, every=0.05)
 
 
 def test_one_writer_per_run(reference, bitnet_home):
@@ -211,26 +205,22 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def kill_when(proc, run, moment, rng):
     """SIGKILL the training child at `moment`: before its first checkpoint, while a checkpoint
     is being written (its hidden temporary folder exists), or after a random delay."""
-    deadline = time.monotonic() + 300
     target = rng.randint(2, 8)
     delay = time.monotonic() + rng.uniform(2.0, 12.0)
-    while proc.poll() is None:
-        assert time.monotonic() < deadline, "the run did not reach the moment to kill it"
+
+    def moment_came():
         if moment == "before first checkpoint":
-            state = run / "state.json"
-            try:
-                hit = json.loads(state.read_text()).get("step", 0) >= target
-            except (OSError, ValueError):
-                hit = False
-        elif moment == "during a save":
+            return state_step(run / "state.json") >= target
+        if moment == "during a save":
             folder = run / "checkpoints"
-            hit = folder.is_dir() and any(p.name.startswith(".step_") for p in folder.iterdir())
-        else:
-            hit = time.monotonic() >= delay
-        if hit:
-            proc.kill()
-            break
-        time.sleep(0.001)
+            return folder.is_dir() and any(p.name.startswith(".step_") for p in folder.iterdir())
+        return time.monotonic() >= delay
+
+    # A save lasts milliseconds: look every millisecond. The run may also end first.
+    wait_until(lambda: proc.poll() is not None or moment_came(), moment, timeout=300,
+               every=0.001)
+    if proc.poll() is None:
+        proc.kill()
     proc.wait()
 
 

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from bitnet_cli.checkpoint import newest_loadable, step_dir_name
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.text import WindowStream
 from bitnet_cli.inference import load_model
-from tests.cli import invoke
+from tests.cli import invoke, wait_until
 
 SHORT = ["simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10",
          "--save-every", "10", "--no-compile"]
@@ -203,11 +202,8 @@ def test_torchrun_runs_the_cli_and_an_interrupted_two_process_run_resumes_exactl
     launcher = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *LONG, "--name",
                                  "stopped", "--nproc-per-node", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while step_of(bitnet_home, "stopped") < 45:  # past the checkpoint at 40
-        assert launcher.poll() is None, launcher.communicate()
-        assert time.monotonic() < deadline, "training did not get to step 45 in time"
-        time.sleep(0.01)
+    wait_until(lambda: step_of(bitnet_home, "stopped") >= 45,  # past the checkpoint at 40
+               "step 45", launcher)
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, err
@@ -231,12 +227,10 @@ def test_killing_one_worker_ends_the_run_cleanly(bitnet_home, victim):
                                  "100000", "--save-every", "20", "--eval-every", "1000",
                                  "--name", "victim", "--nproc-per-node", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
     # Mid-training: a checkpoint is written (at step 20) and training has gone on past it.
-    while (not (run_dir / "checkpoints" / "latest").exists() or len(workers(run_dir)) < 2
-           or step_of(bitnet_home, "victim") <= 20):
-        assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()
-        time.sleep(0.05)
+    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists()
+               and len(workers(run_dir)) >= 2 and step_of(bitnet_home, "victim") > 20,
+               "two workers past the step-20 checkpoint", launcher, every=0.05)
     pids = workers(run_dir)
     os.kill(pids[victim], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
@@ -251,7 +245,5 @@ def test_killing_one_worker_ends_the_run_cleanly(bitnet_home, victim):
     assert json.loads(invoke("status", "victim", "--json").stdout)["status"] == "failed"
     path, _, _ = newest_loadable(run_dir / "checkpoints")
     assert path is not None and load_model(str(path)).step > 0
-    deadline = time.monotonic() + 10  # the launcher is gone; its workers must go with it
-    while workers(run_dir):
-        assert time.monotonic() < deadline, f"no worker may outlive the run: {workers(run_dir)}"
-        time.sleep(0.05)
+    # The launcher is gone; its workers must go with it.
+    wait_until(lambda: not workers(run_dir), "no worker to outlive the run", timeout=10)

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.tictactoe import CELLS, ModelPlayer, load_player, play_matches
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.tictactoe import DRAW, START, best_moves, legal_moves, place, replay, result, to_move
-from tests.cli import home_at
+from tests.cli import home_at, wait_until
 
 runner = CliRunner()
 
@@ -223,10 +222,8 @@ def test_play_in_a_real_terminal_under_tmux(ttt_checkpoint):
                               capture_output=True, text=True).stdout
 
     def wait_for(text, count=1):
-        deadline = time.time() + 60
-        while screen().count(text) < count:
-            assert time.time() < deadline, f"waited for {text!r}:\n{screen()}"
-            time.sleep(0.2)
+        wait_until(lambda: screen().count(text) >= count, f"{text!r} on the screen", timeout=60,
+                   every=0.2)
 
     try:
         for n, cell in enumerate(typed, start=1):

@@ -4,12 +4,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from bitnet_cli.checkpoint import newest_loadable, step_dir_name
-from tests.cli import home_at, invoke
+from tests.cli import home_at, invoke, state_step, wait_until
 from tests.test_status_plot import stand_in_trainer
 
 STEPS = 200
@@ -34,17 +33,8 @@ def start_training(name):
 
 def wait_for_step(home, name, at_least, proc, timeout=120):
     state = home / "runs" / name / "state.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            step = json.loads(state.read_text()).get("step", 0)
-        except (OSError, ValueError):
-            step = 0
-        if step >= at_least:
-            return step
-        time.sleep(0.01)
-    raise AssertionError("training did not get there in time")
+    return wait_until(lambda: (step := state_step(state)) >= at_least and step,
+                      f"step {at_least}", proc, timeout)
 
 
 def snapshot(folder):

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from bitnet_cli.checkpoint import step_dir_name
-from tests.cli import home_at, invoke
+from tests.cli import home_at, invoke, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,13 @@ def set_state(home, name, **fields):
 def stand_in_trainer(run_dir):
     """A live process that holds a run as its trainer would: it locks the run folder (flock)
     and its pid is alive. Yields the pid."""
-    code = ("import fcntl, os, sys, time\n"
+    code = ("import fcntl, os, sys\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\n"
-            "time.sleep(600)")
+            "sys.stdin.read()")  # hold the lock until killed or told to go
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE,
-                            text=True)
+                            stdin=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "locked\n"
         yield proc.pid
@@ -57,6 +56,7 @@ def stand_in_trainer(run_dir):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+        proc.stdin.close()
 
 
 def test_status_reports_every_state(two_runs):
@@ -162,11 +162,7 @@ class Reader:
             return b"".join(self.chunks).decode(errors="replace")
 
     def wait_for(self, expected, proc, timeout=60):
-        deadline = time.monotonic() + timeout
-        while expected not in self.text():
-            assert proc.poll() is None, f"exited {proc.returncode} before showing {expected!r}"
-            assert time.monotonic() < deadline, f"waited for {expected!r}:\n{self.text()}"
-            time.sleep(0.02)
+        wait_until(lambda: expected in self.text(), f"{expected!r} on screen", proc, timeout)
 
 
 def test_status_watch_updates_live(two_runs, tmp_path):
