@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.presets import check_experiment
+from bitnet_cli.presets import PRESETS, check_experiment
 
 QUANT_MODES = ("ternary", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -164,6 +164,11 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Text experiments: the size of the BPE trained on the data (--vocab-size or the preset's)."""
+        return self.vocab_size or PRESETS[self.experiment]["vocab_size"]
 
 
 def build_configs(experiment: str, size: str | None, **overrides) -> tuple[ModelConfig, TrainConfig]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 
-from bitnet_cli.config import train_config_from_dict
-from bitnet_cli.presets import PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import load_model
-from bitnet_cli.runs import CONFIG_FILE, read_json
-from bitnet_cli.run_setup import autocast_for, resolve_device
+from bitnet_cli.runs import CONFIG_FILE
+from bitnet_cli.run_setup import autocast_for, read_run_config, resolve_device
 
 
 def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:
@@ -32,10 +30,9 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
             raise BitnetError(f"{loaded.checkpoint} is outside its run folder; evaluating a "
                               f"{loaded.experiment} model needs the run's config.json to find "
                               "its held-out text")
-        cfg = train_config_from_dict(read_json(config)["train"])
-        task.prepare_eval(cfg.data, cfg.vocab_size or PRESETS[cfg.experiment]["vocab_size"],
-                          cfg.steps * cfg.tokens_per_step, loaded.tokenizer,
-                          loaded.config.max_position_embeddings)
+        _, _, cfg = read_run_config(config.parent)
+        task.prepare_eval(cfg.data, cfg.text_vocab_size, cfg.steps * cfg.tokens_per_step,
+                          loaded.tokenizer, loaded.config.max_position_embeddings)
     metrics = task.evaluate(loaded.model, where, autocast_for(where))
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
     return {"checkpoint": str(loaded.checkpoint), "experiment": loaded.experiment,

@@ -20,7 +20,7 @@ from bitnet_cli.config import (build_configs, format_count, model_config_from_di
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.files import write_json_atomic
-from bitnet_cli.presets import PRESETS, check_experiment
+from bitnet_cli.presets import check_experiment
 from bitnet_cli.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
 
@@ -51,8 +51,7 @@ def prepare_task(task, cfg, progress=None) -> None:
     """Text experiments find or build their token shards and tokenizer; the synthetic ones
     make their data as they go and need nothing."""
     if hasattr(task, "prepare"):
-        vocab = cfg.vocab_size or PRESETS[cfg.experiment]["vocab_size"]
-        task.prepare(cfg.data, vocab, cfg.steps * cfg.tokens_per_step, progress)
+        task.prepare(cfg.data, cfg.text_vocab_size, cfg.steps * cfg.tokens_per_step, progress)
     elif cfg.data is not None:
         raise BitnetError(f"the {cfg.experiment!r} experiment makes its own data and takes no --data")
     elif cfg.vocab_size is not None:
