@@ -16,6 +16,9 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.presets import PRESETS, check_experiment
 
 QUANT_MODES = ("ternary", "none")
+# The FFN's gate: relu2 is relu(gate)^2 * up (BitNet b1.58 2B4T); silu is silu(gate) * up, what
+# today's llama.cpp computes for its `bitnet` architecture.
+ACTIVATIONS = ("relu2", "silu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_STEPS = 999_999_999  # checkpoint folder names hold nine digits
 # numpy's default_rng takes any int >= 0 and torch.manual_seed up to 2**64 - 1: 32 bits suit both
@@ -38,6 +41,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
+    activation: str = "relu2"  # runs from before the option have none: they are relu2
 
     @property
     def head_dim(self) -> int:
@@ -61,7 +65,10 @@ class ModelConfig:
             raise BitnetError(f"tie_word_embeddings must be true or false, got "
                               f"{_show(self.tie_word_embeddings)}")
         if self.quant not in QUANT_MODES:
-            raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+            raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {_show(self.quant)}")
+        if self.activation not in ACTIVATIONS:
+            raise BitnetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got "
+                              f"{_show(self.activation)}")
         if self.hidden_size % self.num_attention_heads:
             raise BitnetError(
                 f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
@@ -181,6 +188,7 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
                           f"{', '.join(preset['sizes'])}")
     chosen = preset["sizes"][size]
     quant = overrides.pop("quant", None) or "ternary"
+    activation = overrides.pop("activation", None) or "relu2"
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - train_fields
     if unknown:
@@ -191,7 +199,7 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
     train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
     train.validate()
     model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
-                        quant=quant, **chosen["model"])
+                        quant=quant, activation=activation, **chosen["model"])
     model.validate()
     return model, train
 

@@ -46,9 +46,15 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+LLAMA_CPP_CAVEAT = ("note: today's llama.cpp computes silu(gate) * up for the bitnet "
+                    "architecture, not this model's relu2 FFN, so its answers will be wrong there; "
+                    "train with --activation silu for models meant for llama.cpp")
+
+
 def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
     """Write the model a RUN|CKPT selector names to the folder `out` in format `fmt`; returns
-    the folder and the notes to show (newer checkpoints skipped as damaged)."""
+    the folder and the notes to show (newer checkpoints skipped as damaged, and the llama.cpp
+    caveat for a relu2 GGUF)."""
     if fmt not in FORMATS:
         raise BitnetError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     out = Path(out).expanduser().resolve()
@@ -66,7 +72,8 @@ def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
     except (OSError, SafetensorError) as e:
         raise BitnetError(f"cannot write {out}: {write_error(e)}; "
                           "nothing was written") from None
-    return out, loaded.skipped
+    caveat = [LLAMA_CPP_CAVEAT] if fmt == "gguf" and loaded.config.activation == "relu2" else []
+    return out, loaded.skipped + caveat
 
 
 def check_exportable(loaded: LoadedModel, fmt: str) -> None:
@@ -134,7 +141,7 @@ def write_hf_folder(loaded: LoadedModel, folder: Path, tensors: dict[str, torch.
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "hidden_act": "relu2",
+        "hidden_act": config.activation,  # transformers' ACT2FN knows both
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
         "initializer_range": config.initializer_range,
@@ -220,7 +227,9 @@ def write_gguf(loaded: LoadedModel, folder: Path) -> None:
     scale == bitnet's ternary weight exactly; folding mean|W| into the blocks' f16 scales, as
     llama.cpp's own converter does, would round it. The codes are TQ2_0 (2.0625 bits per weight)
     where the row length (in features) is a multiple of 256, and F16 otherwise (F16 holds -1, 0
-    and 1 exactly). Norms and the token embedding, which is also the output layer, stay F32.
+    and 1 exactly). The token embedding, which is also the output layer and read whole for every
+    token, is F16: half the bytes of F32, and the same float16 head bitnet's int8 engine decodes
+    with (Q8_0 would quantize the hidden state per 32 values as well). Norms stay F32.
     llama.cpp quantizes activations its own way (per 256-block for TQ2_0, not at all for F16),
     so its logits are close to bitnet's, not identical.
     """
@@ -239,11 +248,11 @@ def write_gguf(loaded: LoadedModel, folder: Path) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_string("bitnet.hidden_activation", "relu2")
+    writer.add_string("bitnet.hidden_activation", config.activation)
     add_gguf_tokenizer(writer, loaded, gguf)
 
     state = loaded.model.state_dict()
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].half().numpy())
     writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
     tq2_0, any_tq2_0 = gguf.GGMLQuantizationType.TQ2_0, False
     for i in range(config.num_hidden_layers):

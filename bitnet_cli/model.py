@@ -6,6 +6,9 @@ Parameter names follow transformers' BitNetForCausalLM, so exporting is a plain 
     -> o_proj) -> post_attention_layernorm -> mlp (relu(gate)^2 * up -> ffn_sub_norm -> down_proj)]
     -> model.norm -> lm_head (tied to embed_tokens unless configured otherwise)
 
+The FFN's gate is relu(gate)^2 as in 2B4T, or silu(gate) with activation="silu" (the FFN that
+llama.cpp's `bitnet` graph computes).
+
 Every projection is a BitLinear (ternary weights, 8-bit activations); with quant="none" they are
 plain nn.Linear, which makes the full-precision twin with identical names and shapes.
 The model knows nothing about devices, precision policy or distribution: the trainer decides.
@@ -99,17 +102,25 @@ class Attention(nn.Module):
         return self.o_proj(self.attn_sub_norm(y))
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+GATES = {"relu2": relu2, "silu": F.silu}  # config.ACTIVATIONS
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
+        self.gate = GATES[config.activation]
         self.gate_proj = make_linear(config, d, f)
         self.up_proj = make_linear(config, d, f)
         self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
         self.down_proj = make_linear(config, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(self.gate_proj(x)).square() * self.up_proj(x)
+        hidden = self.gate(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(self.ffn_sub_norm(hidden))
 
 

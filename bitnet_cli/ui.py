@@ -212,7 +212,8 @@ def run_detail(d: dict):
     head.add_row("run", f"{d['run_id']}  [{STATUS_STYLE.get(d['status'], '')}]{d['status']}[/]")
     head.add_row("folder", d["path"])
     head.add_row("model", f"{d['experiment'] or '-'} {d['size'] or ''}, {_params(d['params'])} parameters, "
-                          f"{model.get('quant', '?')}: {model.get('num_hidden_layers')} layers x "
+                          f"{model.get('quant', '?')} {model.get('activation', 'relu2')}: "
+                          f"{model.get('num_hidden_layers')} layers x "
                           f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
                           f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
                           f"vocab {model.get('vocab_size')}")

@@ -45,6 +45,8 @@ CASES = [
     (["train", "simple", "--name", RUN], 1),  # taken
     (["train", "simple", "--device", "tpu"], 1),
     (["train", "simple", "--quant", "binary"], 1),
+    (["train", "simple", "--activation", "gelu"], 1),
+    (["train", "simple", "--activation", "RELU2"], 1),
     (["train", "simple", "--nproc-per-node", "x"], 1),
     (["train", "simple", "--nproc-per-node", "0"], 1),
     (["train", "simple", "--vocab-size", "5"], 1),

@@ -1,7 +1,10 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from bitnet_cli.bitlinear import BitLinear
-from bitnet_cli.config import ModelConfig
+from bitnet_cli.config import ModelConfig, model_config_from_dict, to_dict
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetForCausalLM
 
 LAYER_KEYS = [
@@ -60,6 +63,24 @@ def test_full_precision_twin_has_same_keys_and_shapes():
     twin.load_state_dict(a)
     x = torch.randint(0, 40, (2, 10))
     assert not torch.allclose(ternary(x), twin(x))
+
+
+@pytest.mark.parametrize("activation, gate", [("relu2", lambda g: F.relu(g) ** 2),
+                                              ("silu", lambda g: g * torch.sigmoid(g))])
+def test_ffn_gate_follows_the_activation(activation, gate):
+    torch.manual_seed(0)
+    mlp = BitNetForCausalLM(config(activation=activation)).model.layers[0].mlp
+    x = torch.randn(3, 32)
+    hidden = gate(mlp.gate_proj(x)) * mlp.up_proj(x)
+    assert torch.allclose(mlp(x), mlp.down_proj(mlp.ffn_sub_norm(hidden)), atol=1e-6)
+
+
+def test_a_config_from_before_the_activation_option_is_relu2():
+    stored = to_dict(config())
+    del stored["activation"]
+    assert model_config_from_dict(stored).activation == "relu2"
+    with pytest.raises(BitnetError, match="damaged: --activation must be one of relu2, silu"):
+        model_config_from_dict({**stored, "activation": "gelu"})
 
 
 def test_no_biases_and_init_std():

@@ -44,6 +44,8 @@ Examples:
 
   bitnet train arithmetic --quant none     # the full-precision twin, for comparison
 
+  bitnet train arithmetic --activation silu  # a model today's llama.cpp runs right
+
   bitnet train tinystories --size tiny --data stories/   # your own text, offline
 
   bitnet train baseline --nproc-per-node 8  # data-parallel on 8 GPUs (torchrun's launcher)
@@ -74,6 +76,10 @@ def train(
                                            show_default=False),
     quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
                                               "twin with the same names and shapes)."),
+    activation: str = typer.Option("relu2", help="The FFN gate: relu2, relu(gate)^2 * up as in "
+                                                 "BitNet b1.58 2B4T, or silu, silu(gate) * up, "
+                                                 "which today's llama.cpp computes (see "
+                                                 "`bitnet export --help`)."),
     data: Optional[str] = typer.Option(None, help="Text experiments: local .txt, .jsonl or .parquet "
                                                   "files (a 'text' field), or a folder of them, "
                                                   "instead of the hub data set."),
@@ -93,7 +99,7 @@ def train(
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                    save_every=save_every, name=name, device=device, compile=compile, quant=quant,
-                   data=data, vocab_size=vocab_size)
+                   activation=activation, data=data, vocab_size=vocab_size)
     argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
     share = dist.current()
     if share.distributed:  # every rank of a torchrun job runs this: rank 0 makes the run

@@ -1,0 +1,191 @@
+"""llama.cpp itself runs bitnet's GGUF files, through llama-cpp-python (which bundles it).
+
+A model trained with --activation silu gives bitnet's greedy answers there; one trained with the
+default relu2 does not, because today's llama.cpp computes silu(gate) * up for the `bitnet`
+architecture whatever the file says (which is why `export` prints a caveat for relu2 models).
+llama.cpp quantizes activations its own way (not at all against F16 codes, per 256 values
+against TQ2_0), so logits are compared with a tolerance and answers exactly.
+"""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from llama_cpp import Llama
+
+from bitnet_cli.experiments import load_experiment
+from bitnet_cli.inference import load_model
+from bitnet_cli.model import generate
+from tests.cli import home_at, invoke
+from tests.test_export import random_checkpoint
+
+# bitnet rounds every projection's input to 8 bits per token (a step of max|x|/127, so up to
+# 0.4% of the largest value); llama.cpp multiplies F16 codes by unrounded inputs. Measured:
+# 1.2% of the largest logit on the trained `simple` model below. 3% leaves room for other CPUs.
+LOGIT_TOLERANCE = 0.03
+
+
+class LlamaCpp:
+    """A GGUF file in llama.cpp: the logits of a token sequence, and greedy decoding."""
+
+    def __init__(self, path, context: int):
+        self.llm = Llama(model_path=str(path), n_ctx=context, n_threads=2, logits_all=True,
+                         verbose=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.from_numpy(np.array(self.llm.scores[:len(ids)]))
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_id: int) -> list[int]:
+        """What bitnet's generate() does at temperature 0: argmax, stop after the stop token."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        new = []
+        while len(new) < max_new_tokens:
+            new.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            if new[-1] == stop_id:
+                break
+            self.llm.eval(new[-1:])
+        return new
+
+    def close(self):
+        self.llm.close()  # now: at interpreter exit llama-cpp-python's own cleanup fails
+
+
+def logit_gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest logit difference, as a share of the largest logit."""
+    return ((ours - theirs).abs().max() / ours.abs().max()).item()
+
+
+def answers(loaded, llama, prompts: list[str], max_new_tokens: int):
+    """(bitnet's, llama.cpp's) greedy continuations of each prompt, as token ids. bitnet's are
+    what `bitnet chat --temperature 0` writes: generate() with the KV cache, default engine."""
+    stop = load_experiment(loaded.experiment).stop_ids(loaded.tokenizer)[0]
+    ours, theirs = [], []
+    for prompt in prompts:
+        ids = loaded.tokenizer.encode(prompt).ids
+        ours.append(list(generate(loaded.model, ids, max_new_tokens, stop_ids=(stop,))))
+        theirs.append(llama.greedy(ids, max_new_tokens, stop))
+    return ours, theirs
+
+
+def train_and_export(home, name, *options):
+    with home_at(home):
+        invoke("train", *options, "--no-compile", "--name", name)
+        invoke("export", name, "--format", "gguf", "--out", home / f"{name}-gguf")
+    return home / "runs" / name, home / f"{name}-gguf" / "model.gguf"
+
+
+@pytest.fixture(scope="module")
+def simple_runs(tmp_path_factory):
+    """`simple` trained as its preset says (300 steps), once per activation."""
+    home = tmp_path_factory.mktemp("llama-home")
+    return {activation: train_and_export(home, activation, "simple",
+                                         "--activation", activation)
+            for activation in ("silu", "relu2")}
+
+
+def test_llama_cpp_gives_a_silu_models_answers(simple_runs):
+    run, gguf_file = simple_runs["silu"]
+    loaded = load_model(str(run))
+    llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
+    try:
+        prompt = "d3=efg;k5=lmnop;a2="
+        ids = loaded.tokenizer.encode(prompt).ids
+        assert llama.tokenize(prompt) == ids  # llama.cpp reads the text as bitnet does
+        with torch.no_grad():
+            ours = loaded.model(torch.tensor([ids]))[0]
+        assert logit_gap(ours, llama.logits(ids)) < LOGIT_TOLERANCE
+
+        task = load_experiment("simple")
+        prompts = [p for p, _, _ in task.heldout()] + [f"{a}{n}=" for a in "abcz" for n in (1, 9)]
+        bitnet_answers, llama_answers = answers(loaded, llama, prompts, 10)
+        assert llama_answers == bitnet_answers
+    finally:
+        llama.close()
+    # The README's Python lines: llama.cpp's own completion equals `bitnet chat`'s reply.
+    llm = Llama(model_path=str(gguf_file), n_ctx=32, verbose=False)
+    try:
+        text = llm("q4=", max_tokens=10, temperature=0, stop=[";"])["choices"][0]["text"]
+    finally:
+        llm.close()
+    reply = invoke("chat", run, "--prompt", "q4=", "--temperature", "0").stdout
+    assert reply == text + "\n"
+
+
+def test_todays_llama_cpp_computes_a_relu2_model_wrong(simple_runs):
+    """What `export` warns about: llama.cpp runs its silu FFN on relu2 weights. If this fails,
+    llama.cpp has learned relu2: drop the caveat and say so in the README."""
+    run, gguf_file = simple_runs["relu2"]
+    loaded = load_model(str(run))
+    llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
+    try:
+        ids = loaded.tokenizer.encode("d3=efg;k5=lmnop;a2=").ids
+        with torch.no_grad():
+            ours = loaded.model(torch.tensor([ids]))[0]
+        assert logit_gap(ours, llama.logits(ids)) > 10 * LOGIT_TOLERANCE
+    finally:
+        llama.close()
+
+
+def test_llama_cpp_runs_tq2_0_codes(tmp_path):
+    """Every projection's rows 256 long: all codes TQ2_0, whose dot product quantizes the input
+    per 256 values (one block per row here, so per token as bitnet does, but for rounding)."""
+    checkpoint = random_checkpoint(tmp_path / "run", hidden_size=256, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=256,
+                                   max_position_embeddings=64, activation="silu")
+    invoke("export", checkpoint, "--format", "gguf", "--out", tmp_path / "gguf")
+    loaded = load_model(str(checkpoint), engine="float")
+    llama = LlamaCpp(tmp_path / "gguf" / "model.gguf", 64)
+    try:
+        ids = loaded.tokenizer.encode("d3=efg;k5=lmnop;a2=efghijk;").ids
+        with torch.no_grad():
+            ours = loaded.model(torch.tensor([ids]))[0]
+        assert logit_gap(ours, llama.logits(ids)) < LOGIT_TOLERANCE
+    finally:
+        llama.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, steps, codes", [("tiny", [], "F16"),
+                                                ("5M", ["--steps", "1500"], "TQ2_0")])
+def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does(tmp_path, size, steps, codes):
+    """All 4000 held-out problems, greedy, in bitnet and in llama.cpp. The tiny preset's rows
+    (128 and 336 features) store F16 codes; the 5M shape's (256 and 768) are all TQ2_0."""
+    run, gguf_file = train_and_export(tmp_path, "arith", "arithmetic", "--size", size,
+                                      "--activation", "silu", *steps)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and t.data.ndim == 2}
+    assert types == {codes}
+    with home_at(tmp_path):
+        evaluation = json.loads(invoke("eval", "arith", "--json").stdout)["metrics"]
+    if size == "tiny":  # the README's headline, with the llama.cpp activation
+        assert evaluation["acc/+"] >= 0.95 and evaluation["acc/-"] >= 0.95, evaluation
+
+    loaded = load_model(str(run))
+    problems = load_experiment("arithmetic").heldout()
+    llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
+    try:
+        ours, theirs = answers(loaded, llama, [prompt for prompt, _, _ in problems], 8)
+    finally:
+        llama.close()
+    same = [a == b for a, b in zip(ours, theirs)]
+    report = {"codes": codes, "agreement": sum(same) / len(same), "eval": evaluation}
+    for op in "+-*/":
+        rows = [i for i, (_, _, group) in enumerate(problems) if group == op]
+        for who, got in (("bitnet", ours), ("llama.cpp", theirs)):
+            right = sum(loaded.tokenizer.decode(got[i]) == problems[i][1] for i in rows)
+            report[f"{who} acc/{op}"] = right / len(rows)
+    print(json.dumps(report))
+    assert report["agreement"] >= 0.99, report
+    for op in "+-*/":
+        # bitnet's greedy answers are the ones `eval` scores (teacher-forced exact match)...
+        assert abs(report[f"bitnet acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.002, report
+        # ...and llama.cpp's score within a point of them.
+        assert abs(report[f"llama.cpp acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.01, report
