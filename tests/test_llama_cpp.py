@@ -135,8 +135,8 @@ def test_todays_llama_cpp_computes_a_relu2_model_wrong(simple_runs):
 
 
 def test_llama_cpp_runs_tq2_0_codes(tmp_path):
-    """Every projection's rows 256 long: all codes TQ2_0, whose dot product quantizes the input
-    per 256 values (one block per row here, so per token as bitnet does, but for rounding)."""
+    """Every projection's rows 256 long: all codes TQ2_0, which llama.cpp multiplies by
+    activations rounded to 8 bits per 256 values."""
     checkpoint = random_checkpoint(tmp_path / "run", hidden_size=256, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=256,
                                    max_position_embeddings=64, activation="silu")
@@ -152,40 +152,76 @@ def test_llama_cpp_runs_tq2_0_codes(tmp_path):
         llama.close()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("size, steps, codes", [("tiny", [], "F16"),
-                                                ("5M", ["--steps", "1500"], "TQ2_0")])
-def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does(tmp_path, size, steps, codes):
-    """All 4000 held-out problems, greedy, in bitnet and in llama.cpp. The tiny preset's rows
-    (128 and 336 features) store F16 codes; the 5M shape's (256 and 768) are all TQ2_0."""
-    run, gguf_file = train_and_export(tmp_path, "arith", "arithmetic", "--size", size,
-                                      "--activation", "silu", *steps)
-    types = {t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors
-             if t.name.startswith("blk.") and t.name.endswith(".weight") and t.data.ndim == 2}
-    assert types == {codes}
-    with home_at(tmp_path):
-        evaluation = json.loads(invoke("eval", "arith", "--json").stdout)["metrics"]
-    if size == "tiny":  # the README's headline, with the llama.cpp activation
-        assert evaluation["acc/+"] >= 0.95 and evaluation["acc/-"] >= 0.95, evaluation
-
-    loaded = load_model(str(run))
+def compare_on_held_out_arithmetic(loaded, gguf_file) -> dict:
+    """bitnet's and llama.cpp's greedy answers to all 4000 held-out problems: the share that
+    are identical, overall and per operator, and each one's accuracy per operator."""
     problems = load_experiment("arithmetic").heldout()
     llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
     try:
         ours, theirs = answers(loaded, llama, [prompt for prompt, _, _ in problems], 8)
     finally:
         llama.close()
-    same = [a == b for a, b in zip(ours, theirs)]
-    report = {"codes": codes, "agreement": sum(same) / len(same), "eval": evaluation}
+    right = [i for i, (_, answer, _) in enumerate(problems)
+             if loaded.tokenizer.decode(ours[i]) == answer]
+    report = {"same": sum(a == b for a, b in zip(ours, theirs)) / len(problems),
+              "same where bitnet is right": sum(ours[i] == theirs[i] for i in right) / len(right)}
     for op in "+-*/":
         rows = [i for i, (_, _, group) in enumerate(problems) if group == op]
+        report[f"same/{op}"] = sum(ours[i] == theirs[i] for i in rows) / len(rows)
         for who, got in (("bitnet", ours), ("llama.cpp", theirs)):
             right = sum(loaded.tokenizer.decode(got[i]) == problems[i][1] for i in rows)
             report[f"{who} acc/{op}"] = right / len(rows)
-    print(json.dumps(report))
-    assert report["agreement"] >= 0.99, report
+    return report
+
+
+def held_out_check(tmp_path, size, *options):
+    """Train arithmetic with --activation silu, export it, compare on the held-out set; the
+    report (printed for `pytest -s`) and the run's own `bitnet eval` metrics."""
+    run, gguf_file = train_and_export(tmp_path, "arith", "arithmetic", "--size", size,
+                                      "--activation", "silu", *options)
+    with home_at(tmp_path):
+        evaluation = json.loads(invoke("eval", "arith", "--json").stdout)["metrics"]
+    report = compare_on_held_out_arithmetic(load_model(str(run)), gguf_file)
+    codes = {t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2}
+    print(json.dumps({"size": size, "codes": sorted(codes), **report, "eval": evaluation}))
     for op in "+-*/":
         # bitnet's greedy answers are the ones `eval` scores (teacher-forced exact match)...
         assert abs(report[f"bitnet acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.002, report
-        # ...and llama.cpp's score within a point of them.
+        # ...and llama.cpp scores within a point of them, operator by operator.
         assert abs(report[f"llama.cpp acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.01, report
+    return run, gguf_file, codes, report, evaluation
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does(tmp_path, monkeypatch):
+    """The tiny preset (rows of 128 and 336 features: F16 codes), trained in full."""
+    run, gguf_file, codes, report, evaluation = held_out_check(tmp_path, "tiny")
+    assert codes == {"F16"}
+    assert evaluation["acc/+"] >= 0.95 and evaluation["acc/-"] >= 0.95, evaluation
+    # Where the model has learned its task, llama.cpp answers exactly as bitnet does
+    # (measured: + and - 100%, and 99.5% of the answers bitnet gets right).
+    assert report["same/+"] >= 0.99 and report["same/-"] >= 0.99, report
+    assert report["same where bitnet is right"] >= 0.99, report
+    # Against F16 codes llama.cpp multiplies unrounded activations; bitnet rounds each token's
+    # to 8 bits. Answers then differ where two tokens are nearly tied: mostly in *, which the
+    # tiny model cannot do (about 14% right), so its answers are near-guesses. Measured: 96.0%
+    # identical overall; / 99.2%, * 84.6%.
+    assert report["same"] >= 0.95, report
+    # That rounding is the whole difference: bitnet without it answers as llama.cpp does
+    # (measured: 3996 of 4000).
+    monkeypatch.setattr("bitnet_cli.bitlinear.activation_quant", lambda x: x)
+    unrounded = compare_on_held_out_arithmetic(load_model(str(run), engine="float"), gguf_file)
+    assert unrounded["same"] >= 0.995, unrounded
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does_with_tq2_0_codes(tmp_path):
+    """The 5M shape (rows of 256 and 768 features: TQ2_0 codes), trained for 800 steps (+ about
+    93% right, - 52%: many answers still nearly tied). TQ2_0's dot product rounds activations
+    to 8 bits per 256 values. Measured: 96.4% of answers identical, 99.5% of those bitnet gets
+    right; the tolerances are the F16 test's."""
+    _, _, codes, report, _ = held_out_check(tmp_path, "5M", "--steps", "800")
+    assert codes == {"TQ2_0"}
+    assert report["same where bitnet is right"] >= 0.99, report
+    assert report["same"] >= 0.95, report

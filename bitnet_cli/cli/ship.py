@@ -38,7 +38,8 @@ def export(
     for note in notes:
         typer.echo(note, err=True)
     size = sum(f.stat().st_size for f in written.iterdir())
-    how = (f"llama.cpp: llama-cli -m {written / GGUF_FILE}" if format == "gguf" else
+    how = (f'llama.cpp: llama-completion -m {written / GGUF_FILE} -no-cnv -p "..."'
+           if format == "gguf" else
            f'transformers: AutoModelForCausalLM.from_pretrained("{written}")')
     typer.echo(f"wrote {written} ({format}, {size / 1e6:.1f} MB); load it with {how}")
 
