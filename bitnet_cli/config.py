@@ -187,8 +187,9 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
         raise BitnetError(f"unknown size {size!r} for {experiment}; choose one of: "
                           f"{', '.join(preset['sizes'])}")
     chosen = preset["sizes"][size]
-    quant = overrides.pop("quant", None) or "ternary"
-    activation = overrides.pop("activation", None) or "relu2"
+    # Model options given (not None) override ModelConfig's defaults; the rest are training's.
+    model_options = {name: value for name in ("quant", "activation")
+                     if (value := overrides.pop(name, None)) is not None}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - train_fields
     if unknown:
@@ -199,7 +200,7 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
     train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
     train.validate()
     model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
-                        quant=quant, activation=activation, **chosen["model"])
+                        **model_options, **chosen["model"])
     model.validate()
     return model, train
 

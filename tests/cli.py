@@ -1,7 +1,11 @@
 """Driving the CLI in-process, as a user would from a shell."""
 
 import contextlib
+import functools
 import json
+import os
+import select
+import subprocess
 import time
 
 import pytest
@@ -27,16 +31,48 @@ def state_step(path):
         return 0
 
 
-def wait_until(condition, what, proc=None, timeout=120, every=0.005):
-    """condition()'s first truthy value, checked every `every` seconds until `timeout`: the
-    one way tests wait for a state, a file or an output. Fails early if `proc` exits first."""
+def wait_until(condition, what, proc=None, timeout=120, every=0.005, pause=None):
+    """condition()'s first truthy value, checked again each time `pause(seconds)` returns, until
+    `timeout`: the one way tests wait for a state, a file or an output. `pause` blocks until
+    there may be news (at most the seconds given); by default it waits on `proc`, the process
+    that makes the change, for `every` seconds, and the wait fails early if `proc` exits."""
+    if pause is None:
+        assert proc is not None, "wait_until needs the process that makes the change, or a pause"
+        pause = functools.partial(wait_on, proc)
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(every)
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited {timeout} s for {what}"
+        pause(min(every, left))
     return value
+
+
+def wait_on(proc, seconds):
+    """Block until `proc` exits or `seconds` pass."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=seconds)
+
+
+def wait_for_exit(pids, what, timeout=30):
+    """Block until every process in `pids` has exited (children or not: each is watched through
+    a pidfd), or fail at the deadline."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited {timeout} s for {what}"
+            for fd in select.select(fds, [], [], left)[0]:
+                fds.remove(fd)
+                os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @contextlib.contextmanager

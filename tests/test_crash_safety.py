@@ -217,7 +217,7 @@ def kill_when(proc, run, moment, rng):
         return time.monotonic() >= delay
 
     # A save lasts milliseconds: look every millisecond. The run may also end first.
-    wait_until(lambda: proc.poll() is not None or moment_came(), moment, timeout=300,
+    wait_until(lambda: proc.poll() is not None or moment_came(), moment, proc, timeout=300,
                every=0.001)
     if proc.poll() is None:
         proc.kill()

@@ -23,7 +23,7 @@ from bitnet_cli.checkpoint import newest_loadable, step_dir_name
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.text import WindowStream
 from bitnet_cli.inference import load_model
-from tests.cli import invoke, wait_until
+from tests.cli import invoke, wait_for_exit, wait_until
 
 SHORT = ["simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10",
          "--save-every", "10", "--no-compile"]
@@ -246,4 +246,5 @@ def test_killing_one_worker_ends_the_run_cleanly(bitnet_home, victim):
     path, _, _ = newest_loadable(run_dir / "checkpoints")
     assert path is not None and load_model(str(path)).step > 0
     # The launcher is gone; its workers must go with it.
-    wait_until(lambda: not workers(run_dir), "no worker to outlive the run", timeout=10)
+    wait_for_exit(pids.values(), "no worker to outlive the run", timeout=10)
+    assert not workers(run_dir)

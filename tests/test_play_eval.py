@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -210,20 +211,30 @@ def test_play_refuses_a_side_that_does_not_exist(ttt_checkpoint):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-def test_play_in_a_real_terminal_under_tmux(ttt_checkpoint):
+def test_play_in_a_real_terminal_under_tmux(ttt_checkpoint, tmp_path):
     typed, outcome = expected_game(ttt_checkpoint, "X", lambda b: legal_moves(b)[-1])
     tmux = ["tmux", "-L", f"bitnet-test-{os.getpid()}"]  # a private server, killed at the end
     command = f"{sys.executable} -m bitnet_cli play {ttt_checkpoint}; echo EXIT=$?; sleep 60"
     subprocess.run(tmux + ["new-session", "-d", "-s", "play", "-x", "80", "-y", "200", command],
                    check=True, env={**os.environ, "TERM": "xterm-256color"})
 
+    # The pane's output also streams into a FIFO, so a wait wakes as soon as the screen changes.
+    fifo = tmp_path / "pane"
+    os.mkfifo(fifo)
+    subprocess.run(tmux + ["pipe-pane", "-t", "play", f"cat > {fifo}"], check=True)
+    pane = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+
     def screen():
         return subprocess.run(tmux + ["capture-pane", "-p", "-t", "play", "-S", "-500"],
                               capture_output=True, text=True).stdout
 
+    def new_output(seconds):
+        if select.select([pane], [], [], seconds)[0]:
+            assert os.read(pane, 65536), "the pane stopped sending output"
+
     def wait_for(text, count=1):
         wait_until(lambda: screen().count(text) >= count, f"{text!r} on the screen", timeout=60,
-                   every=0.2)
+                   every=0.2, pause=new_output)
 
     try:
         for n, cell in enumerate(typed, start=1):
@@ -235,6 +246,7 @@ def test_play_in_a_real_terminal_under_tmux(ttt_checkpoint):
         assert result_message("X", outcome) in screen()
     finally:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
+        os.close(pane)
 
 
 @pytest.mark.slow
