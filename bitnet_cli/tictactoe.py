@@ -41,6 +41,7 @@ def winner(board: str) -> str | None:
     return None
 
 
+@functools.cache  # a few thousand boards, asked about at every move of every training game
 def result(board: str) -> str | None:
     """"X" or "O" for a win, DRAW for a full board without one, None while the game goes on."""
     return winner(board) or (DRAW if EMPTY not in board else None)

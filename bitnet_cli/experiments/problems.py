@@ -46,6 +46,7 @@ class ProblemTask:
     def __init__(self):
         self._tokenizer = char_tokenizer(self.alphabet)
         self.char_ids = {ch: self._tokenizer.token_to_id(ch) for ch in self.alphabet}
+        self._encoded: dict[tuple[str, str], tuple] = {}
 
     def tokenizer(self) -> Tokenizer:
         return self._tokenizer
@@ -72,10 +73,15 @@ class ProblemTask:
                world_size: int = 1) -> "ProblemStream":
         return ProblemStream(self, seed, batch_size, seq_len, rank, world_size)
 
-    def encode_problem(self, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
-        """Token ids of prompt+answer, and for each token whether it is to be predicted."""
-        ids = self.encode(prompt + answer)
-        return ids, [False] * len(prompt) + [True] * len(answer)
+    def encode_problem(self, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        """Token ids of prompt+answer, and for each token whether it is to be predicted. Kept
+        once made: the same few thousand problems come back in every batch."""
+        key = (prompt, answer)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            ids = tuple(self.encode(prompt + answer))
+            encoded = self._encoded[key] = (ids, (False,) * len(prompt) + (True,) * len(answer))
+        return encoded
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast=contextlib.nullcontext, chunk: int = 512) -> dict[str, float]:

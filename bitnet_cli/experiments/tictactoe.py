@@ -26,6 +26,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments.problems import IGNORE, char_tokenizer
 from bitnet_cli.experiments.rows import RowStream
 from bitnet_cli.inference import load_model
+from bitnet_cli.run_setup import resolve_device
 from bitnet_cli.tictactoe import (DRAW, START, legal_moves, noisy_player, perfect_player, place,
                                   play_game, random_player, replay, result, to_move)
 
@@ -33,6 +34,7 @@ START_TOKEN = ">"
 CELLS = "123456789"
 ALPHABET = START_TOKEN + CELLS + "XOD"
 GAME_TOKENS = 11  # the longest game: start, nine moves, result
+SHORTEST_GAME_TOKENS = 7  # start, five moves (X wins on its third), result
 # (weight, X is perfect, O is perfect) of each kind of game in the training mixture
 MIXTURE = ((1, True, True), (2, True, False), (2, False, True))
 OPPONENTS = {"random": random_player, "perfect": perfect_player}
@@ -45,12 +47,14 @@ def game_text(moves: list[int], outcome: str) -> str:
     return START_TOKEN + "".join(str(cell) for cell in moves) + outcome
 
 
-_MIXTURE_P = np.array([w for w, _, _ in MIXTURE], dtype=float) / sum(w for w, _, _ in MIXTURE)
+# The mixture's cumulative weights: searchsorted on one uniform draw picks a kind of game as
+# rng.choice(p=...) does, draw for draw, without that call's checks of p on every game.
+_MIXTURE_CDF = np.cumsum([w for w, _, _ in MIXTURE], dtype=float) / sum(w for w, _, _ in MIXTURE)
 
 
 def sample_game(rng: np.random.Generator) -> tuple[list[int], str, tuple[bool, bool]]:
     """One game of the mixture: its moves, result, and which sides (X, O) played perfectly."""
-    _, x_perfect, o_perfect = MIXTURE[rng.choice(len(MIXTURE), p=_MIXTURE_P)]
+    _, x_perfect, o_perfect = MIXTURE[int(_MIXTURE_CDF.searchsorted(rng.random(), side="right"))]
     noise = rng.random()
     players = [perfect_player if perfect else noisy_player(noise) for perfect in (x_perfect, o_perfect)]
     moves, outcome = play_game(*players, rng)
@@ -124,7 +128,8 @@ class GameStream(RowStream):
         for row in range(count):
             rng = np.random.default_rng([self.seed, first + row])
             used = 0
-            while True:
+            # No game is played once none could fit: the games a row holds come out the same.
+            while used == 0 or self.width - used >= SHORTEST_GAME_TOKENS:
                 # Only a context shorter than a game (seq_len < 10) ever cuts one short.
                 ids, mask = (part[:self.width] for part in self.task.encode_game(*sample_game(rng)))
                 if used + len(ids) > self.width:
@@ -159,13 +164,15 @@ class ModelPlayer:
         return (choice + 1).tolist(), top_legal.tolist()
 
 
-def load_player(selector: str, engine: str | None = None):
-    """A ModelPlayer for the model of a run or checkpoint folder, and the loaded model itself."""
-    loaded = load_model(selector, engine=engine)
+def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
+    """A ModelPlayer for the model of a run or checkpoint folder, on `device` (auto, cpu, cuda,
+    mps), and the loaded model itself."""
+    where = resolve_device(device)
+    loaded = load_model(selector, where, engine)
     if loaded.experiment != "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
                           f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")
-    return ModelPlayer(loaded.model, loaded.tokenizer), loaded
+    return ModelPlayer(loaded.model, loaded.tokenizer, where), loaded
 
 
 def play_matches(player: ModelPlayer, games: int, seed: int) -> dict:
