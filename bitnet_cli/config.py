@@ -93,6 +93,10 @@ class ModelConfig:
         return v * d + self.num_hidden_layers * per_layer + d + head
 
 
+# A CPU run this long or longer is compiled unless --no-compile says otherwise (see compiled.py).
+COMPILE_MIN_STEPS = 2000
+
+
 @dataclass
 class TrainConfig:
     experiment: str
@@ -111,7 +115,7 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 3
     device: str = "auto"
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
+    compile: bool | None = None  # None: the rule in compiled.py (CUDA, or COMPILE_MIN_STEPS+ on CPU)
     name: str | None = None
     data: str | None = None
     vocab_size: int | None = None  # text experiments: size of the BPE trained on the data

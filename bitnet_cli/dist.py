@@ -106,7 +106,10 @@ def wrap(model: nn.Module, share: Share, device: torch.device) -> nn.Module:
     if not share.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # No buffer broadcast before each forward: the only buffers are the RoPE tables, which
+    # every rank computes alike and nothing changes.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def gradient_sync(module: nn.Module, sync: bool):

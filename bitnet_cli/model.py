@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.bitlinear import BitLinear
+from bitnet_cli.bitlinear import BitLinear, shared_input_linear
 from bitnet_cli.config import ModelConfig
 
 
@@ -79,9 +79,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:  # keep this step's keys and values, attend over all so far
@@ -120,7 +121,8 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.gate(self.gate_proj(x)) * self.up_proj(x)
+        gate, up = shared_input_linear(x, (self.gate_proj, self.up_proj))
+        hidden = self.gate(gate) * up
         return self.down_proj(self.ffn_sub_norm(hidden))
 
 

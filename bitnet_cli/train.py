@@ -18,13 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli import dist
+from bitnet_cli.bitlinear import quantized_for_step
 from bitnet_cli.checkpoint import (load_model_tensors, load_optimizer_tensors, newest_loadable,
                                    remove_partial_saves, rng_state, save_checkpoint,
                                    set_rng_state)
+from bitnet_cli.compiled import training_forward, wants_compile
 from bitnet_cli.config import format_count
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.problems import IGNORE
+from bitnet_cli.experiments.rows import DeviceBatches
 from bitnet_cli.files import remove_leftovers
 from bitnet_cli.metrics import MetricsWriter, truncate_metrics
 from bitnet_cli.model import BitNetForCausalLM
@@ -44,6 +47,7 @@ class NullReporter:
     def log(self, row: dict) -> None: ...
     def eval(self, row: dict) -> None: ...
     def checkpoint(self, step: int, path: Path) -> None: ...
+    def notice(self, text: str) -> None: ...
     def finish(self, info: dict) -> None: ...
 
 
@@ -90,7 +94,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     torch.manual_seed(cfg.seed)
     model = BitNetForCausalLM(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
-    stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank, share.world_size)
+    stream = DeviceBatches(task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank,
+                                       share.world_size), device)
     step, tokens_seen = 0, 0
 
     resumed_from, contents, skipped = newest_loadable(run_dir / "checkpoints")
@@ -105,9 +110,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         # file holds each step once, as an uninterrupted run's would.
         truncate_metrics(run_dir / METRICS_FILE, step)
 
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     trained = dist.wrap(model, share, device)
-    forward = torch.compile(trained) if use_compile else trained
+    forward = training_forward(trained, wants_compile(cfg, device), device, reporter.notice)
 
     state = StateFile(run_dir) if share.is_main else None
     metrics = MetricsWriter(run_dir / METRICS_FILE) if share.is_main else None
@@ -116,7 +120,7 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                      world_size=share.world_size, local_world_size=share.local_world_size,
                      started_at=state.state.get("started_at") or now_iso(), error=None)
     reporter.start({"run_id": run_dir.name, "run_dir": str(run_dir), "step": step,
-                    "total_steps": cfg.steps, "device": str(device), "compile": use_compile,
+                    "total_steps": cfg.steps, "device": str(device), "compile": forward.compiled,
                     "world_size": share.world_size,
                     "num_params": model.num_params(), "params": format_count(model.num_params()),
                     "resumed_from": str(resumed_from) if resumed_from else None,
@@ -148,6 +152,16 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         reporter.eval(row)
         return row
 
+    def micro_step(model_call, inputs, labels, targets) -> torch.Tensor:
+        with autocast():
+            logits = model_call(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                               reduction="sum") / targets
+        # DDP averages gradients over ranks; each rank's loss is its share of the sum, so
+        # scale back up by the world size.
+        (loss * (share.world_size / cfg.grad_accum)).backward()
+        return loss.detach()
+
     status, error, last_eval = "failed", None, None
     with stop_signals() as stop:
         try:
@@ -157,21 +171,15 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                 lr, wd = apply_schedule(optimizer, step, cfg.steps, cfg.lr, cfg.warmup_steps,
                                         cfg.weight_decay, cfg.extended_at)
                 loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    inputs, labels = stream.next_batch()
-                    inputs, labels = inputs.to(device), labels.to(device)
-                    # The mean over the whole batch's target tokens, on every rank: a rank's
-                    # rows may hold more or fewer answer tokens than another's.
-                    targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
-                    with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
-                        with autocast():
-                            logits = forward(inputs)
-                        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                               ignore_index=IGNORE, reduction="sum") / targets
-                        # DDP averages gradients over ranks; each rank's loss is its share of
-                        # the sum, so scale back up by the world size.
-                        (loss * (share.world_size / cfg.grad_accum)).backward()
-                    loss_sum += loss.detach()
+                with quantized_for_step(model):
+                    for micro in range(cfg.grad_accum):
+                        inputs, labels = stream.next_batch()
+                        # The mean over the whole batch's target tokens, on every rank: a
+                        # rank's rows may hold more or fewer answer tokens than another's.
+                        targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
+                        with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
+                            loss_sum += forward.run(micro_step, inputs, labels, targets)
+                        stream.prefetch()  # while a GPU still works on this micro-step
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 # A non-finite loss makes a non-finite gradient. The norm is of the all-reduced
                 # gradient, so every rank skips the same steps.

@@ -111,6 +111,9 @@ class LiveTrainingView:
     def checkpoint(self, step: int, path) -> None:
         self.progress.console.print(Text(f"step {step:>7}  saved {path.name}", style="dim"))
 
+    def notice(self, text: str) -> None:
+        self.progress.console.print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
+
     def finish(self, info: dict) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=info["step"])
@@ -351,6 +354,14 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms"
+
+
+def _percent(share: float | None) -> str:
+    return f"{100 * share:.1f}%" if share is not None else "GPU not in cost's table"
+
+
 def bench_report(r: dict):
     """`bitnet bench`: one table per measurement, the ratio column first."""
     from rich.console import Group
@@ -363,11 +374,30 @@ def bench_report(r: dict):
         return t
 
     m = r["machine"]
-    train = table("training step (forward + backward + AdamW), BitNet vs its --quant none twin",
-                  "shape", "BitNet / twin", "BitNet", "twin", "batch x seq")
+    on_gpu = "gpu" in m
+    train = table("training step (forward + backward + AdamW), BitNet vs its --quant none twin, "
+                  "eager and compiled" + (f" ({m['gpu']}, bf16 autocast)" if on_gpu else ""),
+                  "shape", "compiled / eager", "BitNet / twin", "compiled BitNet / twin",
+                  "BitNet", "twin", "compiled", "compiled twin", "first compiled step",
+                  "batch x seq", *(("tok/s", "MFU", "twin tok/s", "twin MFU") if on_gpu else ()))
     for s in r["train_step"]:
-        train.add_row(s["shape"], f"{s['ratio']:.2f}x", f"{s['bitnet_s'] * 1e3:,.0f} ms",
-                      f"{s['twin_s'] * 1e3:,.0f} ms", s["batch"])
+        c = s.get("compiled")
+        cells = ([f"{c['vs_eager']:.2f}x", f"{s['ratio']:.2f}x", f"{c['ratio']:.2f}x",
+                  _ms(s["bitnet_s"]), _ms(s["twin_s"]), _ms(c["bitnet_s"]), _ms(c["twin_s"]),
+                  f"{c['first_step_s']:.1f} s"] if c else
+                 ["-", f"{s['ratio']:.2f}x", "-", _ms(s["bitnet_s"]), _ms(s["twin_s"]), "-", "-",
+                  s["compile_problem"]])
+        gpu_cells = ()
+        if on_gpu and c:
+            gpu_cells = (f"{c['tok_per_s']:,.0f}", _percent(c["mfu"]),
+                         f"{c['twin_tok_per_s']:,.0f}", _percent(c["twin_mfu"]))
+        train.add_row(s["shape"], *cells, s["batch"], *gpu_cells)
+    if on_gpu:
+        return train
+    data = table("making one batch on the CPU, between training steps", "experiment and size",
+                 "ms per batch", "batch x seq")
+    for s in r["data"]:
+        data.add_row(s["shape"], f"{s['ms']:.1f}", s["batch"])
     decode = table("decode with the KV cache, tokens/s: the int8 engine (float16 head) and the "
                    "float engine in fp32 and bf16 autocast", "shape", "int8 / fp32", "int8",
                    "fp32", "bf16 / fp32", "bf16")
@@ -406,4 +436,4 @@ def bench_report(r: dict):
                   "sequence for each (int8 engine)", "shape", "cache / none", "cache", "none")
     cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
                   f"{kv['no_cache_tok_per_s']:.1f} tok/s")
-    return Group(train, decode, bandwidth, layers, size, memory, cache)
+    return Group(train, data, decode, bandwidth, layers, size, memory, cache)

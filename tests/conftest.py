@@ -1,10 +1,15 @@
 import os
+import tempfile
 
 import pytest
 
 # No hub lookups in tests: a failed one retries for ~20 s before giving up.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Inductor's compiled kernels are shared by every test and kept between sessions (a cold compile
+# takes half a minute, a warm one seconds), away from the user's own cache folder.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "bitnet-tests-inductor"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from bitnet_cli.bitlinear import (BitLinear, activation_quant, pack_ternary, straight_through,
-                                  ternary_codes_and_scale, unpack_ternary, weight_quant)
+from bitnet_cli import bitlinear
+from bitnet_cli.bitlinear import (BitLinear, activation_quant, pack_ternary, quantized_for_step,
+                                  shared_input_linear, straight_through, ternary_codes_and_scale,
+                                  unpack_ternary, weight_quant)
 
 
 def test_weights_are_ternary_times_absmean():
@@ -100,3 +102,51 @@ def test_codes_times_scale_is_the_ternary_weight_exactly():
         codes, scale = ternary_codes_and_scale(w)
         assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
         assert torch.equal(codes.float() * scale, weight_quant(w))
+
+
+def _layers(kind, *outs, seed=0):
+    torch.manual_seed(seed)
+    return [kind(16, out) if kind is BitLinear else torch.nn.Linear(16, out, bias=False)
+            for out in outs]
+
+
+@pytest.mark.parametrize("kind", [BitLinear, torch.nn.Linear])
+def test_shared_input_layers_as_one_matmul_give_each_layers_output_and_gradient(kind):
+    fused, alone = _layers(kind, 8, 4, 4), _layers(kind, 8, 4, 4)
+    x = torch.randn(2, 3, 16)
+    outs = shared_input_linear(x, fused)
+    for out, layer in zip(outs, alone):
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
+    sum(o.square().sum() for o in outs).backward()
+    sum(layer(x).square().sum() for layer in alone).backward()
+    for a, b in zip(fused, alone):
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # inference engines: each layer in turn, exactly
+        for out, layer in zip(shared_input_linear(x, fused), fused):
+            assert torch.equal(out, layer(x))
+
+
+def test_weights_are_quantized_once_per_optimizer_step(monkeypatch):
+    layer = BitLinear(16, 8)
+    calls = []
+    real = bitlinear.weight_quant
+    monkeypatch.setattr(bitlinear, "weight_quant", lambda w: calls.append(1) or real(w))
+    x = torch.randn(4, 16)
+    expected = layer(x)
+    calls.clear()
+    with quantized_for_step(layer):
+        for _ in range(3):  # three micro-steps of gradient accumulation
+            assert torch.equal(layer(x), expected)
+            layer(x).sum().backward()
+        assert layer.step_weight is not None
+    assert len(calls) == 1
+    assert layer.step_weight is None  # dropped before the optimizer step
+
+
+def test_back_to_training_drops_the_inference_copy_of_the_weights():
+    layer = BitLinear(16, 8).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    assert layer._frozen is not None
+    layer.train()
+    assert layer._frozen is None

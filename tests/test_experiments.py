@@ -7,6 +7,7 @@ from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.arithmetic import (ArithmeticTask, format_answer, format_prompt,
                                                parse_answer, solve)
 from bitnet_cli.experiments.problems import IGNORE
+from bitnet_cli.experiments.rows import DeviceBatches
 from bitnet_cli.model import BitNetForCausalLM
 
 
@@ -62,6 +63,19 @@ def test_stream_is_reproducible_and_resumable(name):
     answer = labels != IGNORE
     assert 0 < answer.float().mean() < 1
     assert torch.equal(labels[:, :-1][answer[:, :-1]], inputs[:, 1:][answer[:, :-1]])
+
+
+def test_a_batch_made_ahead_is_not_counted_in_the_position():
+    task = load_experiment("tictactoe")
+    batches = DeviceBatches(task.stream(seed=3, batch_size=4, seq_len=10), torch.device("cpu"))
+    batches.next_batch()
+    batches.prefetch()  # made ahead, not handed out yet
+    state = batches.state_dict()
+    expected = batches.next_batch()
+    resumed = DeviceBatches(task.stream(seed=99, batch_size=4, seq_len=10), torch.device("cpu"))
+    resumed.load_state_dict(state)
+    got = resumed.next_batch()
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
 
 
 def greedy_answers(model, task, problems):

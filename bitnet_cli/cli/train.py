@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli import app, friendly
+from bitnet_cli.config import COMPILE_MIN_STEPS
 from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
@@ -72,7 +73,9 @@ def train(
                                                   "<experiment>-<size>-<timestamp>."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps. auto picks cuda, then mps, then cpu."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                           help="torch.compile the model (default: on for CUDA only).",
+                                           help="torch.compile the training step (default: on for CUDA, and on a "
+                                                f"CPU for runs of {COMPILE_MIN_STEPS}+ steps). Without a C++ "
+                                                "compiler: one line, then eager training.",
                                            show_default=False),
     quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
                                               "twin with the same names and shapes)."),

@@ -37,3 +37,41 @@ class RowStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.rows = state["seed"], state["rows"]
+
+
+class DeviceBatches:
+    """A stream's batches on the training device, the next one made ahead of time.
+
+    The loop calls `prefetch()` once a step's work is queued: on a GPU, which computes while
+    the host goes on, the next batch is then made and its copy started (from pinned memory,
+    without waiting) while the step runs. `state_dict()` is the position of the batches handed
+    out, not counting the one made ahead, so a checkpoint resumes at the right batch.
+    """
+
+    def __init__(self, stream: RowStream, device: torch.device):
+        self.stream, self.device = stream, device
+        self.pinned = device.type == "cuda"
+        self.ahead = None  # (stream state before it, (inputs, labels) on the device)
+
+    def prefetch(self) -> None:
+        if self.ahead is None:
+            state = self.stream.state_dict()
+            batch = tuple(self._to_device(t) for t in self.stream.next_batch())
+            self.ahead = (state, batch)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prefetch()
+        (_, batch), self.ahead = self.ahead, None
+        return batch
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pinned:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def state_dict(self) -> dict:
+        return self.ahead[0] if self.ahead is not None else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ahead = None
+        self.stream.load_state_dict(state)
