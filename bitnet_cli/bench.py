@@ -3,7 +3,9 @@ asserted by timed tests. Random weights on the presets' shapes: speed and size d
 on what a model has learned.
 
     machine      memory bandwidth: the limit decoding runs into (it reads every weight per token)
-    train_step   BitNet's forward + backward + AdamW step against its --quant none twin
+    train_step   BitNet's forward + backward + AdamW step against its --quant none twin, eager
+                 and compiled (on CUDA in bf16 autocast, with tokens/s and MFU)
+    data         the CPU's time to make one batch, for every experiment and size
     decode       tokens/s with the KV cache: the int8 engine against the float engine in fp32
                  and in bf16 autocast; bytes of weights read per token and the GB/s that makes
     layers       the BitLinear matmuls alone at decode shape (one token), float against int8
@@ -23,10 +25,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitnet_cli.bitlinear import BitLinear
+from bitnet_cli.bitlinear import BitLinear, quantized_for_step
+from bitnet_cli.compiled import compiler_problem, deterministic_kernels, use_bitnet_cache
 from bitnet_cli.config import ModelConfig
 from bitnet_cli.presets import PRESETS
 from bitnet_cli.int8 import Int8Linear, to_int8
@@ -38,6 +42,8 @@ from bitnet_cli.optim import build_optimizer
 TRAIN_SHAPES = [("arithmetic", "tiny", 64, 64), ("arithmetic", "5M", 64, 64),
                 ("tinystories", "12M", 4, 256), ("baseline", "95M", 2, 256)]
 DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
+CUDA_TRAIN_SHAPE = ("baseline", "95M", 16, 256)  # the preset's micro-batch
+STEP_REPEATS = 4
 PROMPT_TOKENS, NEW_TOKENS = 16, 48
 HEAD_BYTES = {"float32": 4, "bf16 autocast": 4, "int8": 2}  # the int8 engine's head is float16
 
@@ -73,28 +79,103 @@ def machine() -> dict:
             "read_gb_s": x.nbytes / t["read"] / 1e9, "copy_gb_s": 2 * x.nbytes / t["copy"] / 1e9}
 
 
-def train_step(experiment: str, size: str, batch_size: int, seq_len: int) -> dict:
-    """Best step time of BitNet and of its twin, each timed while it is the only model in the
-    process (built, warmed up, timed, freed; in the order twin, BitNet, BitNet, twin). Two
-    live models make each other's steps slower through the memory allocator, unevenly."""
+def train_step(experiment: str, size: str, batch_size: int, seq_len: int,
+               device: str = "cpu") -> dict:
+    """Best step time of BitNet and of its twin, each eager and compiled. Each case is timed
+    while its model is the only one in the process (built, warmed up, timed, freed): two live
+    models make each other's steps slower through the memory allocator, unevenly. On CUDA the
+    steps run in bf16 autocast, as training does there."""
     ids = torch.randint(0, PRESETS[experiment]["vocab_size"], (batch_size, seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
-    best = {"ternary": float("inf"), "none": float("inf")}
-    for quant in ("none", "ternary", "ternary", "none"):
-        model = build(experiment, size, seq_len, quant).train()
-        optimizer = build_optimizer(model, 1e-3, 0.1, "cpu")
-        for i in range(3):  # the first is a warm-up
-            start = time.perf_counter()
-            F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i:
-                best[quant] = min(best[quant], time.perf_counter() - start)
-        del model, optimizer
-        gc.collect()
-    return {"shape": f"{experiment} {size}", "batch": f"{batch_size} x {seq_len}",
-            "bitnet_s": best["ternary"], "twin_s": best["none"],
-            "ratio": best["ternary"] / best["none"]}
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    problem = compiler_problem(torch.device(device))
+    use_bitnet_cache()
+    best, compile_s = {}, {}
+    for compiled in (False,) if problem else (False, True):
+        for quant in ("none", "ternary"):
+            times = _step_times(build(experiment, size, seq_len, quant), compiled, ids, device)
+            best[quant, compiled] = min(times[1:])
+            if compiled:
+                compile_s[quant] = times[0]
+            gc.collect()
+    tokens = batch_size * seq_len
+    result = {"shape": f"{experiment} {size}", "batch": f"{batch_size} x {seq_len}",
+              "tokens": tokens, "bitnet_s": best["ternary", False], "twin_s": best["none", False],
+              "ratio": best["ternary", False] / best["none", False]}
+    if problem:
+        return {**result, "compiled": None, "compile_problem": problem}
+    result["compiled"] = {
+        "bitnet_s": best["ternary", True], "twin_s": best["none", True],
+        "ratio": best["ternary", True] / best["none", True],
+        "vs_eager": best["ternary", True] / best["ternary", False],
+        "first_step_s": compile_s["ternary"],
+        "tok_per_s": tokens / best["ternary", True],
+        "twin_tok_per_s": tokens / best["none", True]}
+    if device == "cuda":
+        result["compiled"].update(_mfu(experiment, size, seq_len, result["compiled"]))
+    return result
+
+
+def _step_times(model, compiled: bool, ids: torch.Tensor, device: str) -> list[float]:
+    """Wall times of STEP_REPEATS + 1 training steps, the first a warm-up (and the compile),
+    as the training loop takes them: weights quantized once per step, deterministic kernels
+    around a compiled step, bf16 autocast on CUDA."""
+    model = model.to(device).train()
+    optimizer = build_optimizer(model, 1e-3, 0.1, device)
+    forward = torch.compile(model) if compiled else model
+    times = []
+    for _ in range(STEP_REPEATS + 1):
+        start = time.perf_counter()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+        kernels = deterministic_kernels() if compiled else contextlib.nullcontext()
+        with quantized_for_step(model), autocast, kernels:
+            logits = forward(ids[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _mfu(experiment: str, size: str, seq_len: int, compiled: dict) -> dict:
+    """Model FLOPs utilization of the compiled steps: FLOPs per token as `bitnet cost` counts
+    them, over the bf16 peak of this GPU in cost's table (None for a GPU not in it)."""
+    from bitnet_cli.cost import gpu_named, shape_of, training_flops_per_token
+    name = torch.cuda.get_device_name()
+    gpu = gpu_named(name)
+    with torch.device("meta"):
+        config = build(experiment, size, seq_len).config
+    per_token = training_flops_per_token(shape_of(config, "bench"), seq_len)
+    peak = gpu.peak_tflops * 1e12 if gpu else None
+    return {"gpu": name, "gpu_in_table": gpu.name if gpu else None,
+            "peak_tflops": gpu.peak_tflops if gpu else None, "flops_per_token": per_token,
+            "mfu": compiled["tok_per_s"] * per_token / peak if peak else None,
+            "twin_mfu": compiled["twin_tok_per_s"] * per_token / peak if peak else None}
+
+
+def data(repeats: int = 10) -> list[dict]:
+    """Milliseconds the CPU takes to make one batch, for every experiment and size at the
+    preset's batch shape: work the training loop does between steps. Text experiments cut
+    windows from a token array (random tokens here, as the shard cache holds them)."""
+    from bitnet_cli.config import build_configs
+    from bitnet_cli.experiments import load_experiment
+    from bitnet_cli.experiments.text import WindowStream
+    rows = []
+    for experiment, preset in PRESETS.items():
+        task = load_experiment(experiment)
+        for size in preset["sizes"]:
+            _, cfg = build_configs(experiment, size)
+            if hasattr(task, "prepare"):
+                tokens = np.random.default_rng(0).integers(
+                    0, preset["vocab_size"], 2_000_000, dtype=np.int64).astype(np.uint16)
+                stream = WindowStream(tokens, cfg.seed, cfg.batch_size, cfg.seq_len)
+            else:
+                stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len)
+            t = best_of({"batch": stream.next_batch}, repeats)
+            rows.append({"shape": f"{experiment} {size}",
+                         "batch": f"{cfg.batch_size} x {cfg.seq_len}", "ms": 1e3 * t["batch"]})
+    return rows
 
 
 def weight_bytes(model: torch.nn.Module, head_bytes: int) -> int:
@@ -237,14 +318,22 @@ def kv_cache(experiment: str = "tinystories", size: str = "12M", new_tokens: int
             "no_cache_tok_per_s": new_tokens / t["none"]}
 
 
-def run_all(progress=lambda what: None) -> dict:
+def run_all(progress=lambda what: None, device: str = "cpu") -> dict:
+    """Every section on the CPU; on CUDA, the machine and the 95M training step (decoding on a
+    GPU is the int8 engine's next step, not measured here yet)."""
     results = {}
-    steps = [("machine", machine),
-             ("train_step", lambda: [train_step(*s) for s in TRAIN_SHAPES]),
-             ("decode", lambda: [decode(*s) for s in DECODE_SHAPES]),
-             ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
-             ("memory", memory),
-             ("kv_cache", kv_cache)]
+    if device == "cuda":
+        steps = [("machine", lambda: {"gpu": torch.cuda.get_device_name(),
+                                      "torch": torch.__version__, "cuda": torch.version.cuda}),
+                 ("train_step", lambda: [train_step(*CUDA_TRAIN_SHAPE, device="cuda")])]
+    else:
+        steps = [("machine", machine),
+                 ("train_step", lambda: [train_step(*s) for s in TRAIN_SHAPES]),
+                 ("data", data),
+                 ("decode", lambda: [decode(*s) for s in DECODE_SHAPES]),
+                 ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
+                 ("memory", memory),
+                 ("kv_cache", kv_cache)]
     for name, fn in steps:
         progress(name)
         results[name] = fn()

@@ -70,7 +70,7 @@ class ChatSession:
         self.tokenizer = self.loaded.tokenizer
         self.context = self.loaded.config.max_position_embeddings
         self.turns: list[list[int]] = []  # each earlier prompt with its reply, oldest first
-        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self.generator: torch.Generator | None = None  # see sampler()
         self.last = ReplyStats()
 
     @property
@@ -102,6 +102,14 @@ class ChatSession:
                               f"{self.context}; shorten it")
         return ids
 
+    def sampler(self) -> torch.Generator | None:
+        """The seeded generator of every reply's sampling, on the model's device, where the
+        logits are drawn from (None without --seed: fresh randomness)."""
+        if self.generator is None and self.seed is not None:
+            device = self.loaded.model.rope_cos.device
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
     def reply(self, text: str) -> Iterator[str]:
         """Yield the reply as text pieces while it is generated. Stop it by closing the
         generator (KeyboardInterrupt in the caller does that); what was said stays in history."""
@@ -116,7 +124,7 @@ class ChatSession:
         try:
             for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,
                                   self.sampling.top_k, self.sampling.top_p, stop_ids,
-                                  generator=self.generator):
+                                  generator=self.sampler()):
                 if token in stop_ids:
                     self.last.stopped = "stop token"
                     break

@@ -263,7 +263,7 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
     own_steps = None if params is not None else "preset" if preset_name is not None else "run"
     horizon = _horizon(shape, train, n_tokens, n_steps, own_steps)
 
-    per_token = 6 * shape.params + 12 * shape.layers * shape.hidden * horizon.seq_len
+    per_token = training_flops_per_token(shape, horizon.seq_len)
     flops = horizon.tokens * per_token
     memory = _memory(shape, horizon)
     rows = []
@@ -319,6 +319,27 @@ def training_bytes(model: ModelConfig, batch_size: int, seq_len: int) -> int:
     """What one training step of `batch_size` sequences holds at once, by the formula above."""
     horizon = Horizon(0, batch_size, seq_len, 1, None, "")
     return _memory(shape_of(model, "run"), horizon)["training"]["total"]
+
+
+def training_flops_per_token(shape: Shape, seq_len: int) -> int:
+    """6N for the weight matmuls forward and backward, 12·L·d·T for attention (see the top)."""
+    return 6 * shape.params + 12 * shape.layers * shape.hidden * seq_len
+
+
+def gpu_named(device_name: str) -> GPU | None:
+    """The table's entry for a name as torch.cuda.get_device_name gives it ("NVIDIA H100 80GB
+    HBM3", "NVIDIA A100-SXM4-40GB"), or None: the entry with the most of its name's parts in
+    it wins, then what a bare "H100" or "A100" usually means."""
+    key = _key(device_name)
+    scored = []
+    for g in GPUS:
+        parts = [_key(part) for part in g.name.split("-")]
+        if all(part in key for part in parts):
+            scored.append((sum(map(len, parts)), g))
+    if scored:
+        return max(scored, key=lambda pair: pair[0])[1]
+    alias = next((a for a in ALIASES if a in key), None)
+    return next(g for g in GPUS if g.name == ALIASES[alias]) if alias else None
 
 
 def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list[GPU],

@@ -94,7 +94,7 @@ def test_a_huge_number_typed_into_play_is_asked_again(model, monkeypatch):
 
     loaded = SimpleNamespace(notes=[], checkpoint="ttt", step=1, engine="float")
     monkeypatch.setattr(tictactoe, "load_player",
-                        lambda selector, engine=None: (FirstFreeCell(), loaded))
+                        lambda selector, engine=None, device="auto": (FirstFreeCell(), loaded))
     result = run(model, "play", "ttt", input="9" * 5000 + "\n99999999999999999999\nq\n", code=0)
     assert "there is no cell 9999...: cells are numbered 1-9" in result.stdout
     assert result.stdout.count("Your move (X)") == 3

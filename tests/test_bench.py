@@ -3,10 +3,14 @@ numbers are measurements to read, never asserted."""
 
 import io
 
+import pytest
+import torch
+
 from rich.console import Console
 
 from bitnet_cli import bench, ui
 from bitnet_cli.presets import PRESETS
+from tests.cli import invoke
 
 
 def test_sections_run_count_bytes_and_render():
@@ -29,8 +33,12 @@ def test_sections_run_count_bytes_and_render():
     assert all(e["tok_per_s"] > 0 for e in engines.values())
     assert decode["layers"]["count"] == 7 * layers and decode["layers"]["ratio"] > 0
 
+    step = bench.train_step("simple", "tiny", 4, 16)
+    assert step["compiled"]["vs_eager"] > 0 and step["compiled"]["first_step_s"] > 0
     results = {"machine": bench.machine(),
-               "train_step": [bench.train_step("simple", "tiny", 4, 16)],
+               "train_step": [step],
+               "data": [row for row in bench.data(repeats=1)
+                        if row["shape"] in ("tictactoe tiny", "tinystories tiny")],
                "decode": [decode], "size": [size],
                "memory": [bench.rss("idle", "-")],
                "kv_cache": bench.kv_cache("simple", "tiny", new_tokens=8)}
@@ -38,6 +46,16 @@ def test_sections_run_count_bytes_and_render():
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(ui.bench_report(results))
     text = console.export_text()
+    assert "compiled / eager" in text and "making one batch" in text
+    assert "tictactoe tiny" in text and "tinystories tiny" in text
     for title in ("training step", "decode with the KV cache", "weights read per decoded token",
                   "BitLinear layers alone", "2-bit packed", "memory", "re-running"):
         assert title in text
+
+
+def test_bench_on_cuda_without_one_is_one_clear_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("bench", "--device", "cuda", code=1)
+    assert result.output.count("\n") == 1 and "--device cuda is not available here" in result.output
+    assert "Traceback" not in result.output

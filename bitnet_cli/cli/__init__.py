@@ -28,6 +28,7 @@ app = typer.Typer(
 
 
 MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
                "default on CPU). float: the training maths in floating point (the default on "
                "GPUs). Same quantization, same greedy tokens.")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import ENGINE_HELP, MODEL_HELP, app, friendly
+from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, friendly
 from bitnet_cli.errors import BitnetError
 COMMANDS = """/help      this list
 /reset     forget the conversation so far
@@ -31,6 +31,7 @@ def chat(
                    "context is full.", show_default=False),
     seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Talk to a trained model, streaming its reply token by token.
 
@@ -43,8 +44,9 @@ def chat(
     """
     from bitnet_cli.chat import ChatSession, Sampling
     from bitnet_cli.inference import load_model
+    from bitnet_cli.run_setup import resolve_device
 
-    loaded = load_model(model, engine=engine)
+    loaded = load_model(model, resolve_device(device), engine)
     for note in loaded.notes:
         typer.echo(note, err=True)
     if loaded.experiment == "tictactoe":

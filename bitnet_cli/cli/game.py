@@ -13,11 +13,12 @@ from bitnet_cli.tictactoe import DRAW, START, IllegalMove, parse_move, place, re
 QUIT = ("q", "quit", "exit")
 
 
-def play_session(selector: str, person: str, console=ui.stdout, engine: str | None = None) -> None:
+def play_session(selector: str, person: str, console=ui.stdout, engine: str | None = None,
+                 device: str = "auto") -> None:
     """Games until the person declines another, quits, or input ends. `person` is "X" or "O"."""
     from bitnet_cli.experiments.tictactoe import load_player
 
-    player, loaded = load_player(selector, engine)
+    player, loaded = load_player(selector, engine, device)
     for note in loaded.notes:
         ui.stderr.print(note, markup=False)
     console.print(f"Playing {loaded.checkpoint} (step {loaded.step}, {loaded.engine} engine). "

@@ -46,12 +46,17 @@ def export(
 
 @app.command(rich_help_panel="Shipping")
 @friendly
-def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+          device: str = typer.Option("cpu", help="cpu (every section) or cuda (the 95M training "
+                                                 "step in bf16 autocast, with tokens/s and MFU).")
+          ) -> None:
     """Measure speed and size side by side in one process: ratios first, absolute numbers beside
     them. Random weights on the presets' shapes (tiny to 95M); about two minutes on 2 cores, so
     close other work first.
 
-    training step: BitNet against its --quant none twin (forward, backward, AdamW).
+    training step: BitNet against its --quant none twin (forward, backward, AdamW), eager and
+    compiled (torch.compile), and compiled against eager; with --device cuda the 95M step with
+    tokens/s and MFU (FLOPs per token as `bitnet cost` counts them, over the GPU's bf16 peak).
     decode: tokens/s with the KV cache, the int8 engine (float16 head) against the float engine
     in fp32 and in bf16 autocast; the bytes of weights each token reads and the GB/s that makes,
     beside the machine's own memory bandwidth; the BitLinear layers alone at one token.
@@ -62,9 +67,13 @@ def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.
     from bitnet_cli import ui
     from bitnet_cli.bench import run_all
     from bitnet_cli.files import to_json
+    from bitnet_cli.run_setup import resolve_device
 
+    if device not in ("cpu", "cuda"):
+        raise BitnetError(f"--device must be cpu or cuda, not {device!r}")
+    resolve_device(device)  # one line where there is no CUDA
     with ui.stderr.status("measuring...") as status:
-        results = run_all(lambda what: status.update(f"measuring: {what}..."))
+        results = run_all(lambda what: status.update(f"measuring: {what}..."), device)
     if json:
         typer.echo(to_json(results))
     else:

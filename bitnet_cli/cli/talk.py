@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import ENGINE_HELP, app, friendly
+from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, app, friendly
 from bitnet_cli.errors import BitnetError
 
 MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
@@ -18,6 +18,7 @@ def play(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     as_: str = typer.Option("x", "--as", help="Play as x (moves first) or o."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Play tic-tac-toe against a model trained on the tictactoe experiment.
 
@@ -29,7 +30,7 @@ def play(
     if side not in ("X", "O"):
         raise BitnetError(f"--as must be x or o, got {as_!r}")
     from bitnet_cli.cli.game import play_session
-    play_session(model, side, engine=engine)
+    play_session(model, side, engine=engine, device=device)
 
 
 @app.command("eval", rich_help_panel="Using a model")
@@ -38,6 +39,7 @@ def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Measure a model on its experiment's held-out task.
 
@@ -50,7 +52,7 @@ def evaluate(
     from bitnet_cli import ui
     from bitnet_cli.evaluate import evaluate_model
     from bitnet_cli.files import to_json
-    report = evaluate_model(model, engine=engine)
+    report = evaluate_model(model, device, engine)
     for note in report["skipped_checkpoints"]:
         typer.echo(note, err=True)
     if json:
