@@ -167,8 +167,8 @@ def data(repeats: int = 10) -> list[dict]:
         for size in preset["sizes"]:
             _, cfg = build_configs(experiment, size)
             if hasattr(task, "prepare"):
-                tokens = np.random.default_rng(0).integers(
-                    0, preset["vocab_size"], 2_000_000, dtype=np.int64).astype(np.uint16)
+                tokens = np.random.default_rng(0).integers(0, preset["vocab_size"], 2_000_000,
+                                                           dtype=np.uint16)
                 stream = WindowStream(tokens, cfg.seed, cfg.batch_size, cfg.seq_len)
             else:
                 stream = task.stream(cfg.seed, cfg.batch_size, cfg.seq_len)

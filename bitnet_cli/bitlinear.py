@@ -87,6 +87,14 @@ class BitLinear(nn.Linear):
             self._frozen = (key, weight_quant(self.weight))
         return self._frozen[1]
 
+    def training_weight(self) -> torch.Tensor:
+        """The quantized weight a training forward uses: the step's (see quantized_for_step),
+        or quantized now."""
+        if self.step_weight is not None:
+            return self.step_weight
+        with torch.no_grad():
+            return weight_quant(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(activation_quant(x), self.frozen_weight())
@@ -94,9 +102,8 @@ class BitLinear(nn.Linear):
         # in for their gradient), so they run without autograd and save nothing for backward.
         with torch.no_grad():
             x_q = activation_quant(x)
-            w_q = self.step_weight if self.step_weight is not None else weight_quant(self.weight)
         return F.linear(straight_through(x.float(), x_q),
-                        straight_through(self.weight.float(), w_q))
+                        straight_through(self.weight.float(), self.training_weight()))
 
 
 def shared_input_linear(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
@@ -110,11 +117,9 @@ def shared_input_linear(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
     if kinds == {BitLinear}:
         with torch.no_grad():
             x_q = activation_quant(x)
-            w_q = [layer.step_weight if layer.step_weight is not None
-                   else weight_quant(layer.weight) for layer in layers]
         x = straight_through(x.float(), x_q)
-        weight = torch.cat([straight_through(layer.weight.float(), w)
-                            for layer, w in zip(layers, w_q)])
+        weight = torch.cat([straight_through(layer.weight.float(), layer.training_weight())
+                            for layer in layers])
     else:
         weight = torch.cat([layer.weight for layer in layers])
     return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)

@@ -63,31 +63,31 @@ def compiler_problem(device: torch.device) -> str | None:
 class TrainingForward:
     """What the training step calls the model through: compiled, or the module itself.
 
-    `run(micro_step, *args)` calls micro_step(forward, *args), which runs one micro-step's forward and
-    backward. Inductor compiles the forward on the first call and the backward on the first
-    backward, so if that first micro-step fails, it is said in one line through `notice`, the
-    gradients it may have left are dropped, and it runs again eagerly, as does every later one.
-    A failure after the first micro-step is the model's own and is raised as it is."""
+    `run(micro_step, *args)` calls micro_step(forward, *args), which runs one micro-step's
+    forward and backward. Inductor compiles the forward on the first call and the backward on
+    the first backward, so if that first micro-step fails, it is said in one line through
+    `notice`, the gradients it may have left are dropped, and it runs again eagerly, as does
+    every later one. A failure after the first micro-step is the model's own and is raised as
+    it is."""
 
     def __init__(self, module: torch.nn.Module, compile: bool, notice):
         self.module, self.notice = module, notice
         self.forward = torch.compile(module) if compile else module
-        self.settled = not compile
+        self.settled = False  # whether the compiled module has run a micro-step
 
     @property
     def compiled(self) -> bool:
         return self.forward is not self.module
 
     def run(self, micro_step, *args):
-        if self.settled:
-            if not self.compiled:
-                return micro_step(self.forward, *args)
-            with deterministic_kernels():
-                return micro_step(self.forward, *args)
+        if not self.compiled:
+            return micro_step(self.module, *args)
         try:
             with deterministic_kernels():
                 out = micro_step(self.forward, *args)
-        except Exception as e:  # noqa: BLE001 - whatever the compiler raised: go on without it
+        except Exception as e:  # whatever the compiler raised: go on without it
+            if self.settled:
+                raise
             text = str(e).strip()
             reason = text.splitlines()[0][:200] if text else "no message"
             self.notice(f"torch.compile failed ({type(e).__name__}: {reason}); training eagerly")

@@ -51,12 +51,13 @@ def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.
                                                  "step in bf16 autocast, with tokens/s and MFU).")
           ) -> None:
     """Measure speed and size side by side in one process: ratios first, absolute numbers beside
-    them. Random weights on the presets' shapes (tiny to 95M); about two minutes on 2 cores, so
-    close other work first.
+    them. Random weights on the presets' shapes (tiny to 95M); about nine minutes on 2 cores,
+    most of it compiling each shape's training step, so close other work first.
 
     training step: BitNet against its --quant none twin (forward, backward, AdamW), eager and
     compiled (torch.compile), and compiled against eager; with --device cuda the 95M step with
     tokens/s and MFU (FLOPs per token as `bitnet cost` counts them, over the GPU's bf16 peak).
+    data: the CPU's time to make one batch, for every experiment and size.
     decode: tokens/s with the KV cache, the int8 engine (float16 head) against the float engine
     in fp32 and in bf16 autocast; the bytes of weights each token reads and the GB/s that makes,
     beside the machine's own memory bandwidth; the BitLinear layers alone at one token.

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import app, friendly
+from bitnet_cli.cli import DEVICE_HELP, app, friendly
 from bitnet_cli.config import COMPILE_MIN_STEPS
 from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
@@ -71,7 +71,7 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K steps."),
     name: Optional[str] = typer.Option(None, help="Run id to use instead of "
                                                   "<experiment>-<size>-<timestamp>."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps. auto picks cuda, then mps, then cpu."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the training step (default: on for CUDA, and on a "
                                                 f"CPU for runs of {COMPILE_MIN_STEPS}+ steps). Without a C++ "
