@@ -59,3 +59,8 @@ def test_bench_on_cuda_without_one_is_one_clear_line():
     result = invoke("bench", "--device", "cuda", code=1)
     assert result.output.count("\n") == 1 and "--device cuda is not available here" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_on_an_unknown_device_is_one_clear_line():
+    result = invoke("bench", "--device", "tpu", code=1)
+    assert result.output.count("\n") == 1 and "--device must be cpu or cuda" in result.output

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from bitnet_cli.cli import MODEL_HELP, app, friendly
+from bitnet_cli.errors import BitnetError
 
 
 @app.command(rich_help_panel="Shipping")
