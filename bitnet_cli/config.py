@@ -120,6 +120,7 @@ class TrainConfig:
     data: str | None = None
     vocab_size: int | None = None  # text experiments: size of the BPE trained on the data
     extended_at: list[int] = dataclasses.field(default_factory=list)  # see optim.lr_factor
+    tensorboard: bool = False  # also write the metrics as TensorBoard event files
 
     def validate(self) -> None:
         if not isinstance(self.experiment, str) or not isinstance(self.size, str):
@@ -161,6 +162,8 @@ class TrainConfig:
             raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {_show(self.device)}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise BitnetError(f"compile must be true, false or null, got {_show(self.compile)}")
+        if not isinstance(self.tensorboard, bool):
+            raise BitnetError(f"tensorboard must be true or false, got {_show(self.tensorboard)}")
         if self.data is not None and not isinstance(self.data, str):
             raise BitnetError(f"--data must be a path, got {_show(self.data)}")
         if self.name is not None:

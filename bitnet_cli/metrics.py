@@ -10,6 +10,19 @@ from pathlib import Path
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import to_json, write_bytes_atomic
 
+# The rows health.py writes at each evaluation of a ternary run (names and meanings).
+TERNARY_SPLIT = "ternary"
+TERNARY_SHARES = ("minus", "zeros", "plus")  # codes -1, 0, +1
+TERNARY_METRICS = TERNARY_SHARES + ("flips", "scale", "act_absmax")
+TERNARY_ABOUT = {
+    "minus": "share of weights at -1",
+    "zeros": "share of weights at 0",
+    "plus": "share of weights at +1",
+    "flips": "share of codes changed since the previous evaluation (see flips_since)",
+    "scale": "the weight scale mean|W|",
+    "act_absmax": "mean per-token absmax of the layer's input on the evaluation's tokens",
+}
+
 
 class MetricsWriter:
     """Appends rows; never through a symlink (O_NOFOLLOW), so a planted link cannot make a
@@ -30,6 +43,61 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+TENSORBOARD_FOLDER = "tensorboard"
+TENSORBOARD_EXTRA = ("--tensorboard needs TensorBoard, which is not installed: pip install "
+                     "'bitnet-cli[tensorboard]' (with pipx: pipx inject bitnet-cli tensorboard)")
+NOT_SCALARS = {"step", "split", "time", "tokens", "flips_since"}
+
+
+def check_tensorboard() -> None:
+    """One line, before anything is written, when the optional extra is missing."""
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        raise BitnetError(TENSORBOARD_EXTRA)
+
+
+class TensorBoardWriter:
+    """The same rows as TensorBoard event files in RUN/tensorboard, as `split/metric` scalars
+    (train/loss, eval/acc/+, ternary/flips, ...), through torch's SummaryWriter (TensorBoard's
+    own event format). A resumed run purges the events past its checkpoint, as metrics.jsonl
+    drops those rows, so TensorBoard shows each step once."""
+
+    def __init__(self, run_dir: Path, step: int):
+        check_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+        folder = run_dir / TENSORBOARD_FOLDER
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise BitnetError(f"{folder} is not a folder of the run's own; move it away (bitnet "
+                              "writes only inside the run folder)")
+        # Events from an earlier session at steps after `step` are dropped by TensorBoard's
+        # reader (the rows up to the checkpoint's step stay, as in metrics.jsonl).
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=step + 1 if step else None)
+
+    def write(self, row: dict) -> None:
+        for key, value in row.items():
+            if key not in NOT_SCALARS and _finite(value):
+                self.writer.add_scalar(f"{row['split']}/{key}", value, global_step=row["step"],
+                                       walltime=row.get("time"))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsLog:
+    """Every writer a run logs to (metrics.jsonl, and TensorBoard with --tensorboard)."""
+
+    def __init__(self, *writers):
+        self.writers = writers
+
+    def write(self, row: dict) -> None:
+        for writer in self.writers:
+            writer.write(row)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -97,3 +165,9 @@ def truncate_metrics(path: Path, step: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         write_bytes_atomic(path, "".join(kept).encode())
+
+
+def per_layer(row: dict, metric: str) -> dict[str, float]:
+    """One metric of a ternary row, layer by layer, in the model's order."""
+    prefix = f"{metric}/"
+    return {key[len(prefix):]: value for key, value in row.items() if key.startswith(prefix)}

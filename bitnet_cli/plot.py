@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import write_bytes_atomic
-from bitnet_cli.metrics import read_metrics
+from bitnet_cli.metrics import TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics
 from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, read_json
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -24,30 +24,48 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def collect(run_dir: Path, metric: str | None = None) -> dict:
+def collect(run_dir: Path, metric: str | None = None, by_layer: bool = False) -> dict:
     """The curves of one run. Without `metric`: train loss (raw and smoothed), eval loss, and the
-    experiment's headline eval metric. With one: that metric wherever it is logged."""
+    experiment's headline eval metric. With one: that metric wherever it is logged; a ternary
+    metric (zeros, flips, ...) for the whole model, or with `by_layer` one curve per layer."""
     rows = read_metrics(run_dir / METRICS_FILE)
     if not rows:
         raise BitnetError(f"run {run_dir.name} has no metrics yet")
     try:
-        headline = read_json(run_dir / CONFIG_FILE).get("headline")
+        config = read_json(run_dir / CONFIG_FILE)
     except (OSError, BitnetError):  # a damaged config.json: the loss curves alone
-        headline = None
+        config = {}
+    headline = config.get("headline")
     headline = headline if isinstance(headline, str) else None
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
+    ternary = [r for r in rows if r.get("split") == TERNARY_SPLIT]
 
     def points(source, key):
         return [(r["step"], r[key]) for r in source
                 if isinstance(r.get(key), (int, float)) and "step" in r]
 
+    if metric in TERNARY_METRICS:
+        if not ternary:
+            model = config.get("model")
+            why = ("it is a --quant none (full-precision) run, with no ternary codes"
+                   if isinstance(model, dict) and model.get("quant") == "none"
+                   else "it has not been evaluated yet (or predates these metrics)")
+            raise BitnetError(f"run {run_dir.name} has no {metric!r} curve: {why}")
+        if by_layer:
+            layers = list(dict.fromkeys(layer for r in ternary for layer in per_layer(r, metric)))
+            return {"run_id": run_dir.name, "panels": {f"{metric} by layer": {
+                layer: points(ternary, f"{metric}/{layer}") for layer in layers}}}
+        return {"run_id": run_dir.name, "panels": {metric: {metric: points(ternary, metric)}}}
+    if by_layer:
+        raise BitnetError(f"--by-layer goes with a ternary metric ({', '.join(TERNARY_METRICS)})")
     if metric:
         found = points(train, metric) or points(evals, metric)
         if not found:
-            known = sorted({k for r in rows for k, v in r.items()
+            known = sorted({k for r in train + evals for k, v in r.items()
                             if isinstance(v, (int, float)) and k not in ("step", "time")})
-            raise BitnetError(f"run {run_dir.name} has no metric {metric!r}; it has: {', '.join(known)}")
+            raise BitnetError(f"run {run_dir.name} has no metric {metric!r}; it has: "
+                              f"{', '.join(known + list(TERNARY_METRICS if ternary else []))}")
         return {"run_id": run_dir.name, "panels": {metric: {metric: found}}}
     train_loss = points(train, "loss")
     loss_panel = {
@@ -86,16 +104,17 @@ def write_figure(runs: list[dict], out: Path) -> Path:
     colours = matplotlib.colormaps["tab10"]
     for ax, panel in zip(axes, panel_names):
         for index, run in enumerate(runs):
-            for label, pts in run["panels"].get(panel, {}).items():
+            for line, (label, pts) in enumerate(run["panels"].get(panel, {}).items()):
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
-                style = _style(label)
-                ax.plot(xs, ys, color=colours(index % 10), label=f"{run['run_id']}: {label}", **style)
+                # One colour per run; a single run's curves (per layer, say) one colour each.
+                colour = colours((index if len(runs) > 1 else line) % 10)
+                ax.plot(xs, ys, color=colour, label=f"{run['run_id']}: {label}", **_style(label))
         ax.set_title(panel)
-        ax.set_xlabel("step")
+        ax.set_xlabel("tokens" if panel.endswith(" by tokens") else "step")
         ax.grid(alpha=0.3)
-        if panel == "loss":
+        if panel == "loss" or panel.startswith("eval loss"):
             ax.set_yscale("log")
         ax.legend(fontsize="small")
     image = io.BytesIO()

@@ -20,6 +20,7 @@ from bitnet_cli.config import (build_configs, format_count, model_config_from_di
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.files import write_json_atomic
+from bitnet_cli.metrics import check_tensorboard
 from bitnet_cli.presets import check_experiment
 from bitnet_cli.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
@@ -157,9 +158,9 @@ def run_tokenizer(run_dir: Path) -> Tokenizer:
 
 
 def prepare_resume(run_dir: Path, steps: int | None = None,
-                   share: dist.Share = dist.Share()) -> None:
-    """Check that a run can be resumed on the processes `share` describes, and extend it to
-    `steps`; nothing on disk changes unless every check passes. The caller holds the run's lock
+                   share: dist.Share = dist.Share(), tensorboard: bool = False) -> None:
+    """Check that a run can be resumed on the processes `share` describes, extend it to
+    `steps`, and turn on its TensorBoard log; nothing on disk changes unless every check passes. The caller holds the run's lock
     (see runs.run_lock), so no other process on this machine trains it. A run without a
     checkpoint (created but never started, or killed before its first save) starts at step 0:
     its config is all it needs."""
@@ -170,9 +171,12 @@ def prepare_resume(run_dir: Path, steps: int | None = None,
     if state.get("status") == "running" and on_other_host(state) and heartbeat_fresh(state):
         raise BitnetError(f"run {run_id} is running on {state['host']} (its heartbeat is "
                           "recent); stop it there first, or watch it with `bitnet status --watch`")
+    if cfg.tensorboard:  # a run trained with --tensorboard: the extra may have gone since
+        check_tensorboard()
     path, contents, _ = newest_loadable(run_dir / "checkpoints")
     done = contents[2]["step"] if path is not None else 0
     total = cfg.steps
+    changed = dataclasses.replace(cfg, tensorboard=cfg.tensorboard or tensorboard)
     if steps is not None:
         if steps <= done:
             raise BitnetError(f"--steps {steps} is not more than the {done} steps run {run_id} "
@@ -180,13 +184,14 @@ def prepare_resume(run_dir: Path, steps: int | None = None,
         if steps != total:
             # The planned schedule is kept; an extension begins where the plan ended (optim.py).
             marks = [m for m in cfg.extended_at if m < steps]
-            extended = dataclasses.replace(cfg, steps=steps,
-                                           extended_at=marks + [total] if steps > total else marks)
-            extended.validate()  # before anything is written
-            write_json_atomic(run_dir / CONFIG_FILE, {**config, "train": to_dict(extended)})
+            changed = dataclasses.replace(changed, steps=steps, extended_at=marks + [total]
+                                          if steps > total else marks)
+            changed.validate()  # before anything is written
     elif done >= total:
         raise BitnetError(f"run {run_id} already finished all {total} steps; pass --steps N "
                           f"(more than {total}) to train it further")
+    if changed != cfg:
+        write_json_atomic(run_dir / CONFIG_FILE, {**config, "train": to_dict(changed)})
 
 
 def record_worker_failure(run_dir: Path, failure: str) -> str:

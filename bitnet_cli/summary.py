@@ -7,7 +7,8 @@ from pathlib import Path
 
 from bitnet_cli.config import check_fields, model_config_from_dict, train_config_from_dict
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.metrics import read_metrics, read_metrics_tail
+from bitnet_cli.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
+                               read_metrics_tail)
 from bitnet_cli.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_run_dirs, read_json,
                              run_status)
 
@@ -100,6 +101,7 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
     rows = read_metrics(run_dir / METRICS_FILE)
     train_rows = [r for r in rows if r.get("split") == "train"]
     eval_rows = [r for r in rows if r.get("split") == "eval"]
+    ternary_rows = [r for r in rows if r.get("split") == TERNARY_SPLIT]
     config, state, problem = read_run(run_dir)
     return {
         **_row(run_dir, config, state, problem),
@@ -109,9 +111,21 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
         "created_at": config.get("created_at"),
         "recent_train": train_rows[-recent:],
         "recent_eval": eval_rows[-recent:],
+        "recent_ternary": [{key: r[key] for key in ("step", "flips_since", *TERNARY_METRICS)
+                            if key in r} for r in ternary_rows[-recent:]],
+        "ternary_layers": _layers(ternary_rows[-1]) if ternary_rows else {},
         "checkpoints": checkpoints(run_dir),
         "loss_sparkline": sparkline([r["loss"] for r in train_rows if "loss" in r]),
     }
+
+
+def _layers(row: dict) -> dict[str, dict]:
+    """A ternary row's per-layer metrics as {layer: {metric: value}}, in the model's order."""
+    layers: dict[str, dict] = {}
+    for metric in TERNARY_METRICS:
+        for layer, value in per_layer(row, metric).items():
+            layers.setdefault(layer, {})[metric] = value
+    return layers
 
 
 def checkpoints(run_dir: Path) -> list[dict]:

@@ -29,7 +29,8 @@ from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.problems import IGNORE
 from bitnet_cli.experiments.rows import DeviceBatches
 from bitnet_cli.files import remove_leftovers
-from bitnet_cli.metrics import MetricsWriter, truncate_metrics
+from bitnet_cli.health import TernaryHealth
+from bitnet_cli.metrics import MetricsLog, MetricsWriter, TensorBoardWriter, truncate_metrics
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.optim import apply_schedule, build_optimizer
 from bitnet_cli.run_setup import (autocast_for, check_memory, prepare_task, read_run_config,
@@ -110,11 +111,16 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         # file holds each step once, as an uninterrupted run's would.
         truncate_metrics(run_dir / METRICS_FILE, step)
 
+    # The codes now are what the first evaluation's flips are counted against.
+    health = TernaryHealth(model, step) if share.is_main else None
     trained = dist.wrap(model, share, device)
     forward = training_forward(trained, wants_compile(cfg, device), device, reporter.notice)
 
     state = StateFile(run_dir) if share.is_main else None
-    metrics = MetricsWriter(run_dir / METRICS_FILE) if share.is_main else None
+    metrics = None
+    if share.is_main:
+        metrics = MetricsLog(MetricsWriter(run_dir / METRICS_FILE),
+                             *([TensorBoardWriter(run_dir, step)] if cfg.tensorboard else []))
     if share.is_main:
         state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
                      world_size=share.world_size, local_world_size=share.local_world_size,
@@ -145,10 +151,15 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     def evaluate() -> dict | None:
         if not share.is_main:  # the others go on to the next step and wait for rank 0 there
             return None
+        started = time.perf_counter()
+        with health.watching_inputs():
+            measured = task.evaluate(model, device, autocast)
         row = {"step": step, "split": "eval", "tokens": tokens_seen, "time": time.time(),
-               **task.evaluate(model, device, autocast)}
+               **measured, "eval_s": time.perf_counter() - started}
         row["ppl"] = math.exp(min(row["loss"], 50.0))
         metrics.write(row)
+        if health.active:
+            metrics.write({**health.measure(step), "tokens": tokens_seen, "time": row["time"]})
         reporter.eval(row)
         return row
 

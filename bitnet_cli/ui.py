@@ -248,13 +248,43 @@ def run_detail(d: dict):
     evals.add_column("result")
     for r in d["recent_eval"]:
         evals.add_row(str(r.get("step")), format_eval(r, d["eval_metric"]))
+    parts = [head, recent, evals, *ternary_tables(d)]
     ckpts = Table(title="checkpoints", header_style="bold", title_justify="left")
     for column in ("name", "size", "saved", ""):
         ckpts.add_column(column)
     for c in d["checkpoints"]:
         ckpts.add_row(c["name"], f"{c['bytes'] / 2**20:.1f} MiB", (c.get("saved_at") or "-")[:19],
                       "latest" if c["latest"] else ("" if c["complete"] else "incomplete"))
-    return Group(head, recent, evals, ckpts)
+    return Group(*parts, ckpts)
+
+
+TERNARY_COLUMNS = (("-1", "minus", ".1%"), ("0", "zeros", ".1%"), ("+1", "plus", ".1%"),
+                   ("flips", "flips", ".2%"), ("mean|W|", "scale", ".4f"),
+                   ("input absmax", "act_absmax", ".2f"))
+
+
+def ternary_tables(d: dict) -> list:
+    """The codes at recent evaluations (the whole model), and layer by layer at the latest; a
+    line saying why there are none for a full-precision run."""
+    from rich.table import Table
+    if d["model"].get("quant") == "none":
+        return [Text("ternary codes: none, this is a --quant none (full-precision) run")]
+    if not d.get("recent_ternary"):
+        return []
+    recent = Table(title="ternary codes (whole model; flips since the evaluation before)",
+                   header_style="bold", title_justify="left")
+    layers = Table(title=f"ternary codes by layer at step {d['recent_ternary'][-1]['step']}",
+                   header_style="bold", title_justify="left")
+    recent.add_column("step", justify="right")
+    layers.add_column("layer")
+    for table in (recent, layers):
+        for title, _, _ in TERNARY_COLUMNS:
+            table.add_column(title, justify="right")
+    for r in d["recent_ternary"]:
+        recent.add_row(str(r.get("step")), *(_num(r.get(key), fmt) for _, key, fmt in TERNARY_COLUMNS))
+    for name, values in d.get("ternary_layers", {}).items():
+        layers.add_row(name, *(_num(values.get(key), fmt) for _, key, fmt in TERNARY_COLUMNS))
+    return [recent, layers]
 
 
 CHART_MARKERS = "•ox+*#@%"
@@ -437,3 +467,25 @@ def bench_report(r: dict):
     cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
                   f"{kv['no_cache_tok_per_s']:.1f} tok/s")
     return Group(train, data, decode, bandwidth, layers, size, memory, cache)
+
+
+def comparison_table(c: dict):
+    """`bitnet compare`: one column per run, each final metric with its ratio to the first."""
+    from rich.table import Table
+    table = Table(title=f"{c['experiment']}, final eval (x: ratio to "
+                        f"{c['runs'][0]['run_id']})", header_style="bold", title_justify="left")
+    table.add_column("")
+    for run in c["runs"]:
+        table.add_column(f"{run['run_id']}\n{run['quant']} {run['size']}", justify="right")
+    table.add_row("step", *(str(run["step"]) for run in c["runs"]))
+    table.add_row("tokens", *(_params(run.get("tokens")) for run in c["runs"]))
+    for metric in c["metrics"]:
+        fmt = ".4f" if metric in ("loss", "ppl") or "loss" in metric else ".1%"
+        cells = []
+        for index, run in enumerate(c["runs"]):
+            cell = _num(run["final"][metric], fmt)
+            if index and run["ratio"][metric] is not None:
+                cell += f" ({run['ratio'][metric]:.3f}x)"
+            cells.append(cell)
+        table.add_row(metric, *cells)
+    return table

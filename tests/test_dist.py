@@ -44,7 +44,7 @@ def torchrun(*args) -> subprocess.CompletedProcess:
 
 def losses(home, name) -> dict:
     rows = [json.loads(line) for line in (home / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    return {(r["step"], r["split"]): r["loss"] for r in rows}
+    return {(r["step"], r["split"]): r["loss"] for r in rows if "loss" in r}
 
 
 def state(home, name) -> dict:

@@ -23,6 +23,7 @@ COMMANDS = {
     "status --json": ["status", "--json"],
     "status RUN --json": ["status", VICTIM, "--json"],
     "plot RUN": ["plot", VICTIM],
+    "compare RUN": ["compare", HEALTHY, VICTIM],
     "chat RUN": ["chat", VICTIM, "--prompt", "abc=", "--temperature", "0"],
     "eval RUN --json": ["eval", VICTIM, "--json"],
     "play RUN": ["play", VICTIM],
@@ -37,9 +38,10 @@ LOADERS = ["chat RUN", "eval RUN --json", "play RUN", "export RUN"]
 # the run through the home's config.json files; for that, and for `latest`, one loader stands
 # for all four (they share inference.load_model), which keeps the file to a few minutes.
 FILES = {
-    "config.json": ("json", LISTING + DETAIL + ["plot RUN", "chat RUN", "resume RUN"]),
-    "state.json": ("json", LISTING + DETAIL + ["resume RUN"]),
-    "metrics.jsonl": ("jsonl", LISTING + DETAIL + ["plot RUN", "resume RUN"]),
+    "config.json": ("json", LISTING + DETAIL + ["plot RUN", "compare RUN", "chat RUN",
+                                                "resume RUN"]),
+    "state.json": ("json", LISTING + DETAIL + ["compare RUN", "resume RUN"]),
+    "metrics.jsonl": ("jsonl", LISTING + DETAIL + ["plot RUN", "compare RUN", "resume RUN"]),
     "tokenizer.json": ("json", ["resume RUN"]),
     "checkpoints/latest": ("text", DETAIL + ["chat RUN", "resume RUN"]),
     f"checkpoints/{CKPT}/model.safetensors": ("tensors", DETAIL + LOADERS + ["resume RUN"]),
@@ -136,7 +138,7 @@ CASES = [pytest.param(file, corruption, command, id=f"{file}|{corruption}|{comma
 
 def test_the_matrix_covers_every_file_and_command():
     print(f"{len(CASES)} fuzz cases")
-    assert len(CASES) == 406
+    assert len(CASES) == 439
     assert {c for _, (_, commands) in FILES.items() for c in commands} == set(COMMANDS)
 
 

@@ -135,9 +135,10 @@ def test_bad_input(two_runs, args, message):
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_status_and_plot_import_no_torch(two_runs, tmp_path):
+def test_status_plot_and_compare_import_no_torch(two_runs, tmp_path):
     code = ("import sys; from bitnet_cli.cli import app\n"
             "for args in (['status'], ['status', 'bitnet'], ['plot', 'bitnet'],"
+            " ['plot', 'bitnet', '--metric', 'flips', '--by-layer'], ['compare', 'twin', 'bitnet'],"
             f" ['plot', 'bitnet', '--out', {str(tmp_path / 'x.png')!r}]):\n"
             "    try:\n        app(args)\n    except SystemExit as e:\n        assert not e.code, e\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")

@@ -26,6 +26,9 @@ def resume(
         None, help="Worker processes on this machine (default: as many as the run last used, "
                    "if it ran on one machine). Any number continues the same run: the batch "
                    "is global.", show_default=False),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="From now on also write the "
+                                     "metrics as TensorBoard event files in RUN/tensorboard "
+                                     "(a run trained with --tensorboard goes on writing them)."),
 ) -> None:
     """Continue a run from its newest good checkpoint, exactly where it stopped.
 
@@ -46,6 +49,9 @@ def resume(
     from bitnet_cli.run_setup import last_world_size, prepare_resume
 
     nproc = parse_nproc(nproc_per_node)
+    if tensorboard:
+        from bitnet_cli.metrics import check_tensorboard
+        check_tensorboard()
     share = dist.current()
     if share.distributed:  # under torchrun: rank 0 checks and extends the run, all train it
         if nproc is not None:
@@ -55,7 +61,7 @@ def resume(
         def prepare() -> str:
             run_dir = resolve_run(run)
             with run_lock(run_dir):
-                prepare_resume(run_dir, steps, share)
+                prepare_resume(run_dir, steps, share, tensorboard)
             return str(run_dir)
 
         train_with_view(Path(dist.main_first(share, prepare)))
@@ -65,7 +71,7 @@ def resume(
     # One writer per run: a second resume (or --steps change) of a run being trained is refused
     # before anything is written. With workers, rank 0 takes the lock over for the training.
     with run_lock(run_dir):
-        prepare_resume(run_dir, steps, dist.on_this_machine(nproc))
+        prepare_resume(run_dir, steps, dist.on_this_machine(nproc), tensorboard)
         if nproc == 1:
             train_with_view(run_dir)
             return
@@ -133,7 +139,10 @@ def plot(
     out: Optional[Path] = typer.Option(None, help="Write a .png, .svg or .pdf here instead of "
                                                   "drawing in the terminal."),
     metric: Optional[str] = typer.Option(None, help="Draw this metric instead of the loss curves "
-                                                    "(lr, grad_norm, tok_per_s, acc/+, ...)."),
+                                                    "(lr, grad_norm, tok_per_s, acc/+, ...), or "
+                                                    "one of the ternary codes' (see below)."),
+    by_layer: bool = typer.Option(False, "--by-layer", help="With a ternary metric: one curve "
+                                                            "per BitLinear layer."),
 ) -> None:
     """Draw loss curves for one or more runs: raw and smoothed train loss, eval loss, and the
     experiment's eval metric (accuracy for arithmetic).
@@ -141,13 +150,20 @@ def plot(
     Several runs share one figure, for example a BitNet run beside its --quant none twin:
 
       bitnet plot ternary full-precision --out curves.png
+
+    At every evaluation a ternary run also logs its codes, for the whole model and per layer:
+    zeros, minus and plus (the share of weights at 0, -1 and +1), flips (the share of codes
+    changed since the evaluation before: they should settle as the run converges), scale (the
+    weight scale mean|W|) and act_absmax (the mean per-token absmax of each layer's input):
+
+      bitnet plot ternary --metric flips --by-layer --out flips.png
     """
     from bitnet_cli import plot as plotting
     from bitnet_cli.runs import resolve_run
 
     if out is not None:
         plotting.check_out_path(out)
-    collected = [plotting.collect(resolve_run(r), metric) for r in runs]
+    collected = [plotting.collect(resolve_run(r), metric, by_layer) for r in runs]
     if out is not None:
         path = plotting.write_figure(collected, out)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", err=True)
@@ -161,3 +177,50 @@ def plot(
         ui.stdout.print(f"[bold]{panel}[/]")
         ui.stdout.print(ui.terminal_chart(series, width=min(100, ui.stdout.width - 12),
                                           log_y=panel == "loss"))
+
+
+@app.command(rich_help_panel="Watching")
+@friendly
+def compare(
+    runs: List[str] = typer.Argument(..., help="Two or more runs of one experiment; the first "
+                                               "is the yardstick.", show_default=False),
+    out: Optional[Path] = typer.Option(None, help="Also write the curves to a .png, .svg or "
+                                                  ".pdf: the held-out metric and loss against "
+                                                  "steps and against tokens."),
+    json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
+) -> None:
+    """Compare runs on their held-out metrics: each run's final evaluation side by side, with
+    its ratio to the first run's, and the curves against steps and tokens.
+
+    The comparison that matters for BitNet is a ternary run against its --quant none twin,
+    trained on the same data with the same seed:
+
+      bitnet train arithmetic --size tiny --name ternary
+      bitnet train arithmetic --size tiny --quant none --name full-precision
+      bitnet compare full-precision ternary --out compare.png
+    """
+    from bitnet_cli import plot as plotting
+    from bitnet_cli.compare import compare_runs, figure_runs
+    from bitnet_cli.runs import resolve_run
+
+    if len(runs) < 2:
+        raise BitnetError("compare needs two or more runs; to look at one, use "
+                          f"`bitnet status {runs[0]}` or `bitnet plot {runs[0]}`")
+    if out is not None:
+        plotting.check_out_path(out)
+    comparison = compare_runs([resolve_run(r) for r in runs])
+    if out is not None:
+        path = plotting.write_figure(figure_runs(comparison), out)
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", err=True)
+    if json:
+        from bitnet_cli.files import to_json
+        typer.echo(to_json(comparison))
+        return
+    from bitnet_cli import ui
+    ui.stdout.print(ui.comparison_table(comparison))
+    headline = comparison["headline"]
+    series = [(run["run_id"], [(p["step"], p[headline]) for p in run["curve"]
+                               if p.get(headline) is not None]) for run in comparison["runs"]]
+    ui.stdout.print(f"[bold]eval {headline} by step[/]")
+    ui.stdout.print(ui.terminal_chart(series, width=min(100, ui.stdout.width - 12),
+                                      log_y=headline == "loss"))

@@ -9,12 +9,17 @@ import typer
 
 from bitnet_cli.cli import DEVICE_HELP, app, friendly
 from bitnet_cli.config import COMPILE_MIN_STEPS
+from bitnet_cli.metrics import check_tensorboard
 from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
 _EXPERIMENTS = "\n\n".join(
     f"[bold]{name}[/] ({', '.join(p['sizes'])}; default {p['default_size']}): {p['about']}"
     for name, p in PRESETS.items())
+
+
+TENSORBOARD_HELP = ("Also write the metrics as TensorBoard event files in RUN/tensorboard "
+                    "(tensorboard --logdir RUN); needs pip install 'bitnet-cli[tensorboard]'.")
 
 
 def command_line(experiment: str, options: dict) -> list[str]:
@@ -92,9 +97,12 @@ def train(
         None, help="Data-parallel worker processes on this machine, one per GPU (or CPU "
                    "processes with gloo), started through torch.distributed.run.",
         show_default=False),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=TENSORBOARD_HELP),
 ) -> None:
     check_experiment(experiment)
     nproc = parse_nproc(nproc_per_node)
+    if tensorboard:
+        check_tensorboard()
     from bitnet_cli import dist
     from bitnet_cli.run_setup import create_run, prepare_data
     from bitnet_cli.ui import DataProgress
@@ -102,7 +110,8 @@ def train(
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                    save_every=save_every, name=name, device=device, compile=compile, quant=quant,
-                   activation=activation, data=data, vocab_size=vocab_size)
+                   activation=activation, data=data, vocab_size=vocab_size,
+                   tensorboard=tensorboard or None)
     argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
     share = dist.current()
     if share.distributed:  # every rank of a torchrun job runs this: rank 0 makes the run

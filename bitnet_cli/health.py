@@ -1,0 +1,108 @@
+"""How a ternary run is doing inside: its codes, measured at every evaluation.
+
+A loss curve does not say why a BitNet model outputs gibberish. Its codes do: the share of
+weights at -1, 0 and +1 (the zero state is b1.58's point), the share that changed since the
+last look (flips settle as training converges; a run that keeps flipping, or freezes at once,
+is unhealthy), each layer's weight scale mean|W|, and how large its 8-bit inputs are (the mean
+per-token absmax, over the tokens the evaluation runs through the model).
+
+Written to metrics.jsonl as one "ternary" row per evaluation: the model's totals under plain
+names (zeros, flips, ...) and every BitLinear's under `name/layer` (zeros/0.mlp.down_proj).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bitnet_cli.bitlinear import BitLinear, ternary_codes
+from bitnet_cli.metrics import TERNARY_SPLIT
+
+
+def layer_name(module_name: str) -> str:
+    """model.layers.0.self_attn.q_proj -> 0.self_attn.q_proj: short, still unique."""
+    return module_name.removeprefix("model.").removeprefix("layers.")
+
+
+def bitlinear_layers(model: torch.nn.Module) -> dict[str, BitLinear]:
+    return {layer_name(name): module for name, module in model.named_modules()
+            if isinstance(module, BitLinear)}
+
+
+class TernaryHealth:
+    """Keeps each layer's codes from the last measurement, to count what flipped since."""
+
+    def __init__(self, model: torch.nn.Module, step: int):
+        self.layers = bitlinear_layers(model)
+        self.reference_step = step
+        self.reference = self._codes()
+
+    @property
+    def active(self) -> bool:
+        """False for a --quant none model: it has no codes to watch."""
+        return bool(self.layers)
+
+    def _codes(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {name: ternary_codes(layer.weight).to(torch.int8)
+                    for name, layer in self.layers.items()}
+
+    @contextlib.contextmanager
+    def watching_inputs(self):
+        """Within it, every BitLinear call adds its input's per-token absmax to a running sum
+        (a tensor, so a GPU is not made to wait on each)."""
+        self.absmax = {name: [0, 0] for name in self.layers}
+
+        def recorder(name):
+            def record(module, args):
+                with torch.no_grad():
+                    per_token = args[0].detach().float().abs().amax(dim=-1)
+                    total = self.absmax[name]
+                    total[0] = total[0] + per_token.sum()
+                    total[1] += per_token.numel()
+            return record
+
+        handles = [layer.register_forward_pre_hook(recorder(name))
+                   for name, layer in self.layers.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def measure(self, step: int) -> dict:
+        """The row for this evaluation (step, split and the metrics; time added by the caller)
+        and the new reference for the next one's flips. Each layer's counts stay on its device
+        until one transfer at the end."""
+        started = time.perf_counter()
+        codes = self._codes()
+        counts = []  # per layer: weights at -1, 0, +1, flipped, sum |W|
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                census = torch.bincount(codes[name].flatten().add(1).to(torch.uint8), minlength=3)
+                flipped = (codes[name] != self.reference[name]).sum()
+                counts.append(torch.cat([census.float(), flipped.float().view(1),
+                                         layer.weight.detach().float().abs().sum().view(1)]))
+            table = torch.stack(counts).cpu()
+        row = {"step": step, "split": TERNARY_SPLIT}
+        sizes = torch.tensor([float(codes[name].numel()) for name in self.layers])
+        shares = table / sizes.unsqueeze(1)
+        for index, name in enumerate(self.layers):
+            minus, zeros, plus, flips, scale = shares[index].tolist()
+            row.update({f"minus/{name}": minus, f"zeros/{name}": zeros, f"plus/{name}": plus,
+                        f"flips/{name}": flips, f"scale/{name}": scale})
+            seen = getattr(self, "absmax", {}).get(name)
+            if seen and seen[1]:
+                row[f"act_absmax/{name}"] = float(seen[0]) / seen[1]
+        for key, value in zip(("minus", "zeros", "plus", "flips", "scale"),
+                              (table.sum(dim=0) / sizes.sum()).tolist()):
+            row[key] = value
+        absmaxes = [row[key] for key in row if key.startswith("act_absmax/")]
+        if absmaxes:
+            row["act_absmax"] = sum(absmaxes) / len(absmaxes)
+        row["flips_since"] = self.reference_step
+        self.reference, self.reference_step = codes, step
+        row["measure_s"] = time.perf_counter() - started
+        return row
