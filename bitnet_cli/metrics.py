@@ -20,7 +20,7 @@ TERNARY_ABOUT = {
     "plus": "share of weights at +1",
     "flips": "share of codes changed since the previous evaluation (see flips_since)",
     "scale": "the weight scale mean|W|",
-    "act_absmax": "mean per-token absmax of the layer's input on the evaluation's tokens",
+    "act_absmax": "mean per-token absmax of the layer's input on the evaluation's first batch",
 }
 
 
