@@ -1,8 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from bitnet_cli.config import ModelConfig
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.arithmetic import (ArithmeticTask, format_answer, format_prompt,
                                                parse_answer, solve)
@@ -19,6 +22,22 @@ def test_arithmetic_format():
     for value in [0, 5, 10, 47, -97, 10000, -1]:
         assert parse_answer(format_answer(value)) == value
     assert parse_answer("x;") is None
+
+
+@pytest.mark.parametrize("typed, prompt", [("12+35=", "012+035="), (" 100 // 7 ", "100/007="),
+                                           ("100/7=", "100/007="), ("0*100", "000*100=")])
+def test_chat_reads_problems_as_a_person_writes_them(typed, prompt):
+    assert ArithmeticTask().chat_prompt(typed) == prompt
+
+
+@pytest.mark.parametrize("typed, message", [
+    ("100-0=", "outside what the model was trained on (a from 0 to 100, b from 1 to 100"),
+    ("101+5=", "outside what the model was trained on"),
+    ("12^2=", "is not a problem like 12+35= (a from 0 to 100, b from 1 to 100, one of + - * //"),
+])
+def test_chat_refuses_what_the_model_never_saw(typed, message):
+    with pytest.raises(BitnetError, match=re.escape(message)):
+        ArithmeticTask().chat_prompt(typed)
 
 
 def test_arithmetic_heldout_is_never_trained_on():

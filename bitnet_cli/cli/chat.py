@@ -22,7 +22,10 @@ def chat(
     model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
     prompt: Optional[str] = typer.Option(None, help="Answer this once, print only the completion "
                                                     "on stdout, and exit."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
+    temperature: Optional[float] = typer.Option(
+        None, help="Sampling temperature; 0 is greedy. Default: 0 for the problem solvers "
+                   "(simple, arithmetic: one answer is right), 0.8 for text models.",
+        show_default=False),
     top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens."),
     top_p: Optional[float] = typer.Option(None, help="Sample among the smallest set of tokens whose "
                                                      "probability adds up to P."),
@@ -43,6 +46,8 @@ def chat(
       bitnet chat latest --prompt "Once upon a time" --temperature 0
     """
     from bitnet_cli.chat import ChatSession, Sampling
+    from bitnet_cli.experiments import load_experiment
+    from bitnet_cli.experiments.problems import ProblemTask
     from bitnet_cli.inference import load_model
     from bitnet_cli.run_setup import resolve_device
 
@@ -52,6 +57,8 @@ def chat(
     if loaded.experiment == "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
                           f"`bitnet play {model}`")
+    if temperature is None:
+        temperature = 0.0 if isinstance(load_experiment(loaded.experiment), ProblemTask) else 0.8
     sampling = Sampling(temperature, top_k, top_p)
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens

@@ -53,7 +53,10 @@ def _code(a, op_index, b):
     return (op_index * _NA + (a - A_RANGE[0])) * _NB + (b - B_RANGE[0])
 
 
-PROBLEM = re.compile(r"^\s*(\d{1,3})\s*([-+*/])\s*(\d{1,3})\s*=?\s*$")
+# As a person writes a problem: 12+35=, 100 // 7 (the = is optional; / and // both floor-divide).
+PROBLEM = re.compile(r"^\s*(\d+)\s*([-+*]|//?)\s*(\d+)\s*=?\s*$")
+TRAINED_ON = (f"a from {A_RANGE[0]} to {A_RANGE[1]}, b from {B_RANGE[0]} to {B_RANGE[1]}, "
+              "one of + - * // (// and / both floor-divide)")
 
 
 class ArithmeticTask(ProblemTask):
@@ -83,9 +86,12 @@ class ArithmeticTask(ProblemTask):
         """'12+35=' (as a person writes it) -> '012+035=' (as the model was trained)."""
         match = PROBLEM.match(text)
         if not match:
-            raise BitnetError(f"{text.strip()!r} is not a problem like 12+35= (a and b from 0 to "
-                              "999, one of + - * /)")
-        return format_prompt(int(match.group(1)), match.group(2), int(match.group(3)))
+            raise BitnetError(f"{text.strip()[:40]!r} is not a problem like 12+35= ({TRAINED_ON})")
+        a, op, b = int(match.group(1)), match.group(2)[0], int(match.group(3))
+        if not (A_RANGE[0] <= a <= A_RANGE[1] and B_RANGE[0] <= b <= B_RANGE[1]):
+            raise BitnetError(f"{text.strip()[:40]!r} is outside what the model was trained on "
+                              f"({TRAINED_ON}); its answer would be a guess")
+        return format_prompt(a, op, b)
 
     def chat_reply(self, generated: str) -> str:
         value = parse_answer(generated)
