@@ -19,7 +19,7 @@ from bitnet_cli.config import ModelConfig, model_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.int8 import ENGINES, to_int8
 from bitnet_cli.model import BitNetForCausalLM
-from bitnet_cli.runs import TOKENIZER_FILE, resolve_run
+from bitnet_cli.runs import TOKENIZER_FILE, matching_runs
 
 
 @dataclass
@@ -46,12 +46,15 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
     path = Path(selector).expanduser()
     if (path / MODEL_FILE).is_file():
         return path, read_checkpoint(path, with_optimizer=False), []
-    run_dir = resolve_run(selector)
-    found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
-    if found is None:
-        raise BitnetError(f"run {run_dir.name} has no checkpoint yet; wait for its first save "
-                          "or train it further")
-    return found, contents, skipped
+    # 'latest' or a prefix: the newest run that has a checkpoint (one just started has none).
+    candidates = matching_runs(selector)
+    for run_dir in reversed(candidates):
+        found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
+        if found is not None:
+            return found, contents, skipped
+    which = (f"run {candidates[0].name} has" if len(candidates) == 1 else
+             f"none of the {len(candidates)} runs {selector!r} names has")
+    raise BitnetError(f"{which} a checkpoint yet; wait for a first save or train it further")
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",

@@ -127,13 +127,25 @@ def _created_key(run_dir: Path):
 
 
 def resolve_run(selector: str) -> Path:
-    """A run folder from a run id, a unique prefix of one, 'latest', or a path."""
+    """A run folder from a run id, a unique prefix of one, 'latest', or a path. (The commands
+    that only read a model take the newest run of an ambiguous prefix: inference.py.)"""
+    runs = matching_runs(selector)
+    if len(runs) > 1 and selector != "latest":
+        raise BitnetError(f"run {selector!r} matches {len(runs)} runs "
+                          f"({_listing([r.name for r in runs])}); give more of the run id "
+                          "(chat, play, eval and export take the newest of them)")
+    return runs[-1]
+
+
+def matching_runs(selector: str) -> list[Path]:
+    """The run folders a selector names, oldest first: one for an id or a path, every run for
+    'latest', every run whose id starts with a prefix."""
     path = Path(selector).expanduser()
     if path.exists():
         # A run folder, or a path inside one (checkpoints/, a checkpoint folder).
         for folder in (path, path.parent, path.parent.parent):
             if (folder / CONFIG_FILE).is_file():
-                return folder.resolve()
+                return [folder.resolve()]
         raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
     if len(path.parts) > 1:
         raise BitnetError(f"{path} does not exist")
@@ -141,16 +153,13 @@ def resolve_run(selector: str) -> Path:
     if selector == "latest":
         if not runs:
             raise BitnetError(f"there are no runs in {runs_dir()} yet; start one with `bitnet train`")
-        return runs[-1]
+        return runs
     names = {p.name: p for p in runs}
     if selector in names:
-        return names[selector]
-    matches = [name for name in names if name.startswith(selector)]
-    if len(matches) == 1:
-        return names[matches[0]]
-    if len(matches) > 1:
-        raise BitnetError(f"run {selector!r} matches {len(matches)} runs ({_listing(matches)}); "
-                          "give more of the run id")
+        return [names[selector]]
+    matches = [names[name] for name in names if name.startswith(selector)]
+    if matches:
+        return matches
     if not names:
         raise BitnetError(f"no run {selector!r}: there are no runs in {runs_dir()} yet")
     import difflib
