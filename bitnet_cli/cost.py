@@ -180,6 +180,7 @@ def read_run(run: Path) -> tuple[Shape, dict, dict]:
         "tokens_done": logged[-1]["tokens"] if logged and "tokens" in logged[-1]
                        else step * train["batch_size"] * train["seq_len"] * train["grad_accum"],
         "tok_per_s": statistics.median(rates) if rates else state.get("tok_per_s"),
+        "device": state.get("device") if isinstance(state.get("device"), str) else None,
     }
     train["steps"] = state.get("total_steps") or train["steps"]  # `resume --steps` may extend it
     return shape_of(cfg, f"run {measured['run_id']}"), train, measured
@@ -349,7 +350,8 @@ def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list
     remaining = max(0, horizon.tokens - measured["tokens_done"])
     projection = {**measured, "tokens_total": horizon.tokens, "tokens_remaining": remaining,
                   "remaining_hours": remaining / rate / 3600 if rate else None}
-    if hardware and rate:
+    on_gpu = (measured.get("device") or "").startswith("cuda")
+    if hardware and rate and on_gpu:  # a CPU's speed says nothing of a GPU's MFU or price
         g = hardware[0]
         projection["gpu"] = g.name
         projection["measured_mfu"] = rate * per_token / (g.peak_tflops * 1e12 * gpus)

@@ -164,7 +164,8 @@ ARITHMETIC_5M = dict(vocab_size=18, hidden_size=256, num_hidden_layers=4, num_at
                      tie_word_embeddings=True, quant="ternary")
 
 
-def make_run(home, run_id, created_at="2026-01-02T03:04:05+00:00", rate=40_960.0, logged=True):
+def make_run(home, run_id, created_at="2026-01-02T03:04:05+00:00", rate=40_960.0, logged=True,
+             device="cuda:0"):
     run = home / "runs" / run_id
     run.mkdir(parents=True)
     train = dict(experiment="arithmetic", size="5M", steps=10_000, batch_size=64, seq_len=64,
@@ -173,7 +174,8 @@ def make_run(home, run_id, created_at="2026-01-02T03:04:05+00:00", rate=40_960.0
         run_id=run_id, experiment="arithmetic", size="5M", num_params=3_156_736,
         model=ARITHMETIC_5M, train=train, created_at=created_at)))
     (run / "state.json").write_text(json.dumps(dict(status="running", step=2000 if logged else 0,
-                                                    total_steps=10_000, tok_per_s=rate)))
+                                                    total_steps=10_000, tok_per_s=rate,
+                                                    device=device)))
     rows = [dict(step=step, split="train", loss=1.0, tokens=step * 4096,
                  tok_per_s=rate / 10 if step == 10 else rate)  # the first window compiles
             for step in range(10, 2001, 10)] if logged else []
@@ -199,6 +201,17 @@ def test_from_run_projects_the_rest_at_its_measured_speed(bitnet_home):
     assert "remaining 32.8M tokens take 13.3 min and $0.36 on 1 × A100-80GB" in result.stdout
     done = runner.invoke(app, ["cost", "--from-run", "latest", "--steps", "2000"])
     assert "Nothing is left to train." in done.stdout
+
+
+def test_a_cpu_run_is_not_priced_as_gpu_time(bitnet_home):
+    make_run(bitnet_home, "on-cpu", rate=2_500.0, device="cpu")
+    run = cost("--from-run", "on-cpu", "--gpu", "A100-80GB")["run"]
+    assert "measured_mfu" not in run and "remaining_dollars" not in run
+    assert run["remaining_hours"] == pytest.approx(8000 * 4096 / 2_500 / 3600)
+    result = runner.invoke(app, ["cost", "--from-run", "on-cpu", "--gpu", "A100-80GB"],
+                           env={"COLUMNS": "200"})
+    assert "MFU" not in result.stdout.split("Run on-cpu")[1]
+    assert "on its cpu; that speed says nothing of a GPU's" in result.stdout
 
 
 def test_from_run_finds_runs_by_prefix_latest_and_path(bitnet_home):

@@ -178,6 +178,9 @@ def _run_lines(run: dict, gpus: int) -> list[str]:
     if "gpu" in run:
         line += (f" and {_dollars(run['remaining_dollars'])} on {gpus} × {run['gpu']}, where that "
                  f"speed is {run['measured_mfu'] * 100:.3g}% MFU")
+    elif run.get("device") and not run["device"].startswith("cuda"):
+        line += (f" on its {run['device']}; that speed says nothing of a GPU's, so the GPU "
+                 "figures above assume --mfu for the remaining tokens")
     return lines + [line + "."]
 
 
