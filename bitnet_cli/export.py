@@ -73,7 +73,14 @@ def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
         raise BitnetError(f"cannot write {out}: {write_error(e)}; "
                           "nothing was written") from None
     caveat = [LLAMA_CPP_CAVEAT] if fmt == "gguf" and loaded.config.activation == "relu2" else []
+    if loaded.experiment == "arithmetic":
+        caveat.append(ARITHMETIC_FORMAT)
     return out, loaded.skipped + caveat
+
+
+ARITHMETIC_FORMAT = ("note: the export reads raw text in the format it was trained on: 012+035= "
+                     "for 12+35=, and it writes the answer's digits least significant first "
+                     "(74; for 47); `bitnet chat` does this formatting for you")
 
 
 def check_exportable(loaded: LoadedModel, fmt: str) -> None:

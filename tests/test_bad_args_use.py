@@ -98,3 +98,38 @@ def test_a_huge_number_typed_into_play_is_asked_again(model, monkeypatch):
     result = run(model, "play", "ttt", input="9" * 5000 + "\n99999999999999999999\nq\n", code=0)
     assert "there is no cell 9999...: cells are numbered 1-9" in result.stdout
     assert result.stdout.count("Your move (X)") == 3
+
+
+def test_a_problem_model_answers_greedily_unless_asked(model):
+    """simple and arithmetic have one right answer: the same prompt gives the same reply."""
+    greedy = run(model, "chat", MODEL, "--prompt", "d3=", "--temperature", "0", code=0).stdout
+    for seed in ("1", "2", "3"):
+        assert run(model, "chat", MODEL, "--prompt", "d3=", "--seed", seed, code=0).stdout == greedy
+    sampled = {run(model, "chat", MODEL, "--prompt", "d3=", "--temperature", "5", "--seed", seed,
+                   code=0).stdout for seed in ("1", "2", "3")}
+    assert sampled != {greedy}  # asked for sampling, it samples
+
+
+def test_model_commands_take_the_newest_run_with_a_checkpoint(model, bitnet_home):
+    """`latest` and an ambiguous prefix: a run that has just started (no checkpoint yet) is
+    passed over for the newest that has one; writers still ask for the whole id."""
+    import json
+    import shutil
+    runs = bitnet_home / "runs"
+    for name, created in (("adder-1", "2026-01-01"), ("adder-2", "2026-01-02"),
+                          ("adder-3", "2026-01-03")):
+        shutil.copytree(model, runs / name)
+        config = json.loads((runs / name / "config.json").read_text())
+        (runs / name / "config.json").write_text(json.dumps(
+            {**config, "run_id": name, "created_at": f"{created}T00:00:00+00:00"}))
+    shutil.rmtree(runs / "adder-3" / "checkpoints")  # just started
+    for selector in ("latest", "adder"):
+        result = run(model, "eval", selector, "--json", code=0)
+        assert "/adder-2/checkpoints/" in json.loads(result.stdout)["checkpoint"]
+        run(model, "chat", selector, "--prompt", "d3=", code=0)
+    result = run(model, "resume", "adder", code=1)
+    assert "matches 3 runs" in result.stderr and "give more of the run id" in result.stderr
+    shutil.rmtree(runs / "adder-2" / "checkpoints")
+    shutil.rmtree(runs / "adder-1" / "checkpoints")
+    result = run(model, "chat", "adder", "--prompt", "d3=", code=1)
+    assert "none of the 3 runs 'adder' names has a checkpoint yet" in result.stderr

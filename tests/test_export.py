@@ -3,6 +3,7 @@ reads back with the ternary weights exact; bad input fails in one line and write
 
 import json
 import random
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -245,3 +246,32 @@ def test_unknown_format(tmp_path):
     checkpoint = random_checkpoint(tmp_path / "run")
     result = invoke("export", checkpoint, "--format", "onnx", "--out", tmp_path / "out", code=1)
     assert "hf, hf-packed, gguf" in only_error_line(result)
+
+
+def readme_python(after_heading: str) -> str:
+    """The first ```python block of the README after a heading."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index(after_heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def test_the_readme_transformers_snippet_answers_as_bitnet_chat_does(tmp_path, monkeypatch):
+    """The snippet, run as written against an arithmetic export, prints `chat`'s answer."""
+    with home_at(tmp_path):
+        invoke("train", "arithmetic", "--size", "tiny", "--steps", "40", "--eval-every", "40",
+               "--no-compile", "--name", "sums")
+        result = invoke("export", "sums", "--format", "hf-packed", "--out",
+                        tmp_path / "my-model-2bit")
+        assert "012+035= for 12+35=" in result.stderr  # the export says which format it reads
+        assert "pip install 'bitnet-cli[hf]'" in result.stdout
+        loaded = load_model("sums", engine="float")
+    task = load_experiment("arithmetic")
+    ids = loaded.tokenizer.encode(task.chat_prompt("12+35=")).ids
+    stop = task.stop_ids(loaded.tokenizer)
+    ours = loaded.tokenizer.decode(list(generate(loaded.model, ids, 5, stop_ids=stop)))
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *args: printed.append(" ".join(map(str, args))))
+    exec(readme_python("## Exporting a model"), {})
+    assert printed == [ours.split(";")[0][::-1]]

@@ -144,8 +144,9 @@ def plot(
     by_layer: bool = typer.Option(False, "--by-layer", help="With a ternary metric: one curve "
                                                             "per BitLinear layer."),
 ) -> None:
-    """Draw loss curves for one or more runs: raw and smoothed train loss, eval loss, and the
-    experiment's eval metric (accuracy for arithmetic).
+    """Draw loss curves for one or more runs: the train loss smoothed (and raw, in a file: in
+    the terminal the raw points would bury the curve), the eval loss, and the experiment's eval
+    metric (accuracy for arithmetic).
 
     Several runs share one figure, for example a BitNet run beside its --quant none twin:
 

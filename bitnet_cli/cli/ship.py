@@ -41,7 +41,8 @@ def export(
     size = sum(f.stat().st_size for f in written.iterdir())
     how = (f'llama.cpp: llama-completion -m {written / GGUF_FILE} -no-cnv -p "..."'
            if format == "gguf" else
-           f'transformers: AutoModelForCausalLM.from_pretrained("{written}")')
+           f'transformers (pip install \'bitnet-cli[hf]\'): '
+           f'AutoModelForCausalLM.from_pretrained("{written}")')
     typer.echo(f"wrote {written} ({format}, {size / 1e6:.1f} MB); load it with {how}")
 
 
