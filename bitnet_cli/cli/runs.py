@@ -4,6 +4,7 @@ status and plot import no torch: they answer instantly, even beside a training r
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -121,14 +122,30 @@ def status(
         ui.stdout.print(render(snapshot()))
         return
     from rich.live import Live
+    # Ctrl-C is how a watch ends. It only sets a flag, checked between drawings, so the
+    # interrupt never lands inside Rich's own drawing code (a KeyboardInterrupt there could
+    # leave the watch hung on exit); a second Ctrl-C stops at once.
+    stop = []
+
+    def on_interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         with Live(render(snapshot()), console=ui.stdout, auto_refresh=False,
                   screen=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(render(snapshot()), refresh=True)
+            while not stop:
+                next_drawing = time.monotonic() + interval
+                while not stop and time.monotonic() < next_drawing:
+                    time.sleep(min(0.05, max(0.0, next_drawing - time.monotonic())))
+                if not stop:
+                    live.update(render(snapshot()), refresh=True)
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how a watch ends
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @app.command(rich_help_panel="Watching")
