@@ -21,6 +21,11 @@ from bitnet_cli.bitlinear import BitLinear, ternary_codes
 from bitnet_cli.metrics import TERNARY_SPLIT
 
 
+# What measure() counts per layer: weights at -1, 0, +1 and flipped (shares once divided by the
+# layer's size), and sum |W| (then mean|W|).
+COUNTED = ("minus", "zeros", "plus", "flips", "scale")
+
+
 def layer_name(module_name: str) -> str:
     """model.layers.0.self_attn.q_proj -> 0.self_attn.q_proj: short, still unique."""
     return module_name.removeprefix("model.").removeprefix("layers.")
@@ -36,6 +41,7 @@ class TernaryHealth:
 
     def __init__(self, model: torch.nn.Module, step: int):
         self.layers = bitlinear_layers(model)
+        self.absmax: dict[str, torch.Tensor] = {}  # filled while watching_inputs
         self.reference_step = step
         self.reference = self._codes()
 
@@ -78,7 +84,7 @@ class TernaryHealth:
         until one transfer at the end."""
         started = time.perf_counter()
         codes = self._codes()
-        counts = []  # per layer: weights at -1, 0, +1, flipped, sum |W|
+        counts = []  # per layer, in COUNTED's order
         with torch.no_grad():
             for name, layer in self.layers.items():
                 census = torch.bincount(codes[name].flatten().add(1).to(torch.uint8), minlength=3)
@@ -90,14 +96,11 @@ class TernaryHealth:
         sizes = torch.tensor([float(codes[name].numel()) for name in self.layers])
         shares = table / sizes.unsqueeze(1)
         for index, name in enumerate(self.layers):
-            minus, zeros, plus, flips, scale = shares[index].tolist()
-            row.update({f"minus/{name}": minus, f"zeros/{name}": zeros, f"plus/{name}": plus,
-                        f"flips/{name}": flips, f"scale/{name}": scale})
-            if name in getattr(self, "absmax", {}):
+            row.update({f"{key}/{name}": value
+                        for key, value in zip(COUNTED, shares[index].tolist())})
+            if name in self.absmax:
                 row[f"act_absmax/{name}"] = float(self.absmax[name])
-        for key, value in zip(("minus", "zeros", "plus", "flips", "scale"),
-                              (table.sum(dim=0) / sizes.sum()).tolist()):
-            row[key] = value
+        row.update(zip(COUNTED, (table.sum(dim=0) / sizes.sum()).tolist()))
         absmaxes = [row[key] for key in row if key.startswith("act_absmax/")]
         if absmaxes:
             row["act_absmax"] = sum(absmaxes) / len(absmaxes)

@@ -52,9 +52,9 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
         found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
         if found is not None:
             return found, contents, skipped
-    which = (f"run {candidates[0].name} has" if len(candidates) == 1 else
-             f"none of the {len(candidates)} runs {selector!r} names has")
-    raise BitnetError(f"{which} a checkpoint yet; wait for a first save or train it further")
+    which = (f"run {candidates[0].name} has no checkpoint" if len(candidates) == 1 else
+             f"none of the {len(candidates)} runs {selector!r} names has a checkpoint")
+    raise BitnetError(f"{which} yet; wait for a first save or train it further")
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",

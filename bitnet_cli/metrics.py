@@ -12,16 +12,8 @@ from bitnet_cli.files import to_json, write_bytes_atomic
 
 # The rows health.py writes at each evaluation of a ternary run (names and meanings).
 TERNARY_SPLIT = "ternary"
-TERNARY_SHARES = ("minus", "zeros", "plus")  # codes -1, 0, +1
-TERNARY_METRICS = TERNARY_SHARES + ("flips", "scale", "act_absmax")
-TERNARY_ABOUT = {
-    "minus": "share of weights at -1",
-    "zeros": "share of weights at 0",
-    "plus": "share of weights at +1",
-    "flips": "share of codes changed since the previous evaluation (see flips_since)",
-    "scale": "the weight scale mean|W|",
-    "act_absmax": "mean per-token absmax of the layer's input on the evaluation's first batch",
-}
+# Shares of codes -1, 0, +1 and of codes changed, mean|W|, mean per-token input absmax.
+TERNARY_METRICS = ("minus", "zeros", "plus", "flips", "scale", "act_absmax")
 
 
 class MetricsWriter:

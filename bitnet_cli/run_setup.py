@@ -160,10 +160,10 @@ def run_tokenizer(run_dir: Path) -> Tokenizer:
 def prepare_resume(run_dir: Path, steps: int | None = None,
                    share: dist.Share = dist.Share(), tensorboard: bool = False) -> None:
     """Check that a run can be resumed on the processes `share` describes, extend it to
-    `steps`, and turn on its TensorBoard log; nothing on disk changes unless every check passes. The caller holds the run's lock
-    (see runs.run_lock), so no other process on this machine trains it. A run without a
-    checkpoint (created but never started, or killed before its first save) starts at step 0:
-    its config is all it needs."""
+    `steps`, and turn on its TensorBoard log; nothing on disk changes unless every check
+    passes. The caller holds the run's lock (see runs.run_lock), so no other process on this
+    machine trains it. A run without a checkpoint (created but never started, or killed before
+    its first save) starts at step 0: its config is all it needs."""
     config, _, cfg = read_run_config(run_dir)
     dist.check_world(share, cfg.batch_size, resolve_device(cfg.device))
     state = StateFile(run_dir).state
@@ -171,7 +171,7 @@ def prepare_resume(run_dir: Path, steps: int | None = None,
     if state.get("status") == "running" and on_other_host(state) and heartbeat_fresh(state):
         raise BitnetError(f"run {run_id} is running on {state['host']} (its heartbeat is "
                           "recent); stop it there first, or watch it with `bitnet status --watch`")
-    if cfg.tensorboard:  # a run trained with --tensorboard: the extra may have gone since
+    if cfg.tensorboard or tensorboard:  # the extra may have gone since the run was trained
         check_tensorboard()
     path, contents, _ = newest_loadable(run_dir / "checkpoints")
     done = contents[2]["step"] if path is not None else 0

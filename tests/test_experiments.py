@@ -33,6 +33,7 @@ def test_chat_reads_problems_as_a_person_writes_them(typed, prompt):
 @pytest.mark.parametrize("typed, message", [
     ("100-0=", "outside what the model was trained on (a from 0 to 100, b from 1 to 100"),
     ("101+5=", "outside what the model was trained on"),
+    ("9" * 5000 + "+1=", "is not a problem like 12+35="),  # no int() of 5000 digits
     ("12^2=", "is not a problem like 12+35= (a from 0 to 100, b from 1 to 100, one of + - * //"),
 ])
 def test_chat_refuses_what_the_model_never_saw(typed, message):

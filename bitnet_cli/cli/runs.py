@@ -50,9 +50,6 @@ def resume(
     from bitnet_cli.run_setup import last_world_size, prepare_resume
 
     nproc = parse_nproc(nproc_per_node)
-    if tensorboard:
-        from bitnet_cli.metrics import check_tensorboard
-        check_tensorboard()
     share = dist.current()
     if share.distributed:  # under torchrun: rank 0 checks and extends the run, all train it
         if nproc is not None:

@@ -54,7 +54,7 @@ def _code(a, op_index, b):
 
 
 # As a person writes a problem: 12+35=, 100 // 7 (the = is optional; / and // both floor-divide).
-PROBLEM = re.compile(r"^\s*(\d+)\s*([-+*]|//?)\s*(\d+)\s*=?\s*$")
+PROBLEM = re.compile(r"^\s*(\d{1,9})\s*([-+*]|//?)\s*(\d{1,9})\s*=?\s*$")
 TRAINED_ON = (f"a from {A_RANGE[0]} to {A_RANGE[1]}, b from {B_RANGE[0]} to {B_RANGE[1]}, "
               "one of + - * // (// and / both floor-divide)")
 
