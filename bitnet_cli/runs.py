@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from datetime import datetime
@@ -110,11 +111,13 @@ class StateFile:
 
 
 def list_run_dirs() -> list[Path]:
-    """Every run folder (one holding config.json), oldest first."""
+    """Every run folder (one holding config.json), oldest first. Hidden folders are a run
+    being made or being removed, never a run."""
     parent = runs_dir()
     if not parent.is_dir():
         return []
-    runs = [p for p in parent.iterdir() if (p / CONFIG_FILE).is_file()]
+    runs = [p for p in parent.iterdir()
+            if not p.name.startswith(".") and (p / CONFIG_FILE).is_file()]
     return sorted(runs, key=_created_key)
 
 
@@ -166,6 +169,23 @@ def matching_runs(selector: str) -> list[Path]:
     close = difflib.get_close_matches(selector, list(names), n=3, cutoff=0.5)
     hint = f"closest: {_listing(close)}" if close else f"there are: {_listing(list(names)[-3:])}"
     raise BitnetError(f"no run {selector!r} in {runs_dir()}; {hint}")
+
+
+def remove_run(run_dir: Path) -> str:
+    """Delete a run folder; a run being trained is refused. The folder is first renamed to a
+    hidden name, so an interrupted removal never leaves half a run that lists as one. A run
+    folder that is a symlink loses the link only: nothing outside the runs folder is deleted.
+    Returns what was removed, in words."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        target = os.path.realpath(run_dir)
+        run_dir.unlink()
+        return f"the link {run_dir} (its target {target} is left alone)"
+    with run_lock(run_dir):  # held while the folder moves: no trainer can start on it
+        gone = run_dir.with_name(f".{run_dir.name}.removing-{os.getpid()}")
+        os.rename(run_dir, gone)
+    shutil.rmtree(gone)
+    return str(run_dir)
 
 
 def _listing(names: list[str]) -> str:

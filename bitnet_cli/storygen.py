@@ -2,8 +2,8 @@
 
 For trying the text experiments without the hub, and for the tests:
 
-    python -m bitnet_cli.storygen stories/ --stories 5000            # stories/stories.jsonl
-    python -m bitnet_cli.storygen stories/ --format parquet
+    bitnet stories stories/ --stories 5000            # stories/stories.jsonl
+    bitnet stories stories/ --format parquet
     bitnet train tinystories --size tiny --data stories/
 
 Each story is drawn from small word lists with a seed, so the text is varied but predictable
@@ -13,7 +13,7 @@ unigram baseline, one that has learned the story shapes far below it.
 
 from __future__ import annotations
 
-import argparse
+import io
 import json
 import random
 from pathlib import Path
@@ -54,36 +54,34 @@ def story(rng: random.Random) -> str:
     return " ".join([opening, middle, turn, ending])
 
 
+FORMATS = ("jsonl", "parquet", "txt")
+
+
 def write_stories(folder: Path, count: int, seed: int = 0, fmt: str = "jsonl") -> Path:
-    """Write `count` stories as one file with a TinyStories-style `text` field."""
+    """Write `count` stories as one file, stories.<fmt>, with a TinyStories-style `text` field;
+    the file appears whole or not at all."""
+    from bitnet_cli.errors import BitnetError
+    from bitnet_cli.files import write_bytes_atomic
+    if fmt not in FORMATS:
+        raise BitnetError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if count < 1:
+        raise BitnetError(f"--stories must be at least 1, got {count}")
+    folder = Path(folder)
+    path = folder / f"stories.{fmt}"
+    if folder.exists() and not folder.is_dir():
+        raise BitnetError(f"{folder} is a file, not a folder; give a folder for the stories")
     rng = random.Random(seed)
     texts = [story(rng) for _ in range(count)]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"stories.{fmt}"
     if fmt == "jsonl":
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
     elif fmt == "txt":
-        path.write_text("\n<|endoftext|>\n".join(texts) + "\n")
-    elif fmt == "parquet":
+        data = ("\n<|endoftext|>\n".join(texts) + "\n").encode()
+    else:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.table({"text": texts}), path)
-    else:
-        raise ValueError(f"unknown format {fmt!r}")
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"text": texts}), buffer)
+        data = buffer.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
     return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bitnet_cli.storygen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--stories", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=["jsonl", "parquet", "txt"], default="jsonl")
-    args = parser.parse_args()
-    path = write_stories(args.folder, args.stories, args.seed, args.format)
-    print(f"wrote {args.stories} stories to {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,8 @@ CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train
                  "created_at": "text?"}
 STATE_FIELDS = {"status": "text?", "step": "count?", "total_steps": "count?", "pid": "pid?",
                 "host": "text?", "device": "text?", "error": "text?", "updated_at": "text?",
-                "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?"}
+                "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?",
+                "elapsed_s": "number?", "avg_tok_per_s": "number?"}
 
 
 def read_run(run_dir: Path) -> tuple[dict, dict, str | None]:
@@ -59,11 +60,14 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
     step = max(state.get("step") or 0, last_train.get("step") or 0)
     total = state.get("total_steps") or train.get("steps")
     tok_per_s = last_train.get("tok_per_s")
+    # The ETA goes by the session's average, evaluations and checkpoints included: the last
+    # interval's speed alone would promise too early an end.
+    pace = state.get("avg_tok_per_s") or tok_per_s
     tokens_per_step = (train.get("batch_size") or 0) * (train.get("seq_len") or 0) * \
         (train.get("grad_accum") or 1)
     eta = None
-    if status == "running" and tok_per_s and total:
-        eta = (total - step) * tokens_per_step / tok_per_s
+    if status == "running" and pace and pace > 0 and total:
+        eta = max(total - step, 0) * tokens_per_step / pace
     return {
         "run_id": run_dir.name,
         "path": str(run_dir),
@@ -80,6 +84,8 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
         "eval_loss": last_eval.get("loss"),
         "eval_step": last_eval.get("step"),
         "tok_per_s": tok_per_s,
+        "avg_tok_per_s": state.get("avg_tok_per_s"),
+        "elapsed_s": state.get("elapsed_s"),
         "world_size": state.get("world_size", 1),
         "eta_s": eta,
         "updated_at": state.get("updated_at"),

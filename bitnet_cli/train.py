@@ -38,6 +38,7 @@ from bitnet_cli.run_setup import (autocast_for, check_memory, prepare_task, read
 from bitnet_cli.runs import METRICS_FILE, TOKENIZER_FILE, StateFile, now_iso, run_lock
 
 MAX_NONFINITE_STEPS = 20  # skipped steps in a row before a run is called diverged
+MAX_RUN_TIME_S = 10 * 365 * 86400
 
 
 class NullReporter:
@@ -125,8 +126,10 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         state.update(status="running", step=step, total_steps=cfg.steps, device=str(device),
                      world_size=share.world_size, local_world_size=share.local_world_size,
                      started_at=state.state.get("started_at") or now_iso(), error=None)
+    clock = TrainingClock(state.state.get("elapsed_s") if share.is_main else None, tokens_seen)
     reporter.start({"run_id": run_dir.name, "run_dir": str(run_dir), "step": step,
                     "total_steps": cfg.steps, "device": str(device), "compile": forward.compiled,
+                    "experiment": cfg.experiment, "size": config.get("size"),
                     "world_size": share.world_size,
                     "num_params": model.num_params(), "params": format_count(model.num_params()),
                     "resumed_from": str(resumed_from) if resumed_from else None,
@@ -224,7 +227,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                         metrics.write(row)
                         reporter.log(row)
                         state.update(status="running", step=step, total_steps=cfg.steps,
-                                     loss=row["loss"], tok_per_s=row["tok_per_s"])
+                                     loss=row["loss"], tok_per_s=row["tok_per_s"],
+                                     **clock.read(tokens_seen))
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = False
                 if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -253,9 +257,10 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                 with contextlib.suppress(OSError):  # a full disk: nothing more can be recorded
                     metrics.close()
                     state.update(status=status, step=step, total_steps=cfg.steps, error=error,
-                                 checkpoint_step=saved_step)
+                                 checkpoint_step=saved_step, **clock.read(tokens_seen))
     info = {"run_id": run_dir.name, "run_dir": str(run_dir), "status": status, "step": step,
-            "checkpoint_step": saved_step, "last_eval": last_eval, "headline": task.headline}
+            "checkpoint_step": saved_step, "last_eval": last_eval, "headline": task.headline,
+            **clock.read(tokens_seen)}
     reporter.finish(info)
     return info
 
@@ -297,6 +302,23 @@ def _as_user_error(e: BaseException, run_dir: Path, cfg, model, step: int) -> Bi
         return BitnetError(f"run {run_dir.name} stopped at step {step}: cannot write "
                            f"{e.filename or 'to its folder'}: {e.strerror or e}")
     return None
+
+
+class TrainingClock:
+    """Wall time the run has spent training (every session, with its evaluations, checkpoints
+    and compiling) and this session's average tokens/s: what `status` and the end of a run
+    report, where the last interval's speed would flatter it."""
+
+    def __init__(self, elapsed_before, tokens_now: int):
+        ok = isinstance(elapsed_before, (int, float)) and not isinstance(elapsed_before, bool)
+        # What state.json says, unless it cannot be a run's time (damaged, or planted)
+        self.before = float(elapsed_before) if ok and 0 <= elapsed_before < MAX_RUN_TIME_S else 0.0
+        self.started, self.tokens_at_start = time.perf_counter(), tokens_now
+
+    def read(self, tokens_now: int) -> dict:
+        spent = time.perf_counter() - self.started
+        return {"elapsed_s": round(self.before + spent, 3),
+                "avg_tok_per_s": (tokens_now - self.tokens_at_start) / max(spent, 1e-9)}
 
 
 class stop_signals:

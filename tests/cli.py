@@ -13,12 +13,25 @@ from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
 
-runner = CliRunner()
+class Runner(CliRunner):
+    """CliRunner, except that Ctrl-C stops pytest. A training under test catches the SIGINT as
+    it should (it saves a checkpoint and exits 130), which alone would fail only the one test
+    while the session carried on; so exit 130 that a test did not ask for is raised again as
+    the KeyboardInterrupt it was."""
+
+    def invoke(self, *args, interrupt_expected=False, **kwargs):
+        result = super().invoke(*args, **kwargs)
+        if result.exit_code == 130 and not interrupt_expected:
+            raise KeyboardInterrupt("interrupted while running `bitnet` in-process")
+        return result
+
+
+runner = Runner()
 
 
 def invoke(*args, code=0):
     """Run `bitnet ARGS...` and check its exit code; the result has .stdout and .stderr."""
-    result = runner.invoke(app, [str(a) for a in args])
+    result = runner.invoke(app, [str(a) for a in args], interrupt_expected=code == 130)
     assert result.exit_code == code, result.output + result.stderr
     return result
 
@@ -83,3 +96,48 @@ def home_at(home, cache=None):
         mp.setenv("BITNET_HOME", str(home))
         mp.setenv("BITNET_CACHE", str(cache or home / "cache"))
         yield home
+
+
+class TmuxPane:
+    """A command in a real terminal: a private tmux server with one pane of `width` columns.
+    Waits read the screen again whenever the pane sends output (through a FIFO), so they wake as
+    soon as the screen changes, up to a deadline."""
+
+    def __init__(self, command: str, folder, width: int = 80, height: int = 200):
+        self.tmux = ["tmux", "-L", f"bitnet-test-{os.getpid()}-{id(self)}"]
+        subprocess.run(self.tmux + ["new-session", "-d", "-s", "t", "-x", str(width), "-y",
+                                    str(height), command],
+                       check=True, env={**os.environ, "TERM": "xterm-256color"})
+        fifo = folder / f"pane-{id(self)}"
+        os.mkfifo(fifo)
+        subprocess.run(self.tmux + ["pipe-pane", "-t", "t", f"cat > {fifo}"], check=True)
+        self.pane = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+
+    def screen(self) -> str:
+        return subprocess.run(self.tmux + ["capture-pane", "-p", "-t", "t", "-S", "-500"],
+                              capture_output=True, text=True).stdout
+
+    def _new_output(self, seconds: float) -> None:
+        if select.select([self.pane], [], [], seconds)[0]:
+            assert os.read(self.pane, 65536), "the pane stopped sending output"
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 120) -> str:
+        """The screen, once `text` shows on it `count` times."""
+        return self.wait_until(lambda screen: screen.count(text) >= count,
+                               f"{text!r} on the screen", timeout)
+
+    def wait_until(self, condition, what: str, timeout: float = 120) -> str:
+        """The screen, once condition(screen) holds."""
+        return wait_until(lambda: condition(s := self.screen()) and s, what, timeout=timeout,
+                          every=0.2, pause=self._new_output)
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(self.tmux + ["send-keys", "-t", "t", *keys], check=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(self.tmux + ["kill-server"], capture_output=True)
+        os.close(self.pane)
+        return False

@@ -4,14 +4,12 @@ errors), never a traceback."""
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
 from bitnet_cli.experiments import tictactoe
 from bitnet_cli.tictactoe import legal_moves, replay
-from tests.cli import home_at
+from tests.cli import home_at, runner
 
-runner = CliRunner()
 MODEL = "{model}"  # the simple run of the fixture
 
 

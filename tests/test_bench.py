@@ -8,7 +8,8 @@ import torch
 
 from rich.console import Console
 
-from bitnet_cli import bench, ui
+from bitnet_cli import bench
+from bitnet_cli.ui.bench import bench_report
 from bitnet_cli.presets import PRESETS
 from tests.cli import invoke
 
@@ -44,7 +45,7 @@ def test_sections_run_count_bytes_and_render():
                "kv_cache": bench.kv_cache("simple", "tiny", new_tokens=8)}
     assert results["memory"][0]["peak_rss_bytes"] > 0
     console = Console(width=200, record=True, file=io.StringIO())
-    console.print(ui.bench_report(results))
+    console.print(bench_report(results))
     text = console.export_text()
     assert "compiled / eager" in text and "making one batch" in text
     assert "tictactoe tiny" in text and "tinystories tiny" in text

@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
 from bitnet_cli.cost import GPUS
+from tests.cli import runner
 
-runner = CliRunner()
 
 BASELINE_TOKENS = 400_000 * 16 * 256 * 2  # the original project's 95M run: 3,276,800,000 tokens
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "play RUN": ["play", VICTIM],
     "export RUN": ["export", VICTIM, "--format", "hf", "--out", "{out}"],
     "resume RUN": ["resume", VICTIM, "--steps", "16"],
+    "runs rm RUN": ["runs", "rm", VICTIM, "--yes"],  # a damaged run is one you may remove
 }
 LISTING = ["status", "status --json"]
 DETAIL = ["status RUN", "status RUN --json"]
@@ -39,11 +40,11 @@ LOADERS = ["chat RUN", "eval RUN --json", "play RUN", "export RUN"]
 # for all four (they share inference.load_model), which keeps the file to a few minutes.
 FILES = {
     "config.json": ("json", LISTING + DETAIL + ["plot RUN", "compare RUN", "chat RUN",
-                                                "resume RUN"]),
-    "state.json": ("json", LISTING + DETAIL + ["compare RUN", "resume RUN"]),
+                                                "resume RUN", "runs rm RUN"]),
+    "state.json": ("json", LISTING + DETAIL + ["compare RUN", "resume RUN", "runs rm RUN"]),
     "metrics.jsonl": ("jsonl", LISTING + DETAIL + ["plot RUN", "compare RUN", "resume RUN"]),
     "tokenizer.json": ("json", ["resume RUN"]),
-    "checkpoints/latest": ("text", DETAIL + ["chat RUN", "resume RUN"]),
+    "checkpoints/latest": ("text", DETAIL + ["chat RUN", "resume RUN", "runs rm RUN"]),
     f"checkpoints/{CKPT}/model.safetensors": ("tensors", DETAIL + LOADERS + ["resume RUN"]),
     f"checkpoints/{CKPT}/optim.safetensors": ("tensors", DETAIL + ["resume RUN"]),
     f"checkpoints/{CKPT}/trainer.json": ("json", DETAIL + LOADERS + ["resume RUN"]),
@@ -138,7 +139,7 @@ CASES = [pytest.param(file, corruption, command, id=f"{file}|{corruption}|{comma
 
 def test_the_matrix_covers_every_file_and_command():
     print(f"{len(CASES)} fuzz cases")
-    assert len(CASES) == 439
+    assert len(CASES) == 468
     assert {c for _, (_, commands) in FILES.items() for c in commands} == set(COMMANDS)
 
 
@@ -205,3 +206,5 @@ def test_damaged_run(template, bitnet_home, tmp_path, file, corruption, command)
     if result.exit_code == 0 and "--json" in args:
         json.loads(result.stdout)
     assert _snapshot(tmp_path, skip=[str(run), str(out)]) == before, "changed outside the run"
+    if command == "runs rm RUN" and result.exit_code == 0:
+        assert not os.path.lexists(run)

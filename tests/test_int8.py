@@ -24,7 +24,6 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from bitnet_cli.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
 from bitnet_cli.checkpoint import step_dir_name
@@ -33,9 +32,8 @@ from bitnet_cli.config import ModelConfig
 from bitnet_cli.inference import load_model
 from bitnet_cli.int8 import HalfHead, Int8Linear, activation_codes, int8_unusable, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
-from tests.cli import home_at
+from tests.cli import home_at, runner
 
-runner = CliRunner()
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
            "tinystories": "Once upon a time", "baseline": "The dog"}
 TEXT = ["--batch-size", "8", "--seq-len", "64", "--vocab-size", "512"]

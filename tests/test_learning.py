@@ -5,10 +5,10 @@ import shutil
 import subprocess
 
 import pytest
-from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
 from tests.test_int8 import assert_engines_agree
+from tests.cli import runner
 
 
 def final_eval(run_dir):
@@ -32,7 +32,7 @@ def test_console_script_trains_simple(bitnet_home):
 
 @pytest.mark.slow
 def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
-    result = CliRunner().invoke(app, ["train", "arithmetic", "--size", "tiny"])
+    result = runner.invoke(app, ["train", "arithmetic", "--size", "tiny"])
     assert result.exit_code == 0, result.stderr
     (run_dir,) = (bitnet_home / "runs").iterdir()
     last = final_eval(run_dir)
@@ -50,7 +50,7 @@ def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
         a, b = int(prompt[:3]), int(prompt[4:7])
         right += "".join(session.reply(f"{a}+{b}=")) == str(a + b)
     assert abs(right / len(sums) - last["acc/+"]) <= 0.03, (right, last["acc/+"])
-    result = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "12+35=", "--temperature", "0"])
+    result = runner.invoke(app, ["chat", str(run_dir), "--prompt", "12+35=", "--temperature", "0"])
     assert result.exit_code == 0 and result.stdout == "47\n"
 
 
@@ -60,14 +60,14 @@ def test_tinystories_tiny_learns_a_local_corpus(bitnet_home, tmp_path):
 
     from bitnet_cli.storygen import write_stories
     write_stories(tmp_path / "stories", 5000)
-    result = CliRunner().invoke(app, ["train", "tinystories", "--size", "tiny", "--data",
+    result = runner.invoke(app, ["train", "tinystories", "--size", "tiny", "--data",
                                       str(tmp_path / "stories")])
     assert result.exit_code == 0, result.stderr
     (run_dir,) = (bitnet_home / "runs").iterdir()
     last = final_eval(run_dir)
     assert last["loss"] < 0.5 * last["unigram_loss"], last
     assert_engines_agree(run_dir, "Once upon a time")
-    result = CliRunner().invoke(app, ["chat", str(run_dir), "--prompt", "Once upon a time",
+    result = runner.invoke(app, ["chat", str(run_dir), "--prompt", "Once upon a time",
                                       "--temperature", "0", "--max-new-tokens", "60"])
     assert result.exit_code == 0
     corpus_words = set(re.findall(r"[a-z]+", (tmp_path / "stories/stories.jsonl").read_text().lower()))

@@ -1,15 +1,12 @@
 """`bitnet play` and `bitnet eval`, and the batched games they and training evaluate with."""
 
 import json
-import os
-import select
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from bitnet_cli.checkpoint import step_dir_name
 from bitnet_cli.cli import app
@@ -18,9 +15,8 @@ from bitnet_cli.experiments import load_experiment
 from bitnet_cli.experiments.tictactoe import CELLS, ModelPlayer, load_player, play_matches
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.tictactoe import DRAW, START, best_moves, legal_moves, place, replay, result, to_move
-from tests.cli import home_at, wait_until
+from tests.cli import TmuxPane, home_at, runner
 
-runner = CliRunner()
 
 
 def train_checkpoint(home, experiment, *args):
@@ -180,7 +176,7 @@ def test_play_a_whole_game_through_stdin(ttt_checkpoint, person):
     assert out.rstrip().endswith("Play again? (y/n)")
 
 
-def test_a_taken_cell_is_refused_and_play_again_starts_a_new_game(ttt_checkpoint):
+def test_a_taken_cell_is_refused_and_play_again_starts_a_new_game_with_a_tally(ttt_checkpoint):
     typed, outcome = expected_game(ttt_checkpoint, "O", lambda b: legal_moves(b)[0])
     player, _ = load_player(str(ttt_checkpoint))
     (model_cell,), _ = player.choose([[]])  # the model's opening: typing it must be refused
@@ -190,6 +186,9 @@ def test_a_taken_cell_is_refused_and_play_again_starts_a_new_game(ttt_checkpoint
     assert f"cell {model_cell} is taken" in done.stdout
     assert done.stdout.count(result_message("O", outcome)) == 2
     assert done.stdout.count("Play again?") == 2
+    key = {DRAW: "drawn", "O": "you won", "X": "the model won"}[outcome]
+    tallies = [line for line in done.stdout.splitlines() if line.startswith("Games so far:")]
+    assert len(tallies) == 2 and f"{key} 1" in tallies[0] and f"{key} 2" in tallies[1], tallies
 
 
 def test_end_of_input_ends_play_cleanly(ttt_checkpoint):
@@ -213,40 +212,15 @@ def test_play_refuses_a_side_that_does_not_exist(ttt_checkpoint):
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_play_in_a_real_terminal_under_tmux(ttt_checkpoint, tmp_path):
     typed, outcome = expected_game(ttt_checkpoint, "X", lambda b: legal_moves(b)[-1])
-    tmux = ["tmux", "-L", f"bitnet-test-{os.getpid()}"]  # a private server, killed at the end
     command = f"{sys.executable} -m bitnet_cli play {ttt_checkpoint}; echo EXIT=$?; sleep 60"
-    subprocess.run(tmux + ["new-session", "-d", "-s", "play", "-x", "80", "-y", "200", command],
-                   check=True, env={**os.environ, "TERM": "xterm-256color"})
-
-    # The pane's output also streams into a FIFO, so a wait wakes as soon as the screen changes.
-    fifo = tmp_path / "pane"
-    os.mkfifo(fifo)
-    subprocess.run(tmux + ["pipe-pane", "-t", "play", f"cat > {fifo}"], check=True)
-    pane = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-
-    def screen():
-        return subprocess.run(tmux + ["capture-pane", "-p", "-t", "play", "-S", "-500"],
-                              capture_output=True, text=True).stdout
-
-    def new_output(seconds):
-        if select.select([pane], [], [], seconds)[0]:
-            assert os.read(pane, 65536), "the pane stopped sending output"
-
-    def wait_for(text, count=1):
-        wait_until(lambda: screen().count(text) >= count, f"{text!r} on the screen", timeout=60,
-                   every=0.2, pause=new_output)
-
-    try:
+    with TmuxPane(command, tmp_path) as pane:
         for n, cell in enumerate(typed, start=1):
-            wait_for("Your move (X)", n)
-            subprocess.run(tmux + ["send-keys", "-t", "play", str(cell), "Enter"], check=True)
-        wait_for("Play again?")
-        subprocess.run(tmux + ["send-keys", "-t", "play", "n", "Enter"], check=True)
-        wait_for("EXIT=0")
-        assert result_message("X", outcome) in screen()
-    finally:
-        subprocess.run(tmux + ["kill-server"], capture_output=True)
-        os.close(pane)
+            pane.wait_for("Your move (X)", n)
+            pane.send(str(cell), "Enter")
+        pane.wait_for("Play again?")
+        pane.send("n", "Enter")
+        screen = pane.wait_for("EXIT=0")
+        assert result_message("X", outcome) in screen
 
 
 @pytest.mark.slow

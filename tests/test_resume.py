@@ -1,14 +1,18 @@
 """Runs you can trust: a killed, interrupted or crashed run resumes onto the exact trajectory."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from bitnet_cli.checkpoint import newest_loadable, step_dir_name
-from tests.cli import home_at, invoke, state_step, wait_until
+from bitnet_cli.cli import app
+from tests.cli import home_at, invoke, runner, state_step, wait_until
 from tests.test_status_plot import stand_in_trainer
 
 STEPS = 200
@@ -123,17 +127,49 @@ def test_disk_error_during_checkpoint_is_one_line(bitnet_home, monkeypatch):
     assert state["status"] == "failed" and "No space left" in state["error"]
 
 
+def test_ctrl_c_at_pytest_stops_pytest_once_the_run_is_saved(bitnet_home):
+    """A Ctrl-C reaching an in-process training is passed on by the test runner, so pytest
+    stops instead of counting one failed test and carrying on."""
+    state = bitnet_home / "runs/hit/state.json"
+
+    def press_ctrl_c():
+        wait_until(lambda: state_step(state) >= 10, "step 10", pause=time.sleep, timeout=120)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    pressing = threading.Thread(target=press_ctrl_c, daemon=True)
+    pressing.start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.invoke(app, ["train", *ARGS[:2], "1000000", *ARGS[3:], "--name", "hit"])
+    pressing.join(timeout=10)
+    saved = json.loads(state.read_text())
+    assert saved["status"] == "interrupted" and saved["checkpoint_step"] == saved["step"]
+
+
 def test_resume_extends_a_finished_run(bitnet_home):
     invoke("train", "simple", "--steps", "20", "--eval-every", "10", "--save-every", "10",
            "--no-compile", "--name", "short")
+    first = json.loads((bitnet_home / "runs/short/state.json").read_text())
+    assert first["elapsed_s"] > 0 and first["avg_tok_per_s"] > 0
     result = invoke("resume", "short", code=1)
     assert "already finished all 20 steps; pass --steps" in result.stderr
     invoke("resume", "short", "--steps", "30")
     status = json.loads(invoke("status", "short", "--json").stdout)
     assert status["status"] == "finished" and status["step"] == 30 and status["total_steps"] == 30
+    assert status["elapsed_s"] > first["elapsed_s"]  # the run's time adds up over its sessions
     assert metric_steps(bitnet_home, "short", "train")[-4:] == [15, 20, 25, 30]
     result = invoke("resume", "short", "--steps", "25", code=1)
     assert "--steps 25 is not more than the 30 steps" in result.stderr
+
+
+def test_a_hostile_run_time_in_state_json_starts_the_count_afresh(bitnet_home):
+    invoke("train", "simple", "--steps", "10", "--eval-every", "10", "--save-every", "10",
+           "--no-compile", "--name", "clock")
+    path = bitnet_home / "runs/clock/state.json"
+    for bad in (-5, 1e308, True):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "elapsed_s": bad}))
+        invoke("resume", "clock", "--steps", str(json.loads(path.read_text())["step"] + 5))
+        elapsed = json.loads(path.read_text())["elapsed_s"]
+        assert 0 < elapsed < 3600, (bad, elapsed)
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(bitnet_home):

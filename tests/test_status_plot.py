@@ -81,6 +81,26 @@ def test_status_reports_every_state(two_runs):
     assert "bitnet" in table and "twin" in table and "interrupted" in table and "finished" in table
 
 
+def test_the_eta_goes_by_the_average_speed_not_the_last_interval(two_runs):
+    home = two_runs
+    config = json.loads((home / "runs/twin/config.json").read_text())["train"]
+    tokens_per_step = config["batch_size"] * config["seq_len"]
+    with stand_in_trainer(home / "runs" / "twin") as pid:
+        # 10 of 20 steps left; the last interval ran at 10x the run's average pace
+        set_state(home, "twin", status="running", pid=pid, step=10, total_steps=20,
+                  avg_tok_per_s=tokens_per_step / 2.0, elapsed_s=20.0)
+        metrics = home / "runs/twin/metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows = [r for r in rows if r["step"] <= 10]
+        rows[-1 if rows[-1]["split"] == "train" else -2]["tok_per_s"] = tokens_per_step * 5.0
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        row = json.loads(invoke("status", "twin", "--json").stdout)
+        text = invoke("status", "twin").stdout
+    assert row["eta_s"] == pytest.approx(20.0)  # 10 steps at 2 s each
+    assert row["elapsed_s"] == 20.0
+    assert "on average" in text and "training so far, ETA 00:20" in text
+
+
 def test_status_of_one_run_in_detail(two_runs):
     detail = json.loads(invoke("status", "bitnet", "--json").stdout)
     assert [c["name"] for c in detail["checkpoints"]] == [step_dir_name(10), step_dir_name(20)]
@@ -135,11 +155,12 @@ def test_bad_input(two_runs, args, message):
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_status_plot_and_compare_import_no_torch(two_runs, tmp_path):
+def test_status_plot_compare_and_runs_import_no_torch(two_runs, tmp_path):
     code = ("import sys; from bitnet_cli.cli import app\n"
             "for args in (['status'], ['status', 'bitnet'], ['plot', 'bitnet'],"
             " ['plot', 'bitnet', '--metric', 'flips', '--by-layer'], ['compare', 'twin', 'bitnet'],"
-            f" ['plot', 'bitnet', '--out', {str(tmp_path / 'x.png')!r}]):\n"
+            f" ['plot', 'bitnet', '--out', {str(tmp_path / 'x.png')!r}], ['runs', 'list'],"
+            " ['runs', 'rm', 'twin', '--yes'], ['train', '--help']):\n"
             "    try:\n        app(args)\n    except SystemExit as e:\n        assert not e.code, e\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

@@ -6,13 +6,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
-from typer.testing import CliRunner
 
 from bitnet_cli.checkpoint import latest_checkpoint, step_dir_name
 from bitnet_cli.cli import app
 from tests.test_model import expected_keys
+from tests.cli import runner
 
-runner = CliRunner()
 FAST = ["--steps", "12", "--eval-every", "6", "--save-every", "4", "--no-compile"]
 
 

@@ -6,8 +6,11 @@ answer instantly; commands that need torch import the core inside their function
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +24,7 @@ app = typer.Typer(
     help="Train BitNet b1.58 language models (ternary weights, 8-bit activations) from scratch, "
          "watch them train, talk to them, and ship them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion: bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -32,6 +35,29 @@ DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
                "default on CPU). float: the training maths in floating point (the default on "
                "GPUs). Same quantization, same greedy tokens.")
+
+
+def flag(*names: str, help: str, default: bool | None = False, **options):
+    """A switch: it takes no value, so the help shows no `<bool>` placeholder for one."""
+    return typer.Option(default, *names, help=help, metavar="", **options)
+
+
+def complete_run(incomplete: str) -> list[str]:
+    """Shell completion of a run argument: 'latest' and the run ids that start as typed."""
+    from bitnet_cli.runs import list_run_dirs
+    try:
+        names = ["latest", *(run.name for run in reversed(list_run_dirs()))]
+    except BitnetError:  # no usable runs folder: nothing to offer
+        return []
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def line_editing() -> None:
+    """Arrow keys, line editing and the session's history for input() in a terminal, where
+    Python has readline (not on Windows: there the console does it)."""
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (importing it is what turns it on)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -72,15 +98,34 @@ def root(
         None, "--home", help="Folder that holds runs (default: the platform's user data folder; "
                              "the BITNET_HOME environment variable also sets it).",
         show_default=False),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+    version: bool = flag("--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     if home is not None:
         os.environ["BITNET_HOME"] = str(home)
 
 
+def unwrap_help(text: str) -> str:
+    """The help as Rich should wrap it: docstrings are wrapped in the source, and Typer keeps
+    their line breaks, which re-wrap raggedly in a narrower terminal. Each paragraph becomes one
+    line; indented lines (examples, lists) keep their own."""
+    lines = inspect.cleandoc(text).splitlines()
+    out: list[str] = []
+    for line in lines:
+        joins = out and out[-1] and line and not line[0].isspace() and not out[-1][0].isspace()
+        if joins:
+            out[-1] += " " + line
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 # Importing the command modules registers them, in the order the help lists their panels.
-from bitnet_cli.cli import train, runs, chat, talk, cost, ship  # noqa: E402,F401,I001
+from bitnet_cli.cli import train, runs, manage, chat, talk, cost, ship  # noqa: E402,F401,I001
+
+for _command in [*app.registered_commands,
+                 *(c for group in app.registered_groups for c in group.typer_instance.registered_commands)]:
+    _command.help = unwrap_help(_command.help or inspect.getdoc(_command.callback) or "")
 
 
 def main() -> None:

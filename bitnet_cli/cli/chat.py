@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, friendly
+from bitnet_cli.cli import (DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, friendly,
+                            line_editing)
 from bitnet_cli.errors import BitnetError
 COMMANDS = """/help      this list
 /reset     forget the conversation so far
@@ -19,7 +20,8 @@ COMMANDS = """/help      this list
 @app.command(rich_help_panel="Using a model")
 @friendly
 def chat(
-    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False,
+                                autocompletion=complete_run),
     prompt: Optional[str] = typer.Option(None, help="Answer this once, print only the completion "
                                                     "on stdout, and exit."),
     temperature: Optional[float] = typer.Option(
@@ -41,9 +43,11 @@ def chat(
     Text models continue the conversation: earlier turns, whole and newest first, are kept as
     long as a quarter of the context (or --max-new-tokens, if less) stays free for the reply.
     Problem solvers answer one problem at a time: for an arithmetic model, `12+35=` gives 47.
-    Tokens/s go to stderr, so `--prompt` output can be piped.
+    Tokens/s go to stderr, so `--prompt` output can be piped:
 
-      bitnet chat latest --prompt "Once upon a time" --temperature 0
+      bitnet chat latest --prompt "Once upon a time" --temperature 0 > story.txt
+
+    In a terminal, the arrow keys edit the line and bring back earlier ones.
     """
     from bitnet_cli.chat import ChatSession, Sampling
     from bitnet_cli.experiments import load_experiment
@@ -75,6 +79,7 @@ def chat(
         return
     typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens, "
                f"{loaded.engine} engine. /help lists the commands.", err=True)
+    line_editing()
     while True:
         try:
             line = input("> ")

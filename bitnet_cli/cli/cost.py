@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import app, friendly
+from bitnet_cli.cli import app, flag, friendly
 from bitnet_cli.config import format_count
 from bitnet_cli.cost import DEFAULT_MFU, GPUS, estimate, preset_names
 from bitnet_cli.files import to_json
@@ -84,7 +84,7 @@ def cost(
                                      "USD_PER_GPU_HOUR"),
     peak_tflops: Optional[float] = _option("Peak dense bf16 TFLOP/s, instead of the table's (needs "
                                            "--gpu)."),
-    json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
+    json: bool = flag("--json", help="Print JSON on stdout instead of tables."),
 ) -> None:
     report = estimate(params=params, tokens=tokens, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, grad_accum=grad_accum, preset_name=preset,

@@ -8,6 +8,8 @@ the end of input (Ctrl-D) ends the session cleanly.
 from __future__ import annotations
 
 from bitnet_cli import ui
+from bitnet_cli.cli import line_editing
+from bitnet_cli.ui.charts import board_text
 from bitnet_cli.tictactoe import DRAW, START, IllegalMove, parse_move, place, result, to_move
 
 QUIT = ("q", "quit", "exit")
@@ -23,7 +25,12 @@ def play_session(selector: str, person: str, console=ui.stdout, engine: str | No
         ui.stderr.print(note, markup=False)
     console.print(f"Playing {loaded.checkpoint} (step {loaded.step}, {loaded.engine} engine). "
                   f"You are {person}; X moves first. Type a cell's number to take it; q quits.")
-    while play_game(player, person, console):
+    line_editing()
+    tally = {"you": 0, "the model": 0, "drawn": 0}
+    while (outcome := play_game(player, person, console)) is not None:
+        tally["drawn" if outcome == DRAW else "you" if outcome == person else "the model"] += 1
+        console.print("Games so far: " + ", ".join(
+            f"{who} {'won ' if who != 'drawn' else ''}{count}" for who, count in tally.items()))
         try:
             again = console.input("Play again? (y/n) ").strip().lower()
         except EOFError:
@@ -33,20 +40,21 @@ def play_session(selector: str, person: str, console=ui.stdout, engine: str | No
             return
 
 
-def play_game(player, person: str, console) -> bool:
-    """One game to its end (True), or until the person quits or input ends (False)."""
+def play_game(player, person: str, console) -> str | None:
+    """One game to its end, and its result (X, O or DRAW); None if the person quits or input
+    ends first."""
     board, moves = START, []
     while result(board) is None:
         if to_move(board) == person:
-            console.print(ui.board_text(board))
+            console.print(board_text(board))
             cell = read_move(board, person, console)
             if cell is None:
-                return False
+                return None
         else:
             (cell,), _ = player.choose([moves])
             console.print(f"The model ({to_move(board)}) takes cell {cell}.")
         board, moves = place(board, cell), moves + [cell]
-    console.print(ui.board_text(board))
+    console.print(board_text(board))
     outcome = result(board)
     if outcome == DRAW:
         console.print("[bold]Draw.[/]")
@@ -54,7 +62,7 @@ def play_game(player, person: str, console) -> bool:
         console.print(f"[bold green]You win[/] ({person} has a line).")
     else:
         console.print(f"[bold red]The model wins[/] ({outcome} has a line).")
-    return True
+    return outcome
 
 
 def read_move(board: str, person: str, console) -> int | None:

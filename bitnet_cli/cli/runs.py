@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from bitnet_cli.cli import app, friendly
+from bitnet_cli.cli import app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folder."
@@ -20,14 +20,15 @@ RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folde
 @app.command(rich_help_panel="Training")
 @friendly
 def resume(
-    run: str = typer.Argument(..., help=RUN_HELP, show_default=False),
+    run: str = typer.Argument(..., help=RUN_HELP, show_default=False,
+                              autocompletion=complete_run),
     steps: Optional[int] = typer.Option(None, help="New total number of steps; more than "
                                                    "planned extends the run (see below)."),
     nproc_per_node: Optional[str] = typer.Option(
         None, help="Worker processes on this machine (default: as many as the run last used, "
                    "if it ran on one machine). Any number continues the same run: the batch "
                    "is global.", show_default=False),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="From now on also write the "
+    tensorboard: bool = flag("--tensorboard", help="From now on also write the "
                                      "metrics as TensorBoard event files in RUN/tensorboard "
                                      "(a run trained with --tensorboard goes on writing them)."),
 ) -> None:
@@ -80,9 +81,9 @@ def resume(
 @friendly
 def status(
     run: Optional[str] = typer.Argument(None, help=RUN_HELP + " Without it: every run.",
-                                        show_default=False),
-    watch: bool = typer.Option(False, "--watch", help="Refresh live until Ctrl-C."),
-    json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
+                                        show_default=False, autocompletion=complete_run),
+    watch: bool = flag("--watch", help="Refresh live until Ctrl-C."),
+    json: bool = flag("--json", help="Print JSON on stdout instead of tables."),
     interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch.", min=0.1),
 ) -> None:
     """Show how every run is doing, or one run in detail.
@@ -106,14 +107,15 @@ def status(
         typer.echo(to_json(snapshot()))
         return
     from bitnet_cli import ui
+    from bitnet_cli.ui import tables
 
     def render(data):
         if run_dir:
-            return ui.run_detail(data)
+            return tables.run_detail(data)
         if not data:
             from bitnet_cli.runs import runs_dir
             return f"no runs in {runs_dir()} yet; start one with `bitnet train simple`"
-        return ui.runs_table(data)
+        return tables.runs_table(data, width=ui.stdout.width)
 
     if not watch:
         ui.stdout.print(render(snapshot()))
@@ -149,18 +151,19 @@ def status(
 @friendly
 def plot(
     runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure.",
-                                     show_default=False),
+                                     show_default=False, autocompletion=complete_run),
     out: Optional[Path] = typer.Option(None, help="Write a .png, .svg or .pdf here instead of "
                                                   "drawing in the terminal."),
     metric: Optional[str] = typer.Option(None, help="Draw this metric instead of the loss curves "
                                                     "(lr, grad_norm, tok_per_s, acc/+, ...), or "
                                                     "one of the ternary codes' (see below)."),
-    by_layer: bool = typer.Option(False, "--by-layer", help="With a ternary metric: one curve "
+    by_layer: bool = flag("--by-layer", help="With a ternary metric: one curve "
                                                             "per BitLinear layer."),
 ) -> None:
-    """Draw loss curves for one or more runs: the train loss smoothed (and raw, in a file: in
-    the terminal the raw points would bury the curve), the eval loss, and the experiment's eval
-    metric (accuracy for arithmetic).
+    """Draw the loss and metric curves of one or more runs.
+
+    The curves: the train loss smoothed (and raw, in a file: in the terminal the raw points would
+    bury the curve), the eval loss, and the experiment's eval metric (accuracy for arithmetic).
 
     Several runs share one figure, for example a BitNet run beside its --quant none twin:
 
@@ -184,13 +187,14 @@ def plot(
         typer.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", err=True)
         return
     from bitnet_cli import ui
+    from bitnet_cli.ui.charts import terminal_chart
     panels = list(dict.fromkeys(name for run in collected for name in run["panels"]))
     for panel in panels:
         series = [(f"{run['run_id']}: {label}" if len(collected) > 1 else label, pts)
                   for run in collected for label, pts in run["panels"].get(panel, {}).items()
                   if pts and label != "train loss"]
         ui.stdout.print(f"[bold]{panel}[/]")
-        ui.stdout.print(ui.terminal_chart(series, width=min(100, ui.stdout.width - 12),
+        ui.stdout.print(terminal_chart(series, width=min(100, ui.stdout.width - 12),
                                           log_y=panel == "loss"))
 
 
@@ -198,14 +202,17 @@ def plot(
 @friendly
 def compare(
     runs: List[str] = typer.Argument(..., help="Two or more runs of one experiment; the first "
-                                               "is the yardstick.", show_default=False),
+                                               "is the yardstick.", show_default=False,
+                                     autocompletion=complete_run),
     out: Optional[Path] = typer.Option(None, help="Also write the curves to a .png, .svg or "
                                                   ".pdf: the held-out metric and loss against "
                                                   "steps and against tokens."),
-    json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of tables."),
+    json: bool = flag("--json", help="Print JSON on stdout instead of tables."),
 ) -> None:
-    """Compare runs on their held-out metrics: each run's final evaluation side by side, with
-    its ratio to the first run's, and the curves against steps and tokens.
+    """Compare runs side by side on their held-out metrics.
+
+    Each run's final evaluation, with its ratio to the first run's, and the curves against steps
+    and tokens.
 
     The comparison that matters for BitNet is a ternary run against its --quant none twin,
     trained on the same data with the same seed:
@@ -232,10 +239,12 @@ def compare(
         typer.echo(to_json(comparison))
         return
     from bitnet_cli import ui
-    ui.stdout.print(ui.comparison_table(comparison))
+    from bitnet_cli.ui import tables
+    from bitnet_cli.ui.charts import terminal_chart
+    ui.stdout.print(tables.comparison_table(comparison))
     headline = comparison["headline"]
     series = [(run["run_id"], [(p["step"], p[headline]) for p in run["curve"]
                                if p.get(headline) is not None]) for run in comparison["runs"]]
     ui.stdout.print(f"[bold]eval {headline} by step[/]")
-    ui.stdout.print(ui.terminal_chart(series, width=min(100, ui.stdout.width - 12),
+    ui.stdout.print(terminal_chart(series, width=min(100, ui.stdout.width - 12),
                                       log_y=headline == "loss"))

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import typer
 
-from bitnet_cli.cli import MODEL_HELP, app, friendly
+from bitnet_cli.cli import MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 
 @app.command(rich_help_panel="Shipping")
 @friendly
 def export(
-    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False,
+                                autocompletion=complete_run),
     format: str = typer.Option(..., "--format", help="hf, hf-packed or gguf."),
     out: Path = typer.Option(..., "--out", help="Folder to write (must not exist or be empty)."),
 ) -> None:
@@ -48,12 +49,13 @@ def export(
 
 @app.command(rich_help_panel="Shipping")
 @friendly
-def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+def bench(json: bool = flag("--json", help="Print JSON on stdout."),
           device: str = typer.Option("cpu", help="cpu (every section) or cuda (the 95M training "
                                                  "step in bf16 autocast, with tokens/s and MFU).")
           ) -> None:
-    """Measure speed and size side by side in one process: ratios first, absolute numbers beside
-    them. Random weights on the presets' shapes (tiny to 95M); about nine minutes on 2 cores,
+    """Measure speed and size side by side in one process.
+
+    Ratios first, absolute numbers beside them. Random weights on the presets' shapes (tiny to 95M); about nine minutes on 2 cores,
     most of it compiling each shape's training step, so close other work first.
 
     training step: BitNet against its --quant none twin (forward, backward, AdamW), eager and
@@ -68,6 +70,7 @@ def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.
     kv cache: decoding with it against re-running the sequence for every token.
     """
     from bitnet_cli import ui
+    from bitnet_cli.ui.bench import bench_report
     from bitnet_cli.bench import run_all
     from bitnet_cli.files import to_json
     from bitnet_cli.run_setup import resolve_device
@@ -80,4 +83,4 @@ def bench(json: bool = typer.Option(False, "--json", help="Print JSON on stdout.
     if json:
         typer.echo(to_json(results))
     else:
-        ui.stdout.print(ui.bench_report(results))
+        ui.stdout.print(bench_report(results))

@@ -6,16 +6,14 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, app, friendly
+from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
-
-MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
-
 
 @app.command(rich_help_panel="Using a model")
 @friendly
 def play(
-    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False,
+                                autocompletion=complete_run),
     as_: str = typer.Option("x", "--as", help="Play as x (moves first) or o."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -36,8 +34,9 @@ def play(
 @app.command("eval", rich_help_panel="Using a model")
 @friendly
 def evaluate(
-    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False),
-    json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False,
+                                autocompletion=complete_run),
+    json: bool = flag("--json", help="Print JSON on stdout."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -50,6 +49,7 @@ def evaluate(
     --json prints the same as one JSON object on stdout.
     """
     from bitnet_cli import ui
+    from bitnet_cli.ui import tables
     from bitnet_cli.evaluate import evaluate_model
     from bitnet_cli.files import to_json
     report = evaluate_model(model, device, engine)
@@ -58,4 +58,4 @@ def evaluate(
     if json:
         typer.echo(to_json(report))
     else:
-        ui.stdout.print(ui.eval_report(report))
+        ui.stdout.print(tables.eval_report(report))

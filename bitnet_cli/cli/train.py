@@ -7,19 +7,31 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import DEVICE_HELP, app, friendly
-from bitnet_cli.config import COMPILE_MIN_STEPS
+from bitnet_cli.cli import DEVICE_HELP, app, flag, friendly
+from bitnet_cli.config import COMPILE_MIN_STEPS, ModelConfig, format_count
 from bitnet_cli.metrics import check_tensorboard
 from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
+def _size_line(experiment: str, size: str, preset: dict) -> str:
+    """A size's defaults, as `--help` lists them: the shape and the schedule each flag overrides."""
+    model, train = preset["sizes"][size]["model"], preset["sizes"][size]["train"]
+    params = ModelConfig(vocab_size=preset["vocab_size"], max_position_embeddings=train["seq_len"],
+                         **model).num_params()
+    default = " (default)" if size == preset["default_size"] else ""
+    accum = f" x {train['grad_accum']}" if train.get("grad_accum", 1) > 1 else ""
+    return (f"  {size}{default}: {format_count(params)}, {model['num_hidden_layers']} x "
+            f"{model['hidden_size']}; {train['steps']:,} steps of {train['batch_size']} x "
+            f"{train['seq_len']}{accum}, lr {train['lr']:g}")
+
+
 _EXPERIMENTS = "\n\n".join(
-    f"[bold]{name}[/] ({', '.join(p['sizes'])}; default {p['default_size']}): {p['about']}"
+    f"[bold]{name}[/]: {p['about']}\n" + "\n".join(_size_line(name, size, p) for size in p["sizes"])
     for name, p in PRESETS.items())
 
 
 TENSORBOARD_HELP = ("Also write the metrics as TensorBoard event files in RUN/tensorboard "
-                    "(tensorboard --logdir RUN); needs pip install 'bitnet-cli[tensorboard]'.")
+                    "(tensorboard --logdir RUN); needs pip install 'bitnet-cli\\[tensorboard]'.")
 
 
 def command_line(experiment: str, options: dict) -> list[str]:
@@ -40,25 +52,28 @@ Every experiment is a preset (model shape, data, evaluator, schedule); each flag
 The run is written to a new folder under the runs folder (see --home), with config.json,
 state.json, metrics.jsonl, tokenizer.json and safetensors checkpoints.
 
+Each size's defaults: parameters, layers x width; steps of batch x sequence (x gradient
+accumulation), peak learning rate.
+
 {_EXPERIMENTS}
 
 Examples:
 
-  bitnet train simple                      # a one-minute check
+  bitnet train simple                     # a one-minute check
 
-  bitnet train arithmetic --size tiny      # learns + and - to >95% on a laptop CPU
+  bitnet train arithmetic --size tiny     # + and - past 95% on a CPU
 
-  bitnet train arithmetic --quant none     # the full-precision twin, for comparison
+  bitnet train arithmetic --quant none    # the full-precision twin
 
-  bitnet train arithmetic --activation silu  # a model today's llama.cpp runs right
+  bitnet train arithmetic --activation silu   # as llama.cpp computes
 
-  bitnet train tinystories --size tiny --data stories/   # your own text, offline
+  bitnet train tinystories --size tiny --data stories/   # your text
 
-  bitnet train baseline --nproc-per-node 8  # data-parallel on 8 GPUs (torchrun's launcher)
+  bitnet train baseline --nproc-per-node 8   # data-parallel, 8 GPUs
 
-Several machines: start `torchrun --nnodes ... -m bitnet_cli train ...` on each (see the
-README). --batch-size is always the global batch: any number of processes trains the same
-model, each on its share of every batch.
+Several machines: run torchrun on each, `torchrun --nnodes ... -m bitnet_cli train ...` (from a
+pipx install, with the torchrun of bitnet's environment: see the README). --batch-size is always
+the global batch: any number of processes trains the same model, each on its share of every batch.
 """, rich_help_panel="Training")
 @friendly
 def train(
@@ -77,7 +92,7 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run id to use instead of "
                                                   "<experiment>-<size>-<timestamp>."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+    compile: Optional[bool] = flag("--compile/--no-compile", default=None,
                                            help="torch.compile the training step (default: on for CUDA, and on a "
                                                 f"CPU for runs of {COMPILE_MIN_STEPS}+ steps). Without a C++ "
                                                 "compiler: one line, then eager training.",
@@ -97,7 +112,7 @@ def train(
         None, help="Data-parallel worker processes on this machine, one per GPU (or CPU "
                    "processes with gloo), started through torch.distributed.run.",
         show_default=False),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help=TENSORBOARD_HELP),
+    tensorboard: bool = flag("--tensorboard", help=TENSORBOARD_HELP),
 ) -> None:
     check_experiment(experiment)
     nproc = parse_nproc(nproc_per_node)
@@ -105,7 +120,7 @@ def train(
         check_tensorboard()
     from bitnet_cli import dist
     from bitnet_cli.run_setup import create_run, prepare_data
-    from bitnet_cli.ui import DataProgress
+    from bitnet_cli.ui.live import DataProgress
 
     options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
                    grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
@@ -133,6 +148,35 @@ def train(
     train_with_view(run_dir, nproc or 1)
 
 
+@app.command(rich_help_panel="Training")
+@friendly
+def stories(
+    folder: Path = typer.Argument(..., help="Folder to write stories.<format> into (made if "
+                                            "absent; an existing file is never replaced).",
+                                  show_default=False),
+    count: int = typer.Option(5000, "--stories", help="How many stories."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same stories."),
+    format: str = typer.Option("jsonl", help="jsonl, parquet or txt: each as the real data "
+                                             "sets have them (a 'text' field)."),
+) -> None:
+    """Write made-up children's stories in the TinyStories style, to train on offline.
+
+    The text experiments need no hub this way:
+
+      bitnet stories stories/ --stories 5000
+      bitnet train tinystories --size tiny --data stories/
+
+    The stories are drawn from small word lists with the seed: varied, but predictable enough
+    for a tiny model to learn in minutes, far below the unigram baseline.
+    """
+    from bitnet_cli.storygen import write_stories
+    existing = folder / f"stories.{format}"
+    if existing.exists() or existing.is_symlink():
+        raise BitnetError(f"{existing} exists already; choose another folder, or remove it first")
+    path = write_stories(folder, count, seed, format)
+    typer.echo(f"wrote {count:,} stories to {path}", err=True)
+
+
 def parse_nproc(text: str | None) -> int | None:
     if text is None:
         return None
@@ -150,7 +194,7 @@ def train_with_view(run_dir, nproc: int = 1) -> None:
     interrupted run says how to continue."""
     from bitnet_cli import dist
     from bitnet_cli.train import run_training
-    from bitnet_cli.ui import LiveTrainingView
+    from bitnet_cli.ui.live import LiveTrainingView
 
     if nproc > 1:
         # The workers resume the run just made (it starts at step 0); rank 0 shows the view.

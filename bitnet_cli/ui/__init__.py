@@ -1,0 +1,50 @@
+"""Rich lives here and only here: the live training view (live.py), tables (tables.py, bench.py),
+charts (charts.py). Output goes to stderr, so stdout stays clean for `--json` and for piping; the
+console objects and the number formats every part shares are in this module."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf") or seconds < 0:
+        return "--:--"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_rate(tokens_per_s: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if tokens_per_s >= scale:
+            return f"{tokens_per_s / scale:.1f}{unit}"
+    return f"{tokens_per_s:.0f}"
+
+
+def format_eval(row: dict, headline: str) -> str:
+    """An eval row in one line; a value that is absent or not a number shows as '-'."""
+    parts = [f"loss {number(row.get('loss'), '.4f')}"]
+    if headline != "loss" and headline in row:
+        parts.append(f"{headline} {number(row[headline], '.1%')}")
+    if "unigram_loss" in row:
+        parts.append(f"(unigram baseline {number(row['unigram_loss'], '.4f')})")
+    groups = [f"{k.split('/', 1)[1]} {number(v, '.0%')}" for k, v in row.items()
+              if k.startswith(f"{headline}/")]
+    if groups:
+        parts.append("(" + ", ".join(groups) + ")")
+    return " ".join(parts)
+
+
+def number(value, fmt: str) -> str:
+    """A number in `fmt`; anything else (absent, damaged) as '-'."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return format(value, fmt) if ok else "-"
+
+
+def count(n) -> str:
+    """A parameter or token count as 3.2M; anything else as '-'."""
+    from bitnet_cli.config import format_count
+    return format_count(n) if isinstance(n, (int, float)) else "-"

@@ -1,0 +1,92 @@
+"""`bitnet bench` as Rich tables, the ratio column first."""
+
+from __future__ import annotations
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms"
+
+
+def _percent(share: float | None) -> str:
+    return f"{100 * share:.1f}%" if share is not None else "GPU not in cost's table"
+
+
+def bench_report(r: dict):
+    """`bitnet bench`: one table per measurement, the ratio column first."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", header_style="bold")
+        for i, column in enumerate(columns):
+            t.add_column(column, justify="left" if i == 0 else "right", style="bold" if i == 1 else "")
+        return t
+
+    m = r["machine"]
+    on_gpu = "gpu" in m
+    train = table("training step (forward + backward + AdamW), BitNet vs its --quant none twin, "
+                  "eager and compiled" + (f" ({m['gpu']}, bf16 autocast)" if on_gpu else ""),
+                  "shape", "compiled / eager", "BitNet / twin", "compiled BitNet / twin",
+                  "BitNet", "twin", "compiled", "compiled twin", "first compiled step",
+                  "batch x seq", *(("tok/s", "MFU", "twin tok/s", "twin MFU") if on_gpu else ()))
+    for s in r["train_step"]:
+        c = s.get("compiled")
+        cells = ([f"{c['vs_eager']:.2f}x", f"{s['ratio']:.2f}x", f"{c['ratio']:.2f}x",
+                  _ms(s["bitnet_s"]), _ms(s["twin_s"]), _ms(c["bitnet_s"]), _ms(c["twin_s"]),
+                  f"{c['first_step_s']:.1f} s"] if c else
+                 ["-", f"{s['ratio']:.2f}x", "-", _ms(s["bitnet_s"]), _ms(s["twin_s"]), "-", "-",
+                  s["compile_problem"]])
+        gpu_cells = ()
+        if on_gpu and c:
+            gpu_cells = (f"{c['tok_per_s']:,.0f}", _percent(c["mfu"]),
+                         f"{c['twin_tok_per_s']:,.0f}", _percent(c["twin_mfu"]))
+        train.add_row(s["shape"], *cells, s["batch"], *gpu_cells)
+    if on_gpu:
+        return train
+    data = table("making one batch on the CPU, between training steps", "experiment and size",
+                 "ms per batch", "batch x seq")
+    for s in r["data"]:
+        data.add_row(s["shape"], f"{s['ms']:.1f}", s["batch"])
+    decode = table("decode with the KV cache, tokens/s: the int8 engine (float16 head) and the "
+                   "float engine in fp32 and bf16 autocast", "shape", "int8 / fp32", "int8",
+                   "fp32", "bf16 / fp32", "bf16")
+    bandwidth = table(f"weights read per decoded token, and the bandwidth that makes (this machine: "
+                      f"reads {m['read_gb_s']:.1f} GB/s, copies {m['copy_gb_s']:.1f} GB/s; "
+                      f"{m['threads']} threads)", "shape", "int8 GB/s", "fp32 GB/s",
+                      "int8 weights", "fp32 weights")
+    layers = table("the BitLinear layers alone, one token through all of them", "shape",
+                   "int8 / fp32", "int8", "fp32", "int8 GB/s", "fp32 GB/s")
+    for d in r["decode"]:
+        i8, f32, b16 = (d["engines"][k] for k in ("int8", "float32", "bf16 autocast"))
+        decode.add_row(d["shape"], f"{d['int8_vs_float32']:.2f}x", f"{i8['tok_per_s']:.1f}",
+                       f"{f32['tok_per_s']:.1f}", f"{d['bf16_vs_float32']:.2f}x",
+                       f"{b16['tok_per_s']:.1f}")
+        bandwidth.add_row(d["shape"], f"{i8['gb_s']:.1f}", f"{f32['gb_s']:.1f}",
+                          _mib(i8["weight_bytes_per_token"]), _mib(f32["weight_bytes_per_token"]))
+        lay = d["layers"]
+        layers.add_row(f"{d['shape']} ({lay['count']} layers)", f"{lay['ratio']:.2f}x",
+                       f"{lay['int8_ms']:.2f} ms", f"{lay['float_ms']:.2f} ms",
+                       f"{lay['int8_gb_s']:.1f}", f"{lay['float_gb_s']:.1f}")
+    size = table("projection weights on disk, fp32 latent vs 2-bit packed (hf-packed)",
+                 "shape", "latent / packed", "latent", "packed", "whole file")
+    for s in r["size"]:
+        size.add_row(s["shape"], f"{s['ratio']:.1f}x", _mib(s["latent_bytes"]),
+                     _mib(s["packed_bytes"]), f"{s['file_ratio']:.1f}x smaller")
+    memory = table("memory of a fresh process on the baseline 95M shape (RSS)", "process",
+                   "peak", "peak above idle", "at the end")
+    idle = r["memory"][0]["peak_rss_bytes"]
+    for s in r["memory"]:
+        what = {"idle": "idle (imports only)", "decode": f"decode, {s['what']}",
+                "train": "train, " + ("BitNet" if s["what"] == "ternary" else "twin")}[s["kind"]]
+        memory.add_row(what, _mib(s["peak_rss_bytes"]), _mib(s["peak_rss_bytes"] - idle),
+                       _mib(s["final_rss_bytes"]))
+    kv = r["kv_cache"]
+    cache = table(f"decode {kv['new_tokens']} tokens with the KV cache vs re-running the "
+                  "sequence for each (int8 engine)", "shape", "cache / none", "cache", "none")
+    cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
+                  f"{kv['no_cache_tok_per_s']:.1f} tok/s")
+    return Group(train, data, decode, bandwidth, layers, size, memory, cache)
