@@ -98,7 +98,7 @@ def test_the_eta_goes_by_the_average_speed_not_the_last_interval(two_runs):
         text = invoke("status", "twin").stdout
     assert row["eta_s"] == pytest.approx(20.0)  # 10 steps at 2 s each
     assert row["elapsed_s"] == 20.0
-    assert "on average" in text and "training so far, ETA 00:20" in text
+    assert "on average" in text and "training so far, ETA 0:00:20" in text
 
 
 def test_status_of_one_run_in_detail(two_runs):

@@ -96,7 +96,7 @@ def test_the_live_training_line_keeps_bar_step_and_eta_at_80_columns():
     bar, train, evaluation = drawn_lines(view)
     view.close()
     assert all(len(line) <= 80 for line in (bar, train, evaluation))
-    assert bar.startswith("train ") and "20/3000" in bar and "ETA 00:" in bar
+    assert bar.startswith("train ") and "20/3000" in bar and "ETA 0:00:" in bar
     assert len(bar) > 70  # the bar itself keeps its room
     assert train.startswith("train loss 1.5000 (smoothed)")
     assert evaluation.startswith("eval at step 250: loss 0.4100 not_lost 93.0%")

@@ -11,10 +11,9 @@ stdout = Console()
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf") or seconds < 0:
-        return "--:--"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+        return "-:--:--"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"  # as Rich's elapsed column: h:mm:ss
 
 
 def format_rate(tokens_per_s: float) -> str:

@@ -79,7 +79,7 @@ class LiveTrainingView:
         self.progress.lines = []
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
-                                           eta="--:--")
+                                           eta="-:--:--")
 
     def log(self, row: dict) -> None:
         loss = row["loss"]
@@ -116,7 +116,9 @@ class LiveTrainingView:
         self.progress.console.print(Text(f"step {step:>7}  saved {path.name}", style="dim"))
 
     def notice(self, text: str) -> None:
-        self.progress.console.print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
+        # One line in a log or a pipe; wrapped at words in a terminal.
+        self.progress.console.print(Text(f"note: {text}", style="yellow"),
+                                    soft_wrap=not self.console.is_terminal)
 
     def finish(self, info: dict) -> None:
         if self.task is not None:
