@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from bitnet_cli.cli import app
 from tests.cli import invoke, runner
+from tests.test_status_plot import stand_in_trainer
 
 FAST = ["--steps", "4", "--eval-every", "4", "--save-every", "4", "--no-compile"]
 
@@ -66,19 +65,10 @@ def test_rm_takes_a_run_folder_but_not_a_folder_inside_one(runs):
 
 
 def test_rm_refuses_a_run_being_trained(runs):
-    # Another process holds the run's lock, as a trainer does.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-         str(runs / "beta")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with stand_in_trainer(runs / "beta"):  # another process holds the run's lock, as a trainer does
         result = invoke("runs", "rm", "beta", "--yes", code=1)
         assert "is being trained by another process" in result.stderr
         assert (runs / "beta/config.json").is_file()
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     invoke("runs", "rm", "beta", "--yes")
 
 

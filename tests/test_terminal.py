@@ -75,7 +75,7 @@ def live_view(width=80):
     view.start({"run_id": "tictactoe-tiny-20261202-101010", "run_dir": "/x", "step": 0,
                 "total_steps": 3000, "device": "cpu", "compile": False, "params": "718k",
                 "headline": "not_lost", "experiment": "tictactoe", "size": "tiny"})
-    return view, console
+    return view
 
 
 def drawn_lines(view, width=80) -> list[str]:
@@ -87,7 +87,7 @@ def drawn_lines(view, width=80) -> list[str]:
 
 
 def test_the_live_training_line_keeps_bar_step_and_eta_at_80_columns():
-    view, console = live_view()
+    view = live_view()
     for step in (10, 20):
         view.log({"step": step, "loss": 1.5, "lr": 2e-3, "tok_per_s": 43_700})
     view.eval({"step": 250, "loss": 0.41, "not_lost": 0.93,
