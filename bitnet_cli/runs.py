@@ -171,6 +171,29 @@ def matching_runs(selector: str) -> list[Path]:
     raise BitnetError(f"no run {selector!r} in {runs_dir()}; {hint}")
 
 
+WHOLE_ID = "this takes whole run ids"
+
+
+def exact_run(selector: str) -> Path:
+    """The run a whole run id or a run's own folder names, for what cannot be undone: a prefix,
+    'latest' or a folder inside a run is refused, saying what it would have meant. A linked
+    run folder stays the link."""
+    path = Path(selector).expanduser()
+    if selector == "latest":
+        raise BitnetError(f"{WHOLE_ID}, and 'latest' is not one (it could mean the newest run); "
+                          "`bitnet runs list` prints them")
+    runs = matching_runs(selector)
+    if path.exists():
+        if runs[0] != path.resolve():
+            raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE}); give the "
+                              "run's own folder")
+        return path.absolute()
+    if len(runs) > 1 or runs[0].name != selector:
+        raise BitnetError(f"{WHOLE_ID}, and {selector!r} is not one (it could mean "
+                          f"{_listing([r.name for r in runs])}); `bitnet runs list` prints them")
+    return runs[0]
+
+
 def remove_run(run_dir: Path) -> str:
     """Delete a run folder; a run being trained is refused. The folder is first renamed to a
     hidden name, so an interrupted removal never leaves half a run that lists as one. A run

@@ -18,6 +18,9 @@ import json
 import random
 from pathlib import Path
 
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import write_bytes_atomic
+
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam"]
 ANIMALS = ["cat", "dog", "bird", "frog", "bunny", "duck", "bear", "fox"]
 PLACES = ["park", "garden", "forest", "beach", "yard", "farm", "pond", "hill"]
@@ -60,8 +63,6 @@ FORMATS = ("jsonl", "parquet", "txt")
 def write_stories(folder: Path, count: int, seed: int = 0, fmt: str = "jsonl") -> Path:
     """Write `count` stories as one file, stories.<fmt>, with a TinyStories-style `text` field;
     the file appears whole or not at all."""
-    from bitnet_cli.errors import BitnetError
-    from bitnet_cli.files import write_bytes_atomic
     if fmt not in FORMATS:
         raise BitnetError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if count < 1:

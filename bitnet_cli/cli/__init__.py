@@ -99,7 +99,7 @@ def root(
                              "the BITNET_HOME environment variable also sets it).",
         show_default=False),
     version: bool = flag("--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+                         help="Print the version and exit."),
 ) -> None:
     if home is not None:
         os.environ["BITNET_HOME"] = str(home)

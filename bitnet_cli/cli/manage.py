@@ -8,7 +8,6 @@ from typing import List
 import typer
 
 from bitnet_cli.cli import app, complete_run, flag, friendly
-from bitnet_cli.errors import BitnetError
 
 runs_app = typer.Typer(help="List or remove runs (the folders under the runs folder).",
                        no_args_is_help=True)
@@ -17,7 +16,9 @@ app.add_typer(runs_app, name="runs", rich_help_panel="Watching")
 
 @runs_app.command("list")
 @friendly
-def list_runs(paths: bool = flag("--paths", help="Print each run's folder instead of its id.")) -> None:
+def list_runs(
+    paths: bool = flag("--paths", help="Print each run's folder instead of its id."),
+) -> None:
     """Print every run id, oldest first, one per line (for scripts; `bitnet status` is the table)."""
     from bitnet_cli.runs import list_run_dirs
     for run_dir in list_run_dirs():
@@ -37,8 +38,8 @@ def remove(
     than the one you mean. A run being trained is refused; stop it first. Without --yes the runs
     and their sizes are listed and you are asked once.
     """
-    from bitnet_cli.runs import remove_run
-    targets = list(dict.fromkeys(run_folder(selector) for selector in runs))
+    from bitnet_cli.runs import exact_run, remove_run
+    targets = list(dict.fromkeys(exact_run(selector) for selector in runs))
     if not yes:
         for run_dir in targets:
             typer.echo(f"  {run_dir.name}  {_size(run_dir) / 2**20:,.1f} MiB  {run_dir}", err=True)
@@ -52,27 +53,6 @@ def remove(
             raise typer.Exit(1)
     for run_dir in targets:
         typer.echo(f"removed {remove_run(run_dir)}", err=True)
-
-
-def run_folder(selector: str) -> Path:
-    """The run a whole id or a run folder's path names; a prefix, 'latest' or a folder inside
-    a run is refused, with what it would have meant."""
-    from bitnet_cli.runs import CONFIG_FILE, list_run_dirs, runs_dir
-    path = Path(selector).expanduser()
-    if len(path.parts) > 1 or path.is_absolute() or selector in (".", ".."):
-        if not (path / CONFIG_FILE).is_file():
-            raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE}); give the "
-                              "run's own folder")
-        return path.absolute()
-    names = {p.name: p for p in list_run_dirs()}
-    if selector in names:
-        return names[selector]
-    similar = [name for name in names if name.startswith(selector)] if selector != "latest" else []
-    if selector == "latest" or similar:
-        meant = "the newest run" if selector == "latest" else ", ".join(similar[:5])
-        raise BitnetError(f"runs rm takes whole run ids, and {selector!r} is not one (it could "
-                          f"mean {meant}); `bitnet runs list` prints them")
-    raise BitnetError(f"no run {selector!r} in {runs_dir()}; `bitnet runs list` prints the runs")
 
 
 def _size(folder: Path) -> int:

@@ -28,9 +28,9 @@ def resume(
         None, help="Worker processes on this machine (default: as many as the run last used, "
                    "if it ran on one machine). Any number continues the same run: the batch "
                    "is global.", show_default=False),
-    tensorboard: bool = flag("--tensorboard", help="From now on also write the "
-                                     "metrics as TensorBoard event files in RUN/tensorboard "
-                                     "(a run trained with --tensorboard goes on writing them)."),
+    tensorboard: bool = flag("--tensorboard", help="From now on also write the metrics as "
+                             "TensorBoard event files in RUN/tensorboard (a run trained with "
+                             "--tensorboard goes on writing them)."),
 ) -> None:
     """Continue a run from its newest good checkpoint, exactly where it stopped.
 
@@ -157,8 +157,8 @@ def plot(
     metric: Optional[str] = typer.Option(None, help="Draw this metric instead of the loss curves "
                                                     "(lr, grad_norm, tok_per_s, acc/+, ...), or "
                                                     "one of the ternary codes' (see below)."),
-    by_layer: bool = flag("--by-layer", help="With a ternary metric: one curve "
-                                                            "per BitLinear layer."),
+    by_layer: bool = flag("--by-layer", help="With a ternary metric: one curve per BitLinear "
+                                             "layer."),
 ) -> None:
     """Draw the loss and metric curves of one or more runs.
 

@@ -8,25 +8,26 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli import DEVICE_HELP, app, flag, friendly
-from bitnet_cli.config import COMPILE_MIN_STEPS, ModelConfig, format_count
+from bitnet_cli.config import COMPILE_MIN_STEPS, format_count
 from bitnet_cli.metrics import check_tensorboard
 from bitnet_cli.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
-def _size_line(experiment: str, size: str, preset: dict) -> str:
+
+def _size_line(experiment: str, size: str) -> str:
     """A size's defaults, as `--help` lists them: the shape and the schedule each flag overrides."""
-    model, train = preset["sizes"][size]["model"], preset["sizes"][size]["train"]
-    params = ModelConfig(vocab_size=preset["vocab_size"], max_position_embeddings=train["seq_len"],
-                         **model).num_params()
-    default = " (default)" if size == preset["default_size"] else ""
-    accum = f" x {train['grad_accum']}" if train.get("grad_accum", 1) > 1 else ""
-    return (f"  {size}{default}: {format_count(params)}, {model['num_hidden_layers']} x "
-            f"{model['hidden_size']}; {train['steps']:,} steps of {train['batch_size']} x "
-            f"{train['seq_len']}{accum}, lr {train['lr']:g}")
+    from bitnet_cli.cost import preset
+    shape, train = preset(f"{experiment}-{size}")
+    default = " (default)" if size == PRESETS[experiment]["default_size"] else ""
+    accum = f" x {train['grad_accum']}" if train["grad_accum"] > 1 else ""
+    lr = PRESETS[experiment]["sizes"][size]["train"]["lr"]
+    return (f"  {size}{default}: {format_count(shape.params)}, {shape.layers} x {shape.hidden}; "
+            f"{train['steps']:,} steps of {train['batch_size']} x {train['seq_len']}{accum}, "
+            f"lr {lr:g}")
 
 
 _EXPERIMENTS = "\n\n".join(
-    f"[bold]{name}[/]: {p['about']}\n" + "\n".join(_size_line(name, size, p) for size in p["sizes"])
+    f"[bold]{name}[/]: {p['about']}\n" + "\n".join(_size_line(name, size) for size in p["sizes"])
     for name, p in PRESETS.items())
 
 
@@ -92,11 +93,10 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run id to use instead of "
                                                   "<experiment>-<size>-<timestamp>."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    compile: Optional[bool] = flag("--compile/--no-compile", default=None,
-                                           help="torch.compile the training step (default: on for CUDA, and on a "
-                                                f"CPU for runs of {COMPILE_MIN_STEPS}+ steps). Without a C++ "
-                                                "compiler: one line, then eager training.",
-                                           show_default=False),
+    compile: Optional[bool] = flag("--compile/--no-compile", default=None, show_default=False,
+                                   help="torch.compile the training step (default: on for CUDA, "
+                                        f"and on a CPU for runs of {COMPILE_MIN_STEPS}+ steps). "
+                                        "Without a C++ compiler: one line, then eager training."),
     quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
                                               "twin with the same names and shapes)."),
     activation: str = typer.Option("relu2", help="The FFN gate: relu2, relu(gate)^2 * up as in "
