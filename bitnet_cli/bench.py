@@ -6,8 +6,10 @@ on what a model has learned.
     train_step   BitNet's forward + backward + AdamW step against its --quant none twin, eager
                  and compiled (on CUDA in bf16 autocast, with tokens/s and MFU)
     data         the CPU's time to make one batch, for every experiment and size
-    decode       tokens/s with the KV cache: the int8 engine against the float engine in fp32
-                 and in bf16 autocast; bytes of weights read per token and the GB/s that makes
+    decode       tokens/s with the KV cache: the int8 engine (float16 or int8 head, eager or a
+                 compiled decode step) against the float engine in fp32 and in bf16 autocast,
+                 and at 95M llama.cpp on the same weights; bytes of weights read per token and
+                 the GB/s that makes
     layers       the BitLinear matmuls alone at decode shape (one token), float against int8
     size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
     memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
@@ -20,6 +22,7 @@ a background hiccup hits both sides alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -30,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.bitlinear import BitLinear, quantized_for_step
-from bitnet_cli.compiled import compiler_problem, deterministic_kernels, use_bitnet_cache
+from bitnet_cli.compiled import DecodeStep, compiler_problem, deterministic_kernels, use_bitnet_cache
 from bitnet_cli.config import ModelConfig
 from bitnet_cli.presets import PRESETS
-from bitnet_cli.int8 import Int8Linear, to_int8
+from bitnet_cli.int8 import HalfHead, Int8Linear, to_int8
 from bitnet_cli.model import BitNetForCausalLM, generate
 from bitnet_cli.optim import build_optimizer
 
@@ -42,10 +45,11 @@ from bitnet_cli.optim import build_optimizer
 TRAIN_SHAPES = [("arithmetic", "tiny", 64, 64), ("arithmetic", "5M", 64, 64),
                 ("tinystories", "12M", 4, 256), ("baseline", "95M", 2, 256)]
 DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
+LLAMA_CPP_SHAPE = ("baseline", "95M")  # rows of 768 and 3072: every projection TQ2_0
+LLAMA_CPP_CONTEXT = 256
 CUDA_TRAIN_SHAPE = ("baseline", "95M", 16, 256)  # the preset's micro-batch
 STEP_REPEATS = 4
 PROMPT_TOKENS, NEW_TOKENS = 16, 48
-HEAD_BYTES = {"float32": 4, "bf16 autocast": 4, "int8": 2}  # the int8 engine's head is float16
 
 
 def build(experiment: str, size: str, context: int, quant: str = "ternary") -> BitNetForCausalLM:
@@ -178,52 +182,126 @@ def data(repeats: int = 10) -> list[dict]:
     return rows
 
 
-def weight_bytes(model: torch.nn.Module, head_bytes: int) -> int:
+def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decoded token reads: every projection, the head, one embedding row
     (norms are too small to count)."""
     config = model.config
     linear = sum(m.codes.numel() if isinstance(m, Int8Linear) else 4 * m.weight.numel()
                  for m in model.modules() if isinstance(m, (BitLinear, Int8Linear)))
-    return linear + head_bytes * config.vocab_size * config.hidden_size + 4 * config.hidden_size
+    head = model.lm_head
+    if isinstance(head, Int8Linear):  # counted above, with the projections
+        head_bytes = 0
+    else:
+        head_bytes = head.weight.numel() * (2 if isinstance(head, HalfHead) else 4)
+    return linear + head_bytes + 4 * config.hidden_size
 
 
-def decode_rate(model, prompt: list[int], context) -> float:
+def decode_rate(model, prompt: list[int], context, step=None) -> float:
     """Tokens/s of greedy decoding with the KV cache, after the prompt's forward pass."""
     with context():
-        stream = generate(model, prompt, NEW_TOKENS)
+        stream = generate(model, prompt, NEW_TOKENS, step=step)
         next(stream)  # the prompt itself is not timed
         start = time.perf_counter()
         count = sum(1 for _ in stream)
         return count / (time.perf_counter() - start)
 
 
-def decode(experiment: str, size: str) -> dict:
+# The engines decode() times: (name, int8 head?, compiled step?); the float engine's two
+# precisions are added to these.
+INT8_ENGINES = [("int8", "float16", False), ("int8, int8 head", "int8", False),
+                ("int8 compiled", "float16", True), ("int8 compiled, int8 head", "int8", True)]
+
+
+def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
+    """Tokens/s of every engine on one shape, the same prompt and number of new tokens for
+    each; with_llama_cpp adds llama.cpp on the same weights (exported as GGUF)."""
     model = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
-    fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
-    to_int8(fast)
     prompt = torch.randint(0, model.config.vocab_size, (PROMPT_TOKENS,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    engines = {"float32": (model, contextlib.nullcontext), "bf16 autocast": (model, bf16),
-               "int8": (fast, contextlib.nullcontext)}
+    engines = {"float32": (model, contextlib.nullcontext, None),
+               "bf16 autocast": (model, bf16, None)}
+    notes = []
+    for name, head, compiled in INT8_ENGINES:
+        fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
+        to_int8(fast, head)
+        step = DecodeStep(fast, compiled, notes.append)
+        step.warm_up()
+        if step.forward is fast and compiled:
+            continue  # no compiler here: said in notes
+        engines[name] = (fast, contextlib.nullcontext, step)
     rates = {name: 0.0 for name in engines}
-    for name, (m, context) in engines.items():
-        decode_rate(m, prompt, context)  # warm-up: kernels chosen, float weights quantized once
+    for name, (m, context, step) in engines.items():
+        decode_rate(m, prompt, context, step)  # warm-up: kernels chosen, float weights quantized once
     for _ in range(2):
-        for name, (m, context) in engines.items():
-            rates[name] = max(rates[name], decode_rate(m, prompt, context))
+        for name, (m, context, step) in engines.items():
+            rates[name] = max(rates[name], decode_rate(m, prompt, context, step))
     result = {"shape": f"{experiment} {size}", "params": model.num_params(),
+              "threads": torch.get_num_threads(), "notes": notes,
               "int8_vs_float32": rates["int8"] / rates["float32"],
               "bf16_vs_float32": rates["bf16 autocast"] / rates["float32"], "engines": {}}
-    for name, (m, _) in engines.items():
-        read = weight_bytes(m, HEAD_BYTES[name])
-        result["engines"][name] = {"tok_per_s": rates[name], "weight_bytes_per_token": read,
-                                   "gb_s": read * rates[name] / 1e9}
+    for name, (m, _, _) in engines.items():
+        read = weight_bytes(m)
+        result["engines"][name] = {"tok_per_s": rates[name], "vs_float32": rates[name] / rates["float32"],
+                                   "weight_bytes_per_token": read, "gb_s": read * rates[name] / 1e9}
     # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
     # bytes per token are not the weights' size, so no GB/s is claimed for it.
     result["engines"]["bf16 autocast"]["gb_s"] = None
-    result["layers"] = layers(model, fast)
+    result["layers"] = layers(model, engines["int8"][0])
+    if with_llama_cpp:
+        result["llama_cpp"] = llama_cpp_decode(model, prompt)
+        if "tok_per_s" in result["llama_cpp"]:
+            for name in engines:
+                result["engines"][name]["vs_llama_cpp"] = rates[name] / result["llama_cpp"]["tok_per_s"]
     return result
+
+
+def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
+    """llama.cpp's greedy decoding speed on `model`'s weights, through llama-cpp-python: the
+    model exported as bitnet's GGUF (TQ2_0 codes where rows are multiples of 256, F16
+    embedding), the same prompt, new tokens and thread count as bitnet's engines, timed the
+    same way (after the prompt, best of three). llama.cpp computes silu(gate) * up for this
+    architecture: the same work as relu2, so the speed compares even though the FFN differs."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"missing": "not installed (pip install llama-cpp-python)"}
+    import tempfile
+    from pathlib import Path
+
+    from bitnet_cli.experiments import load_experiment
+    from bitnet_cli.export import GGUF_FILE, write_gguf
+    from bitnet_cli.inference import LoadedModel
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench" / "checkpoints" / "random"  # the GGUF is named after the run
+        folder.mkdir(parents=True)
+        # Any tokenizer will do: the prompt goes in as token ids (the rest of the vocabulary is
+        # written as unused entries).
+        tokenizer = load_experiment("arithmetic").tokenizer()
+        # llama-cpp-python makes a context of at least 256 and warns on stderr when the file
+        # declares less; the context does not change the speed of the first 64 tokens.
+        config = dataclasses.replace(model.config, max_position_embeddings=LLAMA_CPP_CONTEXT)
+        write_gguf(LoadedModel(model, tokenizer, config, "arithmetic", folder, 0), folder)
+        gguf_bytes = (folder / GGUF_FILE).stat().st_size
+        llm = Llama(model_path=str(folder / GGUF_FILE), n_ctx=LLAMA_CPP_CONTEXT,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        def rate() -> float:
+            llm.reset()
+            llm.eval(prompt)
+            start = time.perf_counter()
+            for _ in range(NEW_TOKENS - 1):  # as decode_rate: the first token is the prompt's
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            return (NEW_TOKENS - 1) / (time.perf_counter() - start)
+        rate()
+        best = max(rate() for _ in range(3))
+    finally:
+        llm.close()
+    import llama_cpp
+    return {"tok_per_s": best, "threads": threads, "gguf_bytes": gguf_bytes,
+            "version": llama_cpp.__version__}
 
 
 @torch.inference_mode()
@@ -231,10 +309,10 @@ def layers(model: BitNetForCausalLM, fast: BitNetForCausalLM, repeats: int = 20)
     """One token through every BitLinear in model order, float (quantized fp32 weights, as the
     float engine keeps them) against int8: the matmuls with their quantization and rescale."""
     slow = [m for m in model.modules() if isinstance(m, BitLinear)]
-    quick = [m for m in fast.modules() if isinstance(m, Int8Linear)]
-    inputs = [torch.randn(1, 1, m.in_features) for m in slow]
+    quick = [m for m in fast.modules() if isinstance(m, Int8Linear)]  # q, k, v stacked; gate, up
 
     def run(modules):
+        inputs = [torch.randn(1, 1, m.in_features) for m in modules]
         return lambda: [[m(x) for m, x in zip(modules, inputs)] for _ in range(repeats)]
     t = best_of({"float": run(slow), "int8": run(quick)}, 3)
     read = {"float": 4 * sum(m.weight.numel() for m in slow),
@@ -330,7 +408,8 @@ def run_all(progress=lambda what: None, device: str = "cpu") -> dict:
         steps = [("machine", machine),
                  ("train_step", lambda: [train_step(*s) for s in TRAIN_SHAPES]),
                  ("data", data),
-                 ("decode", lambda: [decode(*s) for s in DECODE_SHAPES]),
+                 ("decode", lambda: [decode(*s, with_llama_cpp=s == LLAMA_CPP_SHAPE)
+                                     for s in DECODE_SHAPES]),
                  ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
                  ("memory", memory),
                  ("kv_cache", kv_cache)]

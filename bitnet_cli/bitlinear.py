@@ -110,7 +110,12 @@ def shared_input_linear(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
     """Each layer applied to the same x (q, k and v; gate and up). While training, as one matmul
     over the layers' quantized weights side by side, each layer keeping its own scale: a CPU
     multiplies one wide matrix markedly faster than two or three narrow ones, and the input is
-    quantized once. Without gradients, for inference engines, it is just each layer in turn."""
+    quantized once. Without gradients, for the float engine, it is just each layer in turn; the
+    int8 engine has already stacked them into one matrix (int8.Int8Part), which runs once."""
+    whole = getattr(layers[0], "whole", None)
+    if whole is not None and len(layers) == len(whole.splits) and all(
+            getattr(layer, "whole", None) is whole and layer.index == i for i, layer in enumerate(layers)):
+        return whole.parts(x)
     kinds = {type(layer) for layer in layers}
     if not torch.is_grad_enabled() or len(kinds) > 1 or kinds - {BitLinear, nn.Linear}:
         return tuple(layer(x) for layer in layers)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from bitnet_cli.compiled import DecodeStep
 from bitnet_cli.config import MAX_SEED
+from bitnet_cli.cpu import decode_threads
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
 from bitnet_cli.inference import LoadedModel
@@ -46,13 +48,19 @@ class Sampling:
 
 @dataclass
 class ReplyStats:
-    tokens: int = 0
+    tokens: int = 0  # of the reply, a stop token not counted
+    made: int = 0  # tokens the model made, a stop token counted
     seconds: float = 0.0
+    first_token_s: float = 0.0  # from the reply's start to its first token: the prompt's pass
+    threads: int = 0
     stopped: str = ""  # "stop token", "length", "context" or "interrupted"
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        """The decoding speed: tokens after the first, over the time after the first (0 when
+        there was only one)."""
+        decoding = self.seconds - self.first_token_s
+        return (self.made - 1) / decoding if self.made > 1 and decoding > 0 else 0.0
 
 
 @dataclass
@@ -60,6 +68,8 @@ class ChatSession:
     loaded: LoadedModel
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
+    compile: bool = False  # decode through a compiled one-token step (compiled.DecodeStep)
+    notice: Callable[[str], None] = lambda line: None
 
     def __post_init__(self):
         self.sampling.validate(self.loaded.config.vocab_size)
@@ -72,6 +82,12 @@ class ChatSession:
         self.turns: list[list[int]] = []  # each earlier prompt with its reply, oldest first
         self.generator: torch.Generator | None = None  # see sampler()
         self.last = ReplyStats()
+        model = self.loaded.model
+        self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
+        if self.compile and self.step is not None:
+            self.step.warm_up()
+        on_cpu = model is not None and model.rope_cos.device.type == "cpu"
+        self.most_threads = torch.get_num_threads() if on_cpu else 0
 
     @property
     def keeps_history(self) -> bool:
@@ -118,23 +134,28 @@ class ChatSession:
         max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
         stop_ids = tuple(self.task.stop_ids(self.tokenizer))
         new: list[int] = []
-        shown = ""
+        text = IncrementalText(self.tokenizer)
         self.last = ReplyStats(stopped="length")
+        if self.most_threads:
+            self.last.threads = decode_threads(self.most_threads)
+            torch.set_num_threads(self.last.threads)
         start = time.perf_counter()
         try:
             for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,
                                   self.sampling.top_k, self.sampling.top_p, stop_ids,
-                                  generator=self.sampler()):
+                                  generator=self.sampler(), step=self.step):
+                self.last.made += 1
+                if self.last.made == 1:
+                    self.last.first_token_s = time.perf_counter() - start
                 if token in stop_ids:
                     self.last.stopped = "stop token"
                     break
                 new.append(token)
                 if hasattr(self.task, "chat_reply"):
                     continue  # a formatted answer is only shown whole
-                text_so_far = self.tokenizer.decode(new)
-                if not text_so_far.endswith("\ufffd"):  # hold back half a UTF-8 character
-                    yield text_so_far[len(shown):]
-                    shown = text_so_far
+                piece = text.add(token)
+                if piece:
+                    yield piece
             else:
                 if len(prompt) + len(new) >= self.context:
                     self.last.stopped = "context"
@@ -148,5 +169,33 @@ class ChatSession:
                 self.turns.append(turn + new)
         if hasattr(self.task, "chat_reply"):
             yield self.task.chat_reply(self.tokenizer.decode(new))
-        elif len(self.tokenizer.decode(new)) > len(shown):
-            yield self.tokenizer.decode(new)[len(shown):]
+        elif rest := text.rest():
+            yield rest
+
+
+class IncrementalText:
+    """A reply's text as its tokens arrive, decoding only the tokens since the last whole
+    piece instead of the whole reply at every token. A token that ends inside a UTF-8
+    character (byte-level BPE splits them) is held back until the character is whole."""
+
+    TAIL = 8  # tokens decoded again with each new one, so that joins decode as they would whole
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []  # since `start`, the last tokens already shown among them
+        self.shown = 0  # characters of decode(self.tokens) already given out
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        if len(self.tokens) > 2 * self.TAIL:  # keep a short tail: decode cost stays flat
+            kept = self.tokens[-self.TAIL:]
+            self.tokens, self.shown = kept, len(self.tokenizer.decode(kept))
+        return piece
+
+    def rest(self) -> str:
+        """What is left at the end: a held-back partial character, as the tokenizer shows it."""
+        return self.tokenizer.decode(self.tokens)[self.shown:]

@@ -17,7 +17,7 @@ from bitnet_cli.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors,
                                    read_checkpoint)
 from bitnet_cli.config import ModelConfig, model_config_from_dict
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.int8 import ENGINES, to_int8
+from bitnet_cli.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.model import BitNetForCausalLM
 from bitnet_cli.runs import TOKENIZER_FILE, matching_runs
 
@@ -58,14 +58,20 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",
-               engine: str | None = None) -> LoadedModel:
+               engine: str | None = None, head: str = "float16") -> LoadedModel:
     """The model a RUN|CKPT selector names, on `device`, run by `engine` ("int8" or "float";
-    None picks int8 on CPU and float elsewhere, where bf16 autocast already has fast kernels)."""
+    None picks int8 on CPU and float elsewhere, where bf16 autocast already has fast kernels),
+    the int8 engine with its output layer in `head` precision (int8.HEADS)."""
     device = torch.device(device)
     if engine is None:
         engine = "int8" if device.type == "cpu" else "float"
     if engine not in ENGINES:
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if head not in HEADS:
+        raise BitnetError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head != "float16" and engine != "int8":
+        raise BitnetError(f"--head {head} is the int8 engine's option; the {engine} engine "
+                          "keeps the trained float32 output layer")
     # Every file of the checkpoint, its tokenizer.json included, is checked there.
     checkpoint, (tensors, _, trainer), skipped = find_checkpoint(selector)
     tokenizer_path = checkpoint / TOKENIZER_FILE
@@ -83,7 +89,7 @@ def load_model(selector: str, device: str | torch.device = "cpu",
     model.to(device).eval()
     note = None
     if engine == "int8":
-        note = to_int8(model)
+        note = to_int8(model, head)
         if note is not None:
             engine, note = "float", f"int8 engine not used: {note}"
     return LoadedModel(model=model, tokenizer=tokenizer,

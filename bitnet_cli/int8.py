@@ -26,14 +26,33 @@ ENGINES = ("int8", "float")
 
 
 class Int8Linear(nn.Module):
-    """Inference-only stand-in for a BitLinear: int8 ternary codes (out, in) and their scale."""
+    """Inference-only stand-in for one BitLinear, or for several that read the same input (q, k
+    and v; gate and up): their int8 ternary codes stacked as one (out, in) matrix, and each
+    output row's scale. One matrix means the input is quantized once and multiplied once, where
+    separate layers would pay both, and the per-call overheads, two or three times over: on a
+    small model decoding a token, those overheads are most of the time."""
 
-    def __init__(self, layer: BitLinear):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, splits: list[int]):
         super().__init__()
-        w = layer.weight.detach()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("codes", ternary_codes(w).to(torch.int8))
-        self.register_buffer("scale", weight_scale(w))
+        self.out_features, self.in_features = codes.shape
+        self.splits = splits
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def stacking(cls, *layers: BitLinear) -> Int8Linear:
+        weights = [layer.weight.detach() for layer in layers]
+        return cls(torch.cat([ternary_codes(w) for w in weights]).to(torch.int8),
+                   torch.cat([weight_scale(w).expand(len(w)) for w in weights]),
+                   [len(w) for w in weights])
+
+    @classmethod
+    def per_row(cls, weight: torch.Tensor) -> Int8Linear:
+        """A full-precision matrix rounded to int8 with one absmax scale per output row: the
+        output layer, as an option (--head int8), at half of float16's bytes."""
+        w = weight.detach().float()
+        scale = 127.0 / w.abs().amax(dim=1).clamp(min=EPS)
+        return cls((w * scale[:, None]).round_().to(torch.int8), scale, [len(w)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -43,8 +62,25 @@ class Int8Linear(nn.Module):
         acc = int_mm(x_codes, self.codes.t())
         return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
 
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each stacked layer's output, in the order they were given."""
+        return self(x).split(self.splits, dim=-1)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.splits}, int8"
+
+
+class Int8Part(nn.Module):
+    """One layer's place in an Int8Linear that stacks it with its siblings. The model calls the
+    siblings together (bitlinear.shared_input_linear), which runs `whole` once; called alone,
+    it gives just its own rows."""
+
+    def __init__(self, whole: Int8Linear, index: int):
+        super().__init__()
+        self.whole, self.index = whole, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.whole.parts(x)[self.index]
 
 
 def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +88,9 @@ def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float32 scale, with codes / scale == activation_quant(x) exactly."""
     x = x.float()
     scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return (x * scale).round_().clamp_(-128, 127).to(torch.int8), scale
+    # activation_quant's clamp to [-128, 127] is left out: |x| * 127 / max|x| rounds to at
+    # most 127, so it never changes a code, and it is one pass less per layer.
+    return (x * scale).round_().to(torch.int8), scale
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,10 +134,26 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
     return None
 
 
-def to_int8(model: nn.Module, half_head: bool = True) -> str | None:
-    """Swap every BitLinear of `model` (in place) for an Int8Linear, and with `half_head` the
-    output projection for a HalfHead. Returns why the model was left as it was, or None when it
-    was converted."""
+def sibling_groups(bitlinears) -> list[tuple[nn.Module, list[str]]]:
+    """(parent, names) of the BitLinears to stack: those of one parent that the model always
+    calls together on one input (q, k, v; gate, up), and each other one alone."""
+    groups: dict[tuple[int, str], tuple[nn.Module, list[str]]] = {}
+    for parent, name, _ in bitlinears:
+        key = (id(parent), "shared input" if name in SHARED_INPUT else name)
+        groups.setdefault(key, (parent, []))[1].append(name)
+    return list(groups.values())
+
+
+SHARED_INPUT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # model.py's shared_input_linear calls
+
+
+HEADS = ("float16", "int8")
+
+
+def to_int8(model: nn.Module, head: str = "float16") -> str | None:
+    """Swap every BitLinear of `model` (in place) for an Int8Linear, and the output projection
+    for a HalfHead (float16) or a per-row Int8Linear (int8). Returns why the model was left as
+    it was, or None when it was converted."""
     bitlinears = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children() if isinstance(child, BitLinear)]
     if not bitlinears:
@@ -109,8 +163,10 @@ def to_int8(model: nn.Module, half_head: bool = True) -> str | None:
         why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
         if why:
             return why
-    for parent, name, child in bitlinears:
-        setattr(parent, name, Int8Linear(child))
-    if half_head:
-        model.lm_head = HalfHead(model.lm_head.weight)
+    for parent, names in sibling_groups(bitlinears):
+        whole = Int8Linear.stacking(*(getattr(parent, name) for name in names))
+        for index, name in enumerate(names):
+            setattr(parent, name, Int8Part(whole, index) if len(names) > 1 else whole)
+    weight = model.lm_head.weight
+    model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

@@ -19,9 +19,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from bitnet_cli.bitlinear import BitLinear, shared_input_linear
 from bitnet_cli.config import ModelConfig
+
+
+# SDPA shares K/V heads itself from PyTorch 2.5 on, with the same results as repeating them;
+# F.rms_norm is there from 2.4.
+SDPA_SHARES_KV_HEADS = TorchVersion(torch.__version__) >= (2, 5)
+FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
@@ -31,6 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FUSED_RMS_NORM and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            # Inference: one kernel instead of six, the same floats (tests/test_model.py).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Computed in float32 whatever the autocast dtype: bf16 sums of squares lose too much.
         dtype = x.dtype
         x = x.float()
@@ -52,6 +62,8 @@ def rope_tables(config: ModelConfig, seq_len: int, device=None) -> tuple[torch.T
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,11 +106,16 @@ class Attention(nn.Module):
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start) \
                     if T > 1 else None
+        gqa = {}
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head
-            repeats = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+            if SDPA_SHARES_KV_HEADS:
+                gqa = {"enable_gqa": True}  # no copy of the cache per layer and token
+            else:
+                repeats = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(repeats, dim=1)
+                v = v.repeat_interleave(repeats, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(self.attn_sub_norm(y))
 
@@ -168,9 +185,13 @@ class BitNetForCausalLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
-    def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for token ids (B, T). With a cache, the ids continue
-        the sequence the cache holds, and their keys and values are added to it."""
+        the sequence the cache holds, and their keys and values are added to it. With
+        `last_only`, the logits of the last position alone (B, 1, vocab): all that decoding
+        needs, where a prompt's every position through a 32,000-token head would cost more than
+        the rest of the prefill."""
         T = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -182,6 +203,8 @@ class BitNetForCausalLM(nn.Module):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
 
     def num_params(self) -> int:
@@ -225,18 +248,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def generate(model: BitNetForCausalLM, prompt_ids: list[int], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: tuple[int, ...] = (), use_cache: bool = True,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, step=None):
     """Yield new token ids one at a time; stops after a stop id (which is yielded), after
-    max_new_tokens, or when the context is full."""
+    max_new_tokens, or when the context is full. `step(ids, cache)` runs each new token
+    through the model (compiled.DecodeStep); by default the model itself."""
     context = model.config.max_position_embeddings
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if len(prompt_ids) >= context:
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
     device = model.rope_cos.device
+    step = step or (lambda ids, cache: model(ids, cache, last_only=True))
     ids = list(prompt_ids)
     cache = KVCache(model.config, device=device) if use_cache else None
-    logits = model(torch.tensor([ids], device=device), cache)[0, -1]
+    logits = model(torch.tensor([ids], device=device), cache, last_only=True)[0, -1]
     for _ in range(max_new_tokens):
         next_id = sample_next(logits, temperature, top_k, top_p, generator)
         yield next_id
@@ -244,6 +269,6 @@ def generate(model: BitNetForCausalLM, prompt_ids: list[int], max_new_tokens: in
         if next_id in stop_ids or len(ids) >= context:
             return
         if cache is not None:
-            logits = model(torch.tensor([[next_id]], device=device), cache)[0, -1]
+            logits = step(torch.tensor([[next_id]], device=device), cache)[0, -1]
         else:
-            logits = model(torch.tensor([ids], device=device))[0, -1]
+            logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli import __version__, dist
 from bitnet_cli.checkpoint import newest_loadable
-from bitnet_cli.config import (build_configs, format_count, model_config_from_dict, to_dict,
+from bitnet_cli.config import (DEVICES, build_configs, format_count, model_config_from_dict, to_dict,
                                train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.experiments import load_experiment
@@ -27,6 +27,8 @@ from bitnet_cli.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_f
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

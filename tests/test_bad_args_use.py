@@ -1,9 +1,11 @@
 """Bad arguments of chat, play and eval: one `error:` line and exit 1 (2 for Typer's own usage
 errors), never a traceback."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bitnet_cli.cli import app
 from bitnet_cli.experiments import tictactoe
@@ -47,6 +49,11 @@ BAD = [
     (CHAT + ("--seed", "-1"), "--seed must be a whole number from 0 to 4,294,967,295, got -1"),
     (CHAT + ("--seed", "99999999999999999999999"), "--seed must be"),
     (CHAT + ("--engine", "bogus"), "--engine must be one of"),
+    (CHAT + ("--head", "int4"), "--head must be one of float16, int8, got 'int4'"),
+    (CHAT + ("--head", "int8", "--engine", "float"), "--head int8 is the int8 engine's option"),
+    (CHAT + ("--device", "tpu"), "--device must be one of auto, cpu, cuda, mps, got 'tpu'"),
+    (("play", MODEL, "--device", "tpu"), "--device must be one of"),
+    (("eval", MODEL, "--device", "tpu"), "--device must be one of"),
     (("chat", "nope", "--prompt", "d3="), "no run 'nope'"),
     (("play", MODEL, "--as", "z"), "--as must be x or o, got 'z'"),
     (("play", MODEL, "--as", ""), "--as must be x or o, got ''"),
@@ -131,3 +138,18 @@ def test_model_commands_take_the_newest_run_with_a_checkpoint(model, bitnet_home
     shutil.rmtree(runs / "adder-1" / "checkpoints")
     result = run(model, "chat", "adder", "--prompt", "d3=", code=1)
     assert "none of the 3 runs 'adder' names has a checkpoint yet" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("args", [CHAT, ("play", MODEL), ("eval", MODEL)], ids=lambda v: v[0])
+def test_device_cuda_without_a_gpu_is_one_line(model, args):
+    result = run(model, *args, "--device", "cuda", code=1)
+    assert result.stderr.startswith("error: --device cuda is not available here (")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_reply_reports_its_first_token_time_and_speed(model):
+    result = run(model, *CHAT, "--temperature", "0", code=0)
+    report = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[\d+ tokens?, first token in [\d,]+ ms(, [\d,.]+ tok/s)?, \d threads?"
+                        r"(, --max-new-tokens reached)?\]", report), report

@@ -26,12 +26,18 @@ def test_sections_run_count_bytes_and_render():
     assert size["packed_bytes"] == layers * per_layer // 4 + 4 * 7 * layers  # + a scale each
     assert size["ratio"] > 15
 
-    decode = bench.decode("simple", "tiny")
+    decode = bench.decode("simple", "tiny", with_llama_cpp=True)
     engines = decode["engines"]
-    # One byte per ternary weight and a float16 head, against float32 for both.
+    # One byte per ternary weight and a float16 (or int8) head, against float32 for both.
     assert engines["int8"]["weight_bytes_per_token"] == layers * per_layer + 2 * vocab * d + 4 * d
+    assert engines["int8 compiled, int8 head"]["weight_bytes_per_token"] == (
+        layers * per_layer + vocab * d + 4 * d)
     assert engines["float32"]["weight_bytes_per_token"] == 4 * layers * per_layer + 4 * vocab * d + 4 * d
+    assert set(engines) == {"float32", "bf16 autocast", *(name for name, _, _ in bench.INT8_ENGINES)}
     assert all(e["tok_per_s"] > 0 for e in engines.values())
+    # llama.cpp decoded the same weights (llama-cpp-python is in the test extra), the ratio kept
+    assert decode["llama_cpp"]["tok_per_s"] > 0 and decode["llama_cpp"]["gguf_bytes"] > 0
+    assert engines["int8"]["vs_llama_cpp"] == engines["int8"]["tok_per_s"] / decode["llama_cpp"]["tok_per_s"]
     assert decode["layers"]["count"] == 7 * layers and decode["layers"]["ratio"] > 0
 
     step = bench.train_step("simple", "tiny", 4, 16)
@@ -50,8 +56,23 @@ def test_sections_run_count_bytes_and_render():
     assert "compiled / eager" in text and "making one batch" in text
     assert "tictactoe tiny" in text and "tinystories tiny" in text
     for title in ("training step", "decode with the KV cache", "weights read per decoded token",
-                  "BitLinear layers alone", "2-bit packed", "memory", "re-running"):
+                  "BitLinear layers alone", "beside llama.cpp", "2-bit packed", "memory",
+                  "re-running"):
         assert title in text
+
+
+def test_without_llama_cpp_the_row_says_not_installed(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    model = bench.build("simple", "tiny", 16)
+    assert bench.llama_cpp_decode(model, [1, 2]) == {
+        "missing": "not installed (pip install llama-cpp-python)"}
 
 
 def test_bench_on_cuda_without_one_is_one_clear_line():

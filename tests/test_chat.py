@@ -77,3 +77,22 @@ def test_a_long_prompt_leaves_no_room_for_history_and_reset_forgets(monkeypatch)
     s.reset()
     "".join(s.reply("there was"))
     assert calls[2][0] == ids(s, "there was")
+
+
+def test_streamed_text_is_the_whole_reply_decoded_without_broken_characters():
+    """Byte-level BPE splits a character over tokens: the stream holds it back until it is
+    whole, decodes only a short tail at each token, and adds up to the reply decoded whole."""
+    from tokenizers import decoders
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    reply = "Ünïcödé 🙂 stories, told one byte at a time: ☃ and 🐍, then plain words. " * 3
+    tokens = tokenizer.encode(reply).ids
+    assert len(tokens) > 3 * chat.IncrementalText.TAIL
+    text = chat.IncrementalText(tokenizer)
+    pieces = [text.add(token) for token in tokens]
+    assert "".join(pieces) + text.rest() == tokenizer.decode(tokens) == reply
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pieces.count("") >= reply.count("🙂")  # each emoji's first three bytes held back

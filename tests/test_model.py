@@ -102,3 +102,33 @@ def test_causal_and_logit_shape():
     assert a.shape == (1, 12, 40) and a.dtype == torch.float32
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_inference_shortcuts_give_the_same_floats(monkeypatch):
+    """What decoding leaves out changes no value: K/V heads shared by SDPA instead of repeated,
+    the one-kernel RMSNorm of inference. The last position's logits alone are the full pass's
+    up to float rounding (a one-row product sums in another order than a many-row one)."""
+    from bitnet_cli import model as model_module
+    from bitnet_cli.model import KVCache, RMSNorm
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(config()).eval()
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        torch.testing.assert_close(model(x, last_only=True), full[:, -1:], rtol=1e-6, atol=1e-6)
+        cache = KVCache(model.config, batch_size=2)
+        model(x[:, :7], cache)
+        stepped = model(x[:, 7:8], cache, last_only=True)
+        monkeypatch.setattr(model_module, "SDPA_SHARES_KV_HEADS", False)
+        monkeypatch.setattr(model_module, "FUSED_RMS_NORM", False)
+        assert torch.equal(model(x), full)
+        cache = KVCache(model.config, batch_size=2)
+        model(x[:, :7], cache)
+        assert torch.equal(model(x[:, 7:8], cache, last_only=True), stepped)
+    norm = RMSNorm(768, 1e-5)
+    torch.nn.init.normal_(norm.weight)
+    h = torch.randn(3, 5, 768) * 4
+    with torch.no_grad():
+        manual = norm(h)
+        monkeypatch.setattr(model_module, "FUSED_RMS_NORM", True)
+        assert torch.equal(norm(h), manual)

@@ -176,7 +176,7 @@ def test_chat_has_line_editing_and_history_in_a_terminal(home, tmp_path):
         def prompts(count):  # keys typed before input() asks would reach the bare terminal
             def asking(screen):
                 lines = [line for line in screen.splitlines() if line.strip()]
-                return lines[-1] == ">" and screen.count(" tok/s]") == count - 1
+                return lines[-1] == ">" and screen.count("first token in") == count - 1
             return pane.wait_until(asking, f"prompt number {count}")
 
         prompts(1)

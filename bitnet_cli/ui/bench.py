@@ -51,26 +51,54 @@ def bench_report(r: dict):
                  "ms per batch", "batch x seq")
     for s in r["data"]:
         data.add_row(s["shape"], f"{s['ms']:.1f}", s["batch"])
-    decode = table("decode with the KV cache, tokens/s: the int8 engine (float16 head) and the "
-                   "float engine in fp32 and bf16 autocast", "shape", "int8 / fp32", "int8",
-                   "fp32", "bf16 / fp32", "bf16")
+    decode = table("decode with the KV cache, tokens/s: the int8 engine (float16 head, or int8 "
+                   "with --head int8; eager, or compiled with chat --compile) and the float "
+                   f"engine in fp32 and bf16 autocast ({m['threads']} threads)", "shape",
+                   "int8 / fp32", "compiled / fp32", "int8", "int8 head", "compiled",
+                   "compiled, int8 head", "fp32", "bf16")
     bandwidth = table(f"weights read per decoded token, and the bandwidth that makes (this machine: "
-                      f"reads {m['read_gb_s']:.1f} GB/s, copies {m['copy_gb_s']:.1f} GB/s; "
-                      f"{m['threads']} threads)", "shape", "int8 GB/s", "fp32 GB/s",
-                      "int8 weights", "fp32 weights")
+                      f"reads {m['read_gb_s']:.1f} GB/s, copies {m['copy_gb_s']:.1f} GB/s)",
+                      "shape", "int8 share of read", "int8 GB/s", "compiled, int8 head GB/s",
+                      "fp32 GB/s", "int8 weights", "int8-head weights", "fp32 weights")
     layers = table("the BitLinear layers alone, one token through all of them", "shape",
                    "int8 / fp32", "int8", "fp32", "int8 GB/s", "fp32 GB/s")
+    llama = table("decode beside llama.cpp on the same weights (GGUF: TQ2_0 codes, F16 "
+                  "embedding), same prompt, new tokens and threads", "shape", "int8 / llama.cpp",
+                  "compiled, int8 head / llama.cpp", "int8", "compiled, int8 head", "llama.cpp",
+                  "GGUF")
+
+    def rate(d, name):
+        engine = d["engines"].get(name)
+        return f"{engine['tok_per_s']:.1f}" if engine else "-"
+
     for d in r["decode"]:
-        i8, f32, b16 = (d["engines"][k] for k in ("int8", "float32", "bf16 autocast"))
-        decode.add_row(d["shape"], f"{d['int8_vs_float32']:.2f}x", f"{i8['tok_per_s']:.1f}",
-                       f"{f32['tok_per_s']:.1f}", f"{d['bf16_vs_float32']:.2f}x",
-                       f"{b16['tok_per_s']:.1f}")
-        bandwidth.add_row(d["shape"], f"{i8['gb_s']:.1f}", f"{f32['gb_s']:.1f}",
-                          _mib(i8["weight_bytes_per_token"]), _mib(f32["weight_bytes_per_token"]))
+        e = d["engines"]
+        fastest = e.get("int8 compiled, int8 head")
+        decode.add_row(d["shape"], f"{d['int8_vs_float32']:.2f}x",
+                       f"{e['int8 compiled']['vs_float32']:.2f}x" if "int8 compiled" in e else "-",
+                       *(rate(d, name) for name in ("int8", "int8, int8 head", "int8 compiled",
+                                                    "int8 compiled, int8 head", "float32",
+                                                    "bf16 autocast")))
+        bandwidth.add_row(d["shape"], f"{100 * e['int8']['gb_s'] / m['read_gb_s']:.0f}%",
+                          f"{e['int8']['gb_s']:.1f}", f"{fastest['gb_s']:.1f}" if fastest else "-",
+                          f"{e['float32']['gb_s']:.1f}", _mib(e["int8"]["weight_bytes_per_token"]),
+                          _mib(e["int8, int8 head"]["weight_bytes_per_token"]),
+                          _mib(e["float32"]["weight_bytes_per_token"]))
         lay = d["layers"]
         layers.add_row(f"{d['shape']} ({lay['count']} layers)", f"{lay['ratio']:.2f}x",
                        f"{lay['int8_ms']:.2f} ms", f"{lay['float_ms']:.2f} ms",
                        f"{lay['int8_gb_s']:.1f}", f"{lay['float_gb_s']:.1f}")
+        theirs = d.get("llama_cpp")
+        if theirs is None:
+            continue
+        if "missing" in theirs:
+            llama.add_row(d["shape"], "-", "-", rate(d, "int8"), rate(d, "int8 compiled, int8 head"),
+                          f"llama-cpp-python {theirs['missing']}", "-")
+            continue
+        llama.add_row(d["shape"], f"{e['int8']['vs_llama_cpp']:.2f}x",
+                      f"{fastest['vs_llama_cpp']:.2f}x" if fastest else "-", rate(d, "int8"),
+                      rate(d, "int8 compiled, int8 head"), f"{theirs['tok_per_s']:.1f}",
+                      _mib(theirs["gguf_bytes"]))
     size = table("projection weights on disk, fp32 latent vs 2-bit packed (hf-packed)",
                  "shape", "latent / packed", "latent", "packed", "whole file")
     for s in r["size"]:
@@ -89,4 +117,6 @@ def bench_report(r: dict):
                   "sequence for each (int8 engine)", "shape", "cache / none", "cache", "none")
     cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
                   f"{kv['no_cache_tok_per_s']:.1f} tok/s")
-    return Group(train, data, decode, bandwidth, layers, size, memory, cache)
+    notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
+    return Group(train, data, decode, bandwidth, layers, llama, size, memory, cache,
+                 *(f"note: {note}" for note in notes))
