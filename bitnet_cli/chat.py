@@ -83,11 +83,15 @@ class ChatSession:
         self.generator: torch.Generator | None = None  # see sampler()
         self.last = ReplyStats()
         model = self.loaded.model
+        on_cpu = model is not None and model.rope_cos.device.type == "cpu"
+        # Threads follow the idle cores reply by reply; a compiled step keeps the count it was
+        # compiled with (its kernels are built for it), so that is chosen once, here.
+        self.most_threads = torch.get_num_threads() if on_cpu and not self.compile else 0
+        if on_cpu and self.compile:
+            torch.set_num_threads(decode_threads(torch.get_num_threads()))
         self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
         if self.compile and self.step is not None:
             self.step.warm_up()
-        on_cpu = model is not None and model.rope_cos.device.type == "cpu"
-        self.most_threads = torch.get_num_threads() if on_cpu else 0
 
     @property
     def keeps_history(self) -> bool:
@@ -137,8 +141,9 @@ class ChatSession:
         text = IncrementalText(self.tokenizer)
         self.last = ReplyStats(stopped="length")
         if self.most_threads:
-            self.last.threads = decode_threads(self.most_threads)
-            torch.set_num_threads(self.last.threads)
+            torch.set_num_threads(decode_threads(self.most_threads))
+        if self.loaded.model is not None and self.loaded.model.rope_cos.device.type == "cpu":
+            self.last.threads = torch.get_num_threads()
         start = time.perf_counter()
         try:
             for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,

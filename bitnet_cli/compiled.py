@@ -118,6 +118,10 @@ class DecodeStep:
                 notice(f"{problem}; decoding eagerly")
             else:
                 use_bitnet_cache()
+                # Every model instance is a new entry under the same forward code, and past
+                # eight of them the compiler quietly runs eagerly: start from a clean slate
+                # (a process decodes one model at a time; the bench builds many).
+                torch._dynamo.reset()
                 self.forward = torch.compile(model, dynamic=True)
         self.settled = self.forward is model
 
