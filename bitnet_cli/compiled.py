@@ -60,6 +60,13 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
+def compile_failure(e: Exception) -> str:
+    """What the compiler raised, in one line."""
+    text = str(e).strip()
+    reason = text.splitlines()[0][:200] if text else "no message"
+    return f"torch.compile failed ({type(e).__name__}: {reason})"
+
+
 class TrainingForward:
     """What the training step calls the model through: compiled, or the module itself.
 
@@ -88,9 +95,7 @@ class TrainingForward:
         except Exception as e:  # whatever the compiler raised: go on without it
             if self.settled:
                 raise
-            text = str(e).strip()
-            reason = text.splitlines()[0][:200] if text else "no message"
-            self.notice(f"torch.compile failed ({type(e).__name__}: {reason}); training eagerly")
+            self.notice(f"{compile_failure(e)}; training eagerly")
             for p in self.module.parameters():
                 p.grad = None
             self.forward = self.module
@@ -144,9 +149,7 @@ class DecodeStep:
         except Exception as e:  # whatever the compiler raised: go on without it
             if self.settled:
                 raise
-            text = str(e).strip()
-            reason = text.splitlines()[0][:200] if text else "no message"
-            self.notice(f"torch.compile failed ({type(e).__name__}: {reason}); decoding eagerly")
+            self.notice(f"{compile_failure(e)}; decoding eagerly")
             self.forward = self.model
             logits = self.forward(ids, cache, last_only=True)
         self.settled = True
