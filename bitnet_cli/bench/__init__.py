@@ -1,0 +1,55 @@
+"""Side-by-side measurements in one process, ratios first. Speed claims are shown here, never
+asserted by timed tests. Random weights on the presets' shapes: speed and size do not depend
+on what a model has learned.
+
+    machine      memory bandwidth: the limit decoding runs into (it reads every weight per token)
+    train_step   BitNet's forward + backward + AdamW step against its --quant none twin, eager
+                 and compiled (on CUDA in bf16 autocast, with tokens/s and MFU)
+    data         the CPU's time to make one batch, for every experiment and size
+    decode       tokens/s with the KV cache: the int8 engine (float16 or int8 head, eager or a
+                 compiled decode step) against the float engine in fp32 and in bf16 autocast,
+                 and at 95M llama.cpp on the same weights; bytes of weights read per token and
+                 the GB/s that makes
+    layers       the BitLinear matmuls alone at decode shape (one token), float against int8
+    size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
+    memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
+    kv_cache     decoding with the KV cache against re-running the whole sequence per token
+
+Each timing is the best of a few runs after a warm-up run, and the alternatives take turns, so
+a background hiccup hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from bitnet_cli.bench.common import machine
+from bitnet_cli.bench.decoding import (DECODE_SHAPES, LLAMA_CPP_SHAPE, checkpoint_size, decode,
+                                       kv_cache)
+from bitnet_cli.bench.training import CUDA_TRAIN_SHAPE, TRAIN_SHAPES, data, memory, train_step
+
+
+def run_all(progress=lambda what: None, device: str = "cpu") -> dict:
+    """Every section on the CPU; on CUDA, the machine and the 95M training step (decoding on a
+    GPU is the int8 engine's next step, not measured here yet)."""
+    results = {}
+    if device == "cuda":
+        steps = [("machine", lambda: {"gpu": torch.cuda.get_device_name(),
+                                      "torch": torch.__version__, "cuda": torch.version.cuda}),
+                 ("train_step", lambda: [train_step(*CUDA_TRAIN_SHAPE, device="cuda")])]
+    else:
+        steps = [("machine", machine),
+                 ("train_step", lambda: [train_step(*s) for s in TRAIN_SHAPES]),
+                 ("data", data),
+                 ("decode", lambda: [decode(*s, with_llama_cpp=s == LLAMA_CPP_SHAPE)
+                                     for s in DECODE_SHAPES]),
+                 ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
+                 ("memory", memory),
+                 ("kv_cache", kv_cache)]
+    for name, fn in steps:
+        progress(name)
+        results[name] = fn()
+        gc.collect()
+    return results
