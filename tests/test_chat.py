@@ -96,3 +96,23 @@ def test_streamed_text_is_the_whole_reply_decoded_without_broken_characters():
     assert "".join(pieces) + text.rest() == tokenizer.decode(tokens) == reply
     assert not any("\ufffd" in piece for piece in pieces)
     assert pieces.count("") >= reply.count("🙂")  # each emoji's first three bytes held back
+
+
+def test_each_reply_decodes_on_the_threads_the_idle_cores_allow(monkeypatch, tmp_path):
+    import torch
+
+    from bitnet_cli.inference import load_model
+    from tests.test_export import random_checkpoint, story_tokenizer
+    checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
+    before = torch.get_num_threads()
+    idle = iter([1, before])
+    monkeypatch.setattr(chat, "decode_threads", lambda most: next(idle))
+    try:
+        s = ChatSession(load_model(str(checkpoint)), Sampling(temperature=0, max_new_tokens=4))
+        "".join(s.reply("once upon a time"))
+        assert s.last.threads == torch.get_num_threads() == 1  # a busy machine: one thread
+        "".join(s.reply("the end"))
+        assert s.last.threads == torch.get_num_threads() == before
+        assert s.last.first_token_s > 0 and s.last.made >= 1
+    finally:
+        torch.set_num_threads(before)
