@@ -25,7 +25,7 @@ from bitnet_cli.bitlinear import BitLinear, shared_input_linear
 from bitnet_cli.config import ModelConfig
 
 
-# SDPA shares K/V heads itself from PyTorch 2.5 on, with the same results as repeating them;
+# SDPA shares K/V heads itself from PyTorch 2.5 on, with the same outputs as repeating them;
 # F.rms_norm is there from 2.4.
 SDPA_SHARES_KV_HEADS = TorchVersion(torch.__version__) >= (2, 5)
 FUSED_RMS_NORM = hasattr(F, "rms_norm")
@@ -108,8 +108,11 @@ class Attention(nn.Module):
                     if T > 1 else None
         gqa = {}
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head
-            if SDPA_SHARES_KV_HEADS:
-                gqa = {"enable_gqa": True}  # no copy of the cache per layer and token
+            if SDPA_SHARES_KV_HEADS and not torch.is_grad_enabled():
+                # No copy of the cache per layer and token. Not in training: its K/V gradients
+                # would sum the shared heads in another order, and runs would no longer follow
+                # the float path of the runs before them.
+                gqa = {"enable_gqa": True}
             else:
                 repeats = self.n_heads // self.n_kv_heads
                 k = k.repeat_interleave(repeats, dim=1)

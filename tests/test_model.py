@@ -132,3 +132,18 @@ def test_inference_shortcuts_give_the_same_floats(monkeypatch):
         manual = norm(h)
         monkeypatch.setattr(model_module, "FUSED_RMS_NORM", True)
         assert torch.equal(norm(h), manual)
+
+
+def test_training_takes_the_float_path_of_earlier_versions(monkeypatch):
+    """SDPA's own K/V head sharing sums the shared heads' gradients in another order, so
+    training keeps repeating them: a run (or a resumed one) follows the same floats as before."""
+    from bitnet_cli import model as model_module
+    grads = []
+    for shares in (True, False):
+        monkeypatch.setattr(model_module, "SDPA_SHARES_KV_HEADS", shares)
+        torch.manual_seed(0)
+        model = BitNetForCausalLM(config(num_attention_heads=4, num_key_value_heads=1))
+        x = torch.randint(0, 40, (8, 16))
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
