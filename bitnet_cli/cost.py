@@ -31,7 +31,8 @@ from bitnet_cli.config import ModelConfig, format_count, model_config_from_dict,
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.metrics import read_metrics
 from bitnet_cli.presets import PRESETS
-from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json, resolve_run
+from bitnet_cli.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
+from bitnet_cli.selector import resolve_run
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from bitnet_cli.config import ModelConfig, model_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.model import BitNetForCausalLM
-from bitnet_cli.runs import TOKENIZER_FILE, matching_runs
+from bitnet_cli.runs import CONFIG_FILE, TOKENIZER_FILE
+from bitnet_cli.selector import matching_runs, written_as_path
 
 
 @dataclass
@@ -44,7 +45,9 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
     """The checkpoint a RUN|CKPT argument names, read back whole, and why newer ones of its
     run were skipped."""
     path = Path(selector).expanduser()
-    if (path / MODEL_FILE).is_file():
+    # A checkpoint folder holds the weights and never a config.json (an export holds both).
+    if (written_as_path(selector) and (path / MODEL_FILE).is_file()
+            and not (path / CONFIG_FILE).exists()):
         return path, read_checkpoint(path, with_optimizer=False), []
     # 'latest' or a prefix: the newest run that has a checkpoint (one just started has none).
     candidates = matching_runs(selector)

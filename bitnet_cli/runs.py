@@ -21,6 +21,7 @@ except ImportError:  # Windows
 
 STATE_FILE, CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE = (
     "state.json", "config.json", "metrics.jsonl", "tokenizer.json")
+CHECKPOINTS_FOLDER = "checkpoints"
 
 
 def home() -> Path:
@@ -129,90 +130,16 @@ def _created_key(run_dir: Path):
     return (created if isinstance(created, str) else "", run_dir.name)
 
 
-def resolve_run(selector: str) -> Path:
-    """A run folder from a run id, a unique prefix of one, 'latest', or a path. (The commands
-    that only read a model take the newest run of an ambiguous prefix: inference.py.)"""
-    runs = matching_runs(selector)
-    if len(runs) > 1 and selector != "latest":
-        raise BitnetError(f"run {selector!r} matches {len(runs)} runs "
-                          f"({_listing([r.name for r in runs])}); give more of the run id "
-                          "(chat, play, eval and export take the newest of them)")
-    return runs[-1]
-
-
-def matching_runs(selector: str) -> list[Path]:
-    """The run folders a selector names, oldest first: one for an id or a path, every run for
-    'latest', every run whose id starts with a prefix."""
-    path = Path(selector).expanduser()
-    if path.exists():
-        # A run folder, or a path inside one (checkpoints/, a checkpoint folder).
-        for folder in (path, path.parent, path.parent.parent):
-            if (folder / CONFIG_FILE).is_file():
-                return [folder.resolve()]
-        raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
-    if len(path.parts) > 1:
-        raise BitnetError(f"{path} does not exist")
-    runs = list_run_dirs()
-    if selector == "latest":
-        if not runs:
-            raise BitnetError(f"there are no runs in {runs_dir()} yet; start one with `bitnet train`")
-        return runs
-    names = {p.name: p for p in runs}
-    if selector in names:
-        return [names[selector]]
-    matches = [names[name] for name in names if name.startswith(selector)]
-    if matches:
-        return matches
-    if not names:
-        raise BitnetError(f"no run {selector!r}: there are no runs in {runs_dir()} yet")
-    import difflib
-    close = difflib.get_close_matches(selector, list(names), n=3, cutoff=0.5)
-    hint = f"closest: {_listing(close)}" if close else f"there are: {_listing(list(names)[-3:])}"
-    raise BitnetError(f"no run {selector!r} in {runs_dir()}; {hint}")
-
-
-WHOLE_ID = "this takes whole run ids"
-
-
-def exact_run(selector: str) -> Path:
-    """The run a whole run id or a run's own folder names, for what cannot be undone: a prefix,
-    'latest' or a folder inside a run is refused, saying what it would have meant. A linked
-    run folder stays the link."""
-    path = Path(selector).expanduser()
-    if selector == "latest":
-        raise BitnetError(f"{WHOLE_ID}, and 'latest' is not one (it could mean the newest run); "
-                          "`bitnet runs list` prints them")
-    runs = matching_runs(selector)
-    if path.exists():
-        if runs[0] != path.resolve():
-            raise BitnetError(f"{path} is not a run folder (it has no {CONFIG_FILE}); give the "
-                              "run's own folder")
-        return path.absolute()
-    if len(runs) > 1 or runs[0].name != selector:
-        raise BitnetError(f"{WHOLE_ID}, and {selector!r} is not one (it could mean "
-                          f"{_listing([r.name for r in runs])}); `bitnet runs list` prints them")
-    return runs[0]
-
-
 def remove_run(run_dir: Path) -> str:
-    """Delete a run folder; a run being trained is refused. The folder is first renamed to a
-    hidden name, so an interrupted removal never leaves half a run that lists as one. A run
-    folder that is a symlink loses the link only: nothing outside the runs folder is deleted.
-    Returns what was removed, in words."""
+    """Delete a run folder that exact_run chose; a run being trained is refused. The folder is
+    first renamed to a hidden name, so an interrupted removal never leaves half a run that lists
+    as one. Returns what was removed."""
     run_dir = Path(run_dir)
-    if run_dir.is_symlink():
-        target = os.path.realpath(run_dir)
-        run_dir.unlink()
-        return f"the link {run_dir} (its target {target} is left alone)"
     with run_lock(run_dir):  # held while the folder moves: no trainer can start on it
         gone = run_dir.with_name(f".{run_dir.name}.removing-{os.getpid()}")
         os.rename(run_dir, gone)
     shutil.rmtree(gone)
     return str(run_dir)
-
-
-def _listing(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
 
 
 # One writer per run: the trainer holds an exclusive flock on the run folder itself. There is

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import select
@@ -34,6 +35,25 @@ def invoke(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args], interrupt_expected=code == 130)
     assert result.exit_code == code, result.output + result.stderr
     return result
+
+
+def snapshot(root, skip=()):
+    """Every path under `root` but those under `skip`: its content hash, link target or kind,
+    to compare before and after a command that must leave them alone."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if any(path == s or path.startswith(s + os.sep) for s in skip):
+                continue
+            if os.path.islink(path):
+                seen[path] = "link " + os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    seen[path] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                seen[path] = "folder"
+    return seen
 
 
 def state_step(path):

@@ -2,7 +2,6 @@
 know, under every command that reads it. Each case ends in success or in one clear line (exit 1),
 never a traceback, and changes nothing outside the run folder."""
 
-import hashlib
 import json
 import os
 import random
@@ -12,7 +11,7 @@ import pytest
 from safetensors.torch import load, save
 
 from bitnet_cli.cli import app
-from tests.cli import home_at, invoke, runner
+from tests.cli import home_at, invoke, runner, snapshot
 
 VICTIM, HEALTHY = "victim", "healthy"
 CKPT = "CKPT"  # the newest checkpoint's folder, whatever its name is
@@ -156,24 +155,6 @@ def template(tmp_path_factory):
     return home
 
 
-def _snapshot(root, skip):
-    """Every path under `root` but those under `skip`: its content hash, link target or kind."""
-    seen = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            if any(path == s or path.startswith(s + os.sep) for s in skip):
-                continue
-            if os.path.islink(path):
-                seen[path] = "link " + os.readlink(path)
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    seen[path] = hashlib.sha256(f.read()).hexdigest()
-            else:
-                seen[path] = "folder"
-    return seen
-
-
 @pytest.mark.parametrize("file, corruption, command", CASES)
 def test_damaged_run(template, bitnet_home, tmp_path, file, corruption, command):
     shutil.copytree(template, bitnet_home)
@@ -194,7 +175,7 @@ def test_damaged_run(template, bitnet_home, tmp_path, file, corruption, command)
         target.write_bytes(CORRUPTIONS[kind][corruption](original, kind))
     out = tmp_path / "export"
     args = [a.replace("{out}", str(out)) for a in COMMANDS[command]]
-    before = _snapshot(tmp_path, skip=[str(run), str(out)])
+    before = snapshot(tmp_path, skip=[str(run), str(out)])
 
     result = runner.invoke(app, args, input="")
     output = result.stdout + result.stderr
@@ -205,6 +186,6 @@ def test_damaged_run(template, bitnet_home, tmp_path, file, corruption, command)
     assert sum(line.startswith("error:") for line in output.splitlines()) <= 1, output
     if result.exit_code == 0 and "--json" in args:
         json.loads(result.stdout)
-    assert _snapshot(tmp_path, skip=[str(run), str(out)]) == before, "changed outside the run"
+    assert snapshot(tmp_path, skip=[str(run), str(out)]) == before, "changed outside the run"
     if command == "runs rm RUN" and result.exit_code == 0:
         assert not os.path.lexists(run)

@@ -30,7 +30,13 @@ app = typer.Typer(
 )
 
 
-MODEL_HELP = "A run (id, prefix, 'latest' or folder) or a checkpoint folder."
+# The selector rule (selector.py): a bare word is looked up in the runs folder only, never in
+# the current directory; a path must be written as one.
+RUN_HELP = ("A run id, a unique prefix of one, or 'latest', looked up in the runs folder; or a "
+            "path to a run folder, written with a slash (./NAME, ~/x/NAME).")
+MODEL_HELP = ("A run id, a unique prefix of one, or 'latest' (the newest run with a checkpoint), "
+              "looked up in the runs folder; or a path to a run or checkpoint folder, written "
+              "with a slash (./NAME).")
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
                "default on CPU). float: the training maths in floating point (the default on "

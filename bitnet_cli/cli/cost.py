@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import app, flag, friendly
+from bitnet_cli.cli import RUN_HELP, app, flag, friendly
 from bitnet_cli.config import format_count
 from bitnet_cli.cost import DEFAULT_MFU, GPUS, estimate, preset_names
 from bitnet_cli.files import to_json
@@ -61,8 +61,7 @@ Examples:
 def cost(
     params: Optional[str] = _option("Model size, like 500k, 95M, 1.3B or 7B.", "SIZE"),
     preset: Optional[str] = _option(f"A built-in experiment: {', '.join(preset_names())}.", "NAME"),
-    from_run: Optional[str] = _option("A run id, a unique prefix of one, 'latest', or a path to a "
-                                      "run folder.", "RUN"),
+    from_run: Optional[str] = _option(RUN_HELP, "RUN"),
     tokens: Optional[str] = _option("Training tokens, like 2B.", "SIZE"),
     steps: Optional[str] = _option("Optimizer steps, like 400k (tokens = steps × batch × seq × "
                                    "grad-accum).", "SIZE"),

@@ -28,17 +28,21 @@ def list_runs(
 @runs_app.command("rm")
 @friendly
 def remove(
-    runs: List[str] = typer.Argument(..., help="Whole run ids, or paths to run folders.",
+    runs: List[str] = typer.Argument(..., help="Whole run ids, or paths to run folders in the runs "
+                                                  "folder (written with a slash).",
                                      show_default=False, autocompletion=complete_run),
     yes: bool = flag("--yes", "-y", help="Remove without asking."),
 ) -> None:
     """Delete runs: each run's folder, its checkpoints and metrics, for good.
 
     Only whole run ids (or run folders) are taken: a prefix or 'latest' could name another run
-    than the one you mean. A run being trained is refused; stop it first. Without --yes the runs
-    and their sizes are listed and you are asked once.
+    than the one you mean. Only folders in the runs folder are deleted, symlinks followed: a run
+    folder anywhere else (or a link to one) is refused, and a word is never taken for a folder
+    in the current directory. A run being trained is refused; stop it first. Without --yes the
+    runs and their sizes are listed and you are asked once.
     """
-    from bitnet_cli.runs import exact_run, remove_run
+    from bitnet_cli.runs import remove_run
+    from bitnet_cli.selector import exact_run
     targets = list(dict.fromkeys(exact_run(selector) for selector in runs))
     if not yes:
         for run_dir in targets:

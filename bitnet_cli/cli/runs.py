@@ -11,10 +11,8 @@ from typing import List, Optional
 
 import typer
 
-from bitnet_cli.cli import app, complete_run, flag, friendly
+from bitnet_cli.cli import RUN_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
-
-RUN_HELP = "A run id, a unique prefix of one, 'latest', or a path to a run folder."
 
 
 @app.command(rich_help_panel="Training")
@@ -42,12 +40,16 @@ def resume(
     --steps N past the planned total extends the run, finished or not: the planned steps keep
     their schedule, and from the planned end the learning rate re-warms linearly over the
     warmup steps (at most half the extension) from the rate the plan ended at to the stage-two
-    starting rate, then anneals again to N; weight decay stays 0. A smaller N, still above the steps done,
-    ends the current schedule at N instead.
+    starting rate, then anneals again to N; weight decay stays 0. A smaller N, still above the
+    steps done, ends the current schedule at N instead.
+
+    Only runs in the runs folder are resumed (it writes checkpoints and prunes old ones): move a
+    run folder from elsewhere into it first.
     """
     from bitnet_cli import dist
     from bitnet_cli.cli.train import parse_nproc, train_with_view
-    from bitnet_cli.runs import resolve_run, run_lock
+    from bitnet_cli.runs import run_lock
+    from bitnet_cli.selector import run_to_resume
     from bitnet_cli.run_setup import last_world_size, prepare_resume
 
     nproc = parse_nproc(nproc_per_node)
@@ -58,14 +60,14 @@ def resume(
                               "leave it out and use torchrun's own --nproc-per-node")
 
         def prepare() -> str:
-            run_dir = resolve_run(run)
+            run_dir = run_to_resume(run)
             with run_lock(run_dir):
                 prepare_resume(run_dir, steps, share, tensorboard)
             return str(run_dir)
 
         train_with_view(Path(dist.main_first(share, prepare)))
         return
-    run_dir = resolve_run(run)
+    run_dir = run_to_resume(run)
     nproc = nproc or last_world_size(run_dir)
     # One writer per run: a second resume (or --steps change) of a run being trained is refused
     # before anything is written. With workers, rank 0 takes the lock over for the training.
@@ -92,7 +94,7 @@ def status(
     failed (an error), or crashed: state.json says running but its process is gone (killed,
     out of memory, power loss). Resume any but a running one with `bitnet resume RUN`.
     """
-    from bitnet_cli.runs import resolve_run
+    from bitnet_cli.selector import resolve_run
     from bitnet_cli import summary
 
     if watch and json:
@@ -150,7 +152,7 @@ def status(
 @app.command(rich_help_panel="Watching")
 @friendly
 def plot(
-    runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure.",
+    runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure. " + RUN_HELP,
                                      show_default=False, autocompletion=complete_run),
     out: Optional[Path] = typer.Option(None, help="Write a .png, .svg or .pdf here instead of "
                                                   "drawing in the terminal."),
@@ -177,7 +179,7 @@ def plot(
       bitnet plot ternary --metric flips --by-layer --out flips.png
     """
     from bitnet_cli import plot as plotting
-    from bitnet_cli.runs import resolve_run
+    from bitnet_cli.selector import resolve_run
 
     if out is not None:
         plotting.check_out_path(out)
@@ -202,7 +204,7 @@ def plot(
 @friendly
 def compare(
     runs: List[str] = typer.Argument(..., help="Two or more runs of one experiment; the first "
-                                               "is the yardstick.", show_default=False,
+                                               "is the yardstick. " + RUN_HELP, show_default=False,
                                      autocompletion=complete_run),
     out: Optional[Path] = typer.Option(None, help="Also write the curves to a .png, .svg or "
                                                   ".pdf: the held-out metric and loss against "
@@ -223,7 +225,7 @@ def compare(
     """
     from bitnet_cli import plot as plotting
     from bitnet_cli.compare import compare_runs, figure_runs
-    from bitnet_cli.runs import resolve_run
+    from bitnet_cli.selector import resolve_run
 
     if len(runs) < 2:
         raise BitnetError("compare needs two or more runs; to look at one, use "
