@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bitnet_cli.cli import app
-from bitnet_cli.experiments import tictactoe
-from bitnet_cli.tictactoe import legal_moves, replay
+from bitnet_cli.tasks import tictactoe
+from bitnet_cli.tasks.tictactoe_rules import legal_moves, replay
 from tests.cli import home_at, runner
 
 MODEL = "{model}"  # the simple run of the fixture

@@ -8,9 +8,9 @@ import torch
 
 from rich.console import Console
 
-from bitnet_cli.bench import common, decoding, training
-from bitnet_cli.ui.bench import bench_report
-from bitnet_cli.presets import PRESETS
+from bitnet_cli.bench import decode_speed, shapes, train_speed
+from bitnet_cli.ui.bench_tables import bench_report
+from bitnet_cli.config.presets import PRESETS
 from tests.cli import invoke
 
 
@@ -21,34 +21,34 @@ def test_sections_run_count_bytes_and_render():
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
     vocab = PRESETS["simple"]["vocab_size"]
 
-    size = decoding.checkpoint_size("simple", "tiny")
+    size = decode_speed.checkpoint_size("simple", "tiny")
     assert size["latent_bytes"] == 4 * layers * per_layer
     assert size["packed_bytes"] == layers * per_layer // 4 + 4 * 7 * layers  # + a scale each
     assert size["ratio"] > 15
 
-    decode = decoding.decode("simple", "tiny", with_llama_cpp=True)
+    decode = decode_speed.decode("simple", "tiny", with_llama_cpp=True)
     engines = decode["engines"]
     # One byte per ternary weight and a float16 (or int8) head, against float32 for both.
     assert engines["int8"]["weight_bytes_per_token"] == layers * per_layer + 2 * vocab * d + 4 * d
     assert engines["int8 compiled, int8 head"]["weight_bytes_per_token"] == (
         layers * per_layer + vocab * d + 4 * d)
     assert engines["float32"]["weight_bytes_per_token"] == 4 * layers * per_layer + 4 * vocab * d + 4 * d
-    assert set(engines) == {"float32", "bf16 autocast", *(name for name, _, _ in decoding.INT8_ENGINES)}
+    assert set(engines) == {"float32", "bf16 autocast", *(name for name, _, _ in decode_speed.INT8_ENGINES)}
     assert all(e["tok_per_s"] > 0 for e in engines.values())
     # llama.cpp decoded the same weights (llama-cpp-python is in the test extra), the ratio kept
     assert decode["llama_cpp"]["tok_per_s"] > 0 and decode["llama_cpp"]["gguf_bytes"] > 0
     assert engines["int8"]["vs_llama_cpp"] == engines["int8"]["tok_per_s"] / decode["llama_cpp"]["tok_per_s"]
     assert decode["layers"]["count"] == 7 * layers and decode["layers"]["ratio"] > 0
 
-    step = training.train_step("simple", "tiny", 4, 16)
+    step = train_speed.train_step("simple", "tiny", 4, 16)
     assert step["compiled"]["vs_eager"] > 0 and step["compiled"]["first_step_s"] > 0
-    results = {"machine": common.machine(),
+    results = {"machine": shapes.machine(),
                "train_step": [step],
-               "data": [row for row in training.data(repeats=1)
+               "data": [row for row in train_speed.data(repeats=1)
                         if row["shape"] in ("tictactoe tiny", "tinystories tiny")],
                "decode": [decode], "size": [size],
-               "memory": [training.rss("idle", "-")],
-               "kv_cache": decoding.kv_cache("simple", "tiny", new_tokens=8)}
+               "memory": [train_speed.rss("idle", "-")],
+               "kv_cache": decode_speed.kv_cache("simple", "tiny", new_tokens=8)}
     assert results["memory"][0]["peak_rss_bytes"] > 0
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(bench_report(results))
@@ -70,8 +70,8 @@ def test_without_llama_cpp_the_row_says_not_installed(monkeypatch):
             raise ImportError("No module named 'llama_cpp'")
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
-    model = common.build("simple", "tiny", 16)
-    assert decoding.llama_cpp_decode(model, [1, 2]) == {
+    model = shapes.build("simple", "tiny", 16)
+    assert decode_speed.llama_cpp_decode(model, [1, 2]) == {
         "missing": "not installed (pip install llama-cpp-python)"}
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bitnet_cli import bitlinear
-from bitnet_cli.bitlinear import (BitLinear, activation_quant, pack_ternary, quantized_for_step,
+from bitnet_cli.nn import bitlinear
+from bitnet_cli.nn.bitlinear import (BitLinear, activation_quant, pack_ternary, quantized_for_step,
                                   shared_input_linear, straight_through, ternary_codes_and_scale,
                                   unpack_ternary, weight_quant)
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from bitnet_cli import chat
-from bitnet_cli.chat import ChatSession, Sampling
-from bitnet_cli.config import ModelConfig
-from bitnet_cli.data import EOT
-from bitnet_cli.inference import LoadedModel
+from bitnet_cli.use import conversation as chat
+from bitnet_cli.use.conversation import ChatSession, Sampling
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.data.shards import EOT
+from bitnet_cli.use.loading import LoadedModel
 
 WORDS = "once upon a time there was cat dog the end and then ran home".split()
 
@@ -101,7 +101,7 @@ def test_streamed_text_is_the_whole_reply_decoded_without_broken_characters():
 def test_each_reply_decodes_on_the_threads_the_idle_cores_allow(monkeypatch, tmp_path):
     import torch
 
-    from bitnet_cli.inference import load_model
+    from bitnet_cli.use.loading import load_model
     from tests.test_export import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
     before = torch.get_num_threads()

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from bitnet_cli import compiled
-from bitnet_cli.checkpoint import step_dir_name
-from bitnet_cli.config import COMPILE_MIN_STEPS, TrainConfig
+from bitnet_cli.nn import compiled
+from bitnet_cli.store.checkpoint import step_dir_name
+from bitnet_cli.config.settings import COMPILE_MIN_STEPS, TrainConfig
 from tests.cli import home_at, invoke, state_step, wait_until
 
 STEPS = 60

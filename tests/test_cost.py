@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bitnet_cli.cli import app
-from bitnet_cli.cost import GPUS
+from bitnet_cli.report.cost import GPUS
 from tests.cli import runner
 
 
@@ -220,7 +220,7 @@ def test_from_run_finds_runs_by_prefix_latest_and_path(bitnet_home):
     assert cost("--from-run", "latest")["run"]["path"] == str(new)
     assert cost("--from-run", "arithmetic-5M-20260101")["run"]["path"] == str(old)
     assert cost("--from-run", str(new))["run"]["path"] == str(new)
-    from bitnet_cli.checkpoint import step_dir_name  # here only: the rest stays torch-free
+    from bitnet_cli.store.checkpoint import step_dir_name  # here only: the rest stays torch-free
     checkpoint = new / "checkpoints" / step_dir_name(10)
     checkpoint.mkdir(parents=True)
     assert cost("--from-run", str(checkpoint))["run"]["path"] == str(new)

@@ -2,7 +2,7 @@
 
 import os
 
-from bitnet_cli import cpu
+from bitnet_cli.use import cpu
 
 STAT = """cpu  100 0 100 800 0 0 0 0 0 0
 cpu0 {u0} 0 0 {i0} 0 0 0 0 0 0

@@ -11,8 +11,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from bitnet_cli.checkpoint import checkpoints_newest_first, newest_loadable, step_dir_name
-from bitnet_cli.files import write_json_atomic
+from bitnet_cli.store.checkpoint import checkpoints_newest_first, newest_loadable, step_dir_name
+from bitnet_cli.store.files import write_json_atomic
 from tests.cli import home_at, invoke, state_step, wait_until
 
 ARGS = ["simple", "--steps", "30", "--save-every", "10", "--eval-every", "10", "--no-compile"]
@@ -56,7 +56,7 @@ def copy_at_step_10(reference, home, name):
 # N-th file operation of its step-20 save. CRASH_AT=0 counts the operations instead.
 CHILD = r"""
 import os, pathlib, shutil, sys, tempfile
-import bitnet_cli.checkpoint as ckpt, bitnet_cli.train as train
+import bitnet_cli.store.checkpoint as ckpt, bitnet_cli.training.loop as train
 crash_at, ops, active = int(sys.argv[1]), [], [False]
 def counted(name, fn):
     def op(*args, **kwargs):

@@ -14,9 +14,9 @@ from filelock import FileLock
 from tokenizers import Tokenizer
 
 from tests.cli import invoke
-from bitnet_cli import data
+from bitnet_cli.data import shards as data
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.storygen import story, write_stories
+from bitnet_cli.data.stories import story, write_stories
 
 TINY = ["--size", "tiny", "--steps", "16", "--batch-size", "8", "--seq-len", "64",
         "--eval-every", "8", "--save-every", "8", "--vocab-size", "512", "--no-compile"]
@@ -127,7 +127,7 @@ def test_a_failed_build_leaves_nothing_behind(bitnet_cache, tmp_path):
 
 PREPARE = """
 import sys
-from bitnet_cli.data import prepare_shards
+from bitnet_cli.data.shards import prepare_shards
 shards = prepare_shards("tinystories", sys.argv[1], 300, 1, lambda what, *_: print(what, flush=True))
 print("folder", shards.folder.name)
 """

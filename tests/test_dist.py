@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitnet_cli.checkpoint import newest_loadable, step_dir_name
-from bitnet_cli.experiments import load_experiment
-from bitnet_cli.experiments.text import WindowStream
-from bitnet_cli.inference import load_model
+from bitnet_cli.store.checkpoint import newest_loadable, step_dir_name
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.tasks.text import WindowStream
+from bitnet_cli.use.loading import load_model
 from tests.cli import invoke, wait_for_exit, wait_until
 
 SHORT = ["simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10",
@@ -125,7 +125,7 @@ def test_more_processes_than_gpus_gets_one_line(bitnet_home, monkeypatch):
 
 
 def test_gpus_are_counted_per_machine(monkeypatch):
-    from bitnet_cli import dist
+    from bitnet_cli.training import dist
     from bitnet_cli.errors import BitnetError
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     cuda = torch.device("cuda")
@@ -152,7 +152,7 @@ def test_nproc_under_torchrun_is_refused(bitnet_home, monkeypatch):
 def test_gradients_are_all_reduced_on_the_last_micro_step_only(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
-    from bitnet_cli import dist
+    from bitnet_cli.training import dist
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
                                          rank=0, world_size=1)
     try:

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from bitnet_cli.config import ModelConfig
+from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.experiments import load_experiment
-from bitnet_cli.experiments.arithmetic import (ArithmeticTask, format_answer, format_prompt,
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.tasks.arithmetic import (ArithmeticTask, format_answer, format_prompt,
                                                parse_answer, solve)
-from bitnet_cli.experiments.problems import IGNORE
-from bitnet_cli.experiments.rows import DeviceBatches
-from bitnet_cli.model import BitNetForCausalLM
+from bitnet_cli.tasks.problems import IGNORE
+from bitnet_cli.tasks.rows import DeviceBatches
+from bitnet_cli.nn.model import BitNetForCausalLM
 
 
 def test_arithmetic_format():
@@ -136,7 +136,7 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
 def test_preset_vocab_sizes_match_the_tokenizers():
     """`bitnet cost` reads PRESETS' vocab sizes without importing the experiments (torch)."""
-    from bitnet_cli.presets import PRESETS
+    from bitnet_cli.config.presets import PRESETS
     for name, preset in PRESETS.items():
         task = load_experiment(name)
         if hasattr(task, "prepare"):

@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bitnet_cli.bitlinear import ternary_codes, unpack_ternary, weight_quant
-from bitnet_cli.checkpoint import save_checkpoint
-from bitnet_cli.config import ModelConfig, to_dict
-from bitnet_cli.data import EOT, train_tokenizer
-from bitnet_cli.experiments import load_experiment
-from bitnet_cli.export import PROJECTIONS, linear_weight_bytes
-from bitnet_cli.inference import load_model
-from bitnet_cli.model import BitNetForCausalLM, generate
-from bitnet_cli.storygen import story
+from bitnet_cli.nn.bitlinear import ternary_codes, unpack_ternary, weight_quant
+from bitnet_cli.store.checkpoint import save_checkpoint
+from bitnet_cli.config.settings import ModelConfig, to_dict
+from bitnet_cli.data.shards import EOT, train_tokenizer
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.use.export import PROJECTIONS, linear_weight_bytes
+from bitnet_cli.use.loading import load_model
+from bitnet_cli.nn.model import BitNetForCausalLM, generate
+from bitnet_cli.data.stories import story
 from tests.cli import home_at, invoke
 
 PROMPT = "d3=efg;k5=lmnop;a2="  # 19 tokens; the tiny simple model's context is 32
@@ -236,7 +236,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("bitnet_cli.export.save_file", disk_full)
+    monkeypatch.setattr("bitnet_cli.use.export.save_file", disk_full)
     result = invoke("export", checkpoint, "--format", "hf", "--out", tmp_path / "out", code=1)
     assert "No space left on device" in only_error_line(result)
     assert not list(tmp_path.glob("out*"))

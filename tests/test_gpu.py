@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitnet_cli.checkpoint import step_dir_name
+from bitnet_cli.store.checkpoint import step_dir_name
 from tests.cli import invoke, state_step, wait_until
 
 pytestmark = [pytest.mark.gpu,
@@ -77,8 +77,8 @@ def arithmetic_run(tmp_path_factory):
 
 
 def test_int8_engine_on_cuda_matches_the_float_engine(arithmetic_run):
-    from bitnet_cli.inference import load_model
-    from bitnet_cli.model import generate
+    from bitnet_cli.use.loading import load_model
+    from bitnet_cli.nn.model import generate
     from tests.cli import home_at
     with home_at(arithmetic_run):
         fast = load_model("arith", "cuda", "int8")

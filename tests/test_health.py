@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from bitnet_cli.bitlinear import BitLinear, ternary_codes
-from bitnet_cli.config import ModelConfig
-from bitnet_cli.health import TernaryHealth, bitlinear_layers
-from bitnet_cli.model import BitNetForCausalLM
+from bitnet_cli.nn.bitlinear import BitLinear, ternary_codes
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.training.health import TernaryHealth, bitlinear_layers
+from bitnet_cli.nn.model import BitNetForCausalLM
 from tests.cli import home_at, invoke
 
 STEPS, EVERY = 60, 20

@@ -25,14 +25,14 @@ import json
 import pytest
 import torch
 
-from bitnet_cli.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
-from bitnet_cli.checkpoint import step_dir_name
+from bitnet_cli.nn.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
+from bitnet_cli.store.checkpoint import step_dir_name
 from bitnet_cli.cli import app
-from bitnet_cli.config import ModelConfig
-from bitnet_cli.inference import load_model
-from bitnet_cli.compiled import DecodeStep
-from bitnet_cli.int8 import HalfHead, Int8Linear, Int8Part, activation_codes, int8_unusable, to_int8
-from bitnet_cli.model import BitNetForCausalLM, generate
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.use.loading import load_model
+from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, activation_codes, int8_unusable, to_int8
+from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from tests.cli import home_at, runner
 
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
@@ -126,7 +126,7 @@ def trained(request, tmp_path_factory):
     args = ["train", experiment, "--size", "tiny", "--steps", "30", "--eval-every", "30",
             "--save-every", "30", "--no-compile", "--name", experiment]
     if experiment in ("tinystories", "baseline"):
-        from bitnet_cli.storygen import write_stories
+        from bitnet_cli.data.stories import write_stories
         write_stories(home / "data", 600)
         args += [*TEXT, "--data", str(home / "data")]
     with home_at(home):

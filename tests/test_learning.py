@@ -40,9 +40,9 @@ def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
     assert_engines_agree(run_dir, "012+035=")  # the int8 engine, on a fully trained model
 
     # chat answers held-out sums the way a person writes them, at the measured accuracy.
-    from bitnet_cli.chat import ChatSession, Sampling
-    from bitnet_cli.experiments.arithmetic import ArithmeticTask
-    from bitnet_cli.inference import load_model
+    from bitnet_cli.use.conversation import ChatSession, Sampling
+    from bitnet_cli.tasks.arithmetic import ArithmeticTask
+    from bitnet_cli.use.loading import load_model
     session = ChatSession(load_model(str(run_dir)), Sampling(temperature=0.0, max_new_tokens=8))
     sums = [p for p in ArithmeticTask().heldout() if p[2] == "+"][:200]
     right = 0
@@ -58,7 +58,7 @@ def test_arithmetic_tiny_learns_addition_and_subtraction(bitnet_home):
 def test_tinystories_tiny_learns_a_local_corpus(bitnet_home, tmp_path):
     import re
 
-    from bitnet_cli.storygen import write_stories
+    from bitnet_cli.data.stories import write_stories
     write_stories(tmp_path / "stories", 5000)
     result = runner.invoke(app, ["train", "tinystories", "--size", "tiny", "--data",
                                       str(tmp_path / "stories")])

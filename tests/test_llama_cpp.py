@@ -15,9 +15,9 @@ import pytest
 import torch
 from llama_cpp import Llama
 
-from bitnet_cli.experiments import load_experiment
-from bitnet_cli.inference import load_model
-from bitnet_cli.model import generate
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.use.loading import load_model
+from bitnet_cli.nn.model import generate
 from tests.cli import home_at, invoke
 from tests.test_export import random_checkpoint
 
@@ -232,7 +232,7 @@ def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does(tmp_path, monkeypa
     assert report["decisive"] >= 0.6, report
     # That rounding is the whole difference: bitnet without it answers as llama.cpp does
     # (measured: 3996 of 4000).
-    monkeypatch.setattr("bitnet_cli.bitlinear.activation_quant", lambda x: x)
+    monkeypatch.setattr("bitnet_cli.nn.bitlinear.activation_quant", lambda x: x)
     unrounded = compare_on_held_out_arithmetic(load_model(str(run), engine="float"), gguf_file)
     assert unrounded["same"] >= 0.995, unrounded
 

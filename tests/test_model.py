@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet_cli.bitlinear import BitLinear
-from bitnet_cli.config import ModelConfig, model_config_from_dict, to_dict
+from bitnet_cli.nn.bitlinear import BitLinear
+from bitnet_cli.config.settings import ModelConfig, model_config_from_dict, to_dict
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import BitNetForCausalLM
+from bitnet_cli.nn.model import BitNetForCausalLM
 
 LAYER_KEYS = [
     "input_layernorm.weight",
@@ -108,8 +108,8 @@ def test_inference_shortcuts_give_the_same_floats(monkeypatch):
     """What decoding leaves out changes no value: K/V heads shared by SDPA instead of repeated,
     the one-kernel RMSNorm of inference. The last position's logits alone are the full pass's
     up to float rounding (a one-row product sums in another order than a many-row one)."""
-    from bitnet_cli import model as model_module
-    from bitnet_cli.model import KVCache, RMSNorm
+    from bitnet_cli.nn import model as model_module
+    from bitnet_cli.nn.model import KVCache, RMSNorm
     torch.manual_seed(0)
     model = BitNetForCausalLM(config()).eval()
     x = torch.randint(0, 40, (2, 12))
@@ -137,7 +137,7 @@ def test_inference_shortcuts_give_the_same_floats(monkeypatch):
 def test_training_takes_the_float_path_of_earlier_versions(monkeypatch):
     """SDPA's own K/V head sharing sums the shared heads' gradients in another order, so
     training keeps repeating them: a run (or a resumed one) follows the same floats as before."""
-    from bitnet_cli import model as model_module
+    from bitnet_cli.nn import model as model_module
     grads = []
     for shares in (True, False):
         monkeypatch.setattr(model_module, "SDPA_SHARES_KV_HEADS", shares)

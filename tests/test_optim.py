@@ -1,8 +1,8 @@
 import pytest
 
-from bitnet_cli.config import ModelConfig
-from bitnet_cli.model import BitNetForCausalLM
-from bitnet_cli.optim import (FINAL, STAGE1_END, STAGE2_START, apply_schedule, build_optimizer,
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.nn.model import BitNetForCausalLM
+from bitnet_cli.training.optim import (FINAL, STAGE1_END, STAGE2_START, apply_schedule, build_optimizer,
                               lr_factor, parameter_groups, weight_decay_at)
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bitnet_cli.checkpoint import newest_loadable, step_dir_name
+from bitnet_cli.store.checkpoint import newest_loadable, step_dir_name
 from bitnet_cli.cli import app
 from tests.cli import home_at, invoke, runner, state_step, wait_until
 from tests.test_status_plot import stand_in_trainer
@@ -91,7 +91,7 @@ def test_interrupt_saves_and_resumes_bit_identical(bitnet_home, reference, sig):
 
 
 def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, monkeypatch):
-    import bitnet_cli.checkpoint as checkpoint
+    import bitnet_cli.store.checkpoint as checkpoint
     real_save = checkpoint.save_file
 
     def dying_save(tensors, filename, **kw):
@@ -112,7 +112,7 @@ def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, mon
 
 
 def test_disk_error_during_checkpoint_is_one_line(bitnet_home, monkeypatch):
-    import bitnet_cli.checkpoint as checkpoint
+    import bitnet_cli.store.checkpoint as checkpoint
 
     def full_disk(tensors, filename, **kw):
         raise OSError(28, "No space left on device")

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from bitnet_cli.cli import app
-from bitnet_cli.selector import written_as_path
+from bitnet_cli.store.selector import written_as_path
 from tests.cli import home_at, invoke, runner, snapshot
 
 FAST = ["--eval-every", "4", "--save-every", "4", "--batch-size", "8", "--no-compile"]

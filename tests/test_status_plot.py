@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from bitnet_cli.checkpoint import step_dir_name
+from bitnet_cli.store.checkpoint import step_dir_name
 from tests.cli import home_at, invoke, wait_until
 
 

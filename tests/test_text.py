@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.cli import invoke
-from bitnet_cli.config import ModelConfig
-from bitnet_cli.model import BitNetForCausalLM, generate
-from bitnet_cli.storygen import story, write_stories
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.nn.model import BitNetForCausalLM, generate
+from bitnet_cli.data.stories import story, write_stories
 
 TINY = ["--size", "tiny", "--steps", "16", "--batch-size", "8", "--seq-len", "64",
         "--eval-every", "8", "--save-every", "8", "--vocab-size", "512", "--no-compile"]
@@ -179,7 +179,7 @@ def test_kv_cache_generation_is_token_identical():
 
 
 def test_top_k_and_top_p_restrict_the_choice():
-    from bitnet_cli.model import sample_next
+    from bitnet_cli.nn.model import sample_next
     logits = torch.tensor([5.0, 4.0, 1.0, 0.0, -1.0])
     g = torch.Generator().manual_seed(0)
     assert {sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)} == {0, 1}

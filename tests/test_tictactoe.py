@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitnet_cli.experiments import load_experiment
-from bitnet_cli.experiments.problems import IGNORE
-from bitnet_cli.experiments.tictactoe import MIXTURE, game_text, sample_game
-from bitnet_cli.tictactoe import (DRAW, LINES, START, IllegalMove, best_moves, legal_moves,
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.tasks.problems import IGNORE
+from bitnet_cli.tasks.tictactoe import MIXTURE, game_text, sample_game
+from bitnet_cli.tasks.tictactoe_rules import (DRAW, LINES, START, IllegalMove, best_moves, legal_moves,
                                   noisy_player, parse_move, perfect_player, place, play_game,
                                   random_player, reachable_positions, replay, result, to_move,
                                   value, winner)

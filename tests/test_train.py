@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from bitnet_cli.checkpoint import latest_checkpoint, step_dir_name
+from bitnet_cli.store.checkpoint import latest_checkpoint, step_dir_name
 from bitnet_cli.cli import app
 from tests.test_model import expected_keys
 from tests.cli import runner
@@ -152,7 +152,7 @@ def test_a_checkpoint_folder_alone_loads_the_model(bitnet_home, tmp_path):
 
     import torch
 
-    from bitnet_cli.inference import load_model
+    from bitnet_cli.use.loading import load_model
     train("simple", "--steps", "4", "--save-every", "4", "--eval-every", "4", "--no-compile",
           "--name", "alone")
     copy = tmp_path / "elsewhere"

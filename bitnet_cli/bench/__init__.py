@@ -25,10 +25,10 @@ import gc
 
 import torch
 
-from bitnet_cli.bench.common import machine
-from bitnet_cli.bench.decoding import (DECODE_SHAPES, LLAMA_CPP_SHAPE, checkpoint_size, decode,
+from bitnet_cli.bench.shapes import machine
+from bitnet_cli.bench.decode_speed import (DECODE_SHAPES, LLAMA_CPP_SHAPE, checkpoint_size, decode,
                                        kv_cache)
-from bitnet_cli.bench.training import CUDA_TRAIN_SHAPE, TRAIN_SHAPES, data, memory, train_step
+from bitnet_cli.bench.train_speed import CUDA_TRAIN_SHAPE, TRAIN_SHAPES, data, memory, train_step
 
 
 def run_all(progress=lambda what: None, device: str = "cpu") -> dict:

@@ -50,7 +50,7 @@ def flag(*names: str, help: str, default: bool | None = False, **options):
 
 def complete_run(incomplete: str) -> list[str]:
     """Shell completion of a run argument: 'latest' and the run ids that start as typed."""
-    from bitnet_cli.runs import list_run_dirs
+    from bitnet_cli.store.runs import list_run_dirs
     try:
         names = ["latest", *(run.name for run in reversed(list_run_dirs()))]
     except BitnetError:  # no usable runs folder: nothing to offer
@@ -127,7 +127,8 @@ def unwrap_help(text: str) -> str:
 
 
 # Importing the command modules registers them, in the order the help lists their panels.
-from bitnet_cli.cli import train, runs, manage, chat, talk, cost, ship  # noqa: E402,F401,I001
+from bitnet_cli.cli import (train_commands, watch_commands, runs_commands, chat_command,  # noqa: E402,F401,I001
+                            play_commands, cost_command, ship_commands)
 
 for _command in [*app.registered_commands,
                  *(c for group in app.registered_groups for c in group.typer_instance.registered_commands)]:

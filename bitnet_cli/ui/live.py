@@ -141,7 +141,7 @@ class LiveTrainingView:
 
 def cpu_size_hint(info: dict, eta_s: float) -> str | None:
     """For a long run on a CPU of a size larger than tiny: say how long, and what trains fast."""
-    from bitnet_cli.presets import PRESETS
+    from bitnet_cli.config.presets import PRESETS
     preset = PRESETS.get(info.get("experiment"), {})
     if (not str(info.get("device", "")).startswith("cpu") or eta_s < CPU_HINT_AFTER_S
             or info.get("size") == "tiny" or "tiny" not in preset.get("sizes", {})):

@@ -1,0 +1,186 @@
+"""Bench sections about decoding: every engine's tokens/s on the same prompt, llama.cpp on the
+same weights, the BitLinear layers alone, the KV cache, and the packed size on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS, best_of, build
+from bitnet_cli.nn.bitlinear import BitLinear
+from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.model import BitNetForCausalLM, generate
+
+DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
+LLAMA_CPP_SHAPE = ("baseline", "95M")  # rows of 768 and 3072: every projection TQ2_0
+LLAMA_CPP_CONTEXT = 256
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every projection, the head, one embedding row
+    (norms are too small to count)."""
+    config = model.config
+    linear = sum(m.codes.numel() if isinstance(m, Int8Linear) else 4 * m.weight.numel()
+                 for m in model.modules() if isinstance(m, (BitLinear, Int8Linear)))
+    head = model.lm_head
+    if isinstance(head, Int8Linear):  # counted above, with the projections
+        head_bytes = 0
+    else:
+        head_bytes = head.weight.numel() * (2 if isinstance(head, HalfHead) else 4)
+    return linear + head_bytes + 4 * config.hidden_size
+
+
+def decode_rate(model, prompt: list[int], context, step=None) -> float:
+    """Tokens/s of greedy decoding with the KV cache, after the prompt's forward pass."""
+    with context():
+        stream = generate(model, prompt, NEW_TOKENS, step=step)
+        next(stream)  # the prompt itself is not timed
+        start = time.perf_counter()
+        count = sum(1 for _ in stream)
+        return count / (time.perf_counter() - start)
+
+
+# The engines decode() times: (name, int8 head?, compiled step?); the float engine's two
+# precisions are added to these.
+INT8_ENGINES = [("int8", "float16", False), ("int8, int8 head", "int8", False),
+                ("int8 compiled", "float16", True), ("int8 compiled, int8 head", "int8", True)]
+
+
+def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
+    """Tokens/s of every engine on one shape, the same prompt and number of new tokens for
+    each; with_llama_cpp adds llama.cpp on the same weights (exported as GGUF)."""
+    model = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (PROMPT_TOKENS,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    engines = {"float32": (model, contextlib.nullcontext, None),
+               "bf16 autocast": (model, bf16, None)}
+    notes = []
+    for name, head, compiled in INT8_ENGINES:
+        fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
+        to_int8(fast, head)
+        step = DecodeStep(fast, compiled, notes.append)
+        step.warm_up()
+        if step.forward is fast and compiled:
+            continue  # no compiler here: said in notes
+        engines[name] = (fast, contextlib.nullcontext, step)
+    rates = {name: 0.0 for name in engines}
+    for name, (m, context, step) in engines.items():
+        decode_rate(m, prompt, context, step)  # warm-up: kernels chosen, float weights quantized once
+    for _ in range(2):
+        for name, (m, context, step) in engines.items():
+            rates[name] = max(rates[name], decode_rate(m, prompt, context, step))
+    result = {"shape": f"{experiment} {size}", "params": model.num_params(),
+              "threads": torch.get_num_threads(), "notes": notes,
+              "int8_vs_float32": rates["int8"] / rates["float32"],
+              "bf16_vs_float32": rates["bf16 autocast"] / rates["float32"], "engines": {}}
+    for name, (m, _, _) in engines.items():
+        read = weight_bytes(m)
+        result["engines"][name] = {"tok_per_s": rates[name], "vs_float32": rates[name] / rates["float32"],
+                                   "weight_bytes_per_token": read, "gb_s": read * rates[name] / 1e9}
+    # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
+    # bytes per token are not the weights' size, so no GB/s is claimed for it.
+    result["engines"]["bf16 autocast"]["gb_s"] = None
+    result["layers"] = layers(model, engines["int8"][0])
+    if with_llama_cpp:
+        result["llama_cpp"] = llama_cpp_decode(model, prompt)
+        if "tok_per_s" in result["llama_cpp"]:
+            for name in engines:
+                result["engines"][name]["vs_llama_cpp"] = rates[name] / result["llama_cpp"]["tok_per_s"]
+    return result
+
+
+def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
+    """llama.cpp's greedy decoding speed on `model`'s weights, through llama-cpp-python: the
+    model exported as bitnet's GGUF (TQ2_0 codes where rows are multiples of 256, F16
+    embedding), the same prompt, new tokens and thread count as bitnet's engines, timed the
+    same way (after the prompt, best of three). llama.cpp computes silu(gate) * up for this
+    architecture: the same work as relu2, so the speed compares even though the FFN differs."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"missing": "not installed (pip install llama-cpp-python)"}
+    import tempfile
+    from pathlib import Path
+
+    from bitnet_cli.tasks import load_experiment
+    from bitnet_cli.use.export import GGUF_FILE, write_gguf
+    from bitnet_cli.use.loading import LoadedModel
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "bench" / "checkpoints" / "random"  # the GGUF is named after the run
+        folder.mkdir(parents=True)
+        # Any tokenizer will do: the prompt goes in as token ids (the rest of the vocabulary is
+        # written as unused entries).
+        tokenizer = load_experiment("arithmetic").tokenizer()
+        # llama-cpp-python makes a context of at least 256 and warns on stderr when the file
+        # declares less; the context does not change the speed of the first 64 tokens.
+        config = dataclasses.replace(model.config, max_position_embeddings=LLAMA_CPP_CONTEXT)
+        write_gguf(LoadedModel(model, tokenizer, config, "arithmetic", folder, 0), folder)
+        gguf_bytes = (folder / GGUF_FILE).stat().st_size
+        llm = Llama(model_path=str(folder / GGUF_FILE), n_ctx=LLAMA_CPP_CONTEXT,
+                    n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        def rate() -> float:
+            llm.reset()
+            llm.eval(prompt)
+            start = time.perf_counter()
+            for _ in range(NEW_TOKENS - 1):  # as decode_rate: the first token is the prompt's
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            return (NEW_TOKENS - 1) / (time.perf_counter() - start)
+        rate()
+        best = max(rate() for _ in range(3))
+    finally:
+        llm.close()
+    import llama_cpp
+    return {"tok_per_s": best, "threads": threads, "gguf_bytes": gguf_bytes,
+            "version": llama_cpp.__version__}
+
+
+@torch.inference_mode()
+def layers(model: BitNetForCausalLM, fast: BitNetForCausalLM, repeats: int = 20) -> dict:
+    """One token through every BitLinear in model order, float (quantized fp32 weights, as the
+    float engine keeps them) against int8: the matmuls with their quantization and rescale."""
+    slow = [m for m in model.modules() if isinstance(m, BitLinear)]
+    quick = [m for m in fast.modules() if isinstance(m, Int8Linear)]  # q, k, v stacked; gate, up
+
+    def run(modules):
+        inputs = [torch.randn(1, 1, m.in_features) for m in modules]
+        return lambda: [[m(x) for m, x in zip(modules, inputs)] for _ in range(repeats)]
+    t = best_of({"float": run(slow), "int8": run(quick)}, 3)
+    read = {"float": 4 * sum(m.weight.numel() for m in slow),
+            "int8": sum(m.codes.numel() for m in quick)}
+    return {"count": len(slow), "ratio": t["float"] / t["int8"],
+            **{f"{k}_ms": 1e3 * t[k] / repeats for k in t},
+            **{f"{k}_gb_s": read[k] * repeats / t[k] / 1e9 for k in t}}
+
+
+def checkpoint_size(experiment: str, size: str) -> dict:
+    from bitnet_cli.use.export import linear_weight_bytes
+    with torch.device("meta"):
+        model = build(experiment, size, 8)
+    latent, packed = linear_weight_bytes(model)
+    rest = 4 * (model.num_params() - sum(m.weight.numel() for m in model.modules()
+                                         if isinstance(m, BitLinear)))
+    return {"shape": f"{experiment} {size}", "latent_bytes": latent, "packed_bytes": packed,
+            "ratio": latent / packed, "other_bytes": rest,
+            "file_ratio": (latent + rest) / (packed + rest)}
+
+
+def kv_cache(experiment: str = "tinystories", size: str = "12M", new_tokens: int = 128) -> dict:
+    """Tokens/s of greedy decoding (int8 engine) with and without the KV cache: without it,
+    every token re-runs the whole sequence so far."""
+    model = build(experiment, size, PROMPT_TOKENS + new_tokens).eval()
+    to_int8(model)
+    prompt = list(range(PROMPT_TOKENS))
+    t = best_of({"cache": lambda: list(generate(model, prompt, new_tokens)),
+                 "none": lambda: list(generate(model, prompt, new_tokens, use_cache=False))}, 1)
+    return {"shape": f"{experiment} {size}", "new_tokens": new_tokens,
+            "ratio": t["none"] / t["cache"], "cache_tok_per_s": new_tokens / t["cache"],
+            "no_cache_tok_per_s": new_tokens / t["none"]}

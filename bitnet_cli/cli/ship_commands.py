@@ -1,0 +1,86 @@
+"""`bitnet export`, `bitnet bench`: take a model to other runtimes, and measure it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bitnet_cli.cli import MODEL_HELP, app, complete_run, flag, friendly
+from bitnet_cli.errors import BitnetError
+
+
+@app.command(rich_help_panel="Shipping")
+@friendly
+def export(
+    model: str = typer.Argument(..., help=MODEL_HELP, show_default=False,
+                                autocompletion=complete_run),
+    format: str = typer.Option(..., "--format", help="hf, hf-packed or gguf."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (must not exist or be empty)."),
+) -> None:
+    """Export a model for transformers (latent or 2-bit packed weights) or llama.cpp (GGUF).
+
+    hf: config.json, model.safetensors (latent fp32 weights) and the
+    tokenizer; AutoModelForCausalLM.from_pretrained(OUT) loads it.
+
+    hf-packed: the same, with the ternary weights packed 4 per byte as the
+    released BitNet b1.58 2B4T checkpoint stores them.
+
+    gguf: OUT/model.gguf for llama.cpp's bitnet architecture, tokenizer inside.
+    Today's llama.cpp computes a silu FFN for that architecture: a model trained
+    with --activation silu gives bitnet's answers there; a relu2 model (the
+    default, as BitNet b1.58 2B4T) needs a llama.cpp that reads
+    bitnet.hidden_activation, and a note on stderr says so.
+
+    OUT is written whole or not at all, and never over existing files.
+    """
+    from bitnet_cli.use.export import GGUF_FILE, export_model
+
+    written, notes = export_model(model, format, out)
+    for note in notes:
+        typer.echo(note, err=True)
+    size = sum(f.stat().st_size for f in written.iterdir())
+    how = (f'llama.cpp: llama-completion -m {written / GGUF_FILE} -no-cnv -p "..."'
+           if format == "gguf" else
+           f'transformers (pip install \'bitnet-cli[hf]\'): '
+           f'AutoModelForCausalLM.from_pretrained("{written}")')
+    typer.echo(f"wrote {written} ({format}, {size / 1e6:.1f} MB); load it with {how}")
+
+
+@app.command(rich_help_panel="Shipping")
+@friendly
+def bench(json: bool = flag("--json", help="Print JSON on stdout."),
+          device: str = typer.Option("cpu", help="cpu (every section) or cuda (the 95M training "
+                                                 "step in bf16 autocast, with tokens/s and MFU).")
+          ) -> None:
+    """Measure speed and size side by side in one process.
+
+    Ratios first, absolute numbers beside them. Random weights on the presets' shapes (tiny to 95M); about nine minutes on 2 cores,
+    most of it compiling each shape's training step, so close other work first.
+
+    training step: BitNet against its --quant none twin (forward, backward, AdamW), eager and
+    compiled (torch.compile), and compiled against eager; with --device cuda the 95M step with
+    tokens/s and MFU (FLOPs per token as `bitnet cost` counts them, over the GPU's bf16 peak).
+    data: the CPU's time to make one batch, for every experiment and size.
+    decode: tokens/s with the KV cache, the int8 engine (float16 head) against the float engine
+    in fp32 and in bf16 autocast; the bytes of weights each token reads and the GB/s that makes,
+    beside the machine's own memory bandwidth; the BitLinear layers alone at one token.
+    size: the projection weights in fp32 (latent) against 2-bit packed (export --format hf-packed).
+    memory: peak RSS of fresh processes decoding and training the 95M shape.
+    kv cache: decoding with it against re-running the sequence for every token.
+    """
+    from bitnet_cli import ui
+    from bitnet_cli.ui.bench_tables import bench_report
+    from bitnet_cli.bench import run_all
+    from bitnet_cli.store.files import to_json
+    from bitnet_cli.training.setup import resolve_device
+
+    if device not in ("cpu", "cuda"):
+        raise BitnetError(f"--device must be cpu or cuda, not {device!r}")
+    resolve_device(device)  # one line where there is no CUDA
+    with ui.stderr.status("measuring...") as status:
+        results = run_all(lambda what: status.update(f"measuring: {what}..."), device)
+    if json:
+        typer.echo(to_json(results))
+    else:
+        ui.stdout.print(bench_report(results))

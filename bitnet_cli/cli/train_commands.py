@@ -1,0 +1,222 @@
+"""`bitnet train`: start a run of one of the built-in experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bitnet_cli.cli import DEVICE_HELP, app, flag, friendly
+from bitnet_cli.config.settings import COMPILE_MIN_STEPS, format_count
+from bitnet_cli.store.metrics import check_tensorboard
+from bitnet_cli.config.presets import PRESETS, check_experiment
+from bitnet_cli.errors import BitnetError
+
+
+def _size_line(experiment: str, size: str) -> str:
+    """A size's defaults, as `--help` lists them: the shape and the schedule each flag overrides."""
+    from bitnet_cli.report.cost import preset
+    shape, train = preset(f"{experiment}-{size}")
+    default = " (default)" if size == PRESETS[experiment]["default_size"] else ""
+    accum = f" x {train['grad_accum']}" if train["grad_accum"] > 1 else ""
+    lr = PRESETS[experiment]["sizes"][size]["train"]["lr"]
+    return (f"  {size}{default}: {format_count(shape.params)}, {shape.layers} x {shape.hidden}; "
+            f"{train['steps']:,} steps of {train['batch_size']} x {train['seq_len']}{accum}, "
+            f"lr {lr:g}")
+
+
+_EXPERIMENTS = "\n\n".join(
+    f"[bold]{name}[/]: {p['about']}\n" + "\n".join(_size_line(name, size) for size in p["sizes"])
+    for name, p in PRESETS.items())
+
+
+TENSORBOARD_HELP = ("Also write the metrics as TensorBoard event files in RUN/tensorboard "
+                    "(tensorboard --logdir RUN); needs pip install 'bitnet-cli\\[tensorboard]'.")
+
+
+def command_line(experiment: str, options: dict) -> list[str]:
+    """The command as the user could retype it: the experiment and every option given."""
+    argv = ["bitnet", "train", experiment]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key}")
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+@app.command(help=f"""Train a BitNet b1.58 model on one of the built-in experiments.
+
+Every experiment is a preset (model shape, data, evaluator, schedule); each flag overrides it.
+The run is written to a new folder under the runs folder (see --home), with config.json,
+state.json, metrics.jsonl, tokenizer.json and safetensors checkpoints.
+
+Each size's defaults: parameters, layers x width; steps of batch x sequence (x gradient
+accumulation), peak learning rate.
+
+{_EXPERIMENTS}
+
+Examples:
+
+  bitnet train simple                     # a one-minute check
+
+  bitnet train arithmetic --size tiny     # + and - past 95% on a CPU
+
+  bitnet train arithmetic --quant none    # the full-precision twin
+
+  bitnet train arithmetic --activation silu   # as llama.cpp computes
+
+  bitnet train tinystories --size tiny --data stories/   # your text
+
+  bitnet train baseline --nproc-per-node 8   # data-parallel, 8 GPUs
+
+Several machines: run torchrun on each, `torchrun --nnodes ... -m bitnet_cli train ...` (from a
+pipx install, with the torchrun of bitnet's environment: see the README). --batch-size is always
+the global batch: any number of processes trains the same model, each on its share of every batch.
+""", rich_help_panel="Training")
+@friendly
+def train(
+    experiment: str = typer.Argument(..., help=f"One of: {', '.join(PRESETS)}.", show_default=False),
+    size: Optional[str] = typer.Option(None, help="Model size preset: 'tiny' or the experiment's "
+                                                  "reference size (its default)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps in the run."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (also the model's context)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the two-stage schedule."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initialisation and data; the same seed "
+                                                  "on CPU gives bit-identical weights."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate on held-out data every K steps."),
+    save_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K steps."),
+    name: Optional[str] = typer.Option(None, help="Run id to use instead of "
+                                                  "<experiment>-<size>-<timestamp>."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    compile: Optional[bool] = flag("--compile/--no-compile", default=None, show_default=False,
+                                   help="torch.compile the training step (default: on for CUDA, "
+                                        f"and on a CPU for runs of {COMPILE_MIN_STEPS}+ steps). "
+                                        "Without a C++ compiler: one line, then eager training."),
+    quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
+                                              "twin with the same names and shapes)."),
+    activation: str = typer.Option("relu2", help="The FFN gate: relu2, relu(gate)^2 * up as in "
+                                                 "BitNet b1.58 2B4T, or silu, silu(gate) * up, "
+                                                 "which today's llama.cpp computes (see "
+                                                 "`bitnet export --help`)."),
+    data: Optional[str] = typer.Option(None, help="Text experiments: local .txt, .jsonl or .parquet "
+                                                  "files (a 'text' field), or a folder of them, "
+                                                  "instead of the hub data set."),
+    vocab_size: Optional[int] = typer.Option(None, help="Text experiments: size of the byte-level "
+                                                        "BPE trained on the data."),
+    nproc_per_node: Optional[str] = typer.Option(
+        None, help="Data-parallel worker processes on this machine, one per GPU (or CPU "
+                   "processes with gloo), started through torch.distributed.run.",
+        show_default=False),
+    tensorboard: bool = flag("--tensorboard", help=TENSORBOARD_HELP),
+) -> None:
+    check_experiment(experiment)
+    nproc = parse_nproc(nproc_per_node)
+    if tensorboard:
+        check_tensorboard()
+    from bitnet_cli.training import dist
+    from bitnet_cli.training.setup import create_run, prepare_data
+    from bitnet_cli.ui.live import DataProgress
+
+    options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                   grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
+                   save_every=save_every, name=name, device=device, compile=compile, quant=quant,
+                   activation=activation, data=data, vocab_size=vocab_size,
+                   tensorboard=tensorboard or None)
+    argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
+    share = dist.current()
+    if share.distributed:  # every rank of a torchrun job runs this: rank 0 makes the run
+        if nproc is not None:
+            raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
+                              "leave it out and use torchrun's own --nproc-per-node")
+        # Every rank finds or builds the data first, outside any collective's timeout.
+        with DataProgress() as progress:
+            prepare_data(experiment, progress=progress, share=share, **options)
+
+        def make() -> str:
+            return str(create_run(experiment, argv=argv, share=share, **options))
+
+        train_with_view(Path(dist.main_first(share, make)))
+        return
+    with DataProgress() as progress:
+        run_dir = create_run(experiment, argv=argv, progress=progress,
+                             share=dist.on_this_machine(nproc or 1), **options)
+    train_with_view(run_dir, nproc or 1)
+
+
+@app.command(rich_help_panel="Training")
+@friendly
+def stories(
+    folder: Path = typer.Argument(..., help="Folder to write stories.<format> into (made if "
+                                            "absent; an existing file is never replaced).",
+                                  show_default=False),
+    count: int = typer.Option(5000, "--stories", help="How many stories."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same stories."),
+    format: str = typer.Option("jsonl", help="jsonl, parquet or txt: each as the real data "
+                                             "sets have them (a 'text' field)."),
+) -> None:
+    """Write made-up children's stories in the TinyStories style, to train on offline.
+
+    The text experiments need no hub this way:
+
+      bitnet stories stories/ --stories 5000
+      bitnet train tinystories --size tiny --data stories/
+
+    The stories are drawn from small word lists with the seed: varied, but predictable enough
+    for a tiny model to learn in minutes, far below the unigram baseline.
+    """
+    from bitnet_cli.data.stories import write_stories
+    existing = folder / f"stories.{format}"
+    if existing.exists() or existing.is_symlink():
+        raise BitnetError(f"{existing} exists already; choose another folder, or remove it first")
+    path = write_stories(folder, count, seed, format)
+    typer.echo(f"wrote {count:,} stories to {path}", err=True)
+
+
+def parse_nproc(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        nproc = int(text)
+    except ValueError:
+        raise BitnetError(f"--nproc-per-node takes a whole number of processes, got {text!r}") from None
+    if nproc < 1:
+        raise BitnetError(f"--nproc-per-node must be at least 1, got {nproc}")
+    return nproc
+
+
+def train_with_view(run_dir, nproc: int = 1) -> None:
+    """Run the training loop under the live view, in this process or as `nproc` workers; an
+    interrupted run says how to continue."""
+    from bitnet_cli.training import dist
+    from bitnet_cli.training.loop import run_training
+    from bitnet_cli.ui.live import LiveTrainingView
+
+    if nproc > 1:
+        # The workers resume the run just made (it starts at step 0); rank 0 shows the view.
+        code, failure = dist.launch(nproc, ["resume", str(run_dir)])
+        if failure:
+            from bitnet_cli.training.setup import record_worker_failure
+            typer.echo(f"error: {record_worker_failure(run_dir, failure)}", err=True)
+        if code:
+            raise typer.Exit(code)
+        return
+    main = dist.current().is_main
+    view = LiveTrainingView() if main else None
+    try:
+        info = run_training(run_dir, view)
+    finally:
+        if view:
+            view.close()
+    if info["status"] == "interrupted" and main:
+        saved = info.get("checkpoint_step")
+        where = ("saved" if saved == info["step"] else
+                 f"last checkpoint at step {saved}" if saved is not None else "no checkpoint yet")
+        typer.echo(f"interrupted at step {info['step']} ({where}); continue with: "
+                   f"bitnet resume {info['run_id']}", err=True)
+    if info["status"] == "interrupted":
+        raise typer.Exit(130)

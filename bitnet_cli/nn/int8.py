@@ -1,0 +1,172 @@
+"""The fast int8 inference path: a trained model's BitLinear layers as integer matmuls.
+
+Training sees each BitLinear's weights as ternary codes over a scale and its inputs as 8-bit
+codes over a per-token scale, but multiplies the two in floating point. Here the codes stay
+integers: the weights become int8 once at load, each input is quantized to int8 per token,
+`torch._int_mm` sums the products exactly in int32, and one division by both scales gives the
+output. Same maths as BitLinear; the only difference is float rounding (an exact integer sum
+against a float32 one).
+
+    y = (x_codes @ w_codes.T) / (x_scale * w_scale)
+
+The full-precision head (32000 x 768 on the 95M shape: in float32 it is more bytes to read per
+token than all the ternary layers in int8) is kept as a float16 copy by default (HalfHead); the
+embedding table stays float32, so the model's input is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitnet_cli.nn.bitlinear import EPS, BitLinear, ternary_codes, weight_scale
+
+ENGINES = ("int8", "float")
+
+
+class Int8Linear(nn.Module):
+    """Inference-only stand-in for one BitLinear, or for several that read the same input (q, k
+    and v; gate and up): their int8 ternary codes stacked as one (out, in) matrix, and each
+    output row's scale. One matrix means the input is quantized once and multiplied once, where
+    separate layers would pay both, and the per-call overheads, two or three times over: on a
+    small model decoding a token, those overheads are most of the time."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, splits: list[int]):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.splits = splits
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def stacking(cls, *layers: BitLinear) -> Int8Linear:
+        weights = [layer.weight.detach() for layer in layers]
+        return cls(torch.cat([ternary_codes(w) for w in weights]).to(torch.int8),
+                   torch.cat([weight_scale(w).expand(len(w)) for w in weights]),
+                   [len(w) for w in weights])
+
+    @classmethod
+    def per_row(cls, weight: torch.Tensor) -> Int8Linear:
+        """A full-precision matrix rounded to int8 with one absmax scale per output row: the
+        output layer, as an option (--head int8), at half of float16's bytes."""
+        w = weight.detach().float()
+        scale = 127.0 / w.abs().amax(dim=1).clamp(min=EPS)
+        return cls((w * scale[:, None]).round_().to(torch.int8), scale, [len(w)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
+        # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
+        # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
+        acc = int_mm(x_codes, self.codes.t())
+        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each stacked layer's output, in the order they were given."""
+        return self(x).split(self.splits, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.splits}, int8"
+
+
+class Int8Part(nn.Module):
+    """One layer's place in an Int8Linear that stacks it with its siblings. The model calls the
+    siblings together (bitlinear.shared_input_linear), which runs `whole` once; called alone,
+    it gives just its own rows."""
+
+    def __init__(self, whole: Int8Linear, index: int):
+        super().__init__()
+        self.whole, self.index = whole, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.whole.parts(x)[self.index]
+
+
+def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitlinear.activation_quant stopped before its division: int8 codes and the per-token
+    float32 scale, with codes / scale == activation_quant(x) exactly."""
+    x = x.float()
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    # activation_quant's clamp to [-128, 127] is left out: |x| * 127 / max|x| rounds to at
+    # most 127, so it never changes a code, and it is one pass less per layer.
+    return (x * scale).round_().to(torch.int8), scale
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm (int8 x int8 -> int32). CPU takes any shape; CUDA wants more than 16 rows,
+    so a short batch (decoding one token) is padded with zero rows that are dropped again."""
+    rows = a.shape[0]
+    if a.is_cuda and rows <= 16:
+        a = F.pad(a, (0, 0, 0, 17 - rows))
+    return torch._int_mm(a, b)[:rows]
+
+
+class HalfHead(nn.Module):
+    """The full-precision output projection stored in float16: half the bytes of float32 to read
+    for every token, and rounding 8x finer than bfloat16's. One row (decoding a token) is
+    multiplied in float16, a fast matrix-vector product on CPUs; several rows widen the weights
+    to float32 first, because CPUs have no fast float16 matrix-matrix product."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().half())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.numel() == x.shape[-1]:
+            return F.linear(x.half(), self.weight).float()
+        return F.linear(x.float(), self.weight.float())
+
+
+def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | None:
+    """Why torch._int_mm cannot serve these (in, out) shapes on this device, or None if it
+    can: tried once on small inputs, result checked against an exact reference."""
+    for k, n in sorted(shapes):
+        a = torch.randint(-128, 128, (3, k), dtype=torch.int8)
+        b = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+        try:
+            got = int_mm(a.to(device), b.to(device).t()).cpu()
+        except (RuntimeError, NotImplementedError) as e:
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return f"torch._int_mm fails on {device.type} for a {k}x{n} layer ({first_line})"
+        if not torch.equal(got, a.long().mm(b.long().t()).int()):
+            return f"torch._int_mm gives wrong results on {device.type} for a {k}x{n} layer"
+    return None
+
+
+def sibling_groups(bitlinears) -> list[tuple[nn.Module, list[str]]]:
+    """(parent, names) of the BitLinears to stack: those of one parent that the model always
+    calls together on one input (q, k, v; gate, up), and each other one alone."""
+    groups: dict[tuple[int, str], tuple[nn.Module, list[str]]] = {}
+    for parent, name, _ in bitlinears:
+        key = (id(parent), "shared input" if name in SHARED_INPUT else name)
+        groups.setdefault(key, (parent, []))[1].append(name)
+    return list(groups.values())
+
+
+SHARED_INPUT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # model.py's shared_input_linear calls
+
+
+HEADS = ("float16", "int8")
+
+
+def to_int8(model: nn.Module, head: str = "float16") -> str | None:
+    """Swap every BitLinear of `model` (in place) for an Int8Linear, and the output projection
+    for a HalfHead (float16) or a per-row Int8Linear (int8). Returns why the model was left as
+    it was, or None when it was converted."""
+    bitlinears = [(parent, name, child) for parent in model.modules()
+                  for name, child in parent.named_children() if isinstance(child, BitLinear)]
+    if not bitlinears:
+        return "it has no ternary layers (trained with --quant none), so it stays in float"
+    device = bitlinears[0][2].weight.device
+    if device.type != "cpu":
+        why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
+        if why:
+            return why
+    for parent, names in sibling_groups(bitlinears):
+        whole = Int8Linear.stacking(*(getattr(parent, name) for name in names))
+        for index, name in enumerate(names):
+            setattr(parent, name, Int8Part(whole, index) if len(names) > 1 else whole)
+    weight = model.lm_head.weight
+    model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
+    return None

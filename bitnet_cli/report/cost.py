@@ -1,0 +1,360 @@
+"""What a training run costs before you start it: FLOPs, GPU-hours, dollars and memory.
+
+Pure arithmetic on a model shape and a token count, so `bitnet cost` answers instantly: no torch,
+no Typer, no Rich here. The formulas, with N parameters, D training tokens, L layers, width d,
+h heads, vocabulary V, sequence length T and micro-batch b:
+
+  training FLOPs   6·N·D + 12·L·d·T·D  (PaLM appendix B, nanoGPT's estimate_mfu): 6N per token
+                   for the weight matmuls forward and backward, 12·L·d·T for the attention scores
+                   QKᵀ and their product with V, with no discount for the causal mask
+  GPU-hours        FLOPs / (peak FLOP/s · MFU) / 3600, so MFU means what PaLM defined it to mean
+  training memory  16 B/param (fp32 latent weights 4, gradients 4, AdamW moments 8) + activations
+  activations      L·T·b·d·(34 + 5·h·T/d) + 4·T·b·(d + V) bytes (Korthikanti et al. 2022,
+                   "Reducing Activation Recomputation in Large Transformer Models": 16-bit
+                   activations, attention matrix stored, no recomputation; the second term is the
+                   output layer with fp32 logits for the loss)
+  inference        ternary BitLinear weights packed 2 bits each (4 per byte), embeddings and norms
+                   in fp16, beside fp16 for everything, as the BitNet b1.58 paper compares
+
+N counts every parameter, embeddings included and a tied head once: with tied embeddings the
+table is also the output projection, so every one of those weights is multiplied per token.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from bitnet_cli.config.settings import ModelConfig, format_count, model_config_from_dict, parse_size
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.store.metrics import read_metrics
+from bitnet_cli.config.presets import PRESETS
+from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
+from bitnet_cli.store.selector import resolve_run
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_tflops: float  # dense bf16 tensor-core peak, no 2:4 sparsity (fp16 on cards without bf16)
+    memory_gb: float    # as the vendor states it (80 GB of HBM is 80 GiB)
+    price: float        # US dollars per GPU-hour
+    bf16: bool = True
+
+
+# Peaks are the vendors' datasheet (or architecture whitepaper) figures for dense bf16/fp16
+# tensor math with fp32 accumulation, the mode mixed-precision training uses; GeForce cards run
+# that at half their fp16-accumulate rate. A10G is AWS's own variant, with no NVIDIA datasheet:
+# its figure is the one AWS and its users report. Prices are typical on-demand list prices per
+# GPU-hour as of 2026 (clouds for data-centre cards, GPU marketplaces for GeForce); they vary a
+# lot between providers, so --price and --peak-tflops override them.
+GPUS = (
+    GPU("H200", 989, 141, 3.50),
+    GPU("H100-SXM", 989, 80, 3.00),
+    GPU("H100-PCIe", 756, 80, 2.50),
+    GPU("A100-80GB", 312, 80, 1.60),
+    GPU("A100-40GB", 312, 40, 1.20),
+    GPU("L40S", 362, 48, 1.00),
+    GPU("L4", 121, 24, 0.70),
+    GPU("A10G", 70, 24, 1.00),
+    GPU("RTX-4090", 165, 24, 0.40),
+    GPU("RTX-3090", 71, 24, 0.25),
+    GPU("RTX-3060", 25.5, 12, 0.10),
+    GPU("T4", 65, 16, 0.35, bf16=False),
+    GPU("V100", 125, 16, 2.50, bf16=False),
+)
+ALIASES = {"h100": "H100-SXM", "a100": "A100-80GB"}  # what clouds usually mean by the bare name
+
+DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 is 27% of its peak
+FITS_FRACTION = 0.9  # the CUDA context, allocator caching and fragmentation take the rest
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+# Without --layers/--hidden the shape behind --params is guessed: width ≈ 128 × layers (GPT-3
+# 6.7B to 175B and Llama 7B sit near that ratio), 64-wide heads, and a 32000-token vocabulary
+# (the baseline's, Llama 2's), or a byte-level 256 for models too small to carry that table.
+WIDTH_PER_LAYER, HEAD_DIM = 128, 64
+DEFAULT_VOCAB, SMALL_VOCAB, SMALL_MODEL = 32000, 256, 50_000_000
+# Without --tokens or --steps, a --params run uses the baseline's batch shape.
+DEFAULT_BATCH = dict(batch_size=16, seq_len=256, grad_accum=2)
+
+
+@dataclass
+class Shape:
+    """What the formulas need to know about a model."""
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    ternary_params: int  # BitLinear weights; the rest (embeddings, norms) stay full precision
+    source: str
+
+
+@dataclass
+class Horizon:
+    """How many tokens the run trains on, in what batches, and where that number came from."""
+    tokens: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    steps: int | None
+    basis: str
+
+
+def preset_names() -> list[str]:
+    names = []
+    for experiment, spec in PRESETS.items():
+        names += [experiment] + [f"{experiment}-{size}" for size in spec["sizes"]]
+    return names
+
+
+def shape_of(cfg: ModelConfig, source: str) -> Shape:
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    linear = cfg.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * f)  # q,o  k,v  gate,up,down
+    return Shape(cfg.num_params(), cfg.num_hidden_layers, d, cfg.num_attention_heads,
+                 cfg.vocab_size, linear, source)
+
+
+def estimate_shape(params: int, layers: int | None = None, hidden: int | None = None,
+                   vocab: int | None = None) -> Shape:
+    """A plausible shape for `params`, with the layers, width and vocabulary given or guessed."""
+    if (layers is None) != (hidden is None):
+        raise BitnetError("give --layers and --hidden together, or neither to estimate them")
+    vocab = vocab or (DEFAULT_VOCAB if params >= SMALL_MODEL else SMALL_VOCAB)
+    if layers is None:
+        # A tied embedding table vocab·d plus 12·d² per layer (4d² attention, 8d² MLP) makes N:
+        # for each depth solve that for d, and keep the depth whose width is nearest 128 per layer.
+        def width(n_layers: int) -> float:
+            return (-vocab + math.sqrt(vocab**2 + 48 * n_layers * params)) / (24 * n_layers)
+        layers = min(range(1, 257), key=lambda n: abs(math.log(width(n) / (WIDTH_PER_LAYER * n))))
+        hidden = max(HEAD_DIM, round(width(layers) / HEAD_DIM) * HEAD_DIM)
+    embedding = vocab * hidden
+    if embedding >= params:
+        raise BitnetError(f"--params {format_count(params)} is smaller than a {vocab}-token × "
+                          f"{hidden} embedding table alone; give a smaller --vocab or --hidden")
+    return Shape(params, layers, hidden, max(1, hidden // HEAD_DIM), vocab, params - embedding,
+                 "estimated")
+
+
+def preset(name: str) -> tuple[Shape, dict]:
+    """The shape and training batch/steps of a built-in experiment: 'baseline', 'arithmetic',
+    'arithmetic-tiny', ..."""
+    experiment, _, size = name.partition("-")
+    if experiment not in PRESETS or (size and size not in PRESETS[experiment]["sizes"]):
+        raise BitnetError(f"unknown preset {name!r}; choose one of: "
+                          f"{', '.join(preset_names())}")
+    size = size or PRESETS[experiment]["default_size"]
+    chosen = PRESETS[experiment]["sizes"][size]
+    model = dict(chosen["model"], vocab_size=PRESETS[experiment]["vocab_size"])
+    source = ("the original 95M baseline" if (experiment, size) == ("baseline", "95M")
+              else f"{experiment}-{size}")
+    train = {k: chosen["train"][k] for k in ("steps", "batch_size", "seq_len")}
+    train["grad_accum"] = chosen["train"].get("grad_accum", 1)
+    cfg = ModelConfig(max_position_embeddings=train["seq_len"], **model)
+    return shape_of(cfg, source), train
+
+
+def read_run(run: Path) -> tuple[Shape, dict, dict]:
+    """The run's shape, its training batch/steps, and what it has measured so far."""
+    try:
+        config = read_json(run / CONFIG_FILE)
+        cfg = model_config_from_dict(config["model"])
+        train = {k: config["train"][k] for k in ("steps", "batch_size", "seq_len", "grad_accum")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BitnetError(f"cannot read {run / CONFIG_FILE}: {e}") from None
+    try:
+        state = read_json(run / STATE_FILE)
+    except (OSError, ValueError):  # not written yet: the run has only just been created
+        state = {}
+    logged = [r for r in read_metrics(run / METRICS_FILE) if r.get("split") == "train"]
+    # The median of recent windows: the first one holds compilation, and any one can hiccup.
+    rates = [r["tok_per_s"] for r in logged[-20:] if r.get("tok_per_s")]
+    step = max([state.get("step") or 0] + [r.get("step", 0) for r in logged])
+    measured = {
+        "run_id": config.get("run_id", run.name),
+        "path": str(run),
+        "status": state.get("status"),
+        "step": step,
+        "tokens_done": logged[-1]["tokens"] if logged and "tokens" in logged[-1]
+                       else step * train["batch_size"] * train["seq_len"] * train["grad_accum"],
+        "tok_per_s": statistics.median(rates) if rates else state.get("tok_per_s"),
+        "device": state.get("device") if isinstance(state.get("device"), str) else None,
+    }
+    train["steps"] = state.get("total_steps") or train["steps"]  # `resume --steps` may extend it
+    return shape_of(cfg, f"run {measured['run_id']}"), train, measured
+
+
+def choose_gpus(name: str | None, peak_tflops: float | None, price: float | None) -> list[GPU]:
+    """Every GPU in the table, or the one named, with its peak and price overridden if asked."""
+    if name is None:
+        if peak_tflops is not None or price is not None:
+            raise BitnetError("--peak-tflops and --price describe one GPU; name it with --gpu")
+        return list(GPUS)
+    by_key = {_key(g.name): g for g in GPUS}
+    by_key.update({alias: by_key[_key(target)] for alias, target in ALIASES.items()})
+    gpu = by_key.get(_key(name))
+    if gpu is None:
+        raise BitnetError(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS)} "
+                          "(or pick the nearest and set --peak-tflops and --price)")
+    return [replace(gpu, peak_tflops=peak_tflops or gpu.peak_tflops, price=price or gpu.price)]
+
+
+def _key(name: str) -> str:
+    """'NVIDIA RTX 4090', 'rtx-4090' and '4090' all name the same card."""
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return key.removeprefix("nvidia").removeprefix("rtx")
+
+
+def _check_positive(flag: str, value, noun: str = "a positive whole number") -> None:
+    if value is not None and not value > 0:
+        raise BitnetError(f"{flag} must be {noun}, got {value}")
+
+
+def _size(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except BitnetError as e:
+        raise BitnetError(f"{flag}: {e}") from None
+
+
+def estimate(params: str | None = None, tokens: str | None = None, steps: str | None = None,
+             batch_size: int | None = None, seq_len: int | None = None,
+             grad_accum: int | None = None, preset_name: str | None = None,
+             from_run: str | None = None, layers: int | None = None, hidden: int | None = None,
+             vocab: int | None = None, gpu: str | None = None, gpus: int = 1,
+             mfu: float = DEFAULT_MFU, price: float | None = None,
+             peak_tflops: float | None = None) -> dict:
+    """The whole answer of `bitnet cost` as plain JSON-ready data."""
+    for flag, value in [("--batch-size", batch_size), ("--seq-len", seq_len),
+                        ("--grad-accum", grad_accum), ("--layers", layers), ("--hidden", hidden),
+                        ("--vocab", vocab), ("--gpus", gpus)]:
+        _check_positive(flag, value)
+    _check_positive("--price", price, "positive")
+    _check_positive("--peak-tflops", peak_tflops, "positive")
+    if not 0 < mfu <= 1:
+        raise BitnetError("--mfu is a fraction of the GPU's peak, above 0 and at most 1 "
+                          f"(like 0.3), got {mfu}")
+    sources = [flag for flag, value in [("--params", params), ("--preset", preset_name),
+                                        ("--from-run", from_run)] if value is not None]
+    if len(sources) != 1:
+        raise BitnetError("say what to cost with one of --params 95M, --preset baseline or "
+                          "--from-run RUN" + (f", not {' and '.join(sources)}" if sources else ""))
+    if tokens is not None and steps is not None:
+        raise BitnetError("give --tokens or --steps, not both")
+    if params is None and any(v is not None for v in (layers, hidden, vocab)):
+        raise BitnetError("--layers, --hidden and --vocab shape a --params model; presets and runs "
+                          "have their own")
+    n_tokens, n_steps = _size("--tokens", tokens), _size("--steps", steps)
+    hardware = choose_gpus(gpu, peak_tflops, price)
+
+    measured = None
+    if params is not None:
+        shape = estimate_shape(_size("--params", params), layers, hidden, vocab)
+        train = dict(DEFAULT_BATCH)
+    elif preset_name is not None:
+        shape, train = preset(preset_name)
+    else:
+        shape, train, measured = read_run(resolve_run(from_run))
+    given = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum}
+    train.update({k: v for k, v in given.items() if v is not None})
+    own_steps = None if params is not None else "preset" if preset_name is not None else "run"
+    horizon = _horizon(shape, train, n_tokens, n_steps, own_steps)
+
+    per_token = training_flops_per_token(shape, horizon.seq_len)
+    flops = horizon.tokens * per_token
+    memory = _memory(shape, horizon)
+    rows = []
+    for g in hardware:
+        gpu_hours = flops / (g.peak_tflops * 1e12 * mfu) / 3600
+        rows.append({**asdict(g), "gpu_hours": gpu_hours, "wall_clock_hours": gpu_hours / gpus,
+                     "dollars": gpu_hours * g.price,
+                     "fits": memory["training"]["total"] <= FITS_FRACTION * g.memory_gb * 2**30})
+    report = {
+        "model": asdict(shape),
+        "horizon": asdict(horizon),
+        "flops": {"dense_6nd": 6 * shape.params * horizon.tokens,
+                  "attention": 12 * shape.layers * shape.hidden * horizon.seq_len * horizon.tokens,
+                  "total": flops, "per_token": per_token},
+        "mfu": mfu,
+        "num_gpus": gpus,
+        "memory": memory,
+        "gpus": rows,
+    }
+    if measured is not None:
+        report["run"] = _projection(measured, horizon, per_token, hardware if gpu else [], gpus)
+    return report
+
+
+def _horizon(shape: Shape, train: dict, tokens: int | None, steps: int | None,
+             own_steps: str | None) -> Horizon:
+    per_step = train["batch_size"] * train["seq_len"] * train["grad_accum"]
+    batch = {k: train[k] for k in ("batch_size", "seq_len", "grad_accum")}
+    if tokens is not None:
+        return Horizon(tokens, steps=None, basis="--tokens", **batch)
+    if steps is not None:
+        return Horizon(steps * per_step, steps=steps, basis="--steps", **batch)
+    if own_steps:  # a preset's or a run's own number of steps
+        return Horizon(train["steps"] * per_step, steps=train["steps"], basis=own_steps, **batch)
+    return Horizon(CHINCHILLA_TOKENS_PER_PARAM * shape.params, steps=None,
+                   basis=f"{CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter", **batch)
+
+
+def _memory(shape: Shape, horizon: Horizon) -> dict:
+    """Bytes per GPU for training (data parallel: every GPU holds it all) and for inference."""
+    s, b, d, h = horizon.seq_len, horizon.batch_size, shape.hidden, shape.heads
+    activations = shape.layers * s * b * (34 * d + 5 * h * s) + 4 * s * b * (d + shape.vocab)
+    training = {"weights": 4 * shape.params, "gradients": 4 * shape.params,
+                "adamw": 8 * shape.params, "activations": activations}
+    training["total"] = sum(training.values())
+    full_precision = shape.params - shape.ternary_params
+    return {"training": training,
+            "inference": {"fp16": 2 * shape.params,
+                          "ternary_packed": (shape.ternary_params + 3) // 4 + 2 * full_precision}}
+
+
+def training_bytes(model: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """What one training step of `batch_size` sequences holds at once, by the formula above."""
+    horizon = Horizon(0, batch_size, seq_len, 1, None, "")
+    return _memory(shape_of(model, "run"), horizon)["training"]["total"]
+
+
+def training_flops_per_token(shape: Shape, seq_len: int) -> int:
+    """6N for the weight matmuls forward and backward, 12·L·d·T for attention (see the top)."""
+    return 6 * shape.params + 12 * shape.layers * shape.hidden * seq_len
+
+
+def gpu_named(device_name: str) -> GPU | None:
+    """The table's entry for a name as torch.cuda.get_device_name gives it ("NVIDIA H100 80GB
+    HBM3", "NVIDIA A100-SXM4-40GB"), or None: the entry with the most of its name's parts in
+    it wins, then what a bare "H100" or "A100" usually means."""
+    key = _key(device_name)
+    scored = []
+    for g in GPUS:
+        parts = [_key(part) for part in g.name.split("-")]
+        if all(part in key for part in parts):
+            scored.append((sum(map(len, parts)), g))
+    if scored:
+        return max(scored, key=lambda pair: pair[0])[1]
+    alias = next((a for a in ALIASES if a in key), None)
+    return next(g for g in GPUS if g.name == ALIASES[alias]) if alias else None
+
+
+def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list[GPU],
+                gpus: int) -> dict:
+    """The rest of a run at the speed it has measured so far."""
+    rate = measured["tok_per_s"]
+    remaining = max(0, horizon.tokens - measured["tokens_done"])
+    projection = {**measured, "tokens_total": horizon.tokens, "tokens_remaining": remaining,
+                  "remaining_hours": remaining / rate / 3600 if rate else None}
+    on_gpu = (measured.get("device") or "").startswith("cuda")
+    if hardware and rate and on_gpu:  # a CPU's speed says nothing of a GPU's MFU or price
+        g = hardware[0]
+        projection["gpu"] = g.name
+        projection["measured_mfu"] = rate * per_token / (g.peak_tflops * 1e12 * gpus)
+        projection["remaining_dollars"] = projection["remaining_hours"] * gpus * g.price
+    return projection

@@ -1,0 +1,176 @@
+"""What a run looks like at a glance: the data behind `bitnet status`. No torch here, so status
+answers instantly even while a run trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bitnet_cli.config.settings import check_fields, model_config_from_dict, train_config_from_dict
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.store.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
+                               read_metrics_tail)
+from bitnet_cli.store.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_run_dirs, read_json,
+                             run_status)
+
+SPARK_LEVELS = "▁▂▃▄▅▆▇█"
+CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train": "object",
+                 "num_params": "count?", "headline": "text?", "argv": "texts?",
+                 "created_at": "text?"}
+STATE_FIELDS = {"status": "text?", "step": "count?", "total_steps": "count?", "pid": "pid?",
+                "host": "text?", "device": "text?", "error": "text?", "updated_at": "text?",
+                "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?",
+                "elapsed_s": "number?", "avg_tok_per_s": "number?"}
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict, str | None]:
+    """(config.json, state.json, None), each checked field by field; ({}, {}, why) when either
+    is damaged, so that one broken run never breaks the others' rows."""
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+        check_fields(config, CONFIG_FIELDS, run_dir / CONFIG_FILE)
+        model_config_from_dict(config["model"], run_dir / CONFIG_FILE)
+        train_config_from_dict(config["train"], run_dir / CONFIG_FILE)
+        try:
+            state = read_json(run_dir / STATE_FILE)
+        except FileNotFoundError:
+            state = {}
+        check_fields(state, STATE_FIELDS, run_dir / STATE_FILE)
+    except FileNotFoundError as e:
+        return {}, {}, f"{e.filename} is missing"
+    except OSError as e:
+        return {}, {}, f"cannot read {e.filename}: {e.strerror}"
+    except BitnetError as e:
+        return {}, {}, str(e)
+    return config, state, None
+
+
+def summarize(run_dir: Path) -> dict:
+    """One run's row: identity, progress, latest loss and eval metric, speed, ETA, status; a
+    run whose files are damaged is 'damaged', with the reason as its error."""
+    return _row(run_dir, *read_run(run_dir))
+
+
+def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
+    train = config.get("train", {})
+    rows = read_metrics_tail(run_dir / METRICS_FILE)
+    last_train = next((r for r in reversed(rows) if r.get("split") == "train"), {})
+    last_eval = next((r for r in reversed(rows) if r.get("split") == "eval"), {})
+    headline = config.get("headline", "loss")
+    status = "damaged" if problem else run_status(state, run_dir) if state else "unknown"
+    step = max(state.get("step") or 0, last_train.get("step") or 0)
+    total = state.get("total_steps") or train.get("steps")
+    tok_per_s = last_train.get("tok_per_s")
+    # The ETA goes by the session's average, evaluations and checkpoints included: the last
+    # interval's speed alone would promise too early an end.
+    pace = state.get("avg_tok_per_s") or tok_per_s
+    tokens_per_step = (train.get("batch_size") or 0) * (train.get("seq_len") or 0) * \
+        (train.get("grad_accum") or 1)
+    eta = None
+    if status == "running" and pace and pace > 0 and total:
+        eta = max(total - step, 0) * tokens_per_step / pace
+    return {
+        "run_id": run_dir.name,
+        "path": str(run_dir),
+        "experiment": config.get("experiment"),
+        "size": config.get("size"),
+        "quant": config.get("model", {}).get("quant"),
+        "params": config.get("num_params"),
+        "status": status,
+        "step": step,
+        "total_steps": total,
+        "loss": last_train.get("loss"),
+        "eval_metric": headline,
+        "eval_value": last_eval.get(headline),
+        "eval_loss": last_eval.get("loss"),
+        "eval_step": last_eval.get("step"),
+        "tok_per_s": tok_per_s,
+        "avg_tok_per_s": state.get("avg_tok_per_s"),
+        "elapsed_s": state.get("elapsed_s"),
+        "world_size": state.get("world_size", 1),
+        "eta_s": eta,
+        "updated_at": state.get("updated_at"),
+        "updated_unix": state.get("updated_unix"),
+        "device": state.get("device"),
+        "host": state.get("host"),
+        "pid": state.get("pid"),
+        "error": problem or state.get("error"),
+    }
+
+
+def summarize_all() -> list[dict]:
+    return [summarize(run_dir) for run_dir in list_run_dirs()]
+
+
+def detail(run_dir: Path, recent: int = 8) -> dict:
+    """Everything `bitnet status RUN` shows: the summary, the configuration, recent metrics,
+    the checkpoints on disk and a sparkline of the training loss."""
+    rows = read_metrics(run_dir / METRICS_FILE)
+    train_rows = [r for r in rows if r.get("split") == "train"]
+    eval_rows = [r for r in rows if r.get("split") == "eval"]
+    ternary_rows = [r for r in rows if r.get("split") == TERNARY_SPLIT]
+    config, state, problem = read_run(run_dir)
+    return {
+        **_row(run_dir, config, state, problem),
+        "model": config.get("model", {}),
+        "train": config.get("train", {}),
+        "argv": config.get("argv"),
+        "created_at": config.get("created_at"),
+        "recent_train": train_rows[-recent:],
+        "recent_eval": eval_rows[-recent:],
+        "recent_ternary": [{key: r[key] for key in ("step", "flips_since", *TERNARY_METRICS)
+                            if key in r} for r in ternary_rows[-recent:]],
+        "ternary_layers": _layers(ternary_rows[-1]) if ternary_rows else {},
+        "checkpoints": checkpoints(run_dir),
+        "loss_sparkline": sparkline([r["loss"] for r in train_rows if "loss" in r]),
+    }
+
+
+def _layers(row: dict) -> dict[str, dict]:
+    """A ternary row's per-layer metrics as {layer: {metric: value}}, in the model's order."""
+    layers: dict[str, dict] = {}
+    for metric in TERNARY_METRICS:
+        for layer, value in per_layer(row, metric).items():
+            layers.setdefault(layer, {})[metric] = value
+    return layers
+
+
+def checkpoints(run_dir: Path) -> list[dict]:
+    folder = run_dir / "checkpoints"
+    try:
+        latest = (folder / "latest").read_text(errors="replace").strip()
+    except OSError:
+        latest = None
+    found = []
+    for path in sorted(folder.glob("step_*")) if folder.is_dir() else []:
+        if not path.is_dir() or path.is_symlink() or path.name.endswith(".partial"):
+            continue
+        try:
+            trainer = read_json(path / "trainer.json")
+        except (OSError, BitnetError):
+            trainer = {}
+        step, saved_at = trainer.get("step"), trainer.get("saved_at")
+        found.append({
+            "name": path.name,
+            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+            "saved_at": saved_at if isinstance(saved_at, str) else None,
+            "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+            "latest": path.name == latest,
+            "complete": all((path / f).is_file() for f in
+                            ("model.safetensors", "optim.safetensors", "trainer.json")),
+        })
+    return found
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """The values squeezed into `width` block characters (each the mean of its bucket)."""
+    values = [v for v in values if isinstance(v, (int, float)) and v == v]
+    if not values:
+        return ""
+    buckets = min(width, len(values))
+    means = []
+    for i in range(buckets):
+        chunk = values[i * len(values) // buckets:(i + 1) * len(values) // buckets]
+        means.append(sum(chunk) / len(chunk))
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    return "".join(SPARK_LEVELS[int((v - low) / span * (len(SPARK_LEVELS) - 1))] for v in means)

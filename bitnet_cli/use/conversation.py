@@ -1,0 +1,206 @@
+"""A conversation with a trained model: prompt formatting per experiment, history kept within
+the context window, and replies streamed as text as the tokens are made. No Rich, no argv."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.config.settings import MAX_SEED
+from bitnet_cli.use.cpu import decode_threads
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.tasks import load_experiment
+from bitnet_cli.use.loading import LoadedModel
+from bitnet_cli.nn.model import generate
+
+
+MIN_TEMPERATURE = 1e-3  # anything lower is greedy in effect, and can overflow logits / temperature
+TEMPERATURE_RULE = f"0 (greedy) or a number from {MIN_TEMPERATURE} up"
+
+
+def valid_temperature(value: float) -> bool:
+    return value == 0 or MIN_TEMPERATURE <= value < math.inf
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 256
+
+    def validate(self, vocab_size: int) -> None:
+        if not valid_temperature(self.temperature):
+            raise BitnetError(f"--temperature must be {TEMPERATURE_RULE}, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise BitnetError(f"--top-k must be a whole number from 1 to {vocab_size:,} (the "
+                              f"model's vocabulary), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BitnetError(f"--top-p must be above 0 and at most 1, got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise BitnetError(f"--max-new-tokens must be a positive whole number, got {self.max_new_tokens}")
+
+
+@dataclass
+class ReplyStats:
+    tokens: int = 0  # of the reply, a stop token not counted
+    made: int = 0  # tokens the model made, a stop token counted
+    seconds: float = 0.0
+    first_token_s: float = 0.0  # from the reply's start to its first token: the prompt's pass
+    threads: int = 0
+    stopped: str = ""  # "stop token", "length", "context" or "interrupted"
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The decoding speed: tokens after the first, over the time after the first (0 when
+        there was only one)."""
+        decoding = self.seconds - self.first_token_s
+        return (self.made - 1) / decoding if self.made > 1 and decoding > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    loaded: LoadedModel
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    compile: bool = False  # decode through a compiled one-token step (compiled.DecodeStep)
+    notice: Callable[[str], None] = lambda line: None
+
+    def __post_init__(self):
+        self.sampling.validate(self.loaded.config.vocab_size)
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise BitnetError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, "
+                              f"got {self.seed}")
+        self.task = load_experiment(self.loaded.experiment)
+        self.tokenizer = self.loaded.tokenizer
+        self.context = self.loaded.config.max_position_embeddings
+        self.turns: list[list[int]] = []  # each earlier prompt with its reply, oldest first
+        self.generator: torch.Generator | None = None  # see sampler()
+        self.last = ReplyStats()
+        model = self.loaded.model
+        on_cpu = model is not None and model.rope_cos.device.type == "cpu"
+        # Threads follow the idle cores reply by reply; a compiled step keeps the count it was
+        # compiled with (its kernels are built for it), so that is chosen once, here.
+        self.most_threads = torch.get_num_threads() if on_cpu and not self.compile else 0
+        if on_cpu and self.compile:
+            torch.set_num_threads(decode_threads(torch.get_num_threads()))
+        self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
+        if self.compile and self.step is not None:
+            self.step.warm_up()
+
+    @property
+    def keeps_history(self) -> bool:
+        """Text models continue the whole conversation; a problem solver answers each alone."""
+        return not hasattr(self.task, "chat_prompt")
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def recent_history(self, prompt_len: int) -> list[int]:
+        """The most recent whole turns that fit beside the prompt, leaving a reply room of a
+        quarter of the context (or max_new_tokens, if smaller); the reply may use what is left."""
+        room = self.context - prompt_len - min(self.sampling.max_new_tokens, self.context // 4)
+        kept: list[int] = []
+        for turn in reversed(self.turns):
+            if len(kept) + len(turn) > room:
+                break
+            kept = turn + kept
+        return kept
+
+    def encode_prompt(self, text: str) -> list[int]:
+        model_text = self.task.chat_prompt(text) if hasattr(self.task, "chat_prompt") else text
+        ids = self.tokenizer.encode(model_text).ids
+        if not ids:
+            raise BitnetError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise BitnetError(f"the prompt is {len(ids)} tokens, but this model reads at most "
+                              f"{self.context}; shorten it")
+        return ids
+
+    def sampler(self) -> torch.Generator | None:
+        """The seeded generator of every reply's sampling, on the model's device, where the
+        logits are drawn from (None without --seed: fresh randomness)."""
+        if self.generator is None and self.seed is not None:
+            device = self.loaded.model.rope_cos.device
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Yield the reply as text pieces while it is generated. Stop it by closing the
+        generator (KeyboardInterrupt in the caller does that); what was said stays in history."""
+        turn = self.encode_prompt(text)
+        prompt = self.recent_history(len(turn)) + turn if self.keeps_history else turn
+        max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
+        stop_ids = tuple(self.task.stop_ids(self.tokenizer))
+        new: list[int] = []
+        text = IncrementalText(self.tokenizer)
+        self.last = ReplyStats(stopped="length")
+        if self.most_threads:
+            torch.set_num_threads(decode_threads(self.most_threads))
+        if self.loaded.model is not None and self.loaded.model.rope_cos.device.type == "cpu":
+            self.last.threads = torch.get_num_threads()
+        start = time.perf_counter()
+        try:
+            for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,
+                                  self.sampling.top_k, self.sampling.top_p, stop_ids,
+                                  generator=self.sampler(), step=self.step):
+                self.last.made += 1
+                if self.last.made == 1:
+                    self.last.first_token_s = time.perf_counter() - start
+                if token in stop_ids:
+                    self.last.stopped = "stop token"
+                    break
+                new.append(token)
+                if hasattr(self.task, "chat_reply"):
+                    continue  # a formatted answer is only shown whole
+                piece = text.add(token)
+                if piece:
+                    yield piece
+            else:
+                if len(prompt) + len(new) >= self.context:
+                    self.last.stopped = "context"
+        except GeneratorExit:
+            self.last.stopped = "interrupted"
+            raise
+        finally:
+            self.last.tokens = len(new)
+            self.last.seconds = time.perf_counter() - start
+            if self.keeps_history:
+                self.turns.append(turn + new)
+        if hasattr(self.task, "chat_reply"):
+            yield self.task.chat_reply(self.tokenizer.decode(new))
+        elif rest := text.rest():
+            yield rest
+
+
+class IncrementalText:
+    """A reply's text as its tokens arrive, decoding only the tokens since the last whole
+    piece instead of the whole reply at every token. A token that ends inside a UTF-8
+    character (byte-level BPE splits them) is held back until the character is whole."""
+
+    TAIL = 8  # tokens decoded again with each new one, so that joins decode as they would whole
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []  # since `start`, the last tokens already shown among them
+        self.shown = 0  # characters of decode(self.tokens) already given out
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        if len(self.tokens) > 2 * self.TAIL:  # keep a short tail: decode cost stays flat
+            kept = self.tokens[-self.TAIL:]
+            self.tokens, self.shown = kept, len(self.tokenizer.decode(kept))
+        return piece
+
+    def rest(self) -> str:
+        """What is left at the end: a held-back partial character, as the tokenizer shows it."""
+        return self.tokenizer.decode(self.tokens)[self.shown:]

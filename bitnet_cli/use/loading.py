@@ -1,0 +1,101 @@
+"""Loading a trained model for use: from a run (id, prefix, 'latest', folder) or from a
+checkpoint folder alone, which holds everything needed (weights, model config, tokenizer).
+
+Two engines run it: `float`, the training maths in floating point (quantize, then multiply
+floats), and `int8`, the same maths with integer matmuls (bitnet_cli/int8.py), the default on
+CPU where it is several times faster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from bitnet_cli.store.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors, newest_loadable,
+                                   read_checkpoint)
+from bitnet_cli.config.settings import ModelConfig, model_config_from_dict
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
+from bitnet_cli.nn.model import BitNetForCausalLM
+from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
+from bitnet_cli.store.selector import matching_runs, written_as_path
+
+
+@dataclass
+class LoadedModel:
+    model: BitNetForCausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    experiment: str
+    checkpoint: Path
+    step: int
+    engine: str = "float"  # the engine that runs it
+    engine_note: str | None = None  # why it is not the engine asked for
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be read
+
+    @property
+    def notes(self) -> list[str]:
+        """What to tell the user before using the model: skipped checkpoints, a fallback."""
+        return self.skipped + ([self.engine_note] if self.engine_note else [])
+
+
+def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
+    """The checkpoint a RUN|CKPT argument names, read back whole, and why newer ones of its
+    run were skipped."""
+    path = Path(selector).expanduser()
+    # A checkpoint folder holds the weights and never a config.json (an export holds both).
+    if (written_as_path(selector) and (path / MODEL_FILE).is_file()
+            and not (path / CONFIG_FILE).exists()):
+        return path, read_checkpoint(path, with_optimizer=False), []
+    # 'latest' or a prefix: the newest run that has a checkpoint (one just started has none).
+    candidates = matching_runs(selector)
+    for run_dir in reversed(candidates):
+        found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
+        if found is not None:
+            return found, contents, skipped
+    which = (f"run {candidates[0].name} has no checkpoint" if len(candidates) == 1 else
+             f"none of the {len(candidates)} runs {selector!r} names has a checkpoint")
+    raise BitnetError(f"{which} yet; wait for a first save or train it further")
+
+
+def load_model(selector: str, device: str | torch.device = "cpu",
+               engine: str | None = None, head: str = "float16") -> LoadedModel:
+    """The model a RUN|CKPT selector names, on `device`, run by `engine` ("int8" or "float";
+    None picks int8 on CPU and float elsewhere, where bf16 autocast already has fast kernels),
+    the int8 engine with its output layer in `head` precision (int8.HEADS)."""
+    device = torch.device(device)
+    if engine is None:
+        engine = "int8" if device.type == "cpu" else "float"
+    if engine not in ENGINES:
+        raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if head not in HEADS:
+        raise BitnetError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head != "float16" and engine != "int8":
+        raise BitnetError(f"--head {head} is the int8 engine's option; the {engine} engine "
+                          "keeps the trained float32 output layer")
+    # Every file of the checkpoint, its tokenizer.json included, is checked there.
+    checkpoint, (tensors, _, trainer), skipped = find_checkpoint(selector)
+    tokenizer_path = checkpoint / TOKENIZER_FILE
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    config = model_config_from_dict(trainer["model"], checkpoint / TRAINER_FILE)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise BitnetError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens, more than "
+                          f"the model's {config.vocab_size}; it is not this model's tokenizer")
+    # A model config far bigger than its tensors is damaged: say so before allocating it.
+    if config.num_params() > sum(t.numel() for t in tensors.values()):
+        raise BitnetError(f"checkpoint {checkpoint} does not fit its trainer.json: the model "
+                          f"config has {config.num_params():,} parameters, the tensors fewer")
+    model = BitNetForCausalLM(config)
+    load_model_tensors(model, tensors)
+    model.to(device).eval()
+    note = None
+    if engine == "int8":
+        note = to_int8(model, head)
+        if note is not None:
+            engine, note = "float", f"int8 engine not used: {note}"
+    return LoadedModel(model=model, tokenizer=tokenizer,
+                       config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
+                       step=trainer.get("step", 0), engine=engine, engine_note=note,
+                       skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])
