@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitnet_cli.cli import app
-from bitnet_cli.tasks import tictactoe
+from bitnet_cli.use import loading
 from bitnet_cli.tasks.tictactoe_rules import legal_moves, replay
 from tests.cli import home_at, runner
 
@@ -98,7 +98,7 @@ def test_a_huge_number_typed_into_play_is_asked_again(model, monkeypatch):
             return [legal_moves(replay(moves))[0] for moves in lines], None
 
     loaded = SimpleNamespace(notes=[], checkpoint="ttt", step=1, engine="float")
-    monkeypatch.setattr(tictactoe, "load_player",
+    monkeypatch.setattr(loading, "load_player",
                         lambda selector, engine=None, device="auto": (FirstFreeCell(), loaded))
     result = run(model, "play", "ttt", input="9" * 5000 + "\n99999999999999999999\nq\n", code=0)
     assert "there is no cell 9999...: cells are numbered 1-9" in result.stdout

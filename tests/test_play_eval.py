@@ -12,7 +12,8 @@ from bitnet_cli.store.checkpoint import step_dir_name
 from bitnet_cli.cli import app
 from bitnet_cli.config.settings import build_configs
 from bitnet_cli.tasks import load_experiment
-from bitnet_cli.tasks.tictactoe import CELLS, ModelPlayer, load_player, play_matches
+from bitnet_cli.tasks.tictactoe import CELLS, ModelPlayer, play_matches
+from bitnet_cli.use.loading import load_player
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.tasks.tictactoe_rules import DRAW, START, best_moves, legal_moves, place, replay, result, to_move
 from tests.cli import TmuxPane, home_at, runner

@@ -1,134 +1,16 @@
-"""The `bitnet` command: thin Typer commands that parse, call one core function, and render.
+"""The `bitnet` command: thin Typer commands that parse, call one core function, and render,
+grouped as the help shows them (train_commands, watch_commands, runs_commands, chat_command,
+play_commands, cost_command, ship_commands; app.py is what they share). May import every
+folder; nothing imports it. No torch at import, so `bitnet --help`, `status`, `plot` and `cost`
+answer instantly; commands that need torch import the core inside their function body."""
 
-Nothing here imports torch at module level, so `bitnet --help`, `status`, `plot` and `cost`
-answer instantly; commands that need torch import the core inside their function body.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import functools
 import inspect
-import os
-import sys
-from pathlib import Path
-from typing import Optional
 
-import typer
-
-from bitnet_cli import __version__
-from bitnet_cli.errors import BitnetError, Reported
-
-app = typer.Typer(
-    name="bitnet",
-    help="Train BitNet b1.58 language models (ternary weights, 8-bit activations) from scratch, "
-         "watch them train, talk to them, and ship them.",
-    no_args_is_help=True,
-    add_completion=True,  # --install-completion: bash, zsh, fish, PowerShell
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-# The selector rule (selector.py): a bare word is looked up in the runs folder only, never in
-# the current directory; a path must be written as one.
-RUN_HELP = ("A run id, a unique prefix of one, or 'latest', looked up in the runs folder; or a "
-            "path to a run folder, written with a slash (./NAME, ~/x/NAME).")
-MODEL_HELP = ("A run id, a unique prefix of one, or 'latest' (the newest run with a checkpoint), "
-              "looked up in the runs folder; or a path to a run or checkpoint folder, written "
-              "with a slash (./NAME).")
-DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
-ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
-               "default on CPU). float: the training maths in floating point (the default on "
-               "GPUs). Same quantization, same greedy tokens.")
-
-
-def flag(*names: str, help: str, default: bool | None = False, **options):
-    """A switch: it takes no value, so the help shows no `<bool>` placeholder for one."""
-    return typer.Option(default, *names, help=help, metavar="", **options)
-
-
-def complete_run(incomplete: str) -> list[str]:
-    """Shell completion of a run argument: 'latest' and the run ids that start as typed."""
-    from bitnet_cli.store.runs import list_run_dirs
-    try:
-        names = ["latest", *(run.name for run in reversed(list_run_dirs()))]
-    except BitnetError:  # no usable runs folder: nothing to offer
-        return []
-    return [name for name in names if name.startswith(incomplete)]
-
-
-def line_editing() -> None:
-    """Arrow keys, line editing and the session's history for input() in a terminal, where
-    Python has readline (not on Windows: there the console does it)."""
-    if sys.stdin.isatty():
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (importing it is what turns it on)
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def friendly(command):
-    """Turn the core's BitnetError into one line on stderr and exit 1; Ctrl-C into exit 130."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except Reported:
-            raise typer.Exit(1) from None
-        except BitnetError as e:
-            fail(str(e))
-        except OSError as e:  # the machine, not bitnet: a full disk, a permission, a lost mount
-            where = f" ({e.filename})" if e.filename else ""
-            fail(f"{e.strerror or e}{where}; nothing half-written was left behind")
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"bitnet {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    home: Optional[Path] = typer.Option(
-        None, "--home", help="Folder that holds runs (default: the platform's user data folder; "
-                             "the BITNET_HOME environment variable also sets it).",
-        show_default=False),
-    version: bool = flag("--version", callback=_version, is_eager=True,
-                         help="Print the version and exit."),
-) -> None:
-    if home is not None:
-        os.environ["BITNET_HOME"] = str(home)
-
-
-def unwrap_help(text: str) -> str:
-    """The help as Rich should wrap it: docstrings are wrapped in the source, and Typer keeps
-    their line breaks, which re-wrap raggedly in a narrower terminal. Each paragraph becomes one
-    line; indented lines (examples, lists) keep their own."""
-    lines = inspect.cleandoc(text).splitlines()
-    out: list[str] = []
-    for line in lines:
-        joins = out and out[-1] and line and not line[0].isspace() and not out[-1][0].isspace()
-        if joins:
-            out[-1] += " " + line
-        else:
-            out.append(line)
-    return "\n".join(out)
-
+from bitnet_cli.cli.app import app, unwrap_help
 
 # Importing the command modules registers them, in the order the help lists their panels.
-from bitnet_cli.cli import (train_commands, watch_commands, runs_commands, chat_command,  # noqa: E402,F401,I001
-                            play_commands, cost_command, ship_commands)
+from bitnet_cli.cli import (train_commands, watch_commands, runs_commands,  # noqa: F401,I001
+                            chat_command, play_commands, cost_command, ship_commands)
 
 for _command in [*app.registered_commands,
                  *(c for group in app.registered_groups for c in group.typer_instance.registered_commands)]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import (DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
+from bitnet_cli.cli.app import (DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
                             friendly, line_editing)
 from bitnet_cli.errors import BitnetError
 COMMANDS = """/help      this list
@@ -64,7 +64,7 @@ def chat(
     from bitnet_cli.tasks import load_experiment
     from bitnet_cli.tasks.problems import ProblemTask
     from bitnet_cli.use.loading import load_model
-    from bitnet_cli.training.setup import resolve_device
+    from bitnet_cli.nn.devices import resolve_device
 
     loaded = load_model(model, resolve_device(device), engine, head)
     for note in loaded.notes:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag, friendly
+from bitnet_cli.cli.app import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 @app.command(rich_help_panel="Using a model")

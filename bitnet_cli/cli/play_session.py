@@ -8,7 +8,7 @@ the end of input (Ctrl-D) ends the session cleanly.
 from __future__ import annotations
 
 from bitnet_cli import ui
-from bitnet_cli.cli import line_editing
+from bitnet_cli.cli.app import line_editing
 from bitnet_cli.ui.charts import board_text
 from bitnet_cli.tasks.tictactoe_rules import DRAW, START, IllegalMove, parse_move, place, result, to_move
 
@@ -18,7 +18,7 @@ QUIT = ("q", "quit", "exit")
 def play_session(selector: str, person: str, console=ui.stdout, engine: str | None = None,
                  device: str = "auto") -> None:
     """Games until the person declines another, quits, or input ends. `person` is "X" or "O"."""
-    from bitnet_cli.tasks.tictactoe import load_player
+    from bitnet_cli.use.loading import load_player
 
     player, loaded = load_player(selector, engine, device)
     for note in loaded.notes:

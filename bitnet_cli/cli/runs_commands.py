@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from bitnet_cli.cli import app, complete_run, flag, friendly
+from bitnet_cli.cli.app import app, complete_run, flag, friendly
 
 runs_app = typer.Typer(help="List or remove runs (the folders under the runs folder).",
                        no_args_is_help=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from bitnet_cli.cli import MODEL_HELP, app, complete_run, flag, friendly
+from bitnet_cli.cli.app import MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 
@@ -73,7 +73,7 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
     from bitnet_cli.ui.bench_tables import bench_report
     from bitnet_cli.bench import run_all
     from bitnet_cli.store.files import to_json
-    from bitnet_cli.training.setup import resolve_device
+    from bitnet_cli.nn.devices import resolve_device
 
     if device not in ("cpu", "cuda"):
         raise BitnetError(f"--device must be cpu or cuda, not {device!r}")

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from bitnet_cli.cli import RUN_HELP, app, complete_run, flag, friendly
+from bitnet_cli.cli.app import RUN_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 

@@ -22,11 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks.problems import IGNORE, char_tokenizer
 from bitnet_cli.tasks.rows import RowStream
-from bitnet_cli.use.loading import load_model
-from bitnet_cli.training.setup import resolve_device
 from bitnet_cli.tasks.tictactoe_rules import (DRAW, START, legal_moves, noisy_player, perfect_player, place,
                                   play_game, random_player, replay, result, to_move)
 
@@ -162,17 +159,6 @@ class ModelPlayer:
         choice = logits[:, self.cells].masked_fill(~legal, float("-inf")).argmax(-1)
         top_legal = logits.argmax(-1) == self.cells[choice]
         return (choice + 1).tolist(), top_legal.tolist()
-
-
-def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
-    """A ModelPlayer for the model of a run or checkpoint folder, on `device` (auto, cpu, cuda,
-    mps), and the loaded model itself."""
-    where = resolve_device(device)
-    loaded = load_model(selector, where, engine)
-    if loaded.experiment != "tictactoe":
-        raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
-                          f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")
-    return ModelPlayer(loaded.model, loaded.tokenizer, where), loaded
 
 
 def play_matches(player: ModelPlayer, games: int, seed: int) -> dict:

@@ -33,8 +33,8 @@ from bitnet_cli.training.health import TernaryHealth
 from bitnet_cli.store.metrics import MetricsLog, MetricsWriter, TensorBoardWriter, truncate_metrics
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.training.optim import apply_schedule, build_optimizer
-from bitnet_cli.training.setup import (autocast_for, check_memory, prepare_task, read_run_config,
-                                  resolve_device, run_tokenizer)
+from bitnet_cli.nn.devices import autocast_for, resolve_device
+from bitnet_cli.training.setup import check_memory, prepare_task, read_run_config, run_tokenizer
 from bitnet_cli.store.runs import METRICS_FILE, TOKENIZER_FILE, StateFile, now_iso, run_lock
 
 MAX_NONFINITE_STEPS = 20  # skipped steps in a row before a run is called diverged

@@ -5,7 +5,6 @@ no argv; train.py runs what this sets up.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import platform
 from pathlib import Path
@@ -16,39 +15,16 @@ from tokenizers import Tokenizer
 from bitnet_cli import __version__
 from bitnet_cli.training import dist
 from bitnet_cli.store.checkpoint import newest_loadable
-from bitnet_cli.config.settings import (DEVICES, build_configs, format_count, model_config_from_dict, to_dict,
+from bitnet_cli.config.settings import (build_configs, format_count, model_config_from_dict, to_dict,
                                train_config_from_dict)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
+from bitnet_cli.nn.devices import resolve_device
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in DEVICES:
-        raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU was found"
-        raise BitnetError(f"--device cuda is not available here ({why}); use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BitnetError("--device mps is not available here (no Apple GPU); use --device cpu or auto")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; full float32 elsewhere (CPU bf16 is slow, MPS bf16 is patchy)."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def prepare_task(task, cfg, progress=None) -> None:

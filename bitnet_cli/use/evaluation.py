@@ -14,7 +14,8 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.store.runs import CONFIG_FILE
-from bitnet_cli.training.setup import autocast_for, read_run_config, resolve_device
+from bitnet_cli.nn.devices import autocast_for, resolve_device
+from bitnet_cli.training.setup import read_run_config
 
 
 def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:

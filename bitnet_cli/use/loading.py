@@ -21,6 +21,8 @@ from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
 from bitnet_cli.store.selector import matching_runs, written_as_path
+from bitnet_cli.nn.devices import resolve_device
+from bitnet_cli.tasks.tictactoe import ModelPlayer
 
 
 @dataclass
@@ -99,3 +101,14 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])
+
+
+def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
+    """A ModelPlayer for the model of a run or checkpoint folder, on `device` (auto, cpu, cuda,
+    mps), and the loaded model itself."""
+    where = resolve_device(device)
+    loaded = load_model(selector, where, engine)
+    if loaded.experiment != "tictactoe":
+        raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
+                          f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")
+    return ModelPlayer(loaded.model, loaded.tokenizer, where), loaded
