@@ -56,7 +56,7 @@ def copy_at_step_10(reference, home, name):
 # N-th file operation of its step-20 save. CRASH_AT=0 counts the operations instead.
 CHILD = r"""
 import os, pathlib, shutil, sys, tempfile
-import bitnet_cli.store.checkpoint as ckpt, bitnet_cli.training.loop as train
+import bitnet_cli.store.checkpoint as ckpt, bitnet_cli.training.session as train
 crash_at, ops, active = int(sys.argv[1]), [], [False]
 def counted(name, fn):
     def op(*args, **kwargs):
