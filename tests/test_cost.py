@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bitnet_cli.cli import app
-from bitnet_cli.report.cost import GPUS
+from bitnet_cli.report.gpus import GPUS
 from tests.cli import runner
 
 

@@ -17,7 +17,8 @@ from bitnet_cli.store.checkpoint import save_checkpoint
 from bitnet_cli.config.settings import ModelConfig, to_dict
 from bitnet_cli.data.shards import EOT, train_tokenizer
 from bitnet_cli.tasks import load_experiment
-from bitnet_cli.use.export import PROJECTIONS, linear_weight_bytes
+from bitnet_cli.use.export import linear_weight_bytes
+from bitnet_cli.use.loading import PROJECTIONS
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from bitnet_cli.data.stories import story

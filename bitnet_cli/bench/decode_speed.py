@@ -109,7 +109,7 @@ def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
     from pathlib import Path
 
     from bitnet_cli.tasks import load_experiment
-    from bitnet_cli.use.export import GGUF_FILE, write_gguf
+    from bitnet_cli.use.gguf_writer import GGUF_FILE, write_gguf
     from bitnet_cli.use.loading import LoadedModel
 
     threads = torch.get_num_threads()

@@ -89,7 +89,8 @@ def _step_times(model, compiled: bool, ids: torch.Tensor, device: str) -> list[f
 def _mfu(experiment: str, size: str, seq_len: int, compiled: dict) -> dict:
     """Model FLOPs utilization of the compiled steps: FLOPs per token as `bitnet cost` counts
     them, over the bf16 peak of this GPU in cost's table (None for a GPU not in it)."""
-    from bitnet_cli.report.cost import gpu_named, shape_of, training_flops_per_token
+    from bitnet_cli.report.cost import shape_of, training_flops_per_token
+    from bitnet_cli.report.gpus import gpu_named
     name = torch.cuda.get_device_name()
     gpu = gpu_named(name)
     with torch.device("meta"):

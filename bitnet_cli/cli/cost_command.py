@@ -7,8 +7,9 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli.app import RUN_HELP, app, flag, friendly
-from bitnet_cli.config.settings import format_count
-from bitnet_cli.report.cost import DEFAULT_MFU, GPUS, estimate, preset_names
+from bitnet_cli.config.numbers import format_count
+from bitnet_cli.report.cost import DEFAULT_MFU, estimate, preset_names
+from bitnet_cli.report.gpus import GPUS
 from bitnet_cli.store.files import to_json
 
 

@@ -34,7 +34,8 @@ def export(
 
     OUT is written whole or not at all, and never over existing files.
     """
-    from bitnet_cli.use.export import GGUF_FILE, export_model
+    from bitnet_cli.use.export import export_model
+    from bitnet_cli.use.gguf_writer import GGUF_FILE
 
     written, notes = export_model(model, format, out)
     for note in notes:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli.app import DEVICE_HELP, app, flag, friendly
-from bitnet_cli.config.settings import COMPILE_MIN_STEPS, format_count
+from bitnet_cli.config.settings import COMPILE_MIN_STEPS
+from bitnet_cli.config.numbers import format_count
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError

@@ -1,4 +1,4 @@
-"""What a model and a training run are made of, the built-in presets, and size parsing.
+"""What a model and a training run are made of, checked field by field, and read back from JSON.
 
 Plain dataclasses and dicts only: `status`, `plot`, `cost` and `--help` read this module, so it
 must never import torch.
@@ -7,13 +7,13 @@ must never import torch.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.config.numbers import check_whole, real, show, whole
 from bitnet_cli.config.presets import PRESETS, check_experiment
+from bitnet_cli.errors import BitnetError
 
 QUANT_MODES = ("ternary", "none")
 # The FFN's gate: relu2 is relu(gate)^2 * up (BitNet b1.58 2B4T); silu is silu(gate) * up, what
@@ -56,19 +56,19 @@ class ModelConfig:
                  "intermediate_size": (self.intermediate_size, 1, 2**18),
                  "max_position_embeddings": (self.max_position_embeddings, 1, 2**20)}
         for name, (value, low, high) in shape.items():
-            _check_whole(name, value, low, high)
+            check_whole(name, value, low, high)
         for name, value in (("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps),
                             ("initializer_range", self.initializer_range)):
-            if not _real(value) or value < 0 or (value == 0 and name != "initializer_range"):
-                raise BitnetError(f"{name} must be a positive finite number, got {_show(value)}")
+            if not real(value) or value < 0 or (value == 0 and name != "initializer_range"):
+                raise BitnetError(f"{name} must be a positive finite number, got {show(value)}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise BitnetError(f"tie_word_embeddings must be true or false, got "
-                              f"{_show(self.tie_word_embeddings)}")
+                              f"{show(self.tie_word_embeddings)}")
         if self.quant not in QUANT_MODES:
-            raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {_show(self.quant)}")
+            raise BitnetError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {show(self.quant)}")
         if self.activation not in ACTIVATIONS:
             raise BitnetError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got "
-                              f"{_show(self.activation)}")
+                              f"{show(self.activation)}")
         if self.hidden_size % self.num_attention_heads:
             raise BitnetError(
                 f"hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
@@ -124,8 +124,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not isinstance(self.experiment, str) or not isinstance(self.size, str):
-            raise BitnetError(f"experiment and size must be names, got {_show(self.experiment)} "
-                              f"and {_show(self.size)}")
+            raise BitnetError(f"experiment and size must be names, got {show(self.experiment)} "
+                              f"and {show(self.size)}")
         preset = check_experiment(self.experiment)
         counts = {
             "--steps": (self.steps, 1, MAX_STEPS),
@@ -140,40 +140,40 @@ class TrainConfig:
             "keep_checkpoints": (self.keep_checkpoints, 0, 10**6),
         }
         for flag, (value, low, high) in counts.items():
-            _check_whole(flag, value, low, high)
+            check_whole(flag, value, low, high)
         shortest = preset["min_seq_len"]
         if self.seq_len < shortest:
             raise BitnetError(f"--seq-len must be at least {shortest} for {self.experiment} (its "
                               f"examples need that much context), got {self.seq_len}")
         if self.vocab_size is not None:
-            _check_whole("--vocab-size", self.vocab_size, 257, 2**20)
+            check_whole("--vocab-size", self.vocab_size, 257, 2**20)
         for flag, value, low in (("--lr", self.lr, 0), ("grad_clip", self.grad_clip, 0)):
-            if not _real(value) or value <= low:
-                raise BitnetError(f"{flag} must be a positive finite number, got {_show(value)}")
-        if not _real(self.weight_decay) or self.weight_decay < 0:
+            if not real(value) or value <= low:
+                raise BitnetError(f"{flag} must be a positive finite number, got {show(value)}")
+        if not real(self.weight_decay) or self.weight_decay < 0:
             raise BitnetError(f"weight_decay must be a finite number of 0 or more, got "
-                              f"{_show(self.weight_decay)}")
+                              f"{show(self.weight_decay)}")
         if not (isinstance(self.extended_at, list) and all(
                 isinstance(m, int) and not isinstance(m, bool) and 0 < m < self.steps
                 for m in self.extended_at) and self.extended_at == sorted(set(self.extended_at))):
             raise BitnetError(f"extended_at must be rising step numbers below --steps, got "
-                              f"{_show(self.extended_at)}")
+                              f"{show(self.extended_at)}")
         if self.device not in DEVICES:
-            raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {_show(self.device)}")
+            raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {show(self.device)}")
         if self.compile is not None and not isinstance(self.compile, bool):
-            raise BitnetError(f"compile must be true, false or null, got {_show(self.compile)}")
+            raise BitnetError(f"compile must be true, false or null, got {show(self.compile)}")
         if not isinstance(self.tensorboard, bool):
-            raise BitnetError(f"tensorboard must be true or false, got {_show(self.tensorboard)}")
+            raise BitnetError(f"tensorboard must be true or false, got {show(self.tensorboard)}")
         if self.data is not None and not isinstance(self.data, str):
-            raise BitnetError(f"--data must be a path, got {_show(self.data)}")
+            raise BitnetError(f"--data must be a path, got {show(self.data)}")
         if self.name is not None:
             if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*",
                                                                   self.name):
-                raise BitnetError(f"--name {_show(self.name)} may only use letters, digits, '.', "
+                raise BitnetError(f"--name {show(self.name)} may only use letters, digits, '.', "
                                   "'_' and '-', and must start with a letter or digit")
             if len(self.name) > MAX_NAME or self.name in RESERVED_NAMES:
                 raise BitnetError(f"--name must be at most {MAX_NAME} characters and not "
-                                  f"{' or '.join(map(repr, RESERVED_NAMES))}, got {_show(self.name)}")
+                                  f"{' or '.join(map(repr, RESERVED_NAMES))}, got {show(self.name)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -212,30 +212,6 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
     return model, train
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT]?)\s*$")
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'95M' -> 95_000_000, '1.3B' -> 1_300_000_000, '500k' -> 500_000, '1234' -> 1234."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise BitnetError(f"cannot read {text!r} as a size; write a number with an optional "
-                          "k, M, B or T suffix, like 500k, 95M or 1.3B")
-    value = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
-    if value <= 0:
-        raise BitnetError(f"size must be positive, got {text!r}")
-    return int(round(value))
-
-
-def format_count(n: float) -> str:
-    """12_345_678 -> '12.3M'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
@@ -258,7 +234,7 @@ def _from_dict(cls, data, source):
     """A validated `cls` from a JSON object read from `source`; any fault names `source`."""
     label = cls.__name__.removesuffix("Config").lower()
     if not isinstance(data, dict):
-        raise BitnetError(f"{source} is damaged: its {label} settings are {_show(data)}, "
+        raise BitnetError(f"{source} is damaged: its {label} settings are {show(data)}, "
                           f"not a JSON object; {RESTORE}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     missing = [name for name, f in fields.items() if name not in data
@@ -276,8 +252,8 @@ def _from_dict(cls, data, source):
 
 # The kinds of value check_fields knows; a trailing '?' also allows absent or null.
 FIELD_KINDS = {
-    "count": (lambda v: _whole(v) and v >= 0, "a whole number of 0 or more"),
-    "pid": (lambda v: _whole(v) and 0 < v < 2**31, "a process id"),
+    "count": (lambda v: whole(v) and v >= 0, "a whole number of 0 or more"),
+    "pid": (lambda v: whole(v) and 0 < v < 2**31, "a process id"),
     "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
@@ -297,25 +273,4 @@ def check_fields(data: dict, kinds: dict[str, str], source) -> None:
             raise BitnetError(f"{source} is damaged: it has no {name!r}; {RESTORE}")
         if not test(value):
             raise BitnetError(f"{source} is damaged: {name!r} should be {what}, not "
-                              f"{_show(value)}; {RESTORE}")
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_whole(name: str, value, low: int, high: int) -> None:
-    if not _whole(value) or not low <= value <= high:
-        raise BitnetError(f"{name} must be a whole number from {low:,} to {high:,}, "
-                          f"got {_show(value)}")
-
-
-def _show(value) -> str:
-    """A value as an error message quotes it: repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
+                              f"{show(value)}; {RESTORE}")

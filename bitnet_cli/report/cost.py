@@ -24,48 +24,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bitnet_cli.config.settings import ModelConfig, format_count, model_config_from_dict, parse_size
+from bitnet_cli.config.settings import ModelConfig, model_config_from_dict
+from bitnet_cli.config.numbers import format_count, parse_size
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics
 from bitnet_cli.config.presets import PRESETS
 from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
+from bitnet_cli.report.gpus import GPU, choose_gpus
 from bitnet_cli.store.selector import resolve_run
 
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    peak_tflops: float  # dense bf16 tensor-core peak, no 2:4 sparsity (fp16 on cards without bf16)
-    memory_gb: float    # as the vendor states it (80 GB of HBM is 80 GiB)
-    price: float        # US dollars per GPU-hour
-    bf16: bool = True
-
-
-# Peaks are the vendors' datasheet (or architecture whitepaper) figures for dense bf16/fp16
-# tensor math with fp32 accumulation, the mode mixed-precision training uses; GeForce cards run
-# that at half their fp16-accumulate rate. A10G is AWS's own variant, with no NVIDIA datasheet:
-# its figure is the one AWS and its users report. Prices are typical on-demand list prices per
-# GPU-hour as of 2026 (clouds for data-centre cards, GPU marketplaces for GeForce); they vary a
-# lot between providers, so --price and --peak-tflops override them.
-GPUS = (
-    GPU("H200", 989, 141, 3.50),
-    GPU("H100-SXM", 989, 80, 3.00),
-    GPU("H100-PCIe", 756, 80, 2.50),
-    GPU("A100-80GB", 312, 80, 1.60),
-    GPU("A100-40GB", 312, 40, 1.20),
-    GPU("L40S", 362, 48, 1.00),
-    GPU("L4", 121, 24, 0.70),
-    GPU("A10G", 70, 24, 1.00),
-    GPU("RTX-4090", 165, 24, 0.40),
-    GPU("RTX-3090", 71, 24, 0.25),
-    GPU("RTX-3060", 25.5, 12, 0.10),
-    GPU("T4", 65, 16, 0.35, bf16=False),
-    GPU("V100", 125, 16, 2.50, bf16=False),
-)
-ALIASES = {"h100": "H100-SXM", "a100": "A100-80GB"}  # what clouds usually mean by the bare name
 
 DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 is 27% of its peak
 FITS_FRACTION = 0.9  # the CUDA context, allocator caching and fragmentation take the rest
@@ -187,27 +157,6 @@ def read_run(run: Path) -> tuple[Shape, dict, dict]:
     return shape_of(cfg, f"run {measured['run_id']}"), train, measured
 
 
-def choose_gpus(name: str | None, peak_tflops: float | None, price: float | None) -> list[GPU]:
-    """Every GPU in the table, or the one named, with its peak and price overridden if asked."""
-    if name is None:
-        if peak_tflops is not None or price is not None:
-            raise BitnetError("--peak-tflops and --price describe one GPU; name it with --gpu")
-        return list(GPUS)
-    by_key = {_key(g.name): g for g in GPUS}
-    by_key.update({alias: by_key[_key(target)] for alias, target in ALIASES.items()})
-    gpu = by_key.get(_key(name))
-    if gpu is None:
-        raise BitnetError(f"unknown GPU {name!r}; known: {', '.join(g.name for g in GPUS)} "
-                          "(or pick the nearest and set --peak-tflops and --price)")
-    return [replace(gpu, peak_tflops=peak_tflops or gpu.peak_tflops, price=price or gpu.price)]
-
-
-def _key(name: str) -> str:
-    """'NVIDIA RTX 4090', 'rtx-4090' and '4090' all name the same card."""
-    key = "".join(ch for ch in name.lower() if ch.isalnum())
-    return key.removeprefix("nvidia").removeprefix("rtx")
-
-
 def _check_positive(flag: str, value, noun: str = "a positive whole number") -> None:
     if value is not None and not value > 0:
         raise BitnetError(f"{flag} must be {noun}, got {value}")
@@ -326,22 +275,6 @@ def training_bytes(model: ModelConfig, batch_size: int, seq_len: int) -> int:
 def training_flops_per_token(shape: Shape, seq_len: int) -> int:
     """6N for the weight matmuls forward and backward, 12·L·d·T for attention (see the top)."""
     return 6 * shape.params + 12 * shape.layers * shape.hidden * seq_len
-
-
-def gpu_named(device_name: str) -> GPU | None:
-    """The table's entry for a name as torch.cuda.get_device_name gives it ("NVIDIA H100 80GB
-    HBM3", "NVIDIA A100-SXM4-40GB"), or None: the entry with the most of its name's parts in
-    it wins, then what a bare "H100" or "A100" usually means."""
-    key = _key(device_name)
-    scored = []
-    for g in GPUS:
-        parts = [_key(part) for part in g.name.split("-")]
-        if all(part in key for part in parts):
-            scored.append((sum(map(len, parts)), g))
-    if scored:
-        return max(scored, key=lambda pair: pair[0])[1]
-    alias = next((a for a in ALIASES if a in key), None)
-    return next(g for g in GPUS if g.name == ALIASES[alias]) if alias else None
 
 
 def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list[GPU],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_cli.config.settings import format_count
+from bitnet_cli.config.numbers import format_count
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.checkpoint import rng_state, save_checkpoint
 from bitnet_cli.store.metrics import MetricsLog, MetricsWriter, TensorBoardWriter

@@ -45,5 +45,5 @@ def number(value, fmt: str) -> str:
 
 def count(n) -> str:
     """A parameter or token count as 3.2M; anything else as '-'."""
-    from bitnet_cli.config.settings import format_count
+    from bitnet_cli.config.numbers import format_count
     return format_count(n) if isinstance(n, (int, float)) else "-"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer
 
 from bitnet_cli.store.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors, newest_loadable,
@@ -22,7 +23,12 @@ from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
 from bitnet_cli.store.selector import matching_runs, written_as_path
 from bitnet_cli.nn.devices import resolve_device
+from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.tictactoe import ModelPlayer
+
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -112,3 +118,26 @@ def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
         raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
                           f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")
     return ModelPlayer(loaded.model, loaded.tokenizer, where), loaded
+
+
+def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(state-dict prefix, module) of every BitLinear (or twin nn.Linear) in the layers."""
+    return [(f"model.layers.{i}.{p}", layer.get_submodule(p))
+            for i, layer in enumerate(model.model.layers) for p in PROJECTIONS]
+
+
+def special_tokens(loaded: LoadedModel) -> dict[str, tuple[str, int]]:
+    """role -> (token text, id) for the roles the tokenizer can fill. The experiment's stop token
+    (';' ends an answer, <|endoftext|> a story) is eos, and also bos as in GPT-2: the token that
+    separates one document from the next in training; <pad> and <unk> where the vocabulary has
+    them."""
+    tokenizer = loaded.tokenizer
+    task = load_experiment(loaded.experiment)
+    stops = task.stop_ids(tokenizer) if hasattr(task, "stop_ids") else ()
+    found = {}
+    if stops:
+        found["eos"] = found["bos"] = (tokenizer.id_to_token(stops[0]), stops[0])
+    for role, text in (("pad", "<pad>"), ("unk", "<unk>")):
+        if tokenizer.token_to_id(text) is not None:
+            found[role] = (text, tokenizer.token_to_id(text))
+    return found
