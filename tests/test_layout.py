@@ -89,3 +89,18 @@ def test_every_folder_says_what_it_holds():
         if path.name == "__init__.py" and module != "bitnet_cli":
             doc = ast.get_docstring(ast.parse(path.read_text()))
             assert doc and len(doc) > 80, f"{path} needs a docstring saying what lives there"
+
+
+def test_modules_and_functions_stay_readable():
+    """One idea per module (at most 300 lines), one screen per function (at most 80)."""
+    too_long = []
+    for path in MODULES.values():
+        source = path.read_text()
+        if len(source.splitlines()) > 300:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.name}: {lines} lines")
+    assert not too_long, "\n".join(too_long)

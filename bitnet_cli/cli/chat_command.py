@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from bitnet_cli.cli.app import (DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
-                            friendly, line_editing)
+                                friendly, line_editing)
 from bitnet_cli.errors import BitnetError
+
 COMMANDS = """/help      this list
 /reset     forget the conversation so far
 /temp X    sampling temperature (0 = greedy)
@@ -60,11 +61,11 @@ def chat(
 
     In a terminal, the arrow keys edit the line and bring back earlier ones.
     """
-    from bitnet_cli.use.conversation import ChatSession, Sampling
+    from bitnet_cli.nn.devices import resolve_device
     from bitnet_cli.tasks import load_experiment
     from bitnet_cli.tasks.problems import ProblemTask
+    from bitnet_cli.use.conversation import ChatSession, Sampling
     from bitnet_cli.use.loading import load_model
-    from bitnet_cli.nn.devices import resolve_device
 
     loaded = load_model(model, resolve_device(device), engine, head)
     for note in loaded.notes:
@@ -85,14 +86,24 @@ def chat(
         typer.echo(f"note: --max-new-tokens {max_new_tokens:,} is more than this model's context "
                    f"of {session.context} tokens; replies stop when it is full", err=True)
     if prompt is not None:
-        for piece in session.reply(prompt):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        _report(session)
+        _stream(session, prompt)
         return
     typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens, "
                f"{loaded.engine} engine. /help lists the commands.", err=True)
+    _converse(session)
+
+def _stream(session, prompt: str) -> None:
+    """One reply, streamed to stdout as it is decoded, then its report on stderr."""
+    for piece in session.reply(prompt):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _report(session)
+
+
+def _converse(session) -> None:
+    """Turns from the terminal until end of input, Ctrl-C at the prompt or /quit; Ctrl-C in a
+    reply stops that reply only."""
     line_editing()
     while True:
         try:

@@ -22,7 +22,7 @@ def written_as_path(selector: str) -> bool:
 
 def resolve_run(selector: str) -> Path:
     """A run folder from a run id, a unique prefix of one, 'latest', or a path. (The commands
-    that only read a model take the newest run of an ambiguous prefix: inference.py.)"""
+    that only read a model take the newest run of an ambiguous prefix: use/loading.py.)"""
     runs = matching_runs(selector)
     if len(runs) > 1 and selector != "latest":
         raise BitnetError(f"run {selector!r} matches {len(runs)} runs "

@@ -1,4 +1,5 @@
-"""One module per experiment: its data, its tokenizer and how it is evaluated.
+"""One module per experiment: its data, its tokenizer and how it is evaluated (the rules of
+tic-tac-toe beside its task). Imports config/, data/ and nn/ only; never training/ or use/.
 
 An experiment object offers:
     tokenizer()                      a `tokenizers.Tokenizer`, saved as the run's tokenizer.json

@@ -5,7 +5,7 @@ process per device and tells each, through its environment, its rank and the wor
 model never knows: `wrap` puts DistributedDataParallel around it from the outside, and the
 training loop asks this module who it is and when to agree with the others.
 
-Every rank runs the same loop on its own share of each global batch (see experiments/rows.py);
+Every rank runs the same loop on its own share of each global batch (see tasks/rows.py);
 DDP averages the gradients, so the optimizer steps are those of one process on the whole batch.
 Only rank 0 writes: metrics, state and checkpoints.
 """

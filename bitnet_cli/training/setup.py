@@ -1,6 +1,6 @@
 """Everything before the training loop: the device, the checked configuration, the data, a
 new run folder that appears whole, and the checks before a run is continued. Knows no Rich and
-no argv; train.py runs what this sets up.
+no argv; loop.py runs what this sets up.
 """
 
 from __future__ import annotations

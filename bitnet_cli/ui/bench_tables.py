@@ -18,17 +18,31 @@ def _percent(share: float | None) -> str:
 def bench_report(r: dict):
     """`bitnet bench`: one table per measurement, the ratio column first."""
     from rich.console import Group
+
+    if "gpu" in r["machine"]:
+        return _train_table(r)
+    notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
+    return Group(_train_table(r), _data_table(r), *_decode_tables(r), _size_table(r),
+                 _memory_table(r), _cache_table(r), *(f"note: {note}" for note in notes))
+
+
+def _table(title: str, *columns: str):
     from rich.table import Table
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, column in enumerate(columns):
+        t.add_column(column, justify="left" if i == 0 else "right", style="bold" if i == 1 else "")
+    return t
 
-    def table(title: str, *columns: str) -> Table:
-        t = Table(title=title, title_justify="left", header_style="bold")
-        for i, column in enumerate(columns):
-            t.add_column(column, justify="left" if i == 0 else "right", style="bold" if i == 1 else "")
-        return t
 
+def _rate(d: dict, name: str) -> str:
+    engine = d["engines"].get(name)
+    return f"{engine['tok_per_s']:.1f}" if engine else "-"
+
+
+def _train_table(r: dict):
     m = r["machine"]
     on_gpu = "gpu" in m
-    train = table("training step (forward + backward + AdamW), BitNet vs its --quant none twin, "
+    train = _table("training step (forward + backward + AdamW), BitNet vs its --quant none twin, "
                   "eager and compiled" + (f" ({m['gpu']}, bf16 autocast)" if on_gpu else ""),
                   "shape", "compiled / eager", "BitNet / twin", "compiled BitNet / twin",
                   "BitNet", "twin", "compiled", "compiled twin", "first compiled step",
@@ -45,38 +59,41 @@ def bench_report(r: dict):
             gpu_cells = (f"{c['tok_per_s']:,.0f}", _percent(c["mfu"]),
                          f"{c['twin_tok_per_s']:,.0f}", _percent(c["twin_mfu"]))
         train.add_row(s["shape"], *cells, s["batch"], *gpu_cells)
-    if on_gpu:
-        return train
-    data = table("making one batch on the CPU, between training steps", "experiment and size",
+    return train
+
+
+def _data_table(r: dict):
+    data = _table("making one batch on the CPU, between training steps", "experiment and size",
                  "ms per batch", "batch x seq")
     for s in r["data"]:
         data.add_row(s["shape"], f"{s['ms']:.1f}", s["batch"])
-    decode = table("decode with the KV cache, tokens/s: the int8 engine (float16 head, or int8 "
+    return data
+
+
+def _decode_tables(r: dict):
+    """Decode speed, the bandwidth it reaches, the BitLinear layers alone, and llama.cpp."""
+    m = r["machine"]
+    decode = _table("decode with the KV cache, tokens/s: the int8 engine (float16 head, or int8 "
                    "with --head int8; eager, or compiled with chat --compile) and the float "
                    f"engine in fp32 and bf16 autocast ({m['threads']} threads)", "shape",
                    "int8 / fp32", "compiled / fp32", "int8", "int8 head", "compiled",
                    "compiled, int8 head", "fp32", "bf16")
-    bandwidth = table(f"weights read per decoded token, and the bandwidth that makes (this machine: "
+    bandwidth = _table(f"weights read per decoded token, and the bandwidth that makes (this machine: "
                       f"reads {m['read_gb_s']:.1f} GB/s, copies {m['copy_gb_s']:.1f} GB/s)",
                       "shape", "int8 share of read", "int8 GB/s", "compiled, int8 head GB/s",
                       "fp32 GB/s", "int8 weights", "int8-head weights", "fp32 weights")
-    layers = table("the BitLinear layers alone, one token through all of them", "shape",
+    layers = _table("the BitLinear layers alone, one token through all of them", "shape",
                    "int8 / fp32", "int8", "fp32", "int8 GB/s", "fp32 GB/s")
-    llama = table("decode beside llama.cpp on the same weights (GGUF: TQ2_0 codes, F16 "
+    llama = _table("decode beside llama.cpp on the same weights (GGUF: TQ2_0 codes, F16 "
                   "embedding), same prompt, new tokens and threads", "shape", "int8 / llama.cpp",
                   "compiled, int8 head / llama.cpp", "int8", "compiled, int8 head", "llama.cpp",
                   "GGUF")
-
-    def rate(d, name):
-        engine = d["engines"].get(name)
-        return f"{engine['tok_per_s']:.1f}" if engine else "-"
-
     for d in r["decode"]:
         e = d["engines"]
         fastest = e.get("int8 compiled, int8 head")
         decode.add_row(d["shape"], f"{d['int8_vs_float32']:.2f}x",
                        f"{e['int8 compiled']['vs_float32']:.2f}x" if "int8 compiled" in e else "-",
-                       *(rate(d, name) for name in ("int8", "int8, int8 head", "int8 compiled",
+                       *(_rate(d, name) for name in ("int8", "int8, int8 head", "int8 compiled",
                                                     "int8 compiled, int8 head", "float32",
                                                     "bf16 autocast")))
         bandwidth.add_row(d["shape"], f"{100 * e['int8']['gb_s'] / m['read_gb_s']:.0f}%",
@@ -92,19 +109,27 @@ def bench_report(r: dict):
         if theirs is None:
             continue
         if "missing" in theirs:
-            llama.add_row(d["shape"], "-", "-", rate(d, "int8"), rate(d, "int8 compiled, int8 head"),
+            llama.add_row(d["shape"], "-", "-", _rate(d, "int8"), _rate(d, "int8 compiled, int8 head"),
                           f"llama-cpp-python {theirs['missing']}", "-")
             continue
         llama.add_row(d["shape"], f"{e['int8']['vs_llama_cpp']:.2f}x",
-                      f"{fastest['vs_llama_cpp']:.2f}x" if fastest else "-", rate(d, "int8"),
-                      rate(d, "int8 compiled, int8 head"), f"{theirs['tok_per_s']:.1f}",
+                      f"{fastest['vs_llama_cpp']:.2f}x" if fastest else "-", _rate(d, "int8"),
+                      _rate(d, "int8 compiled, int8 head"), f"{theirs['tok_per_s']:.1f}",
                       _mib(theirs["gguf_bytes"]))
-    size = table("projection weights on disk, fp32 latent vs 2-bit packed (hf-packed)",
+    return decode, bandwidth, layers, llama
+
+
+def _size_table(r: dict):
+    size = _table("projection weights on disk, fp32 latent vs 2-bit packed (hf-packed)",
                  "shape", "latent / packed", "latent", "packed", "whole file")
     for s in r["size"]:
         size.add_row(s["shape"], f"{s['ratio']:.1f}x", _mib(s["latent_bytes"]),
                      _mib(s["packed_bytes"]), f"{s['file_ratio']:.1f}x smaller")
-    memory = table("memory of a fresh process on the baseline 95M shape (RSS)", "process",
+    return size
+
+
+def _memory_table(r: dict):
+    memory = _table("memory of a fresh process on the baseline 95M shape (RSS)", "process",
                    "peak", "peak above idle", "at the end")
     idle = r["memory"][0]["peak_rss_bytes"]
     for s in r["memory"]:
@@ -112,11 +137,13 @@ def bench_report(r: dict):
                 "train": "train, " + ("BitNet" if s["what"] == "ternary" else "twin")}[s["kind"]]
         memory.add_row(what, _mib(s["peak_rss_bytes"]), _mib(s["peak_rss_bytes"] - idle),
                        _mib(s["final_rss_bytes"]))
+    return memory
+
+
+def _cache_table(r: dict):
     kv = r["kv_cache"]
-    cache = table(f"decode {kv['new_tokens']} tokens with the KV cache vs re-running the "
+    cache = _table(f"decode {kv['new_tokens']} tokens with the KV cache vs re-running the "
                   "sequence for each (int8 engine)", "shape", "cache / none", "cache", "none")
     cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
                   f"{kv['no_cache_tok_per_s']:.1f} tok/s")
-    notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
-    return Group(train, data, decode, bandwidth, layers, llama, size, memory, cache,
-                 *(f"note: {note}" for note in notes))
+    return cache

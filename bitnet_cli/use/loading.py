@@ -2,7 +2,7 @@
 checkpoint folder alone, which holds everything needed (weights, model config, tokenizer).
 
 Two engines run it: `float`, the training maths in floating point (quantize, then multiply
-floats), and `int8`, the same maths with integer matmuls (bitnet_cli/int8.py), the default on
+floats), and `int8`, the same maths with integer matmuls (nn/int8.py), the default on
 CPU where it is several times faster."""
 
 from __future__ import annotations
