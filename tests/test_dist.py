@@ -27,8 +27,8 @@ from tests.cli import invoke, wait_for_exit, wait_until
 
 SHORT = ["simple", "--steps", "20", "--batch-size", "8", "--eval-every", "10",
          "--save-every", "10", "--no-compile"]
-LONG = ["simple", "--steps", "200", "--batch-size", "8", "--save-every", "40",
-        "--eval-every", "50", "--no-compile"]
+LONG = ["simple", "--steps", "80", "--batch-size", "8", "--save-every", "20",
+        "--eval-every", "25", "--no-compile"]
 
 
 def bitnet(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -202,35 +202,35 @@ def test_torchrun_runs_the_cli_and_an_interrupted_two_process_run_resumes_exactl
     launcher = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *LONG, "--name",
                                  "stopped", "--nproc-per-node", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: step_of(bitnet_home, "stopped") >= 45,  # past the checkpoint at 40
-               "step 45", launcher)
+    wait_until(lambda: step_of(bitnet_home, "stopped") >= 25,  # past the checkpoint at 20
+               "step 25", launcher)
     launcher.send_signal(signal.SIGINT)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, err
     stopped = state(bitnet_home, "stopped")
-    assert stopped["status"] == "interrupted" and stopped["checkpoint_step"] == stopped["step"] < 200
+    assert stopped["status"] == "interrupted" and stopped["checkpoint_step"] == stopped["step"] < 80
     assert "continue with: bitnet resume stopped" in err
 
     # `bitnet resume` picks the run's 2 processes again and lands on the same weights.
     resumed = bitnet("resume", "stopped")
     assert resumed.returncode == 0, resumed.stderr
     assert "2 processes on cpu" in resumed.stderr
-    assert weights(bitnet_home, "stopped", 200) == weights(bitnet_home, "reference", 200)
+    assert weights(bitnet_home, "stopped", 80) == weights(bitnet_home, "reference", 80)
     steps = [step for step, split in losses(bitnet_home, "stopped") if split == "train"]
-    assert steps == list(range(5, 201, 5))  # each step logged once
+    assert steps == list(range(5, 81, 5))  # each step logged once
 
 
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killing_one_worker_ends_the_run_cleanly(bitnet_home, victim):
     run_dir = bitnet_home / "runs" / "victim"
     launcher = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", "simple", "--steps",
-                                 "100000", "--save-every", "20", "--eval-every", "1000",
+                                 "100000", "--save-every", "10", "--eval-every", "1000",
                                  "--name", "victim", "--nproc-per-node", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Mid-training: a checkpoint is written (at step 20) and training has gone on past it.
+    # Mid-training: a checkpoint is written (at step 10) and training has gone on past it.
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists()
-               and len(workers(run_dir)) >= 2 and step_of(bitnet_home, "victim") > 20,
-               "two workers past the step-20 checkpoint", launcher, every=0.05)
+               and len(workers(run_dir)) >= 2 and step_of(bitnet_home, "victim") > 10,
+               "two workers past the step-10 checkpoint", launcher, every=0.05)
     pids = workers(run_dir)
     os.kill(pids[victim], signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)

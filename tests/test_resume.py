@@ -15,8 +15,9 @@ from bitnet_cli.cli import app
 from tests.cli import home_at, invoke, runner, state_step, wait_until
 from tests.test_status_plot import stand_in_trainer
 
-STEPS = 200
-ARGS = ["simple", "--steps", str(STEPS), "--save-every", "40", "--eval-every", "50", "--no-compile"]
+# 80 steps prove what 200 did: checkpoints at 20, 40, 60, 80, and a kill past the first one.
+STEPS = 80
+ARGS = ["simple", "--steps", str(STEPS), "--save-every", "20", "--eval-every", "25", "--no-compile"]
 
 
 def final_weights(home, name, step=STEPS):
@@ -57,24 +58,24 @@ def reference(tmp_path_factory):
 
 def test_sigkill_then_resume_is_bit_identical(bitnet_home, reference):
     proc = start_training("killed")
-    wait_for_step(bitnet_home, "killed", 45, proc)  # past the checkpoint at 40
+    wait_for_step(bitnet_home, "killed", 25, proc)  # past the checkpoint at 20
     proc.kill()
     proc.wait()
     status = json.loads(invoke("status", "killed", "--json").stdout)
     assert status["status"] == "crashed"
-    assert 45 <= status["step"] < STEPS
+    assert 25 <= status["step"] < STEPS
     invoke("resume", "killed")
     assert final_weights(bitnet_home, "killed") == reference
     expected = list(range(5, STEPS + 1, 5))
     assert metric_steps(bitnet_home, "killed", "train") == expected
-    assert metric_steps(bitnet_home, "killed", "eval") == [50, 100, 150, 200]
+    assert metric_steps(bitnet_home, "killed", "eval") == [25, 50, 75, 80]
     assert json.loads(invoke("status", "killed", "--json").stdout)["status"] == "finished"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_and_resumes_bit_identical(bitnet_home, reference, sig):
     proc = start_training("stopped")
-    wait_for_step(bitnet_home, "stopped", 45, proc)
+    wait_for_step(bitnet_home, "stopped", 25, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -95,17 +96,17 @@ def test_kill_during_checkpoint_write_keeps_previous(bitnet_home, reference, mon
     real_save = checkpoint.save_file
 
     def dying_save(tensors, filename, **kw):
-        if step_dir_name(80) in filename and "optim" in filename:
+        if step_dir_name(40) in filename and "optim" in filename:
             raise KeyboardInterrupt  # the process dies half way through the write
         return real_save(tensors, filename, **kw)
 
     monkeypatch.setattr(checkpoint, "save_file", dying_save)
     invoke("train", *ARGS, "--name", "torn", code=130)
     ckpts = bitnet_home / "runs/torn/checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", step_dir_name(40)]
-    assert (ckpts / "latest").read_text().strip() == step_dir_name(40)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", step_dir_name(20)]
+    assert (ckpts / "latest").read_text().strip() == step_dir_name(20)
     path, contents, _ = newest_loadable(ckpts)
-    assert path.name == step_dir_name(40) and contents[2]["step"] == 40
+    assert path.name == step_dir_name(20) and contents[2]["step"] == 20
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     invoke("resume", "torn")
     assert final_weights(bitnet_home, "torn") == reference
