@@ -200,3 +200,17 @@ def test_without_tensorboard_installed_one_line(home, monkeypatch):
         assert "pip install 'bitnet-cli[tensorboard]'" in result.stderr
         assert result.stderr.count("\n") == 1
     assert sorted(p.name for p in (home / "runs").iterdir()) == before
+
+
+def test_a_resume_from_step_zero_keeps_tensorboard_to_one_event_per_step(bitnet_home):
+    """A run killed before its first checkpoint trains again from step 0: TensorBoard must not
+    keep the first session's events beside the new ones."""
+    invoke("train", "simple", "--steps", "10", "--eval-every", "10", "--save-every", "10",
+           "--no-compile", "--name", "early", "--tensorboard")
+    run = bitnet_home / "runs" / "early"
+    shutil.rmtree(run / "checkpoints")
+    state = json.loads((run / "state.json").read_text())
+    (run / "state.json").write_text(json.dumps({**state, "status": "interrupted", "step": 7}))
+    invoke("resume", "early")
+    assert [step for step, _ in tensorboard_scalars(run, "train/loss")] == [5, 10]
+    assert [row["step"] for row in rows(bitnet_home, "early", "train")] == [5, 10]

@@ -220,3 +220,13 @@ def test_bad_resumes_change_nothing(bitnet_home):
     invoke("train", "simple", "--steps", "2", "--no-compile", "--name", "base2")
     result = invoke("resume", "bas", code=1)
     assert "matches 2 runs" in result.stderr
+
+
+@pytest.mark.parametrize("nonfinite", [5, "many", [1, 2], {"total": -1}, {"in_a_row": "x"}])
+def test_a_damaged_skipped_step_count_is_one_line(bitnet_home, nonfinite):
+    invoke("train", "simple", "--steps", "10", "--save-every", "10", "--eval-every", "10",
+           "--no-compile", "--name", "counted")
+    trainer = bitnet_home / "runs/counted/checkpoints" / step_dir_name(10) / "trainer.json"
+    trainer.write_text(json.dumps({**json.loads(trainer.read_text()), "nonfinite": nonfinite}))
+    result = invoke("resume", "counted", "--steps", "15", code=1)
+    assert "nonfinite" in result.stderr and "Traceback" not in result.output + result.stderr

@@ -113,3 +113,16 @@ def test_stories_into_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     result = invoke("stories", tmp_path / "f", code=1)
     assert "is a file, not a folder" in result.stderr
+
+
+def test_runs_sort_by_the_instant_they_were_created_whatever_the_utc_offset(runs):
+    created = {"alpha": "2026-01-01T10:00:00+00:00", "beta": "2026-01-01T11:30:00+02:00",
+               "alphabet": "2026-01-01T09:45:00+00:00"}  # beta is 09:30 UTC: the oldest
+    for name, when in created.items():
+        path = runs / name / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "created_at": when}))
+    assert invoke("runs", "list").stdout.split() == ["beta", "alphabet", "alpha"]
+    assert json.loads(invoke("status", "latest", "--json").stdout)["run_id"] == "alpha"
+    path = runs / "alpha" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "created_at": "not a time"}))
+    assert invoke("runs", "list").stdout.split() == ["alpha", "beta", "alphabet"]

@@ -214,7 +214,7 @@ def _read(file: Path, reader):
 
 
 MODEL_FIELDS = {"step": "count", "model": "object", "experiment": "text"}
-RESUME_FIELDS = {"tokens": "count", "data": "object", "rng": "object"}
+RESUME_FIELDS = {"tokens": "count", "data": "object", "rng": "object", "nonfinite": "object?"}
 
 
 def check_trainer(trainer: dict, source: Path, for_resume: bool = True) -> None:
@@ -230,6 +230,8 @@ def check_trainer(trainer: dict, source: Path, for_resume: bool = True) -> None:
     check_fields(trainer, RESUME_FIELDS, source)
     check_fields(trainer["data"], {"seed": "count", "rows": "count"}, f"{source} (data)")
     check_fields(trainer["rng"], {"torch": "text", "cuda": "texts?"}, f"{source} (rng)")
+    check_fields(trainer.get("nonfinite") or {}, {"total": "count?", "in_a_row": "count?"},
+                 f"{source} (nonfinite)")
     try:
         torch.Generator().set_state(_unb64(trainer["rng"]["torch"]))
         for text in trainer["rng"].get("cuda") or []:

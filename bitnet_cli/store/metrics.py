@@ -64,8 +64,9 @@ class TensorBoardWriter:
             raise BitnetError(f"{folder} is not a folder of the run's own; move it away (bitnet "
                               "writes only inside the run folder)")
         # Events from an earlier session at steps after `step` are dropped by TensorBoard's
-        # reader (the rows up to the checkpoint's step stay, as in metrics.jsonl).
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=step + 1 if step else None)
+        # reader (the rows up to the checkpoint's step stay, as in metrics.jsonl), from step 0
+        # too: a run killed before its first checkpoint starts again from there.
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=step + 1)
 
     def write(self, row: dict) -> None:
         for key, value in row.items():

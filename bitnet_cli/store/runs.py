@@ -123,11 +123,14 @@ def list_run_dirs() -> list[Path]:
 
 
 def _created_key(run_dir: Path):
+    """When a run was created, as an instant: ISO times with different UTC offsets (a laptop
+    that travelled, a shared folder) do not sort as strings. Unreadable ones sort first."""
     try:
         created = read_json(run_dir / CONFIG_FILE).get("created_at")
-    except (OSError, BitnetError):
-        created = None
-    return (created if isinstance(created, str) else "", run_dir.name)
+        instant = datetime.fromisoformat(created).astimezone().timestamp()
+    except (OSError, BitnetError, TypeError, ValueError, OverflowError):
+        instant = float("-inf")
+    return (instant, run_dir.name)
 
 
 def remove_run(run_dir: Path) -> str:
