@@ -126,3 +126,16 @@ def test_runs_sort_by_the_instant_they_were_created_whatever_the_utc_offset(runs
     path = runs / "alpha" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "created_at": "not a time"}))
     assert invoke("runs", "list").stdout.split() == ["alpha", "beta", "alphabet"]
+
+
+@pytest.mark.parametrize("command", [["train", "simple", "--steps", "4"], ["status"],
+                                     ["runs", "list"]])
+def test_a_home_that_links_nowhere_is_one_line(tmp_path, monkeypatch, command):
+    home = tmp_path / "home"
+    home.symlink_to(tmp_path / "unmounted-disk")
+    monkeypatch.setenv("BITNET_HOME", str(home))
+    result = invoke(*command, code=1)
+    assert result.stderr == (f"error: BITNET_HOME {home} is a link to {tmp_path / 'unmounted-disk'}"
+                             ", which does not exist; create that folder, or point BITNET_HOME "
+                             "(or --home) elsewhere\n")
+    assert not (tmp_path / "unmounted-disk").exists()

@@ -213,3 +213,28 @@ def test_status_watch_updates_live(two_runs, tmp_path):
     text = out.text()
     assert "20/20" in text and "777/999" in text
     assert text.index("777/999") > text.index("20/20")
+
+
+def test_status_watch_of_a_run_removed_meanwhile_says_it_is_gone(two_runs, tmp_path):
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "160"}
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "twin", "--watch",
+                                 "--interval", "0.2"], stdout=subprocess.PIPE, stderr=stderr,
+                                env=env)
+        try:
+            out = Reader(proc.stdout)
+            out.wait_for("20/20", proc)
+            shutil.rmtree(two_runs / "runs" / "twin")
+            proc.wait(timeout=30)
+            out.thread.join(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: run twin is gone: its folder {two_runs / 'runs' / 'twin'} was removed")
+    assert "None" not in out.text().split("20/20", 1)[1]

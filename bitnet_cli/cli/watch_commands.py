@@ -102,6 +102,8 @@ def status(
     run_dir = resolve_run(run) if run else None
 
     def snapshot():
+        if run_dir and not run_dir.is_dir():  # removed while watched: say so, not a row of None
+            raise BitnetError(f"run {run_dir.name} is gone: its folder {run_dir} was removed")
         return summary.detail(run_dir) if run_dir else summary.summarize_all()
 
     if json:

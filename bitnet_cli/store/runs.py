@@ -35,6 +35,9 @@ def home() -> Path:
     if path.exists() and not path.is_dir():
         raise BitnetError(f"BITNET_HOME {path} is a file, not a folder; point BITNET_HOME "
                           "(or --home) at a folder")
+    if path.is_symlink() and not path.exists():  # a disk that is not mounted, a moved folder
+        raise BitnetError(f"BITNET_HOME {path} is a link to {os.readlink(path)}, which does not "
+                          "exist; create that folder, or point BITNET_HOME (or --home) elsewhere")
     return path
 
 
