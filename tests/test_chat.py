@@ -116,3 +116,20 @@ def test_each_reply_decodes_on_the_threads_the_idle_cores_allow(monkeypatch, tmp
         assert s.last.first_token_s > 0 and s.last.made >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_ctrl_c_before_the_first_token_is_reported_as_stopped(monkeypatch, tmp_path):
+    from bitnet_cli.cli import app
+    from tests.cli import runner
+    from tests.test_export import random_checkpoint, story_tokenizer
+    checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C lands in the prompt's pass
+        yield
+
+    monkeypatch.setattr(chat, "generate", interrupted)
+    result = runner.invoke(app, ["chat", str(checkpoint)], input="once upon a time\n")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "[0 tokens, stopped before the first token]" in result.stderr
+    assert "first token in" not in result.stderr and "--max-new-tokens" not in result.stderr

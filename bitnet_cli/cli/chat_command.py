@@ -138,12 +138,19 @@ def _report(session) -> None:
     """One stderr line per reply: its length, the prompt's time to the first token, then the
     decoding speed and the threads it ran on (chosen from the cores free at the time)."""
     last = session.last
-    parts = [f"{last.tokens} token{'s' if last.tokens != 1 else ''}", f"first token in {1e3 * last.first_token_s:,.0f} ms"]
+    parts = [f"{last.tokens} token{'s' if last.tokens != 1 else ''}"]
+    if last.made == 0:  # stopped before the prompt's pass ended: no first token to time
+        parts.append("stopped before the first token" if last.stopped == "interrupted" else
+                     "no room for a reply")
+        typer.echo(f"[{', '.join(parts)}]", err=True)
+        return
+    parts.append(f"first token in {1e3 * last.first_token_s:,.0f} ms")
     if last.made > 1:
         parts.append(f"{last.tokens_per_s:,.1f} tok/s")
     if last.threads:
         parts.append(f"{last.threads} thread{'s' if last.threads > 1 else ''}")
-    ending = {"context": "context full", "length": "--max-new-tokens reached"}.get(last.stopped)
+    ending = {"context": "context full", "length": "--max-new-tokens reached",
+              "interrupted": "stopped"}.get(last.stopped)
     parts += [ending] if ending else []
     typer.echo(f"[{', '.join(parts)}]", err=True)
 

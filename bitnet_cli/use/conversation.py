@@ -164,7 +164,7 @@ class ChatSession:
             else:
                 if len(prompt) + len(new) >= self.context:
                     self.last.stopped = "context"
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):  # closed by the reader, or Ctrl-C
             self.last.stopped = "interrupted"
             raise
         finally:
