@@ -132,12 +132,16 @@ def test_bad_data(bitnet_home, tmp_path):
     fake.write_bytes(b"not parquet at all")
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"text": f"story {i}"}) + "\n" for i in range(5)))
+    one_document = tmp_path / "lines.txt"  # no blank line and no <|endoftext|>: one document
+    one_document.write_text("".join(f"line {i} of a book\n" for i in range(500)))
     cases = [
         (empty, "holds no .txt, .jsonl, .parquet files"),
         (no_text, "has no 'text' column (it has: story)"),
         (binary, "is not UTF-8 text (is it a binary file?)"),
         (fake, "is not a readable parquet file"),
         (few, "is too small"),
+        (one_document, "is split into documents at <|endoftext|> where it holds one, else at "
+                       "blank lines"),
         (tmp_path / "missing", "does not exist"),
     ]
     for path, message in cases:

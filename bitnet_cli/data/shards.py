@@ -212,7 +212,9 @@ def _build(tmp: Path, identity: dict, documents: Callable[[], Iterator[str]], da
                 unigram += np.bincount(ids, minlength=len(unigram))
     if counts["val"] == 0:
         raise BitnetError(f"--data {data} is too small: it needs at least {HELD_OUT_EVERY} "
-                          "documents, so that one can be held out for evaluation")
+                          "documents, so that one can be held out for evaluation (a .txt file "
+                          f"is split into documents at {EOT} where it holds one, else at blank "
+                          "lines; each .jsonl line or .parquet row is one document)")
     tok.save(str(tmp / "tokenizer.json"))
     meta = {**identity, "budget": budget, "complete": stop_at is None or counts["train"] < stop_at,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "dtype": dtype.name,
