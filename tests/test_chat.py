@@ -1,6 +1,7 @@
 """Chat history: whole earlier turns are kept within the context, newest first."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -133,3 +134,39 @@ def test_ctrl_c_before_the_first_token_is_reported_as_stopped(monkeypatch, tmp_p
     assert result.exit_code == 0, result.output + result.stderr
     assert "[0 tokens, stopped before the first token]" in result.stderr
     assert "first token in" not in result.stderr and "--max-new-tokens" not in result.stderr
+
+
+def test_chat_and_play_decode_in_the_precision_of_their_device(monkeypatch, tmp_path):
+    """On a GPU, chat and play run in bf16 autocast as training and eval do (autocast_for);
+    the device's rule is asked for with the model's own device."""
+    from contextlib import contextmanager
+
+    from bitnet_cli.use import loading
+    from bitnet_cli.use.loading import load_model
+    from tests.test_export import random_checkpoint, story_tokenizer
+    entered, asked = [], []
+
+    @contextmanager
+    def marked():
+        entered.append(True)
+        yield
+
+    def rule(device):
+        asked.append(str(device))
+        return marked
+
+    monkeypatch.setattr(chat, "autocast_for", rule)
+    monkeypatch.setattr(loading, "autocast_for", rule)
+    checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
+    s = ChatSession(load_model(str(checkpoint)), Sampling(temperature=0, max_new_tokens=2))
+    "".join(s.reply("once upon a time"))
+    assert asked == ["cpu"] and entered == [True]
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: SimpleNamespace(
+        experiment="tictactoe", model=None, tokenizer=ttt_tokenizer()))
+    player, _ = loading.load_player("ttt", device="cpu")
+    assert player.autocast is marked and asked == ["cpu", "cpu"]
+
+
+def ttt_tokenizer():
+    from bitnet_cli.tasks import load_experiment
+    return load_experiment("tictactoe").tokenizer()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.devices import autocast_for
 from bitnet_cli.config.settings import MAX_SEED
 from bitnet_cli.use.cpu import decode_threads
 from bitnet_cli.errors import BitnetError
@@ -90,6 +92,7 @@ class ChatSession:
         if on_cpu and self.compile:
             torch.set_num_threads(decode_threads(torch.get_num_threads()))
         self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
+        self.autocast = autocast_for(model.rope_cos.device) if model is not None else nullcontext
         if self.compile and self.step is not None:
             self.step.warm_up()
 
@@ -146,24 +149,26 @@ class ChatSession:
             self.last.threads = torch.get_num_threads()
         start = time.perf_counter()
         try:
-            for token in generate(self.loaded.model, prompt, max_new, self.sampling.temperature,
-                                  self.sampling.top_k, self.sampling.top_p, stop_ids,
-                                  generator=self.sampler(), step=self.step):
-                self.last.made += 1
-                if self.last.made == 1:
-                    self.last.first_token_s = time.perf_counter() - start
-                if token in stop_ids:
-                    self.last.stopped = "stop token"
-                    break
-                new.append(token)
-                if hasattr(self.task, "chat_reply"):
-                    continue  # a formatted answer is only shown whole
-                piece = text.add(token)
-                if piece:
-                    yield piece
-            else:
-                if len(prompt) + len(new) >= self.context:
-                    self.last.stopped = "context"
+            with self.autocast():  # bf16 on a GPU, as training and eval run
+                for token in generate(self.loaded.model, prompt, max_new,
+                                      self.sampling.temperature, self.sampling.top_k,
+                                      self.sampling.top_p, stop_ids, generator=self.sampler(),
+                                      step=self.step):
+                    self.last.made += 1
+                    if self.last.made == 1:
+                        self.last.first_token_s = time.perf_counter() - start
+                    if token in stop_ids:
+                        self.last.stopped = "stop token"
+                        break
+                    new.append(token)
+                    if hasattr(self.task, "chat_reply"):
+                        continue  # a formatted answer is only shown whole
+                    piece = text.add(token)
+                    if piece:
+                        yield piece
+                else:
+                    if len(prompt) + len(new) >= self.context:
+                        self.last.stopped = "context"
         except (GeneratorExit, KeyboardInterrupt):  # closed by the reader, or Ctrl-C
             self.last.stopped = "interrupted"
             raise

@@ -22,7 +22,7 @@ from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
 from bitnet_cli.store.selector import matching_runs, written_as_path
-from bitnet_cli.nn.devices import resolve_device
+from bitnet_cli.nn.devices import autocast_for, resolve_device
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.tictactoe import ModelPlayer
 
@@ -117,7 +117,7 @@ def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
     if loaded.experiment != "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is not a tic-tac-toe model (it was trained on "
                           f"{loaded.experiment}); train one with: bitnet train tictactoe --size tiny")
-    return ModelPlayer(loaded.model, loaded.tokenizer, where), loaded
+    return ModelPlayer(loaded.model, loaded.tokenizer, where, autocast_for(where)), loaded
 
 
 def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
