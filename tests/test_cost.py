@@ -254,3 +254,21 @@ def test_help_is_the_manual():
     for text in ["6·N·D + 12·L·d·T·D", "Korthikanti", "20 tokens per parameter",
                  "--peak-tflops", "bitnet cost --preset baseline --gpu A100-80GB", "RTX-3060"]:
         assert text in result.stdout
+
+
+def test_a_cpu_step_is_checked_against_float32_activations(monkeypatch):
+    """CPU training runs in float32: its activations take twice the 16-bit formula's bytes, so
+    a step that fits in bf16 but not in float32 is refused on a CPU before it starts."""
+    import torch
+
+    from bitnet_cli.config.settings import build_configs
+    from bitnet_cli.errors import BitnetError
+    from bitnet_cli.report.cost import training_bytes
+    from bitnet_cli.training import setup
+    model, train = build_configs("tinystories", "tiny")
+    half = training_bytes(model, train.batch_size, train.seq_len, activation_bytes=2)
+    full = training_bytes(model, train.batch_size, train.seq_len, activation_bytes=4)
+    assert half < full < 2 * half  # the layers' activations double; weights and logits do not
+    monkeypatch.setattr(setup, "_free_memory", lambda device: (half + full) // 2)
+    with pytest.raises(BitnetError, match="lower --batch-size"):
+        setup.check_memory(model, train, torch.device("cpu"), 1)

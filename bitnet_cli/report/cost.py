@@ -253,10 +253,13 @@ def _horizon(shape: Shape, train: dict, tokens: int | None, steps: int | None,
                    basis=f"{CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter", **batch)
 
 
-def _memory(shape: Shape, horizon: Horizon) -> dict:
-    """Bytes per GPU for training (data parallel: every GPU holds it all) and for inference."""
+def _memory(shape: Shape, horizon: Horizon, activation_bytes: int = 2) -> dict:
+    """Bytes per GPU for training (data parallel: every GPU holds it all) and for inference.
+    The layers' activations are the formula's 16-bit ones, scaled for `activation_bytes`: 4 on
+    a CPU, which trains in float32."""
     s, b, d, h = horizon.seq_len, horizon.batch_size, shape.hidden, shape.heads
-    activations = shape.layers * s * b * (34 * d + 5 * h * s) + 4 * s * b * (d + shape.vocab)
+    layers = shape.layers * s * b * (34 * d + 5 * h * s) * activation_bytes // 2
+    activations = layers + 4 * s * b * (d + shape.vocab)
     training = {"weights": 4 * shape.params, "gradients": 4 * shape.params,
                 "adamw": 8 * shape.params, "activations": activations}
     training["total"] = sum(training.values())
@@ -266,10 +269,12 @@ def _memory(shape: Shape, horizon: Horizon) -> dict:
                           "ternary_packed": (shape.ternary_params + 3) // 4 + 2 * full_precision}}
 
 
-def training_bytes(model: ModelConfig, batch_size: int, seq_len: int) -> int:
-    """What one training step of `batch_size` sequences holds at once, by the formula above."""
+def training_bytes(model: ModelConfig, batch_size: int, seq_len: int,
+                   activation_bytes: int = 2) -> int:
+    """What one training step of `batch_size` sequences holds at once, by the formula above,
+    with activations of `activation_bytes` each (2 in bf16 autocast, 4 in float32)."""
     horizon = Horizon(0, batch_size, seq_len, 1, None, "")
-    return _memory(shape_of(model, "run"), horizon)["training"]["total"]
+    return _memory(shape_of(model, "run"), horizon, activation_bytes)["training"]["total"]
 
 
 def training_flops_per_token(shape: Shape, seq_len: int) -> int:

@@ -92,7 +92,9 @@ def check_memory(model_cfg, cfg, device: torch.device, world_size: int) -> None:
     from bitnet_cli.report.cost import training_bytes
 
     micro_batch = max(cfg.batch_size // world_size, 1)
-    needed = training_bytes(model_cfg, micro_batch, cfg.seq_len)
+    # bf16 autocast on CUDA (nn/devices.py); float32 activations everywhere else.
+    needed = training_bytes(model_cfg, micro_batch, cfg.seq_len,
+                            activation_bytes=2 if device.type == "cuda" else 4)
     free = _free_memory(device)
     if free is not None and needed > free:
         raise BitnetError(
