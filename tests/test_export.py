@@ -135,7 +135,7 @@ def test_gguf_reads_back_with_exact_ternary_weights(tmp_path, experiment, activa
                                    activation=activation)
     result = invoke("export", checkpoint, "--format", "gguf", "--out", tmp_path / "gguf")
     caveat = [line for line in result.stderr.splitlines() if "llama.cpp" in line]
-    if activation == "relu2":  # one line saying today's llama.cpp computes this model wrong
+    if activation == "relu2":  # one line saying which llama.cpp computes this model right
         assert len(caveat) == 1 and "--activation silu" in caveat[0], result.stderr
     else:
         assert caveat == [], result.stderr

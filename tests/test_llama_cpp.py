@@ -1,8 +1,9 @@
 """llama.cpp itself runs bitnet's GGUF files, through llama-cpp-python (which bundles it).
 
 A model trained with --activation silu gives bitnet's greedy answers there; one trained with the
-default relu2 does not, because today's llama.cpp computes silu(gate) * up for the `bitnet`
-architecture whatever the file says (which is why `export` prints a caveat for relu2 models).
+default relu2 does not in the pinned llama-cpp-python (0.3.36), whose llama.cpp computes
+silu(gate) * up for the `bitnet` architecture whatever the file says; upstream llama.cpp reads
+`bitnet.hidden_activation` from 2026 on (which is why `export` prints a caveat for relu2 models).
 llama.cpp quantizes activations its own way (not at all against F16 codes, per 256 values
 against TQ2_0), so logits are compared with a tolerance and answers exactly.
 """
@@ -130,9 +131,10 @@ def test_llama_cpp_gives_a_silu_models_answers(simple_runs):
     assert reply == text + "\n"
 
 
-def test_todays_llama_cpp_computes_a_relu2_model_wrong(simple_runs):
-    """What `export` warns about: llama.cpp runs its silu FFN on relu2 weights. If this fails,
-    llama.cpp has learned relu2: drop the caveat and say so in the README."""
+def test_the_pinned_llama_cpp_computes_a_relu2_model_wrong(simple_runs):
+    """What `export` warns about: the pinned llama-cpp-python's llama.cpp runs its silu FFN on
+    relu2 weights. If this fails, the bundled llama.cpp has learned relu2 (upstream did in
+    2026): update the README's table and the caveat."""
     run, gguf_file = simple_runs["relu2"]
     loaded = load_model(str(run))
     llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)

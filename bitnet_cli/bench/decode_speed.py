@@ -99,8 +99,9 @@ def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
     """llama.cpp's greedy decoding speed on `model`'s weights, through llama-cpp-python: the
     model exported as bitnet's GGUF (TQ2_0 codes where rows are multiples of 256, F16
     embedding), the same prompt, new tokens and thread count as bitnet's engines, timed the
-    same way (after the prompt, best of three). llama.cpp computes silu(gate) * up for this
-    architecture: the same work as relu2, so the speed compares even though the FFN differs."""
+    same way (after the prompt, best of three). The pinned llama.cpp computes silu(gate) * up
+    for this architecture: the same work as relu2, so the speed compares even though the FFN
+    differs."""
     try:
         from llama_cpp import Llama
     except ImportError:

@@ -27,10 +27,10 @@ def export(
     released BitNet b1.58 2B4T checkpoint stores them.
 
     gguf: OUT/model.gguf for llama.cpp's bitnet architecture, tokenizer inside.
-    Today's llama.cpp computes a silu FFN for that architecture: a model trained
-    with --activation silu gives bitnet's answers there; a relu2 model (the
-    default, as BitNet b1.58 2B4T) needs a llama.cpp that reads
-    bitnet.hidden_activation, and a note on stderr says so.
+    Every llama.cpp computes a model trained with --activation silu right; a relu2
+    model (the default, as BitNet b1.58 2B4T) needs one that reads
+    bitnet.hidden_activation (upstream from 2026 on; not llama-cpp-python 0.3.36 or
+    bitnet.cpp, which compute silu), and a note on stderr says so.
 
     OUT is written whole or not at all, and never over existing files.
     """

@@ -102,8 +102,8 @@ def train(
                                               "twin with the same names and shapes)."),
     activation: str = typer.Option("relu2", help="The FFN gate: relu2, relu(gate)^2 * up as in "
                                                  "BitNet b1.58 2B4T, or silu, silu(gate) * up, "
-                                                 "which today's llama.cpp computes (see "
-                                                 "`bitnet export --help`)."),
+                                                 "which every llama.cpp computes (relu2 only "
+                                                 "a 2026 one: see `bitnet export --help`)."),
     data: Optional[str] = typer.Option(None, help="Text experiments: local .txt, .jsonl or .parquet "
                                                   "files (a 'text' field), or a folder of them, "
                                                   "instead of the hub data set."),

@@ -17,7 +17,7 @@ from bitnet_cli.errors import BitnetError
 
 QUANT_MODES = ("ternary", "none")
 # The FFN's gate: relu2 is relu(gate)^2 * up (BitNet b1.58 2B4T); silu is silu(gate) * up, what
-# today's llama.cpp computes for its `bitnet` architecture.
+# every llama.cpp computes for its `bitnet` architecture (relu2 only one from 2026 on).
 ACTIVATIONS = ("relu2", "silu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_STEPS = 999_999_999  # checkpoint folder names hold nine digits

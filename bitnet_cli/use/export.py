@@ -40,9 +40,10 @@ from bitnet_cli.use.loading import LoadedModel, load_model, projections, special
 from bitnet_cli.store.runs import TOKENIZER_FILE
 
 FORMATS = ("hf", "hf-packed", "gguf")
-LLAMA_CPP_CAVEAT = ("note: today's llama.cpp computes silu(gate) * up for the bitnet "
-                    "architecture, not this model's relu2 FFN, so its answers will be wrong there; "
-                    "train with --activation silu for models meant for llama.cpp")
+LLAMA_CPP_CAVEAT = ("note: only a llama.cpp from 2026 on (upstream commit 38fcfa12) reads this "
+                    "model's relu2 FFN from the file; older ones (llama-cpp-python 0.3.36, "
+                    "bitnet.cpp, most apps) compute silu(gate) * up and answer wrongly; train "
+                    "with --activation silu for models meant for any llama.cpp")
 
 
 def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
