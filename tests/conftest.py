@@ -26,3 +26,20 @@ def bitnet_cache(tmp_path, monkeypatch):
     cache = tmp_path / "bitnet-cache"
     monkeypatch.setenv("BITNET_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def fresh_threads():
+    """The thread count torch starts with in a fresh process."""
+    import torch
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads(fresh_threads):
+    """`chat` in-process sets torch's thread count from the cores idle at that instant (one,
+    while the suite itself keeps a core busy): put it back, so that a later test trains on the
+    threads a fresh process would, and its floats do not depend on the machine's load."""
+    yield
+    import torch
+    torch.set_num_threads(fresh_threads)
