@@ -149,3 +149,62 @@ def test_processes_preparing_the_same_data_build_it_once(bitnet_cache, tmp_path)
     assert sum("training the tokenizer" in out for out in outputs) == 1
     assert all(out.splitlines()[-1] == f"folder {key}" for out in outputs)
     assert [f.name for f in (bitnet_cache / "shards").iterdir()] == [key]
+
+
+LONG_TEXTS = {
+    "prose": "\n".join(story(random.Random(i)) for i in range(400)),
+    "one line": " ".join(story(random.Random(i)).replace("\n", " ") for i in range(400)),
+    "runs of spaces and newlines": "\n\n  ".join(f"word{i}   next\t{i}!" for i in range(5000)),
+    "no space at all": "ab\u00e9c\U0001F600" * 20000,
+}
+
+
+@pytest.mark.parametrize("kind", LONG_TEXTS)
+def test_a_long_document_encodes_a_piece_at_a_time_to_the_same_ids(kind):
+    from bitnet_cli.data.pieces import encode_long, pieces
+    text = LONG_TEXTS[kind]
+    tok = data.train_tokenizer(iter([LONG_TEXTS["prose"][:200_000]]), 512)
+    parts = list(pieces(text, 10_000))
+    assert "".join(parts) == text and len(parts) > 5 and max(map(len, parts)) <= 10_000
+    whole = tok.encode(text).ids
+    if kind != "no space at all":  # with no place to cut cleanly, the seams may differ
+        assert [i for p in parts for i in tok.encode(p).ids] == whole
+    assert encode_long(tok, text, np.dtype(np.uint16)).tolist() == whole
+
+
+def test_preparing_one_huge_document_never_encodes_it_whole(tmp_path, monkeypatch):
+    """One 3 MB document: tokenizers is never handed more than a piece of it at once (a whole
+    50 MB one took 7.4 GB), and the shards hold its ids as one encoding would give them."""
+    from bitnet_cli.data import pieces
+    folder = tmp_path / "book"
+    folder.mkdir()
+    book = "\n".join(story(random.Random(i)) for i in range(16_000))
+    assert len(book) > 3 * pieces.PIECE_CHARS
+    others = [story(random.Random(-i)) for i in range(1, 40)]
+    (folder / "book.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                               for t in [book, *others]))
+    handed = []
+    real_train = data.train_tokenizer
+
+    def recording_tokenizer(documents, vocab_size):
+        tok = real_train(documents, vocab_size)
+
+        class Recording:
+            def __getattr__(self, name):
+                return getattr(tok, name)
+
+            def encode(self, text):
+                handed.append(len(text))
+                return tok.encode(text)
+
+            def encode_batch(self, texts):
+                handed.extend(map(len, texts))
+                return tok.encode_batch(texts)
+        return Recording()
+
+    monkeypatch.setattr(data, "train_tokenizer", recording_tokenizer)
+    shards = data.prepare_shards("tinystories", str(folder), 512, 1)
+    assert max(handed) <= pieces.PIECE_CHARS
+    tok = Tokenizer.from_file(str(shards.tokenizer_path))
+    expected = tok.encode(book).ids + [tok.token_to_id(data.EOT)]
+    assert shards.train[:len(expected)].tolist() == expected

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bitnet_cli.data.documents import EOT, HUB_SOURCES, hub_documents, local_documents, local_files
+from bitnet_cli.data.pieces import PIECE_CHARS, encode_long
 from bitnet_cli.errors import BitnetError
 
 HELD_OUT_EVERY = 20
@@ -233,8 +234,12 @@ def _encoded(documents: Iterator[str], tok, stop_at: int | None, train: bool = T
 
     def flush() -> Iterator[tuple[str, np.ndarray]]:
         wanted = [(i, doc) for i, doc in batch if train or _is_held_out(i)]
-        for (index, _), enc in zip(wanted, tok.encode_batch([doc for _, doc in wanted])):
-            ids = np.array(enc.ids + [eot], dtype=dtype)
+        short = [doc for _, doc in wanted if len(doc) <= PIECE_CHARS]
+        encoded = iter(tok.encode_batch(short))
+        for index, doc in wanted:
+            body = (np.array(next(encoded).ids, dtype=dtype) if len(doc) <= PIECE_CHARS
+                    else encode_long(tok, doc, dtype))
+            ids = np.append(body, np.array(eot, dtype=dtype))
             split = "val" if _is_held_out(index) and counts["val"] < MAX_VAL_TOKENS else "train"
             counts[split] += len(ids)
             yield split, ids
