@@ -208,3 +208,23 @@ def test_preparing_one_huge_document_never_encodes_it_whole(tmp_path, monkeypatc
     tok = Tokenizer.from_file(str(shards.tokenizer_path))
     expected = tok.encode(book).ids + [tok.token_to_id(data.EOT)]
     assert shards.train[:len(expected)].tolist() == expected
+
+
+def test_changing_the_steps_of_a_streamed_run_keeps_its_data_and_cursor(bitnet_home,
+                                                                       bitnet_cache, monkeypatch):
+    """resume --steps N of a hub-streamed run (longer or shorter) goes on over the token array
+    it started on: the shards were sized for the run as planned, and no others are built."""
+    monkeypatch.setattr(data, "hub_documents", endless_hub)
+    monkeypatch.setattr(data, "TOKENIZER_SAMPLE_CHARS", 50_000)
+    args = [a for a in TINY if a not in ("--steps", "16")]
+    invoke("train", "tinystories", *args, "--steps", "16", "--name", "hub")
+    config = json.loads((bitnet_home / "runs/hub/config.json").read_text())["train"]
+    assert config["data_tokens"] == 16 * 8 * 64
+    built = sorted(p.name for p in (bitnet_cache / "shards").iterdir())
+    invoke("resume", "hub", "--steps", "40")
+    invoke("resume", "hub", "--steps", "48")
+    assert sorted(p.name for p in (bitnet_cache / "shards").iterdir()) == built
+    rows = [json.loads(line) for line in (bitnet_home / "runs/hub/metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["split"] == "train"][-1] == 48
+    report = json.loads(invoke("eval", "hub", "--json", "--engine", "float").stdout)
+    assert "unigram_loss" in report["metrics"]  # eval found the run's own shards too

@@ -121,6 +121,9 @@ class TrainConfig:
     vocab_size: int | None = None  # text experiments: size of the BPE trained on the data
     extended_at: list[int] = dataclasses.field(default_factory=list)  # see optim.lr_factor
     tensorboard: bool = False  # also write the metrics as TensorBoard event files
+    # Text experiments: the training tokens the run's data was prepared for, fixed when the run
+    # is made, so that changing --steps later keeps its data, its window order and its cursor.
+    data_tokens: int | None = None
 
     def validate(self) -> None:
         if not isinstance(self.experiment, str) or not isinstance(self.size, str):
@@ -147,6 +150,8 @@ class TrainConfig:
                               f"examples need that much context), got {self.seq_len}")
         if self.vocab_size is not None:
             check_whole("--vocab-size", self.vocab_size, 257, 2**20)
+        if self.data_tokens is not None:
+            check_whole("data_tokens", self.data_tokens, 1, 2**62)
         for flag, value, low in (("--lr", self.lr, 0), ("grad_clip", self.grad_clip, 0)):
             if not real(value) or value <= low:
                 raise BitnetError(f"{flag} must be a positive finite number, got {show(value)}")
@@ -178,6 +183,14 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def data_budget(self) -> int:
+        """The training tokens the text data holds: as the run was planned when it was made
+        (a run from before data_tokens: its first planned total, which extensions keep)."""
+        if self.data_tokens is not None:
+            return self.data_tokens
+        return (self.extended_at[:1] or [self.steps])[0] * self.tokens_per_step
 
     @property
     def text_vocab_size(self) -> int:

@@ -31,7 +31,7 @@ def prepare_task(task, cfg, progress=None) -> None:
     """Text experiments find or build their token shards and tokenizer; the synthetic ones
     make their data as they go and need nothing."""
     if hasattr(task, "prepare"):
-        task.prepare(cfg.data, cfg.text_vocab_size, cfg.steps * cfg.tokens_per_step, progress)
+        task.prepare(cfg.data, cfg.text_vocab_size, cfg.data_budget, progress)
     elif cfg.data is not None:
         raise BitnetError(f"the {cfg.experiment!r} experiment makes its own data and takes no --data")
     elif cfg.vocab_size is not None:
@@ -48,6 +48,8 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     task, model_cfg, train_cfg = prepare_data(experiment, size, quant, progress, share,
                                               **overrides)
     model_cfg.vocab_size = task.tokenizer().get_vocab_size()
+    if hasattr(task, "prepare"):  # the text it was prepared for stays the run's data
+        train_cfg.data_tokens = train_cfg.data_budget
     check_memory(model_cfg, train_cfg, resolve_device(train_cfg.device), share.world_size)
     with new_run_dir(experiment, train_cfg.size, train_cfg.name) as (run_dir, folder):
         config = _run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)

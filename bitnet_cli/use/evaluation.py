@@ -32,7 +32,7 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
                               f"{loaded.experiment} model needs the run's config.json to find "
                               "its held-out text")
         _, _, cfg = read_run_config(config.parent)
-        task.prepare_eval(cfg.data, cfg.text_vocab_size, cfg.steps * cfg.tokens_per_step,
+        task.prepare_eval(cfg.data, cfg.text_vocab_size, cfg.data_budget,
                           loaded.tokenizer, loaded.config.max_position_embeddings)
     metrics = task.evaluate(loaded.model, where, autocast_for(where))
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
