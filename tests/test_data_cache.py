@@ -173,8 +173,9 @@ def test_a_long_document_encodes_a_piece_at_a_time_to_the_same_ids(kind):
 
 
 def test_preparing_one_huge_document_never_encodes_it_whole(tmp_path, monkeypatch):
-    """One 3 MB document: tokenizers is never handed more than a piece of it at once (a whole
-    50 MB one took 7.4 GB), and the shards hold its ids as one encoding would give them."""
+    """One 3 MB document: tokenizers, training or encoding, is never handed more than a piece of
+    it at once (a whole 50 MB one took 7.4 GB), the BPE is the one the whole document trains,
+    and the shards hold its ids as one encoding would give them."""
     from bitnet_cli.data import pieces
     folder = tmp_path / "book"
     folder.mkdir()
@@ -187,7 +188,9 @@ def test_preparing_one_huge_document_never_encodes_it_whole(tmp_path, monkeypatc
     real_train = data.train_tokenizer
 
     def recording_tokenizer(documents, vocab_size):
-        tok = real_train(documents, vocab_size)
+        documents = list(documents)
+        handed.extend(map(len, documents))
+        tok = real_train(iter(documents), vocab_size)
 
         class Recording:
             def __getattr__(self, name):
@@ -206,6 +209,8 @@ def test_preparing_one_huge_document_never_encodes_it_whole(tmp_path, monkeypatc
     shards = data.prepare_shards("tinystories", str(folder), 512, 1)
     assert max(handed) <= pieces.PIECE_CHARS
     tok = Tokenizer.from_file(str(shards.tokenizer_path))
+    sample = [doc for i, doc in enumerate([book, *others]) if not data._is_held_out(i)]
+    assert tok.to_str() == real_train(iter(sample), 512).to_str()
     expected = tok.encode(book).ids + [tok.token_to_id(data.EOT)]
     assert shards.train[:len(expected)].tolist() == expected
 

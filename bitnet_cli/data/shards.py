@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bitnet_cli.data.documents import EOT, HUB_SOURCES, hub_documents, local_documents, local_files
-from bitnet_cli.data.pieces import PIECE_CHARS, encode_long
+from bitnet_cli.data.pieces import PIECE_CHARS, encode_long, pieces
 from bitnet_cli.errors import BitnetError
 
 HELD_OUT_EVERY = 20
@@ -200,7 +200,10 @@ def _build(tmp: Path, identity: dict, documents: Callable[[], Iterator[str]], da
                      TOKENIZER_SAMPLE_CHARS)
     if not sample:
         raise BitnetError(f"--data {data} holds no text" if data else "the data set is empty")
-    tok = train_tokenizer(iter(sample), identity["vocab_size"])
+    # A piece at a time here too: the trainer keeps a whole document's words (7 GB for 50 MB),
+    # and pieces cut between pre-tokens give it the same word counts, so the same BPE.
+    tok = train_tokenizer((piece for doc in sample for piece in pieces(doc)),
+                          identity["vocab_size"])
     dtype = _dtype(tok)
     stop_at = None if data else budget  # a hub stream has more; this run does not need it
     counts = {"train": 0, "val": 0}
