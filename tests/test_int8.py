@@ -25,13 +25,14 @@ import json
 import pytest
 import torch
 
-from bitnet_cli.nn.bitlinear import BitLinear, activation_quant, ternary_codes, weight_quant, weight_scale
+from bitnet_cli.nn.bitlinear import (BitLinear, activation_codes, activation_quant, ternary_codes,
+                                     weight_quant)
 from bitnet_cli.store.checkpoint import step_dir_name
 from bitnet_cli.cli import app
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.compiled import DecodeStep
-from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, activation_codes, int8_unusable, to_int8
+from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, int8_unusable, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from tests.cli import home_at, runner
 
@@ -44,8 +45,9 @@ def rel_to_exact(layer: BitLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     """|y - exact| / |exact| elementwise, where exact is BitLinear's maths in float64 from the
     integer codes (rows whose exact value is 0 must give exactly 0)."""
     x_codes, x_scale = activation_codes(x.reshape(-1, x.shape[-1]))
-    acc = x_codes.double() @ ternary_codes(layer.weight).double().T
-    exact = acc / (x_scale.double() * weight_scale(layer.weight).double())
+    codes, s = ternary_codes(layer.weight)
+    acc = x_codes.double() @ codes.double().T
+    exact = acc / (x_scale.double() * s.double())
     y = y.reshape(exact.shape).double()
     assert torch.equal(y[exact == 0], exact[exact == 0])
     return ((y - exact).abs() / exact.abs())[exact != 0]
@@ -64,7 +66,8 @@ def test_int8_linear_is_bitlinear_in_integers(in_features, out_features, magnitu
     x = torch.randn(3, 5, in_features) * magnitude
     x[0, 0] = 0.0  # an all-zero token: scale clamped, output exactly 0
     codes, scale = activation_codes(x)
-    assert codes.dtype == torch.int8 and torch.equal(codes.float() / scale, activation_quant(x))
+    assert torch.equal(codes.to(torch.int8).float(), codes)  # whole numbers that int8 holds
+    assert torch.equal(codes / scale, activation_quant(x))
 
     with torch.no_grad():
         y, reference = fast(x), layer(x)

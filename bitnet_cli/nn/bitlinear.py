@@ -18,36 +18,41 @@ from torch import nn
 EPS = 1e-5
 
 
-def weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """The absmean multiplier s = 1 / mean|W| (a 0-dim float32 tensor)."""
-    return 1.0 / w.float().abs().mean().clamp(min=EPS)
-
-
-def ternary_codes(w: torch.Tensor) -> torch.Tensor:
-    """The ternary integers round(W * s) clamped to {-1, 0, 1}, as float32."""
-    return (w.float() * weight_scale(w)).round().clamp(-1, 1)
+def ternary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight quantizer, the one every path uses: the codes round(W * s) clamped to
+    {-1, 0, 1} (float32) and the absmean multiplier s = 1 / mean|W| (a 0-dim float32 tensor).
+    Rounded in place: each pass over the weights costs training time."""
+    s = 1.0 / w.float().abs().mean().clamp(min=EPS)
+    return (w.float() * s).round_().clamp_(-1, 1), s
 
 
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
-    """W quantized to {-1, 0, 1} / s, in float32: ternary_codes(w) / s, computing the scale once
-    and rounding in place, because each pass over the weights costs training time."""
-    s = weight_scale(w)
-    return (w.float() * s).round_().clamp_(-1, 1).div_(s)
+    """W quantized to {-1, 0, 1} / s, in float32: what training and the float engine multiply."""
+    codes, s = ternary_codes(w)
+    return codes.div_(s)
 
 
 def ternary_codes_and_scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W as int8 codes in {-1, 0, 1} and the one float32 multiplier (mean|W|) that restores it:
-    codes * scale == weight_quant(w) exactly, because a code of +-1 divided by s is the same
-    float32 division as 1 / s."""
-    s = weight_scale(w)
-    return ternary_codes(w).to(torch.int8), torch.ones((), dtype=torch.float32) / s
+    """W as int8 codes in {-1, 0, 1} and the one float32 multiplier (mean|W|) that restores it,
+    as exports store them: codes * scale == weight_quant(w) exactly, because a code of +-1
+    divided by s is the same float32 division as 1 / s."""
+    codes, s = ternary_codes(w)
+    return codes.to(torch.int8), torch.ones((), dtype=torch.float32) / s
+
+
+def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantizer, the one every path uses: per token (last dim) the codes
+    round(x * 127 / max|x|) in [-127, 127] (float32) and that scale, 127 / max|x|. (No clamp:
+    |x| * 127 / max|x| never rounds past 127.)"""
+    x = x.float()
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (x * scale).round_(), scale
 
 
 def activation_quant(x: torch.Tensor) -> torch.Tensor:
-    """x quantized per token (last dim) to 256 levels: round(x * 127 / max|x|) / (127 / max|x|)."""
-    x = x.float()
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    return (x * scale).round_().clamp_(-128, 127).div_(scale)
+    """x quantized per token to 256 levels, in float32: codes / scale."""
+    codes, scale = activation_codes(x)
+    return codes.div_(scale)
 
 
 class StraightThrough(torch.autograd.Function):

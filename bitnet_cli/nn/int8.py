@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.nn.bitlinear import EPS, BitLinear, ternary_codes, weight_scale
+from bitnet_cli.nn.bitlinear import BitLinear, activation_codes, ternary_codes
 
 ENGINES = ("int8", "float")
 
@@ -41,22 +41,22 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def stacking(cls, *layers: BitLinear) -> Int8Linear:
-        weights = [layer.weight.detach() for layer in layers]
-        return cls(torch.cat([ternary_codes(w) for w in weights]).to(torch.int8),
-                   torch.cat([weight_scale(w).expand(len(w)) for w in weights]),
-                   [len(w) for w in weights])
+        quantized = [ternary_codes(layer.weight.detach()) for layer in layers]
+        return cls(torch.cat([codes for codes, _ in quantized]).to(torch.int8),
+                   torch.cat([s.expand(len(codes)) for codes, s in quantized]),
+                   [len(codes) for codes, _ in quantized])
 
     @classmethod
     def per_row(cls, weight: torch.Tensor) -> Int8Linear:
         """A full-precision matrix rounded to int8 with one absmax scale per output row: the
         output layer, as an option (--head int8), at half of float16's bytes."""
-        w = weight.detach().float()
-        scale = 127.0 / w.abs().amax(dim=1).clamp(min=EPS)
-        return cls((w * scale[:, None]).round_().to(torch.int8), scale, [len(w)])
+        codes, scale = activation_codes(weight.detach())  # absmax per row, as for activations
+        return cls(codes.to(torch.int8), scale.squeeze(1), [len(codes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
+        x_codes = x_codes.to(torch.int8)
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
         # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
         acc = int_mm(x_codes, self.codes.t())
@@ -81,16 +81,6 @@ class Int8Part(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.whole.parts(x)[self.index]
-
-
-def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitlinear.activation_quant stopped before its division: int8 codes and the per-token
-    float32 scale, with codes / scale == activation_quant(x) exactly."""
-    x = x.float()
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    # activation_quant's clamp to [-128, 127] is left out: |x| * 127 / max|x| rounds to at
-    # most 127, so it never changes a code, and it is one pass less per layer.
-    return (x * scale).round_().to(torch.int8), scale
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ The model knows nothing about devices, precision policy or distribution: the tra
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -275,3 +277,18 @@ def generate(model: BitNetForCausalLM, prompt_ids: list[int], max_new_tokens: in
             logits = step(torch.tensor([[next_id]], device=device), cache)[0, -1]
         else:
             logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
+
+
+def evaluation(evaluate):
+    """For a task's evaluate(model, ...): run it without gradients and with the model in eval
+    mode, then hand the model back in the mode it came in (training goes on after it)."""
+    @functools.wraps(evaluate)
+    @torch.no_grad()
+    def in_eval_mode(task, model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return evaluate(task, model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return in_eval_mode

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import Regex
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.model import evaluation
 from bitnet_cli.tasks.rows import RowStream
 
 PAD, UNK = "<pad>", "<unk>"
@@ -83,7 +84,7 @@ class ProblemTask:
             encoded = self._encoded[key] = (ids, (False,) * len(prompt) + (True,) * len(answer))
         return encoded
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model, device, autocast=contextlib.nullcontext, chunk: int = 512) -> dict[str, float]:
         """Held-out answer loss and exact match per group.
 
@@ -101,8 +102,6 @@ class ProblemTask:
             inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             mask = torch.tensor(target[1:])
             labels[row, : len(ids) - 1] = torch.where(mask, torch.tensor(ids[1:]), IGNORE)
-        was_training = model.training
-        model.eval()
         total_loss, total_tokens, correct = 0.0, 0, []
         for start in range(0, len(encoded), chunk):
             x = inputs[start:start + chunk].to(device)
@@ -114,7 +113,6 @@ class ProblemTask:
             total_tokens += int((y != IGNORE).sum())
             hit = (logits.argmax(-1) == y) | (y == IGNORE)
             correct.append(hit.all(dim=1).cpu())
-        model.train(was_training)
         correct = torch.cat(correct)
         metrics = {"loss": total_loss / max(total_tokens, 1), "acc": correct.float().mean().item()}
         for group in groups:

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.data.shards import EOT, Progress, Shards, find_shards, held_out_tokens, prepare_shards
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.model import evaluation
 from bitnet_cli.tasks.rows import RowStream
 
 EVAL_WINDOWS = 256
@@ -65,15 +66,13 @@ class TextTask:
         return WindowStream(np.asarray(self.shards.train), seed, batch_size, seq_len, rank,
                             world_size)
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model, device, autocast=contextlib.nullcontext, batch_size: int = 32) -> dict:
         seq_len = model.config.max_position_embeddings
         val = np.asarray(self._val)
         windows = min(EVAL_WINDOWS, (len(val) - 1) // seq_len)
         if windows == 0:  # held-out text shorter than one window: score what there is
             seq_len, windows = len(val) - 1, 1
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0
         for start in range(0, windows, batch_size):
             rows = np.stack([val[i * seq_len:i * seq_len + seq_len + 1]
@@ -84,7 +83,6 @@ class TextTask:
                 logits = model(x)
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
-        model.train(was_training)
         metrics = {"loss": total / count}
         if self._unigram is not None:
             metrics["unigram_loss"] = self._unigram

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bitnet_cli.nn.model import evaluation
 from bitnet_cli.tasks.problems import IGNORE, char_tokenizer
 from bitnet_cli.tasks.rows import RowStream
 from bitnet_cli.tasks.tictactoe_rules import (DRAW, START, legal_moves, noisy_player, perfect_player, place,
@@ -79,7 +80,7 @@ class TicTacToeTask:
                world_size: int = 1) -> "GameStream":
         return GameStream(self, seed, batch_size, seq_len, rank, world_size)
 
-    @torch.no_grad()
+    @evaluation
     def evaluate(self, model, device, autocast=contextlib.nullcontext) -> dict:
         """Validation loss on a fixed sample of the mixture, then games (see play_matches):
         EVAL_GAMES as X and as O against the random and the perfect player, and every line any
@@ -91,15 +92,12 @@ class TicTacToeTask:
             ids, mask = self.encode_game(*sample_game(rng))
             tokens[row, :len(ids)], learn[row, :len(ids)] = ids, mask
         inputs, labels = shift(tokens, learn)
-        was_training = model.training
-        model.eval()
         with autocast():
             logits = model(inputs.to(device))
         metrics = {"loss": F.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(),
                                            ignore_index=IGNORE).item()}
         metrics.update(play_matches(ModelPlayer(model, self._tokenizer, device, autocast),
                                     EVAL_GAMES, EVAL_SEED))
-        model.train(was_training)
         return metrics
 
 

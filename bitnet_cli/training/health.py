@@ -52,7 +52,7 @@ class TernaryHealth:
 
     def _codes(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {name: ternary_codes(layer.weight).to(torch.int8)
+            return {name: ternary_codes(layer.weight)[0].to(torch.int8)
                     for name, layer in self.layers.items()}
 
     @contextlib.contextmanager
