@@ -116,7 +116,6 @@ def train(
     tensorboard: bool = flag("--tensorboard", help=TENSORBOARD_HELP),
 ) -> None:
     check_experiment(experiment)
-    nproc = parse_nproc(nproc_per_node)
     if tensorboard:
         check_tensorboard()
     from bitnet_cli.training import dist
@@ -130,10 +129,8 @@ def train(
                    tensorboard=tensorboard or None)
     argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
     share = dist.current()
+    nproc = parse_nproc(nproc_per_node, share)
     if share.distributed:  # every rank of a torchrun job runs this: rank 0 makes the run
-        if nproc is not None:
-            raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
-                              "leave it out and use torchrun's own --nproc-per-node")
         # Every rank finds or builds the data first, outside any collective's timeout.
         with DataProgress() as progress:
             prepare_data(experiment, progress=progress, share=share, **options)
@@ -178,9 +175,14 @@ def stories(
     typer.echo(f"wrote {count:,} stories to {path}", err=True)
 
 
-def parse_nproc(text: str | None) -> int | None:
+def parse_nproc(text: str | None, share) -> int | None:
+    """--nproc-per-node as a count (None when not given). Under torchrun (`share`), which starts
+    the workers itself, it is refused."""
     if text is None:
         return None
+    if share.distributed:
+        raise BitnetError("--nproc-per-node starts the workers itself; under torchrun, "
+                          "leave it out and use torchrun's own --nproc-per-node")
     try:
         nproc = int(text)
     except ValueError:
