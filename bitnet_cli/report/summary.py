@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bitnet_cli.config.numbers import real
 from bitnet_cli.config.settings import check_fields, model_config_from_dict, train_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
@@ -163,7 +164,7 @@ def checkpoints(run_dir: Path) -> list[dict]:
 
 def sparkline(values: list[float], width: int = 60) -> str:
     """The values squeezed into `width` block characters (each the mean of its bucket)."""
-    values = [v for v in values if isinstance(v, (int, float)) and v == v]
+    values = [v for v in values if real(v)]
     if not values:
         return ""
     buckets = min(width, len(values))

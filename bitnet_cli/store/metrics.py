@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
+from bitnet_cli.config.numbers import real
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.files import to_json, write_bytes_atomic
 
@@ -70,7 +70,7 @@ class TensorBoardWriter:
 
     def write(self, row: dict) -> None:
         for key, value in row.items():
-            if key not in NOT_SCALARS and _finite(value):
+            if key not in NOT_SCALARS and real(value):
                 self.writer.add_scalar(f"{row['split']}/{key}", value, global_step=row["step"],
                                        walltime=row.get("time"))
 
@@ -114,16 +114,11 @@ def _parse(lines) -> list[dict]:
             continue
         if not isinstance(row, dict):
             continue
-        row = {key: value for key, value in row.items() if _finite(value)
+        row = {key: value for key, value in row.items() if real(value)
                or (key == "split" and isinstance(value, str))}
         if isinstance(row.get("step"), int) and row["step"] >= 0:
             rows.append(row)
     return rows
-
-
-def _finite(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def read_metrics_tail(path: Path, max_bytes: int = 256 * 1024) -> list[dict]:

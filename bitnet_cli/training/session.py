@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_cli.config.numbers import format_count
+from bitnet_cli.config.numbers import format_count, real
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.checkpoint import rng_state, save_checkpoint
 from bitnet_cli.store.metrics import MetricsLog, MetricsWriter, TensorBoardWriter
@@ -213,9 +213,9 @@ class TrainingClock:
     report, where the last interval's speed would flatter it."""
 
     def __init__(self, elapsed_before, tokens_now: int):
-        ok = isinstance(elapsed_before, (int, float)) and not isinstance(elapsed_before, bool)
         # What state.json says, unless it cannot be a run's time (damaged, or planted)
-        self.before = float(elapsed_before) if ok and 0 <= elapsed_before < MAX_RUN_TIME_S else 0.0
+        ok = real(elapsed_before) and 0 <= elapsed_before < MAX_RUN_TIME_S
+        self.before = float(elapsed_before) if ok else 0.0
         self.started, self.tokens_at_start = time.perf_counter(), tokens_now
 
     def read(self, tokens_now: int) -> dict:

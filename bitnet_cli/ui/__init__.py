@@ -39,8 +39,8 @@ def format_eval(row: dict, headline: str) -> str:
 
 def number(value, fmt: str) -> str:
     """A number in `fmt`; anything else (absent, damaged) as '-'."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return format(value, fmt) if ok else "-"
+    from bitnet_cli.config.numbers import real
+    return format(value, fmt) if real(value) else "-"
 
 
 def count(n) -> str:
