@@ -3,7 +3,6 @@ CUDA), the CPU's time to make a batch, and the memory of a fresh process."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import subprocess
 import sys
@@ -11,11 +10,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bitnet_cli.bench.shapes import best_of, build
 from bitnet_cli.nn.bitlinear import quantized_for_step
-from bitnet_cli.nn.compiled import compiler_problem, deterministic_kernels, use_bitnet_cache
+from bitnet_cli.nn.compiled import TrainingForward, compiler_problem, use_bitnet_cache
+from bitnet_cli.nn.devices import autocast_for
+from bitnet_cli.training.loop import micro_step
 from bitnet_cli.training.optim import build_optimizer
 from bitnet_cli.config.presets import PRESETS
 
@@ -69,15 +69,13 @@ def _step_times(model, compiled: bool, ids: torch.Tensor, device: str) -> list[f
     around a compiled step, bf16 autocast on CUDA."""
     model = model.to(device).train()
     optimizer = build_optimizer(model, 1e-3, 0.1, device)
-    forward = torch.compile(model) if compiled else model
+    forward = TrainingForward(model, compiled, lambda line: print(f"note: {line}", file=sys.stderr))
+    autocast = autocast_for(torch.device(device))
     times = []
     for _ in range(STEP_REPEATS + 1):
         start = time.perf_counter()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-        kernels = deterministic_kernels() if compiled else contextlib.nullcontext()
-        with quantized_for_step(model), autocast, kernels:
-            logits = forward(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        with quantized_for_step(model):
+            forward.run(micro_step, ids[:, :-1], ids[:, 1:], ids[:, 1:].numel(), autocast, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -130,10 +128,13 @@ def data(repeats: int = 10) -> list[dict]:
 # Run in a fresh interpreter per case, so one case's freed memory cannot hide in another's peak.
 _CHILD = """
 import resource, sys
-import torch, torch.nn.functional as F
+from contextlib import nullcontext
+import torch
 from bitnet_cli.bench.shapes import build, NEW_TOKENS, PROMPT_TOKENS
+from bitnet_cli.nn.bitlinear import quantized_for_step
 from bitnet_cli.nn.int8 import to_int8
 from bitnet_cli.nn.model import generate
+from bitnet_cli.training.loop import micro_step
 from bitnet_cli.training.optim import build_optimizer
 kind, what = sys.argv[1:3]
 if kind == "decode":
@@ -148,7 +149,8 @@ elif kind == "train":
     optimizer = build_optimizer(model, 1e-3, 0.1, "cpu")
     ids = torch.randint(0, model.config.vocab_size, (2, 257))
     for _ in range(2):
-        F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        with quantized_for_step(model):
+            micro_step(model, ids[:, :-1], ids[:, 1:], ids[:, 1:].numel(), nullcontext, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 try:  # VmHWM is this program's own peak (ru_maxrss can carry the parent's over from fork)

@@ -94,16 +94,9 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     trained = dist.wrap(model, share, device)
     forward = training_forward(trained, wants_compile(cfg, device), device, reporter.notice)
     session.start({"compile": forward.compiled, **resumed})
-
-    def micro_step(model_call, inputs, labels, targets) -> torch.Tensor:
-        with autocast():
-            logits = model_call(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                               reduction="sum") / targets
-        # DDP averages gradients over ranks; each rank's loss is its share of the sum, so
-        # scale back up by the world size.
-        (loss * (share.world_size / cfg.grad_accum)).backward()
-        return loss.detach()
+    # DDP averages gradients over ranks; each rank's loss is its share of the sum, so its
+    # gradient is scaled back up by the world size (and down by the micro-steps).
+    grad_scale = share.world_size / cfg.grad_accum
 
     with stop_signals() as stop, session.recording():
         model.train()
@@ -119,7 +112,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                     # rows may hold more or fewer answer tokens than another's.
                     targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
                     with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
-                        loss_sum += forward.run(micro_step, inputs, labels, targets)
+                        loss_sum += forward.run(micro_step, inputs, labels, targets,
+                                                autocast, grad_scale)
                     stream.prefetch()  # while a GPU still works on this micro-step
             # A non-finite loss makes a non-finite gradient norm: that step is skipped.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -134,6 +128,17 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                 session.restart_window()
         session.stopped()
     return session.finish()
+
+
+def micro_step(model_call, inputs, labels, targets, autocast, grad_scale: float) -> torch.Tensor:
+    """One micro-batch forward and backward: the loss summed over its target tokens and
+    divided by `targets` (the whole batch's, on every rank), its gradient times `grad_scale`."""
+    with autocast():
+        logits = model_call(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / targets
+    (loss * grad_scale).backward()
+    return loss.detach()
 
 
 def _resume(run_dir, config, cfg, task, share, device, reporter, model, optimizer, stream):
