@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import os
 import select
@@ -54,6 +55,19 @@ def snapshot(root, skip=()):
             else:
                 seen[path] = "folder"
     return seen
+
+
+def optional(module: str, whole_file: bool = False):
+    """A package of the [test] extra that not every contributor installs (transformers,
+    llama-cpp-python): the module, or a skip that says how to install it. In CI (CI set) a
+    missing one fails instead: CI never skips a check silently."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        message = f"needs {module}: pip install -e '.[test]'"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI installs every test dependency)", pytrace=False)
+        pytest.skip(message, allow_module_level=whole_file)
 
 
 def state_step(path):

@@ -103,7 +103,7 @@ def test_each_reply_decodes_on_the_threads_the_idle_cores_allow(monkeypatch, tmp
     import torch
 
     from bitnet_cli.use.loading import load_model
-    from tests.test_export import random_checkpoint, story_tokenizer
+    from tests.models import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
     before = torch.get_num_threads()
     idle = iter([1, before])
@@ -122,7 +122,7 @@ def test_each_reply_decodes_on_the_threads_the_idle_cores_allow(monkeypatch, tmp
 def test_ctrl_c_before_the_first_token_is_reported_as_stopped(monkeypatch, tmp_path):
     from bitnet_cli.cli import app
     from tests.cli import runner
-    from tests.test_export import random_checkpoint, story_tokenizer
+    from tests.models import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer())
 
     def interrupted(*args, **kwargs):
@@ -143,7 +143,7 @@ def test_chat_and_play_decode_in_the_precision_of_their_device(monkeypatch, tmp_
 
     from bitnet_cli.use import loading
     from bitnet_cli.use.loading import load_model
-    from tests.test_export import random_checkpoint, story_tokenizer
+    from tests.models import random_checkpoint, story_tokenizer
     entered, asked = [], []
 
     @contextmanager

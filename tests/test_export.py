@@ -2,7 +2,6 @@
 reads back with the ternary weights exact; bad input fails in one line and writes nothing."""
 
 import json
-import random
 from pathlib import Path
 
 import gguf
@@ -10,19 +9,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitnet_cli.nn.bitlinear import ternary_codes, unpack_ternary, weight_quant
-from bitnet_cli.store.checkpoint import save_checkpoint
-from bitnet_cli.config.settings import ModelConfig, to_dict
-from bitnet_cli.data.shards import EOT, train_tokenizer
+from bitnet_cli.data.shards import EOT
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.export import linear_weight_bytes
 from bitnet_cli.use.loading import PROJECTIONS
 from bitnet_cli.use.loading import load_model
-from bitnet_cli.nn.model import BitNetForCausalLM, generate
-from bitnet_cli.data.stories import story
-from tests.cli import home_at, invoke
+from bitnet_cli.nn.model import generate
+from tests.cli import home_at, invoke, optional
+from tests.models import random_checkpoint, story_tokenizer
 
 PROMPT = "d3=efg;k5=lmnop;a2="  # 19 tokens; the tiny simple model's context is 32
 
@@ -38,33 +34,14 @@ def trained_run(tmp_path_factory, request):
     return home / "runs" / "exported"
 
 
-def random_checkpoint(folder, experiment="simple", tokenizer=None, **shape):
-    """A checkpoint with random weights (init std 0.02), written by the real checkpoint code."""
-    tokenizer = tokenizer or load_experiment(experiment).tokenizer()
-    model_shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=192, max_position_embeddings=32)
-    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), **{**model_shape, **shape})
-    torch.manual_seed(0)
-    model = BitNetForCausalLM(config)
-    folder.mkdir(parents=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    trainer = {"step": 1, "experiment": experiment, "model": to_dict(config)}
-    return save_checkpoint(folder / "checkpoints", 1, model, torch.optim.AdamW(model.parameters()),
-                           trainer, keep=1, tokenizer=folder / "tokenizer.json")
-
-
-def story_tokenizer():
-    rng = random.Random(0)
-    return train_tokenizer((story(rng) + EOT for _ in range(200)), vocab_size=320)
-
-
 @pytest.mark.parametrize("fmt", ["hf", "hf-packed"])
 def test_transformers_computes_what_bitnet_computes(trained_run, tmp_path, fmt):
     out = tmp_path / fmt
     invoke("export", trained_run, "--format", fmt, "--out", out)
     ours = load_model(str(trained_run), engine="float")
-    theirs = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    transformers = optional("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert type(theirs).__name__ == "BitNetForCausalLM" and theirs.dtype == torch.float32
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quantization_mode"] == ("offline" if fmt == "hf-packed"
@@ -109,7 +86,7 @@ def test_full_precision_twin_exports_as_plain_transformers_model(tmp_path):
     checkpoint = random_checkpoint(tmp_path / "twin", quant="none", tie_word_embeddings=False)
     invoke("export", checkpoint, "--format", "hf", "--out", tmp_path / "hf")
     assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    theirs = optional("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ours = load_model(str(checkpoint), engine="float").model
     assert not torch.equal(theirs.lm_head.weight, theirs.model.embed_tokens.weight)
     x = torch.randint(0, ours.config.vocab_size, (2, 20))
@@ -121,7 +98,7 @@ def test_transformers_tokenizer_of_a_text_model_matches_bitnet(tmp_path):
     tokenizer = story_tokenizer()
     checkpoint = random_checkpoint(tmp_path / "text", "tinystories", tokenizer)
     invoke("export", checkpoint, "--format", "hf", "--out", tmp_path / "hf")
-    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    theirs = optional("transformers").AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Once upon a time, a little fox found a red ball.<|endoftext|>"
     assert theirs(text)["input_ids"] == tokenizer.encode(text).ids
     assert theirs.eos_token == EOT
@@ -259,6 +236,7 @@ def readme_python(after_heading: str) -> str:
 
 def test_the_readme_transformers_snippet_answers_as_bitnet_chat_does(tmp_path, monkeypatch):
     """The snippet, run as written against an arithmetic export, prints `chat`'s answer."""
+    optional("transformers")
     with home_at(tmp_path):
         invoke("train", "arithmetic", "--size", "tiny", "--steps", "40", "--eval-every", "40",
                "--no-compile", "--name", "sums")

@@ -241,7 +241,7 @@ def test_stacked_layers_give_each_layers_own_output_exactly():
 def test_compiled_decode_step_keeps_the_greedy_tokens(tmp_path):
     """chat --compile decodes through a compiled one-token step: the same greedy tokens as the
     eager engine; where compiling fails, one line and eager decoding, the same tokens."""
-    from tests.test_export import random_checkpoint, story_tokenizer
+    from tests.models import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer(),
                                    max_position_embeddings=48)
     loaded = load_model(str(checkpoint))

@@ -14,13 +14,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from llama_cpp import Llama
 
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.model import generate
-from tests.cli import home_at, invoke
-from tests.test_export import random_checkpoint
+from tests.cli import home_at, invoke, optional
+from tests.models import random_checkpoint
+
+Llama = optional("llama_cpp", whole_file=True).Llama
 
 # bitnet rounds every projection's input to 8 bits per token (a step of max|x|/127, so up to
 # 0.4% of the largest value); llama.cpp multiplies F16 codes by unrounded inputs. Measured:
