@@ -15,11 +15,11 @@ from tests.cli import invoke
 
 
 def test_sections_run_count_bytes_and_render():
-    shape = PRESETS["simple"]["sizes"]["tiny"]["model"]
+    shape = PRESETS["simple"].sizes["tiny"].model
     d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     kv = shape["num_key_value_heads"] * d // shape["num_attention_heads"]
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * f  # q, o; k, v; gate, up, down
-    vocab = PRESETS["simple"]["vocab_size"]
+    vocab = PRESETS["simple"].vocab_size
 
     size = decode_speed.checkpoint_size("simple", "tiny")
     assert size["latent_bytes"] == 4 * layers * per_layer

@@ -141,4 +141,4 @@ def test_preset_vocab_sizes_match_the_tokenizers():
         task = load_experiment(name)
         if hasattr(task, "prepare"):
             continue  # a text experiment's BPE is trained on the data, to --vocab-size
-        assert preset["vocab_size"] == task.tokenizer().get_vocab_size(), name
+        assert preset.vocab_size == task.tokenizer().get_vocab_size(), name

@@ -15,8 +15,8 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 48  # of every decode measurement
 
 
 def build(experiment: str, size: str, context: int, quant: str = "ternary") -> BitNetForCausalLM:
-    shape = PRESETS[experiment]["sizes"][size]["model"]
-    config = ModelConfig(vocab_size=PRESETS[experiment]["vocab_size"],
+    shape = PRESETS[experiment].sizes[size].model
+    config = ModelConfig(vocab_size=PRESETS[experiment].vocab_size,
                          max_position_embeddings=context, quant=quant, **shape)
     torch.manual_seed(0)
     return BitNetForCausalLM(config)

@@ -33,7 +33,7 @@ def train_step(experiment: str, size: str, batch_size: int, seq_len: int,
     while its model is the only one in the process (built, warmed up, timed, freed): two live
     models make each other's steps slower through the memory allocator, unevenly. On CUDA the
     steps run in bf16 autocast, as training does there."""
-    ids = torch.randint(0, PRESETS[experiment]["vocab_size"], (batch_size, seq_len + 1),
+    ids = torch.randint(0, PRESETS[experiment].vocab_size, (batch_size, seq_len + 1),
                         generator=torch.Generator().manual_seed(0)).to(device)
     problem = compiler_problem(torch.device(device))
     use_bitnet_cache()
@@ -111,10 +111,10 @@ def data(repeats: int = 10) -> list[dict]:
     rows = []
     for experiment, preset in PRESETS.items():
         task = load_experiment(experiment)
-        for size in preset["sizes"]:
+        for size in preset.sizes:
             _, cfg = build_configs(experiment, size)
             if hasattr(task, "prepare"):
-                tokens = np.random.default_rng(0).integers(0, preset["vocab_size"], 2_000_000,
+                tokens = np.random.default_rng(0).integers(0, preset.vocab_size, 2_000_000,
                                                            dtype=np.uint16)
                 stream = WindowStream(tokens, cfg.seed, cfg.batch_size, cfg.seq_len)
             else:

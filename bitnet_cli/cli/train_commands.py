@@ -19,16 +19,16 @@ def _size_line(experiment: str, size: str) -> str:
     """A size's defaults, as `--help` lists them: the shape and the schedule each flag overrides."""
     from bitnet_cli.report.cost import preset
     shape, train = preset(f"{experiment}-{size}")
-    default = " (default)" if size == PRESETS[experiment]["default_size"] else ""
+    default = " (default)" if size == PRESETS[experiment].default_size else ""
     accum = f" x {train['grad_accum']}" if train["grad_accum"] > 1 else ""
-    lr = PRESETS[experiment]["sizes"][size]["train"]["lr"]
+    lr = PRESETS[experiment].sizes[size].train["lr"]
     return (f"  {size}{default}: {format_count(shape.params)}, {shape.layers} x {shape.hidden}; "
             f"{train['steps']:,} steps of {train['batch_size']} x {train['seq_len']}{accum}, "
             f"lr {lr:g}")
 
 
 _EXPERIMENTS = "\n\n".join(
-    f"[bold]{name}[/]: {p['about']}\n" + "\n".join(_size_line(name, size) for size in p["sizes"])
+    f"[bold]{name}[/]: {p.about}\n" + "\n".join(_size_line(name, size) for size in p.sizes)
     for name, p in PRESETS.items())
 
 

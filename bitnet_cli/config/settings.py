@@ -144,7 +144,7 @@ class TrainConfig:
         }
         for flag, (value, low, high) in counts.items():
             check_whole(flag, value, low, high)
-        shortest = preset["min_seq_len"]
+        shortest = preset.min_seq_len
         if self.seq_len < shortest:
             raise BitnetError(f"--seq-len must be at least {shortest} for {self.experiment} (its "
                               f"examples need that much context), got {self.seq_len}")
@@ -195,18 +195,18 @@ class TrainConfig:
     @property
     def text_vocab_size(self) -> int:
         """Text experiments: the size of the BPE trained on the data (--vocab-size or the preset's)."""
-        return self.vocab_size or PRESETS[self.experiment]["vocab_size"]
+        return self.vocab_size or PRESETS[self.experiment].vocab_size
 
 
 def build_configs(experiment: str, size: str | None, **overrides) -> tuple[ModelConfig, TrainConfig]:
     """The preset for (experiment, size) with every non-None override applied on top. The
     model's vocab_size is left 0: it is the tokenizer's, known once the data is prepared."""
     preset = check_experiment(experiment)
-    size = size or preset["default_size"]
-    if size not in preset["sizes"]:
+    size = size or preset.default_size
+    if size not in preset.sizes:
         raise BitnetError(f"unknown size {size!r} for {experiment}; choose one of: "
-                          f"{', '.join(preset['sizes'])}")
-    chosen = preset["sizes"][size]
+                          f"{', '.join(preset.sizes)}")
+    chosen = preset.sizes[size]
     # Model options given (not None) override ModelConfig's defaults; the rest are training's.
     model_options = {name: value for name in ("quant", "activation")
                      if (value := overrides.pop(name, None)) is not None}
@@ -214,13 +214,13 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
     unknown = set(overrides) - train_fields
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
-    train_kwargs = {**chosen["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    train_kwargs = {**chosen.train, **{k: v for k, v in overrides.items() if v is not None}}
     if train_kwargs.get("data") is not None:  # resume and eval may run from another folder
         train_kwargs["data"] = str(Path(train_kwargs["data"]).expanduser().resolve())
     train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
     train.validate()
     model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
-                        **model_options, **chosen["model"])
+                        **model_options, **chosen.model)
     model.validate()
     return model, train
 

@@ -76,7 +76,7 @@ class Horizon:
 def preset_names() -> list[str]:
     names = []
     for experiment, spec in PRESETS.items():
-        names += [experiment] + [f"{experiment}-{size}" for size in spec["sizes"]]
+        names += [experiment] + [f"{experiment}-{size}" for size in spec.sizes]
     return names
 
 
@@ -113,16 +113,16 @@ def preset(name: str) -> tuple[Shape, dict]:
     """The shape and training batch/steps of a built-in experiment: 'baseline', 'arithmetic',
     'arithmetic-tiny', ..."""
     experiment, _, size = name.partition("-")
-    if experiment not in PRESETS or (size and size not in PRESETS[experiment]["sizes"]):
+    if experiment not in PRESETS or (size and size not in PRESETS[experiment].sizes):
         raise BitnetError(f"unknown preset {name!r}; choose one of: "
                           f"{', '.join(preset_names())}")
-    size = size or PRESETS[experiment]["default_size"]
-    chosen = PRESETS[experiment]["sizes"][size]
-    model = dict(chosen["model"], vocab_size=PRESETS[experiment]["vocab_size"])
+    size = size or PRESETS[experiment].default_size
+    chosen = PRESETS[experiment].sizes[size]
+    model = dict(chosen.model, vocab_size=PRESETS[experiment].vocab_size)
     source = ("the original 95M baseline" if (experiment, size) == ("baseline", "95M")
               else f"{experiment}-{size}")
-    train = {k: chosen["train"][k] for k in ("steps", "batch_size", "seq_len")}
-    train["grad_accum"] = chosen["train"].get("grad_accum", 1)
+    train = {k: chosen.train[k] for k in ("steps", "batch_size", "seq_len")}
+    train["grad_accum"] = chosen.train.get("grad_accum", 1)
     cfg = ModelConfig(max_position_embeddings=train["seq_len"], **model)
     return shape_of(cfg, source), train
 

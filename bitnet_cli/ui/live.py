@@ -142,9 +142,9 @@ class LiveTrainingView:
 def cpu_size_hint(info: dict, eta_s: float) -> str | None:
     """For a long run on a CPU of a size larger than tiny: say how long, and what trains fast."""
     from bitnet_cli.config.presets import PRESETS
-    preset = PRESETS.get(info.get("experiment"), {})
+    preset = PRESETS.get(info.get("experiment"))
     if (not str(info.get("device", "")).startswith("cpu") or eta_s < CPU_HINT_AFTER_S
-            or info.get("size") == "tiny" or "tiny" not in preset.get("sizes", {})):
+            or info.get("size") == "tiny" or preset is None or "tiny" not in preset.sizes):
         return None
     return (f"at this speed the run needs about {format_duration(eta_s)} more on this CPU; "
             f"`bitnet train {info['experiment']} --size tiny` is the size made for a CPU "
