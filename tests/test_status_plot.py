@@ -197,19 +197,18 @@ class Reader:
         wait_until(lambda: expected in self.text(), f"{expected!r} on screen", proc, timeout)
 
 
-def test_status_watch_updates_live(two_runs, tmp_path):
+def watch(args: list[str], tmp_path, meanwhile) -> tuple[int, str, str]:
+    """`bitnet status --watch ARGS` drawing as in a terminal: once its first drawing shows,
+    meanwhile(out) acts and waits for what it expects; then (exit code, stdout, stderr)."""
     env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "160"}  # draw as in a terminal
     with open(tmp_path / "stderr", "w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "--watch",
+        proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", *args, "--watch",
                                  "--interval", "0.2"], stdout=subprocess.PIPE, stderr=stderr,
                                 env=env)
         try:
             out = Reader(proc.stdout)
             out.wait_for("20/20", proc)  # the first drawing
-            set_state(two_runs, "twin", status="running", pid=os.getpid(), step=777,
-                      total_steps=999)
-            out.wait_for("777/999", proc)  # a later drawing shows the change
-            proc.send_signal(signal.SIGINT)
+            meanwhile(out, proc)
             proc.wait(timeout=30)
             out.thread.join(timeout=30)
         finally:
@@ -218,33 +217,25 @@ def test_status_watch_updates_live(two_runs, tmp_path):
                 proc.wait()
             proc.stdout.close()
         stderr.seek(0)
-        err = stderr.read()
-    assert proc.returncode == 0, err
-    text = out.text()
+        return proc.returncode, out.text(), stderr.read()
+
+
+def test_status_watch_updates_live(two_runs, tmp_path):
+    def change_a_run(out, proc):
+        set_state(two_runs, "twin", status="running", pid=os.getpid(), step=777, total_steps=999)
+        out.wait_for("777/999", proc)  # a later drawing shows the change
+        proc.send_signal(signal.SIGINT)
+
+    code, text, err = watch([], tmp_path, change_a_run)
+    assert code == 0, err
     assert "20/20" in text and "777/999" in text
     assert text.index("777/999") > text.index("20/20")
 
 
 def test_status_watch_of_a_run_removed_meanwhile_says_it_is_gone(two_runs, tmp_path):
-    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "160"}
-    with open(tmp_path / "stderr", "w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "status", "twin", "--watch",
-                                 "--interval", "0.2"], stdout=subprocess.PIPE, stderr=stderr,
-                                env=env)
-        try:
-            out = Reader(proc.stdout)
-            out.wait_for("20/20", proc)
-            shutil.rmtree(two_runs / "runs" / "twin")
-            proc.wait(timeout=30)
-            out.thread.join(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-        stderr.seek(0)
-        err = stderr.read()
-    assert proc.returncode == 1, err
+    code, text, err = watch(["twin"], tmp_path,
+                            lambda out, proc: shutil.rmtree(two_runs / "runs" / "twin"))
+    assert code == 1, err
     assert err.strip().splitlines()[-1] == (
         f"error: run twin is gone: its folder {two_runs / 'runs' / 'twin'} was removed")
-    assert "None" not in out.text().split("20/20", 1)[1]
+    assert "None" not in text.split("20/20", 1)[1]
