@@ -139,6 +139,14 @@ def test_a_word_naming_no_run_but_a_folder_here_says_to_write_dot_slash(runs, he
     assert (here / "proj/config.json").read_text() == "{}" and not (here / "x").exists()
 
 
+@pytest.mark.parametrize("command", [["chat", "", "--prompt", "x"], ["status", " "],
+                                     ["runs", "rm", "", "--yes"], ["resume", ""]])
+def test_an_empty_run_is_one_line_not_every_run(runs, here, command):
+    result = invoke(*command, code=1)
+    assert "the run is empty" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in runs.iterdir()) == sorted(RUNS)
+
+
 def test_rm_refuses_a_run_folder_outside_the_runs_folder(runs, here):
     shutil.copytree(runs / "beta", here / "copy")
     before = snapshot(here)

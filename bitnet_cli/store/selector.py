@@ -34,6 +34,9 @@ def resolve_run(selector: str) -> Path:
 def matching_runs(selector: str) -> list[Path]:
     """The run folders a selector names, oldest first: one for an id or a path, every run for
     'latest', every run whose id starts with a prefix."""
+    if not selector.strip():  # would be a prefix of every run
+        raise BitnetError("the run is empty; give a run id, a unique prefix of one, 'latest', "
+                          "or a path to a run folder")
     if written_as_path(selector):
         return [run_folder_at(selector)]
     runs = list_run_dirs()
