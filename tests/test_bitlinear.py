@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bitnet_cli.nn import bitlinear
-from bitnet_cli.nn.bitlinear import (BitLinear, activation_quant, pack_ternary, quantized_for_step,
-                                  shared_input_linear, straight_through, ternary_codes_and_scale,
+from bitnet_cli.nn.bitlinear import (BitLinear, SharedInput, activation_quant, pack_ternary, quantized_for_step,
+                                  straight_through, ternary_codes_and_scale,
                                   unpack_ternary, weight_quant)
 
 
@@ -114,7 +114,7 @@ def _layers(kind, *outs, seed=0):
 def test_shared_input_layers_as_one_matmul_give_each_layers_output_and_gradient(kind):
     fused, alone = _layers(kind, 8, 4, 4), _layers(kind, 8, 4, 4)
     x = torch.randn(2, 3, 16)
-    outs = shared_input_linear(x, fused)
+    outs = SharedInput(*fused)(x)
     for out, layer in zip(outs, alone):
         torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
     sum(o.square().sum() for o in outs).backward()
@@ -122,7 +122,7 @@ def test_shared_input_layers_as_one_matmul_give_each_layers_output_and_gradient(
     for a, b in zip(fused, alone):
         torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # inference engines: each layer in turn, exactly
-        for out, layer in zip(shared_input_linear(x, fused), fused):
+        for out, layer in zip(SharedInput(*fused)(x), fused):
             assert torch.equal(out, layer(x))
 
 

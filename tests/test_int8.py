@@ -32,7 +32,8 @@ from bitnet_cli.cli import app
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.compiled import DecodeStep
-from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, int8_unusable, to_int8
+from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
+                                to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from tests.cli import home_at, runner
 
@@ -236,6 +237,28 @@ def test_stacked_layers_give_each_layers_own_output_exactly():
             assert torch.equal(part, own)
         for index, own in enumerate(alone):
             assert torch.equal(Int8Part(whole, index)(x), own)
+
+
+def test_the_engine_swaps_each_shared_input_group_whole():
+    """to_int8 replaces the model's declared SharedInput groups (q, k, v; gate, up) by one
+    stacked matrix each, found by type rather than by layer names; a layer called alone gives
+    its own rows."""
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(ModelConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          intermediate_size=96, max_position_embeddings=16)).eval()
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        before = [layer(x) for layer in model.model.layers[0].self_attn.qkv.layers]
+        assert to_int8(model) is None
+        attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert isinstance(attention.qkv, Int8SharedInput) and isinstance(mlp.gate_up, Int8SharedInput)
+        assert attention.qkv.whole.splits == [64, 32, 32] and mlp.gate_up.whole.splits == [96, 96]
+        assert isinstance(attention.o_proj, Int8Linear) and isinstance(mlp.down_proj, Int8Linear)
+        for got, layer, want in zip(attention.qkv(x), (attention.q_proj, attention.k_proj,
+                                                       attention.v_proj), before):
+            assert torch.equal(got, layer(x))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_decode_step_keeps_the_greedy_tokens(tmp_path):

@@ -111,28 +111,35 @@ class BitLinear(nn.Linear):
                         straight_through(self.weight.float(), self.training_weight()))
 
 
-def shared_input_linear(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
-    """Each layer applied to the same x (q, k and v; gate and up). While training, as one matmul
-    over the layers' quantized weights side by side, each layer keeping its own scale: a CPU
-    multiplies one wide matrix markedly faster than two or three narrow ones, and the input is
-    quantized once. Without gradients, for the float engine, it is just each layer in turn; the
-    int8 engine has already stacked them into one matrix (int8.Int8Part), which runs once."""
-    whole = getattr(layers[0], "whole", None)
-    if whole is not None and len(layers) == len(whole.splits) and all(
-            getattr(layer, "whole", None) is whole and layer.index == i for i, layer in enumerate(layers)):
-        return whole.parts(x)
-    kinds = {type(layer) for layer in layers}
-    if not torch.is_grad_enabled() or len(kinds) > 1 or kinds - {BitLinear, nn.Linear}:
-        return tuple(layer(x) for layer in layers)
-    if kinds == {BitLinear}:
-        with torch.no_grad():
-            x_q = activation_quant(x)
-        x = straight_through(x.float(), x_q)
-        weight = torch.cat([straight_through(layer.weight.float(), layer.training_weight())
-                            for layer in layers])
-    else:
-        weight = torch.cat([layer.weight for layer in layers])
-    return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
+class SharedInput(nn.Module):
+    """Layers that read one input (q, k and v; gate and up), applied to it together: the
+    contract an inference engine swaps whole (int8.to_int8 puts one stacked integer matrix in
+    its place). It holds its layers without registering them, so their parameters keep the
+    names of the module that owns them (self_attn.q_proj.weight, the 2B4T layout's).
+
+    While training, one matmul over the layers' quantized weights side by side, each layer
+    keeping its own scale: a CPU multiplies one wide matrix markedly faster than two or three
+    narrow ones, and the input is quantized once. Without gradients (the float engine), each
+    layer in turn."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layers = self.layers
+        kinds = {type(layer) for layer in layers}
+        if not torch.is_grad_enabled() or len(kinds) > 1 or kinds - {BitLinear, nn.Linear}:
+            return tuple(layer(x) for layer in layers)
+        if kinds == {BitLinear}:
+            with torch.no_grad():
+                x_q = activation_quant(x)
+            x = straight_through(x.float(), x_q)
+            weight = torch.cat([straight_through(layer.weight.float(), layer.training_weight())
+                                for layer in layers])
+        else:
+            weight = torch.cat([layer.weight for layer in layers])
+        return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
 
 
 class quantized_for_step:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.nn.bitlinear import BitLinear, activation_codes, ternary_codes
+from bitnet_cli.nn.bitlinear import BitLinear, SharedInput, activation_codes, ternary_codes
 
 ENGINES = ("int8", "float")
 
@@ -70,10 +70,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.splits}, int8"
 
 
+class Int8SharedInput(nn.Module):
+    """A SharedInput's layers as one stacked Int8Linear: the input quantized once, one integer
+    matmul, each layer's output split off."""
+
+    def __init__(self, whole: Int8Linear):
+        super().__init__()
+        self.whole = whole
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whole.parts(x)
+
+
 class Int8Part(nn.Module):
-    """One layer's place in an Int8Linear that stacks it with its siblings. The model calls the
-    siblings together (bitlinear.shared_input_linear), which runs `whole` once; called alone,
-    it gives just its own rows."""
+    """One layer's place in a stacked Int8Linear, for a call of that layer alone (the model
+    calls them together, through Int8SharedInput): just its own rows."""
 
     def __init__(self, whole: Int8Linear, index: int):
         super().__init__()
@@ -124,19 +135,6 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
     return None
 
 
-def sibling_groups(bitlinears) -> list[tuple[nn.Module, list[str]]]:
-    """(parent, names) of the BitLinears to stack: those of one parent that the model always
-    calls together on one input (q, k, v; gate, up), and each other one alone."""
-    groups: dict[tuple[int, str], tuple[nn.Module, list[str]]] = {}
-    for parent, name, _ in bitlinears:
-        key = (id(parent), "shared input" if name in SHARED_INPUT else name)
-        groups.setdefault(key, (parent, []))[1].append(name)
-    return list(groups.values())
-
-
-SHARED_INPUT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # model.py's shared_input_linear calls
-
-
 HEADS = ("float16", "int8")
 
 
@@ -153,10 +151,15 @@ def to_int8(model: nn.Module, head: str = "float16") -> str | None:
         why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
         if why:
             return why
-    for parent, names in sibling_groups(bitlinears):
-        whole = Int8Linear.stacking(*(getattr(parent, name) for name in names))
-        for index, name in enumerate(names):
-            setattr(parent, name, Int8Part(whole, index) if len(names) > 1 else whole)
+    stacked = {}  # each BitLinear of a SharedInput -> its place in one stacked matrix
+    for parent in list(model.modules()):
+        for name, group in list(parent.named_children()):
+            if isinstance(group, SharedInput):
+                whole = Int8Linear.stacking(*group.layers)
+                setattr(parent, name, Int8SharedInput(whole))
+                stacked.update({id(layer): Int8Part(whole, i) for i, layer in enumerate(group.layers)})
+    for parent, name, child in bitlinears:
+        setattr(parent, name, stacked.get(id(child)) or Int8Linear.stacking(child))
     weight = model.lm_head.weight
     model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

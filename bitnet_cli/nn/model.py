@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from bitnet_cli.nn.bitlinear import BitLinear, shared_input_linear
+from bitnet_cli.nn.bitlinear import BitLinear, SharedInput
 from bitnet_cli.config.settings import ModelConfig
 
 
@@ -87,13 +87,14 @@ class Attention(nn.Module):
         self.q_proj = make_linear(config, d, d)
         self.k_proj = make_linear(config, d, kv)
         self.v_proj = make_linear(config, d, kv)
+        self.qkv = SharedInput(self.q_proj, self.k_proj, self.v_proj)
         self.attn_sub_norm = RMSNorm(d, config.rms_norm_eps)
         self.o_proj = make_linear(config, d, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = shared_input_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -139,11 +140,12 @@ class MLP(nn.Module):
         self.gate = GATES[config.activation]
         self.gate_proj = make_linear(config, d, f)
         self.up_proj = make_linear(config, d, f)
+        self.gate_up = SharedInput(self.gate_proj, self.up_proj)
         self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
         self.down_proj = make_linear(config, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input_linear(x, (self.gate_proj, self.up_proj))
+        gate, up = self.gate_up(x)
         hidden = self.gate(gate) * up
         return self.down_proj(self.ffn_sub_norm(hidden))
 
