@@ -12,7 +12,7 @@ import pytest
 
 from bitnet_cli.store.checkpoint import newest_loadable, step_dir_name
 from bitnet_cli.cli import app
-from tests.cli import home_at, invoke, runner, state_step, wait_until
+from tests.cli import home_at, invoke, runner, snapshot, state_step, wait_until
 from tests.test_status_plot import stand_in_trainer
 
 # 80 steps prove what 200 did: checkpoints at 20, 40, 60, 80, and a kill past the first one.
@@ -40,11 +40,6 @@ def wait_for_step(home, name, at_least, proc, timeout=120):
     state = home / "runs" / name / "state.json"
     return wait_until(lambda: (step := state_step(state)) >= at_least and step,
                       f"step {at_least}", proc, timeout)
-
-
-def snapshot(folder):
-    """Every file under a folder with its bytes: to show that nothing changed."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

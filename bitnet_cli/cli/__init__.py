@@ -1,7 +1,7 @@
 """The `bitnet` command: thin Typer commands that parse, call one core function, and render,
-grouped as the help shows them (train_commands, resume_command, watch_commands, runs_commands,
-chat_command, play_commands, cost_command, ship_commands; app.py is what they share). May import every
-folder; nothing imports it. No torch at import, so `bitnet --help`, `status`, `plot` and `cost`
+grouped as the help shows them (train_commands, resume_command, watch_commands,
+runs_commands, chat_command, play_commands, cost_command, ship_commands; app.py is what they
+share). May import every folder; nothing imports it. No torch at import, so `bitnet --help`, `status`, `plot` and `cost`
 answer instantly; commands that need torch import the core inside their function body."""
 
 import inspect

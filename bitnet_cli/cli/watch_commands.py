@@ -90,7 +90,8 @@ def status(
 @app.command(rich_help_panel="Watching")
 @friendly
 def plot(
-    runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure. " + RUN_HELP,
+    runs: List[str] = typer.Argument(..., help="One or more runs to draw on one figure. "
+                                               + RUN_HELP,
                                      show_default=False, autocompletion=complete_run),
     out: Optional[Path] = typer.Option(None, help="Write a .png, .svg or .pdf here instead of "
                                                   "drawing in the terminal."),

@@ -157,7 +157,8 @@ def to_int8(model: nn.Module, head: str = "float16") -> str | None:
             if isinstance(group, SharedInput):
                 whole = Int8Linear.stacking(*group.layers)
                 setattr(parent, name, Int8SharedInput(whole))
-                stacked.update({id(layer): Int8Part(whole, i) for i, layer in enumerate(group.layers)})
+                for index, layer in enumerate(group.layers):
+                    stacked[id(layer)] = Int8Part(whole, index)
     for parent, name, child in bitlinears:
         setattr(parent, name, stacked.get(id(child)) or Int8Linear.stacking(child))
     weight = model.lm_head.weight
