@@ -4,7 +4,8 @@ import random
 
 import torch
 
-from bitnet_cli.config.settings import ModelConfig, to_dict
+from bitnet_cli.config.reading import to_dict
+from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.data.shards import EOT, train_tokenizer
 from bitnet_cli.data.stories import story
 from bitnet_cli.nn.model import BitNetForCausalLM

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.config.settings import ModelConfig, model_config_from_dict, to_dict
+from bitnet_cli.config.reading import model_config_from_dict, to_dict
+from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.model import BitNetForCausalLM
 

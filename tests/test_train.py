@@ -9,6 +9,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.store.checkpoint import latest_checkpoint, step_dir_name
 from bitnet_cli.cli import app
+from bitnet_cli.config.settings import train_options
 from tests.test_model import expected_keys
 from tests.cli import runner
 
@@ -131,6 +132,20 @@ def test_named_run_is_never_clobbered(bitnet_home):
     result = runner.invoke(app, ["train", "simple", "--steps", "3", "--name", "keep"])
     assert result.exit_code == 1 and "already exists" in result.stderr
     assert (bitnet_home / "runs/keep/config.json").read_bytes() == before
+
+
+def test_every_setting_flag_reaches_the_run_config(bitnet_home):
+    """`train`'s flags are derived from the config fields: each one given lands in config.json."""
+    given = {"size": "tiny", "steps": 3, "batch_size": 8, "seq_len": 16, "lr": 0.002,
+             "grad_accum": 2, "seed": 5, "eval_every": 2, "save_every": 3, "device": "cpu",
+             "compile": False, "name": "flags", "quant": "none", "activation": "silu"}
+    tested_elsewhere = {"data", "vocab_size", "tensorboard"}  # test_text.py, test_health.py
+    assert {field.name for field, _ in train_options()} == given.keys() | tested_elsewhere
+    args = ["--no-compile"] + [a for key, value in given.items() if key != "compile"
+                               for a in ("--" + key.replace("_", "-"), str(value))]
+    train("simple", *args)
+    config = json.loads((bitnet_home / "runs" / "flags" / "config.json").read_text())
+    assert {key: {**config["train"], **config["model"]}[key] for key in given} == given
 
 
 def test_cli_imports_no_torch():

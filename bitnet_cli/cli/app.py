@@ -8,12 +8,14 @@ import functools
 import inspect
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from bitnet_cli import __version__
+from bitnet_cli.config.settings import preset_default, train_options
 from bitnet_cli.errors import BitnetError, Reported
 
 app = typer.Typer(
@@ -34,7 +36,6 @@ RUN_HELP = ("A run id, a unique prefix of one, or 'latest', looked up in the run
 MODEL_HELP = ("A run id, a unique prefix of one, or 'latest' (the newest run with a checkpoint), "
               "looked up in the runs folder; or a path to a run or checkpoint folder, written "
               "with a slash (./NAME).")
-DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
                "default on CPU). float: the training maths in floating point (the default on "
                "GPUs). Same quantization, same greedy tokens.")
@@ -43,6 +44,34 @@ ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times
 def flag(*names: str, help: str, default: bool | None = False, **options):
     """A switch: it takes no value, so the help shows no `<bool>` placeholder for one."""
     return typer.Option(default, *names, help=help, metavar="", **options)
+
+
+def with_train_options(command):
+    """`command(..., **settings)` gets one option per field that the config declares a flag
+    (config.settings.option): its name, type, help and default all come from the field, so a
+    setting is declared once. An option left out arrives as its field's default where no preset
+    sets the field, else as None: the size's value stands."""
+    given = [p for p in inspect.signature(command).parameters.values()
+             if p.kind is not p.VAR_KEYWORD]
+    # In --help: the command's arguments, then the settings, then its own other options.
+    params = [p for p in given if isinstance(p.default, typer.models.ArgumentInfo)]
+    for field, kind in train_options():
+        help = field.metadata["help"].replace("[", "\\[")  # brackets are Rich markup in help
+        if typing.get_args(kind):  # X | None: the option's type is X
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        name = "--" + field.name.replace("_", "-")
+        if kind is bool:  # a switch: both ways where its default is "decide for me", else on only
+            names = (f"{name}/--no-{name[2:]}",) if field.default is None else (name,)
+            default = flag(*names, default=None, show_default=False, help=help)
+        else:
+            default = typer.Option(preset_default(field), name, help=help)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=Optional[kind], default=default))
+    params += [p for p in given if p not in params]
+    # Typer passes every parameter by name, so all of them may be keyword-only.
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+    command.__signature__ = inspect.signature(command).replace(parameters=params)
+    return command
 
 
 def complete_run(incomplete: str) -> list[str]:

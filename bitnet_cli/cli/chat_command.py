@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli.app import (DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
+from bitnet_cli.config.settings import DEVICE_HELP
+from bitnet_cli.cli.app import (ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
                                 friendly, line_editing)
 from bitnet_cli.errors import BitnetError
 

@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli.app import DEVICE_HELP, ENGINE_HELP, MODEL_HELP, app, complete_run, flag, friendly
+from bitnet_cli.config.settings import DEVICE_HELP
+from bitnet_cli.cli.app import ENGINE_HELP, MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
 
 @app.command(rich_help_panel="Using a model")

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli.app import DEVICE_HELP, app, flag, friendly
-from bitnet_cli.config.settings import COMPILE_MIN_STEPS
+from bitnet_cli.cli.app import app, friendly, with_train_options
 from bitnet_cli.config.numbers import format_count
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import PRESETS, check_experiment
@@ -30,10 +29,6 @@ def _size_line(experiment: str, size: str) -> str:
 _EXPERIMENTS = "\n\n".join(
     f"[bold]{name}[/]: {p.about}\n" + "\n".join(_size_line(name, size) for size in p.sizes)
     for name, p in PRESETS.items())
-
-
-TENSORBOARD_HELP = ("Also write the metrics as TensorBoard event files in RUN/tensorboard "
-                    "(tensorboard --logdir RUN); needs pip install 'bitnet-cli\\[tensorboard]'.")
 
 
 def command_line(experiment: str, options: dict) -> list[str]:
@@ -78,55 +73,22 @@ pipx install, with the torchrun of bitnet's environment: see the README). --batc
 the global batch: any number of processes trains the same model, each on its share of every batch.
 """, rich_help_panel="Training")
 @friendly
+@with_train_options
 def train(
     experiment: str = typer.Argument(..., help=f"One of: {', '.join(PRESETS)}.", show_default=False),
-    size: Optional[str] = typer.Option(None, help="Model size preset: 'tiny' or the experiment's "
-                                                  "reference size (its default)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps in the run."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (also the model's context)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the two-stage schedule."),
-    seed: Optional[int] = typer.Option(None, help="Seed for initialisation and data; the same seed "
-                                                  "on CPU gives bit-identical weights."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate on held-out data every K steps."),
-    save_every: Optional[int] = typer.Option(None, help="Write a checkpoint every K steps."),
-    name: Optional[str] = typer.Option(None, help="Run id to use instead of "
-                                                  "<experiment>-<size>-<timestamp>."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    compile: Optional[bool] = flag("--compile/--no-compile", default=None, show_default=False,
-                                   help="torch.compile the training step (default: on for CUDA, "
-                                        f"and on a CPU for runs of {COMPILE_MIN_STEPS}+ steps). "
-                                        "Without a C++ compiler: one line, then eager training."),
-    quant: str = typer.Option("ternary", help="ternary (BitNet b1.58) or none (the full-precision "
-                                              "twin with the same names and shapes)."),
-    activation: str = typer.Option("relu2", help="The FFN gate: relu2, relu(gate)^2 * up as in "
-                                                 "BitNet b1.58 2B4T, or silu, silu(gate) * up, "
-                                                 "which every llama.cpp computes (relu2 only "
-                                                 "a 2026 one: see `bitnet export --help`)."),
-    data: Optional[str] = typer.Option(None, help="Text experiments: local .txt, .jsonl or .parquet "
-                                                  "files (a 'text' field), or a folder of them, "
-                                                  "instead of the hub data set."),
-    vocab_size: Optional[int] = typer.Option(None, help="Text experiments: size of the byte-level "
-                                                        "BPE trained on the data."),
     nproc_per_node: Optional[str] = typer.Option(
         None, help="Data-parallel worker processes on this machine, one per GPU (or CPU "
                    "processes with gloo), started through torch.distributed.run.",
         show_default=False),
-    tensorboard: bool = flag("--tensorboard", help=TENSORBOARD_HELP),
+    **options,
 ) -> None:
     check_experiment(experiment)
-    if tensorboard:
+    if options["tensorboard"]:
         check_tensorboard()
     from bitnet_cli.training import dist
     from bitnet_cli.training.setup import create_run, prepare_data
     from bitnet_cli.ui.live import DataProgress
 
-    options = dict(size=size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                   grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
-                   save_every=save_every, name=name, device=device, compile=compile, quant=quant,
-                   activation=activation, data=data, vocab_size=vocab_size,
-                   tensorboard=tensorboard or None)
     argv = command_line(experiment, {**options, "nproc_per_node": nproc_per_node})
     share = dist.current()
     nproc = parse_nproc(nproc_per_node, share)

@@ -1,17 +1,20 @@
-"""What a model and a training run are made of, checked field by field, and read back from JSON.
+"""What a model and a training run are made of, checked field by field.
 
-Plain dataclasses and dicts only: `status`, `plot`, `cost` and `--help` read this module, so it
-must never import torch.
+A field that `bitnet train` takes as a flag is declared with `option(help)`: the CLI derives the
+flag, its type, its help and its default from the field, so each is written once, here.
+Plain dataclasses only: `status`, `plot`, `cost` and `--help` read this module, so it must never
+import torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitnet_cli.config.numbers import check_whole, real, show, whole
+from bitnet_cli.config.numbers import check_whole, real, show
 from bitnet_cli.config.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
 
@@ -20,11 +23,33 @@ QUANT_MODES = ("ternary", "none")
 # every llama.cpp computes for its `bitnet` architecture (relu2 only one from 2026 on).
 ACTIVATIONS = ("relu2", "silu")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda or mps."
 MAX_STEPS = 999_999_999  # checkpoint folder names hold nine digits
 # numpy's default_rng takes any int >= 0 and torch.manual_seed up to 2**64 - 1: 32 bits suit both
 MAX_SEED = 2**32 - 1
 MAX_NAME = 100
 RESERVED_NAMES = ("latest",)  # a selector, never a run id
+
+
+def option(help: str, **field_options):
+    """A field that `bitnet train` offers as a flag (see train_options)."""
+    return dataclasses.field(metadata={"help": help}, **field_options)
+
+
+def train_options() -> list[tuple[dataclasses.Field, type]]:
+    """The fields `bitnet train` takes as flags, with their types, in --help order: training's,
+    then the model's."""
+    return [(f, typing.get_type_hints(cls)[f.name]) for cls in (TrainConfig, ModelConfig)
+            for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def preset_default(field: dataclasses.Field):
+    """What leaving out a flag means, for --help: the field's default where no preset sets the
+    field, else None (each size's own value stands; `train --help` lists them)."""
+    if any(field.name in size.train or field.name in size.model
+           for preset in PRESETS.values() for size in preset.sizes.values()):
+        return None
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 @dataclass
@@ -40,8 +65,12 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
-    quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
-    activation: str = "relu2"  # runs from before the option have none: they are relu2
+    quant: str = option("ternary (BitNet b1.58) or none (the full-precision twin with the same "
+                        "names and shapes).", default="ternary")
+    # Runs from before the option have no activation: they are relu2.
+    activation: str = option("The FFN gate: relu2, relu(gate)^2 * up as in BitNet b1.58 2B4T, or "
+                             "silu, silu(gate) * up, which every llama.cpp computes (relu2 only "
+                             "a 2026 one: see `bitnet export --help`).", default="relu2")
 
     @property
     def head_dim(self) -> int:
@@ -100,27 +129,39 @@ COMPILE_MIN_STEPS = 2000
 @dataclass
 class TrainConfig:
     experiment: str
-    size: str
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    grad_accum: int = 1
+    size: str = option("Model size preset: 'tiny' or the experiment's reference size (its "
+                       "default).")
+    steps: int = option("Optimizer steps in the run.")
+    batch_size: int = option("Sequences per micro-batch.")
+    seq_len: int = option("Tokens per sequence (also the model's context).")
+    lr: float = option("Peak learning rate of the two-stage schedule.")
+    grad_accum: int = option("Micro-batches per optimizer step.", default=1)
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    seed: int = 1337
-    eval_every: int = 250
-    save_every: int = 500
+    seed: int = option("Seed for initialisation and data; the same seed on CPU gives "
+                       "bit-identical weights.", default=1337)
+    eval_every: int = option("Evaluate on held-out data every K steps.", default=250)
+    save_every: int = option("Write a checkpoint every K steps.", default=500)
     log_every: int = 10
     keep_checkpoints: int = 3
-    device: str = "auto"
-    compile: bool | None = None  # None: the rule in compiled.py (CUDA, or COMPILE_MIN_STEPS+ on CPU)
-    name: str | None = None
-    data: str | None = None
-    vocab_size: int | None = None  # text experiments: size of the BPE trained on the data
+    device: str = option(DEVICE_HELP, default="auto")
+    # None: the rule in compiled.py (CUDA, or COMPILE_MIN_STEPS+ steps on a CPU).
+    compile: bool | None = option(
+        f"torch.compile the training step (default: on for CUDA, and on a CPU for runs of "
+        f"{COMPILE_MIN_STEPS}+ steps). Without a C++ compiler: one line, then eager training.",
+        default=None)
+    name: str | None = option("Run id to use instead of <experiment>-<size>-<timestamp>.",
+                              default=None)
+    data: str | None = option("Text experiments: local .txt, .jsonl or .parquet files (a 'text' "
+                              "field), or a folder of them, instead of the hub data set.",
+                              default=None)
+    vocab_size: int | None = option("Text experiments: size of the byte-level BPE trained on the "
+                                    "data.", default=None)
     extended_at: list[int] = dataclasses.field(default_factory=list)  # see optim.lr_factor
-    tensorboard: bool = False  # also write the metrics as TensorBoard event files
+    tensorboard: bool = option("Also write the metrics as TensorBoard event files in "
+                               "RUN/tensorboard (tensorboard --logdir RUN); needs pip install "
+                               "'bitnet-cli[tensorboard]'.", default=False)
     # Text experiments: the training tokens the run's data was prepared for, fixed when the run
     # is made, so that changing --steps later keeps its data, its window order and its cursor.
     data_tokens: int | None = None
@@ -208,7 +249,8 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
                           f"{', '.join(preset.sizes)}")
     chosen = preset.sizes[size]
     # Model options given (not None) override ModelConfig's defaults; the rest are training's.
-    model_options = {name: value for name in ("quant", "activation")
+    model_flags = {f.name for f in dataclasses.fields(ModelConfig) if "help" in f.metadata}
+    model_options = {name: value for name in model_flags
                      if (value := overrides.pop(name, None)) is not None}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - train_fields
@@ -223,67 +265,3 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
                         **model_options, **chosen.model)
     model.validate()
     return model, train
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def model_config_from_dict(data: dict, source="the run's config.json") -> ModelConfig:
-    config = _from_dict(ModelConfig, data, source)
-    if config.vocab_size < 1:
-        raise BitnetError(f"{source} is damaged: vocab_size must be at least 1; {RESTORE}")
-    return config
-
-
-def train_config_from_dict(data: dict, source="the run's config.json") -> TrainConfig:
-    return _from_dict(TrainConfig, data, source)
-
-
-RESTORE = "restore it or remove the run"
-
-
-def _from_dict(cls, data, source):
-    """A validated `cls` from a JSON object read from `source`; any fault names `source`."""
-    label = cls.__name__.removesuffix("Config").lower()
-    if not isinstance(data, dict):
-        raise BitnetError(f"{source} is damaged: its {label} settings are {show(data)}, "
-                          f"not a JSON object; {RESTORE}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise BitnetError(f"{source} is damaged: its {label} settings have no "
-                          f"{missing[0]!r}; {RESTORE}")
-    config = cls(**{k: v for k, v in data.items() if k in fields})
-    try:
-        config.validate()
-    except BitnetError as e:
-        raise BitnetError(f"{source} is damaged: {e}; {RESTORE}") from None
-    return config
-
-
-# The kinds of value check_fields knows; a trailing '?' also allows absent or null.
-FIELD_KINDS = {
-    "count": (lambda v: whole(v) and v >= 0, "a whole number of 0 or more"),
-    "pid": (lambda v: whole(v) and 0 < v < 2**31, "a process id"),
-    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-    "text": (lambda v: isinstance(v, str), "a string"),
-    "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-              "a list of strings"),
-    "object": (lambda v: isinstance(v, dict), "a JSON object"),
-}
-
-
-def check_fields(data: dict, kinds: dict[str, str], source) -> None:
-    """Each field of `data` named in `kinds` is of its kind, or a BitnetError naming `source`."""
-    for name, kind in kinds.items():
-        value = data.get(name)
-        if value is None and kind.endswith("?"):
-            continue
-        test, what = FIELD_KINDS[kind.rstrip("?")]
-        if name not in data:
-            raise BitnetError(f"{source} is damaged: it has no {name!r}; {RESTORE}")
-        if not test(value):
-            raise BitnetError(f"{source} is damaged: {name!r} should be {what}, not "
-                              f"{show(value)}; {RESTORE}")

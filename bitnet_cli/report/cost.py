@@ -27,7 +27,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bitnet_cli.config.settings import ModelConfig, model_config_from_dict
+from bitnet_cli.config.reading import model_config_from_dict
+from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.config.numbers import format_count, parse_size
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics

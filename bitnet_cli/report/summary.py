@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bitnet_cli.config.numbers import real
-from bitnet_cli.config.settings import check_fields, model_config_from_dict, train_config_from_dict
+from bitnet_cli.config.reading import check_fields, model_config_from_dict, train_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
                                read_metrics_tail)

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from bitnet_cli.config.settings import RESTORE, check_fields, model_config_from_dict
+from bitnet_cli.config.reading import RESTORE, check_fields, model_config_from_dict
 from bitnet_cli.config.presets import PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.files import (atomic_folder, remove_leftovers, to_json, write_bytes_atomic,

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 from bitnet_cli import __version__
 from bitnet_cli.training import dist
 from bitnet_cli.store.checkpoint import newest_loadable
-from bitnet_cli.config.settings import build_configs, model_config_from_dict, to_dict, train_config_from_dict
+from bitnet_cli.config.reading import model_config_from_dict, to_dict, train_config_from_dict
+from bitnet_cli.config.settings import build_configs
 from bitnet_cli.config.numbers import format_count
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment

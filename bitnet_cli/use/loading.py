@@ -16,7 +16,8 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.store.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors, newest_loadable,
                                    read_checkpoint)
-from bitnet_cli.config.settings import ModelConfig, model_config_from_dict
+from bitnet_cli.config.reading import model_config_from_dict
+from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM
