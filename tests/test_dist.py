@@ -225,7 +225,7 @@ def test_killing_one_worker_ends_the_run_cleanly(bitnet_home, victim):
     run_dir = bitnet_home / "runs" / "victim"
     launcher = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", "simple", "--steps",
                                  "100000", "--save-every", "10", "--eval-every", "1000",
-                                 "--name", "victim", "--nproc-per-node", "2"],
+                                 "--no-compile", "--name", "victim", "--nproc-per-node", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Mid-training: a checkpoint is written (at step 10) and training has gone on past it.
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists()
