@@ -96,16 +96,14 @@ def train_and_export(home, name, *options):
 
 
 @pytest.fixture(scope="module")
-def simple_runs(tmp_path_factory):
-    """`simple` trained as its preset says (300 steps), once per activation."""
-    home = tmp_path_factory.mktemp("llama-home")
-    return {activation: train_and_export(home, activation, "simple",
-                                         "--activation", activation)
-            for activation in ("silu", "relu2")}
+def silu_run(tmp_path_factory):
+    """`simple` trained with --activation silu as its preset says (300 steps), and its GGUF."""
+    return train_and_export(tmp_path_factory.mktemp("llama-home"), "silu", "simple",
+                            "--activation", "silu")
 
 
-def test_llama_cpp_gives_a_silu_models_answers(simple_runs):
-    run, gguf_file = simple_runs["silu"]
+def test_llama_cpp_gives_a_silu_models_answers(silu_run):
+    run, gguf_file = silu_run
     loaded = load_model(str(run))
     llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
     try:
@@ -132,20 +130,27 @@ def test_llama_cpp_gives_a_silu_models_answers(simple_runs):
     assert reply == text + "\n"
 
 
-def test_the_pinned_llama_cpp_computes_a_relu2_model_wrong(simple_runs):
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+def test_the_pinned_llama_cpp_computes_a_relu2_model_wrong(tmp_path, activation):
     """What `export` warns about: the pinned llama-cpp-python's llama.cpp runs its silu FFN on
-    relu2 weights. If this fails, the bundled llama.cpp has learned relu2 (upstream did in
-    2026): update the README's table and the caveat."""
-    run, gguf_file = simple_runs["relu2"]
-    loaded = load_model(str(run))
-    llama = LlamaCpp(gguf_file, loaded.config.max_position_embeddings)
+    relu2 weights, so the same random weights agree as silu and not as relu2. If this fails,
+    the bundled llama.cpp has learned relu2 (upstream did in 2026): update the README's table
+    and the caveat."""
+    checkpoint = random_checkpoint(tmp_path / "run", activation=activation)
+    invoke("export", checkpoint, "--format", "gguf", "--out", tmp_path / "gguf")
+    loaded = load_model(str(checkpoint))
+    llama = LlamaCpp(tmp_path / "gguf" / "model.gguf", loaded.config.max_position_embeddings)
     try:
         ids = loaded.tokenizer.encode("d3=efg;k5=lmnop;a2=").ids
         with torch.no_grad():
             ours = loaded.model(torch.tensor([ids]))[0]
-        assert logit_gap(ours, llama.logits(ids)) > 10 * LOGIT_TOLERANCE
+        gap = logit_gap(ours, llama.logits(ids))
     finally:
         llama.close()
+    if activation == "silu":
+        assert gap < LOGIT_TOLERANCE
+    else:
+        assert gap > 10 * LOGIT_TOLERANCE
 
 
 def test_llama_cpp_runs_tq2_0_codes(tmp_path):
