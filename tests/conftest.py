@@ -43,3 +43,22 @@ def torch_threads(fresh_threads):
     yield
     import torch
     torch.set_num_threads(fresh_threads)
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory):
+    """short_run(experiment): the run folder of a short run of the experiment's tiny size (see
+    tests.models.train_short_run), trained once for the whole session and shared by the tests
+    that only read it. At the end of the session each must still be exactly as trained."""
+    from tests.models import folder_digest, train_short_run
+    runs = {}
+
+    def get(experiment: str):
+        if experiment not in runs:
+            run = train_short_run(tmp_path_factory.mktemp(f"shared-{experiment}"), experiment)
+            runs[experiment] = run, folder_digest(run)
+        return runs[experiment][0]
+
+    yield get
+    for experiment, (run, digest) in runs.items():
+        assert folder_digest(run) == digest, f"a test changed the shared {experiment} run"

@@ -1,5 +1,7 @@
-"""Small models for tests that need a checkpoint but not a trained one."""
+"""Small models for tests: random checkpoints, where a trained one is not needed, and short
+trained runs shared by a session (conftest.short_run)."""
 
+import hashlib
 import random
 
 import torch
@@ -11,6 +13,7 @@ from bitnet_cli.data.stories import story
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.store.checkpoint import save_checkpoint
 from bitnet_cli.tasks import load_experiment
+from tests.cli import home_at, invoke
 
 
 def random_checkpoint(folder, experiment="simple", tokenizer=None, **shape):
@@ -31,3 +34,31 @@ def random_checkpoint(folder, experiment="simple", tokenizer=None, **shape):
 def story_tokenizer():
     rng = random.Random(0)
     return train_tokenizer((story(rng) + EOT for _ in range(200)), vocab_size=320)
+
+
+SHORT_STEPS = 30
+# Text experiments train on local stories with a small batch and BPE.
+TEXT_OPTIONS = ["--batch-size", "8", "--seq-len", "64", "--vocab-size", "512"]
+
+
+def train_short_run(home, experiment):
+    """A run of SHORT_STEPS steps of the experiment's tiny size in `home`, named after the
+    experiment, evaluated and saved once, at its last step."""
+    args = ["train", experiment, "--size", "tiny", "--steps", str(SHORT_STEPS),
+            "--eval-every", str(SHORT_STEPS), "--save-every", str(SHORT_STEPS), "--no-compile",
+            "--name", experiment]
+    if experiment in ("tinystories", "baseline"):
+        from bitnet_cli.data.stories import write_stories
+        write_stories(home / "data", 600)
+        args += [*TEXT_OPTIONS, "--data", str(home / "data")]
+    with home_at(home):
+        invoke(*args)
+    return home / "runs" / experiment
+
+
+def folder_digest(folder) -> str:
+    """One hash of every file's path and bytes under `folder`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()

@@ -35,11 +35,11 @@ from bitnet_cli.nn.compiled import DecodeStep
 from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
                                 to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
-from tests.cli import home_at, runner
+from tests.cli import runner
+from tests.models import SHORT_STEPS
 
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
            "tinystories": "Once upon a time", "baseline": "The dog"}
-TEXT = ["--batch-size", "8", "--seq-len", "64", "--vocab-size", "512"]
 
 
 def rel_to_exact(layer: BitLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -122,21 +122,11 @@ def test_half_head_rounds_only_where_float16_must():
     assert head(x).dtype == torch.float32 and head(x[:1]).dtype == torch.float32
 
 
-@pytest.fixture(scope="module", params=list(PROMPTS))
-def trained(request, tmp_path_factory):
+@pytest.fixture(params=list(PROMPTS))
+def trained(request, short_run):
     """A checkpoint of each experiment after a short run on its tiny size (local text data)."""
     experiment = request.param
-    home = tmp_path_factory.mktemp("home")
-    args = ["train", experiment, "--size", "tiny", "--steps", "30", "--eval-every", "30",
-            "--save-every", "30", "--no-compile", "--name", experiment]
-    if experiment in ("tinystories", "baseline"):
-        from bitnet_cli.data.stories import write_stories
-        write_stories(home / "data", 600)
-        args += [*TEXT, "--data", str(home / "data")]
-    with home_at(home):
-        result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output + result.stderr
-    return experiment, home / "runs" / experiment / "checkpoints" / step_dir_name(30)
+    return experiment, short_run(experiment) / "checkpoints" / step_dir_name(SHORT_STEPS)
 
 
 def assert_engines_agree(checkpoint, prompt: str, max_new_tokens: int = 64) -> None:

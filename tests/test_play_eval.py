@@ -16,26 +16,19 @@ from bitnet_cli.tasks.tictactoe import CELLS, ModelPlayer, play_matches
 from bitnet_cli.use.loading import load_player
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.tasks.tictactoe_rules import DRAW, START, best_moves, legal_moves, place, replay, result, to_move
-from tests.cli import TmuxPane, home_at, runner
+from tests.cli import TmuxPane, runner
+from tests.models import SHORT_STEPS
 
 
 
-def train_checkpoint(home, experiment, *args):
-    with home_at(home):
-        result = runner.invoke(app, ["train", experiment, "--steps", "20", "--eval-every", "20",
-                                     "--save-every", "20", "--name", experiment, *args])
-    assert result.exit_code == 0, result.output + result.stderr
-    return home / "runs" / experiment / "checkpoints" / step_dir_name(20)
+@pytest.fixture
+def ttt_checkpoint(short_run):
+    return short_run("tictactoe") / "checkpoints" / step_dir_name(SHORT_STEPS)
 
 
-@pytest.fixture(scope="module")
-def ttt_checkpoint(tmp_path_factory):
-    return train_checkpoint(tmp_path_factory.mktemp("home"), "tictactoe", "--size", "tiny")
-
-
-@pytest.fixture(scope="module")
-def arithmetic_checkpoint(tmp_path_factory):
-    return train_checkpoint(tmp_path_factory.mktemp("home"), "arithmetic", "--size", "tiny")
+@pytest.fixture
+def arithmetic_checkpoint(short_run):
+    return short_run("arithmetic") / "checkpoints" / step_dir_name(SHORT_STEPS)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -114,7 +107,7 @@ def test_eval_json_for_tictactoe(ttt_checkpoint):
     result = runner.invoke(app, ["eval", str(ttt_checkpoint), "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(result.stdout)  # stdout holds the JSON and nothing else
-    assert report["experiment"] == "tictactoe" and report["step"] == 20
+    assert report["experiment"] == "tictactoe" and report["step"] == SHORT_STEPS
     metrics = report["metrics"]
     for group in ["random-x", "random-o", "perfect-x", "perfect-o"]:
         assert sum(metrics[f"{group}/{k}"] for k in ("won", "drawn", "lost")) == 100
@@ -158,8 +151,10 @@ def result_message(person, outcome):
 
 
 def play(checkpoint, *args, stdin):
-    return subprocess.run([sys.executable, "-m", "bitnet_cli", "play", str(checkpoint), *args],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    """`bitnet play` in-process, typed into through stdin; the result as a finished process."""
+    result = runner.invoke(app, ["play", str(checkpoint), *args], input=stdin)
+    return subprocess.CompletedProcess(["bitnet", "play"], result.exit_code, result.stdout,
+                                       result.stderr)
 
 
 @pytest.mark.parametrize("person", ["X", "O"])
