@@ -234,17 +234,15 @@ def readme_python(after_heading: str) -> str:
     return section[start:section.index("```", start)]
 
 
-def test_the_readme_transformers_snippet_answers_as_bitnet_chat_does(tmp_path, monkeypatch):
+def test_the_readme_transformers_snippet_answers_as_bitnet_chat_does(tmp_path, monkeypatch,
+                                                                    short_run):
     """The snippet, run as written against an arithmetic export, prints `chat`'s answer."""
     optional("transformers")
-    with home_at(tmp_path):
-        invoke("train", "arithmetic", "--size", "tiny", "--steps", "40", "--eval-every", "40",
-               "--no-compile", "--name", "sums")
-        result = invoke("export", "sums", "--format", "hf-packed", "--out",
-                        tmp_path / "my-model-2bit")
-        assert "012+035= for 12+35=" in result.stderr  # the export says which format it reads
-        assert "pip install 'bitnet-cli[hf]'" in result.stdout
-        loaded = load_model("sums", engine="float")
+    run = short_run("arithmetic")
+    result = invoke("export", run, "--format", "hf-packed", "--out", tmp_path / "my-model-2bit")
+    assert "012+035= for 12+35=" in result.stderr  # the export says which format it reads
+    assert "pip install 'bitnet-cli[hf]'" in result.stdout
+    loaded = load_model(str(run), engine="float")
     task = load_experiment("arithmetic")
     ids = loaded.tokenizer.encode(task.chat_prompt("12+35=")).ids
     stop = task.stop_ids(loaded.tokenizer)
