@@ -36,9 +36,11 @@ RUN_HELP = ("A run id, a unique prefix of one, or 'latest', looked up in the run
 MODEL_HELP = ("A run id, a unique prefix of one, or 'latest' (the newest run with a checkpoint), "
               "looked up in the runs folder; or a path to a run or checkpoint folder, written "
               "with a slash (./NAME).")
-ENGINE_HELP = ("int8: ternary weights as int8 and integer matmuls, several times faster (the "
-               "default on CPU). float: the training maths in floating point (the default on "
-               "GPUs). Same quantization, same greedy tokens.")
+ENGINE_HELP = ("2bit: ternary weights packed 2 bits each, multiplied by bitnet's own kernel (the "
+               "default on CPU; compiled on first use, else int8 with a note). int8: ternary "
+               "weights as int8 and torch's integer matmul. float: the training maths in "
+               "floating point (the default on GPUs). 2bit and int8 give the same logits to the "
+               "bit; all three the same greedy tokens.")
 
 
 def flag(*names: str, help: str, default: bool | None = False, **options):

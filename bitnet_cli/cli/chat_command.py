@@ -39,10 +39,10 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    head: str = typer.Option("float16", help="The int8 engine's output layer: float16, or int8 "
-                                             "with one scale per row (half the bytes to read per "
-                                             "token; the same greedy tokens on the checkpoints "
-                                             "bitnet's tests train)."),
+    head: str = typer.Option("float16", help="The 2bit and int8 engines' output layer: float16, "
+                                             "or int8 with one scale per row (half the bytes to "
+                                             "read per token; the same greedy tokens on the "
+                                             "checkpoints bitnet's tests train)."),
     compile: bool = flag("--compile", help="Decode through a compiled one-token step: about "
                                            "2.7x the tokens/s of a small model, 1.3x at 95M, "
                                            "after 4-17 s of compiling before the first reply "

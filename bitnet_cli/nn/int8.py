@@ -22,7 +22,7 @@ from torch import nn
 
 from bitnet_cli.nn.bitlinear import BitLinear, SharedInput, activation_codes, ternary_codes
 
-ENGINES = ("int8", "float")
+ENGINES = ("2bit", "int8", "float")  # 2bit: nn/packed.py
 
 
 class Int8Linear(nn.Module):
@@ -56,11 +56,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
-        x_codes = x_codes.to(torch.int8)
+        acc = self.integer_sums(x_codes.to(torch.int8))
+        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
+
+    def integer_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
+        """x_codes @ codes.T in int32, exactly."""
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
         # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
-        acc = int_mm(x_codes, self.codes.t())
-        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
+        return int_mm(x_codes, self.codes.t())
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each stacked layer's output, in the order they were given."""
@@ -138,10 +141,10 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
 HEADS = ("float16", "int8")
 
 
-def to_int8(model: nn.Module, head: str = "float16") -> str | None:
-    """Swap every BitLinear of `model` (in place) for an Int8Linear, and the output projection
-    for a HalfHead (float16) or a per-row Int8Linear (int8). Returns why the model was left as
-    it was, or None when it was converted."""
+def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear) -> str | None:
+    """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
+    given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8).
+    Returns why the model was left as it was, or None when it was converted."""
     bitlinears = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children() if isinstance(child, BitLinear)]
     if not bitlinears:
@@ -155,12 +158,12 @@ def to_int8(model: nn.Module, head: str = "float16") -> str | None:
     for parent in list(model.modules()):
         for name, group in list(parent.named_children()):
             if isinstance(group, SharedInput):
-                whole = Int8Linear.stacking(*group.layers)
+                whole = linear.stacking(*group.layers)
                 setattr(parent, name, Int8SharedInput(whole))
                 for index, layer in enumerate(group.layers):
                     stacked[id(layer)] = Int8Part(whole, index)
     for parent, name, child in bitlinears:
-        setattr(parent, name, stacked.get(id(child)) or Int8Linear.stacking(child))
+        setattr(parent, name, stacked.get(id(child)) or linear.stacking(child))
     weight = model.lm_head.weight
     model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

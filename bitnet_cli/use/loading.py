@@ -1,9 +1,10 @@
 """Loading a trained model for use: from a run (id, prefix, 'latest', folder) or from a
 checkpoint folder alone, which holds everything needed (weights, model config, tokenizer).
 
-Two engines run it: `float`, the training maths in floating point (quantize, then multiply
-floats), and `int8`, the same maths with integer matmuls (nn/int8.py), the default on
-CPU where it is several times faster."""
+Three engines run it: `float`, the training maths in floating point (quantize, then multiply
+floats); `int8`, the same maths with integer matmuls (nn/int8.py); and `2bit`, the int8
+engine's exact sums from weights packed 2 bits each by bitnet's own kernel (nn/packed.py), the
+default on CPU, where reading fewer bytes is what makes decoding faster."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
+from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
 from bitnet_cli.store.selector import matching_runs, written_as_path
@@ -71,19 +73,20 @@ def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
 
 def load_model(selector: str, device: str | torch.device = "cpu",
                engine: str | None = None, head: str = "float16") -> LoadedModel:
-    """The model a RUN|CKPT selector names, on `device`, run by `engine` ("int8" or "float";
-    None picks int8 on CPU and float elsewhere, where bf16 autocast already has fast kernels),
-    the int8 engine with its output layer in `head` precision (int8.HEADS)."""
+    """The model a RUN|CKPT selector names, on `device`, run by `engine` ("2bit", "int8" or
+    "float"; None picks 2bit on CPU and float elsewhere, where bf16 autocast already has fast
+    kernels), the 2bit and int8 engines with the output layer in `head` precision (int8.HEADS).
+    Where 2bit cannot run (no C++ compiler, say), the int8 engine does, and the note says why."""
     device = torch.device(device)
     if engine is None:
-        engine = "int8" if device.type == "cpu" else "float"
+        engine = "2bit" if device.type == "cpu" else "float"
     if engine not in ENGINES:
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if head not in HEADS:
         raise BitnetError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
-    if head != "float16" and engine != "int8":
-        raise BitnetError(f"--head {head} is the int8 engine's option; the {engine} engine "
-                          "keeps the trained float32 output layer")
+    if head != "float16" and engine == "float":
+        raise BitnetError(f"--head {head} is the 2bit and int8 engines' option; the float "
+                          "engine keeps the trained float32 output layer")
     # Every file of the checkpoint, its tokenizer.json included, is checked there.
     checkpoint, (tensors, _, trainer), skipped = find_checkpoint(selector)
     tokenizer_path = checkpoint / TOKENIZER_FILE
@@ -100,10 +103,14 @@ def load_model(selector: str, device: str | torch.device = "cpu",
     load_model_tensors(model, tensors)
     model.to(device).eval()
     note = None
+    if engine == "2bit":
+        why = to_packed(model, head)
+        if why is not None:
+            engine, note = "int8", f"2bit engine not used: {why}; decoding with the int8 engine"
     if engine == "int8":
-        note = to_int8(model, head)
-        if note is not None:
-            engine, note = "float", f"int8 engine not used: {note}"
+        why = to_int8(model, head)
+        if why is not None:
+            engine, note = "float", f"int8 engine not used: {why}"
     return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,

@@ -1,0 +1,116 @@
+"""The 2-bit ternary kernel (ternary_kernel.cpp), compiled on first use and then reused.
+
+It is a torch C++ extension built with the machine's own compiler into bitnet's cache folder,
+under a name that covers the source, the torch and Python versions and the CPU architecture, so
+a stale build is never found. A file lock lets one process build while others wait for it. What
+loads is checked against exact integer sums on every kernel path the CPU has before any model
+uses it; a build that fails to load is removed and built once more.
+
+Anything that stops it (no compiler, a failed build, a wrong answer) is a reason in one line:
+the caller decodes with the int8 engine instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ternary_kernel.cpp")
+PATHS = {"portable": 1, "avx2": 2, "vnni": 3}  # the kernel's own numbering of its code paths
+_loaded: dict[str, object] = {}  # "ops" -> the module, or "why" -> the reason it is not there
+
+
+def build_key() -> str:
+    text = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def ternary_ops(notice=lambda text: print(text, file=sys.stderr)):
+    """(the compiled kernel module, None), or (None, why it cannot be used here). Built at most
+    once per process; `notice` hears the one line a first compile takes."""
+    if "ops" not in _loaded and "why" not in _loaded:
+        try:
+            _loaded["ops"] = _build_and_check(notice)
+        except _Unusable as e:
+            _loaded["why"] = str(e)
+    return _loaded.get("ops"), _loaded.get("why")
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _build_and_check(notice):
+    from bitnet_cli.nn.compiled import compiler_problem
+    problem = compiler_problem(torch.device("cpu"))
+    if problem:
+        raise _Unusable(problem.replace(" for torch.compile", ""))
+    from filelock import FileLock
+
+    from bitnet_cli.data.shards import cache_dir
+    name = f"bitnet_ternary_{build_key()}"
+    folder = cache_dir() / "kernels" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        built = any(folder.glob(f"{name}*.so")) or any(folder.glob(f"{name}*.pyd"))
+        if not built:
+            notice("note: compiling bitnet's 2-bit ternary kernel, once for this machine "
+                   "(about half a minute)")
+        try:
+            ops = _load(name, folder)
+        except (ImportError, OSError) as e:  # a damaged build: start again, once
+            if not built:
+                raise _Unusable(f"the ternary kernel did not load ({_first_line(e)})") from None
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                ops = _load(name, folder)
+            except (ImportError, OSError, RuntimeError) as e:
+                raise _Unusable(f"the ternary kernel did not load ({_first_line(e)})") from None
+        except RuntimeError as e:  # the compiler or ninja failed
+            raise _Unusable(f"the ternary kernel did not compile ({_first_line(e)})") from None
+    wrong = self_check(ops)
+    if wrong:
+        raise _Unusable(wrong)
+    return ops
+
+
+def _load(name: str, folder: Path):
+    from torch.utils.cpp_extension import load
+    folder.mkdir(parents=True, exist_ok=True)
+    # cpp_extension finds ninja on PATH: the one pip installed beside this Python counts too.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    # No -ffast-math: the sums are integers, but nothing here may reorder float maths either.
+    return load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+
+
+def self_check(ops) -> str | None:
+    """Why the kernel gives a wrong sum on some path, or None: random codes and inputs in odd
+    shapes, every path this CPU has, against int64 matrix products."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, k, n in ((1, 1, 1), (3, 255, 5), (5, 257, 9), (17, 1000, 33)):
+        codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=generator)
+        x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
+        exact = (x.long() @ codes.long().T).int()
+        packed = ops.pack(codes)
+        for path in ops.isas():
+            if not torch.equal(ops.ternary_mm(x, packed, path), exact):
+                name = next(k for k, v in PATHS.items() if v == path)
+                return f"the ternary kernel's {name} path gives wrong sums on this CPU"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__

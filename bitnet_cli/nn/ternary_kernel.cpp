@@ -1,0 +1,218 @@
+// bitnet's ternary matmul: weights in {-1, 0, +1} packed 2 bits each, inputs as int8 codes,
+// exact int32 sums. Built on first use by nn/kernel_build.py (torch.utils.cpp_extension).
+//
+// Layout (pack): each output row is padded to a multiple of 256 weights and stored as 64-byte
+// blocks of 256 weights. Byte j of a block holds, in bits 2l..2l+1, the code + 1 (0, 1 or 2) of
+// weight 64*l + j of that block. One 64-byte load and a shift by 2l then gives 64 consecutive
+// codes + 1, which line up with 64 consecutive input codes: no shuffles in the inner loop.
+//
+// The sum of (w + 1) * x is what the SIMD instructions compute (unsigned by signed bytes); the
+// sum of x is taken off once per token and row: sum(w * x) = sum((w + 1) * x) - sum(x).
+// Every path (AVX-512 VNNI, AVX2, portable C++) computes that same integer exactly.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BITNET_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t BLOCK = 256;       // weights per block
+constexpr int64_t BLOCK_BYTES = 64;  // bytes per block
+constexpr int64_t ROWS = 4;   // output rows computed together: each input load serves four
+constexpr int64_t TOKENS = 4; // tokens computed together: each unpacked block serves four
+
+enum Isa : int64_t { AUTO = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3 };
+
+int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }
+
+// A tile of ROWS packed weight rows against T padded token rows of int8 codes:
+// out[r * TOKENS + t] = sum over the row of (w + 1) * x[t].
+template <int T>
+void tile_portable(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) {
+      int32_t sum = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = w[r] + b * BLOCK_BYTES;
+        const int8_t* xb = x[t] + b * BLOCK;
+        for (int l = 0; l < 4; ++l)
+          for (int j = 0; j < BLOCK_BYTES; ++j)
+            sum += int32_t((wb[j] >> (2 * l)) & 3) * int32_t(xb[64 * l + j]);
+      }
+      out[r * TOKENS + t] = sum;
+    }
+}
+
+#ifdef BITNET_X86
+__attribute__((target("avx2")))
+inline int32_t sum_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int T>
+__attribute__((target("avx2")))
+void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[ROWS][T];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int half = 0; half < 2; ++half) {
+      __m256i v[ROWS];
+      for (int r = 0; r < ROWS; ++r)
+        v[r] = _mm256_loadu_si256((const __m256i*)(w[r] + b * BLOCK_BYTES + 32 * half));
+      for (int l = 0; l < 4; ++l) {
+        __m256i xv[T];
+        for (int t = 0; t < T; ++t)
+          xv[t] = _mm256_loadu_si256((const __m256i*)(x[t] + b * BLOCK + 32 * half + 64 * l));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i u = _mm256_and_si256(_mm256_srli_epi16(v[r], 2 * l), mask);
+          // (w + 1) <= 2 and |x| <= 128: a pair's sum fits int16 without saturating.
+          for (int t = 0; t < T; ++t)
+            acc[r][t] = _mm256_add_epi32(acc[r][t],
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv[t]), ones));
+        }
+      }
+    }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum_avx2(acc[r][t]);
+}
+
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i acc[ROWS][T];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[ROWS];
+    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * BLOCK_BYTES));
+    for (int l = 0; l < 4; ++l) {
+      __m512i xv[T];
+      for (int t = 0; t < T; ++t)
+        xv[t] = _mm512_loadu_si512((const void*)(x[t] + b * BLOCK + 64 * l));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i u = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * l), mask);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+#endif
+
+bool supports(int64_t isa) {
+#ifdef BITNET_X86
+  __builtin_cpu_init();
+  if (isa == VNNI)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+  if (isa == AVX2) return __builtin_cpu_supports("avx2");
+#endif
+  return isa == PORTABLE;
+}
+
+int64_t best_isa() {
+  for (int64_t isa : {VNNI, AVX2}) if (supports(isa)) return isa;
+  return PORTABLE;
+}
+
+using TileKernel = void (*)(const uint8_t* const*, const int8_t* const*, int64_t, int32_t*);
+
+// The tile kernel of a path for 1..TOKENS tokens (index count - 1).
+std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa == VNNI) return {tile_vnni<1>, tile_vnni<2>, tile_vnni<3>, tile_vnni<4>};
+  if (isa == AVX2) return {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
+#endif
+  return {tile_portable<1>, tile_portable<2>, tile_portable<3>, tile_portable<4>};
+}
+
+}  // namespace
+
+// codes: (out, in) int8 in {-1, 0, 1} -> (out, padded(in) / 4) uint8 in the layout above.
+torch::Tensor pack(const torch::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8, "pack wants 2-d int8 codes");
+  const auto c = codes.contiguous();
+  const int64_t n = c.size(0), k = c.size(1), kp = padded(k);
+  auto packed = torch::zeros({n, kp / 4}, torch::kUInt8);
+  const int8_t* src = c.data_ptr<int8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row)
+    for (int64_t i = 0; i < k; ++i) {
+      const int8_t w = src[row * k + i];
+      TORCH_CHECK(w >= -1 && w <= 1, "ternary codes must be -1, 0 or 1");
+      const int64_t block = i / BLOCK, within = i % BLOCK;
+      dst[row * (kp / 4) + block * BLOCK_BYTES + within % 64] |= uint8_t(w + 1) << (2 * (within / 64));
+    }
+  return packed;
+}
+
+// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
+torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8, "x must be 2-d int8");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8, "packed must be 2-d uint8");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), kp = padded(k);
+  TORCH_CHECK(packed.size(1) * 4 == kp, "packed rows do not hold ", k, " weights");
+  if (isa == AUTO) isa = best_isa();
+  TORCH_CHECK(supports(isa), "this CPU cannot run the requested kernel path");
+  // The tokens padded with zeros to whole blocks (a zero input adds nothing), and their sums.
+  auto xp = torch::zeros({m, kp}, torch::kInt8);
+  xp.narrow(1, 0, k).copy_(x);
+  const int8_t* xd = xp.data_ptr<int8_t>();
+  std::vector<int32_t> sums(m, 0);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < k; ++i) sums[t] += xd[t * kp + i];
+  auto out = torch::empty({m, n}, torch::kInt32);
+  int32_t* od = out.data_ptr<int32_t>();
+  const uint8_t* wd = packed.contiguous().data_ptr<uint8_t>();
+  const auto kernels = kernels_for(isa);
+  const int64_t blocks = kp / BLOCK, row_bytes = kp / 4, tiles = (n + ROWS - 1) / ROWS;
+  // Threads over tiles of output rows through torch's own pool: torch.set_num_threads governs it.
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    const uint8_t* rows[ROWS];
+    const int8_t* tokens[TOKENS];
+    int32_t result[ROWS * TOKENS];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * ROWS, count_r = std::min(ROWS, n - r0);
+      // A last tile short of rows repeats its last row; the repeats are not written out.
+      for (int64_t r = 0; r < ROWS; ++r) rows[r] = wd + std::min(r0 + r, n - 1) * row_bytes;
+      for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
+        const int64_t count_t = std::min(TOKENS, m - t0);
+        for (int64_t t = 0; t < count_t; ++t) tokens[t] = xd + (t0 + t) * kp;
+        kernels[count_t - 1](rows, tokens, blocks, result);
+        for (int64_t r = 0; r < count_r; ++r)
+          for (int64_t t = 0; t < count_t; ++t)
+            od[(t0 + t) * n + r0 + r] = result[r * TOKENS + t] - sums[t0 + t];
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<int64_t> isas() {
+  std::vector<int64_t> found;
+  for (int64_t isa : {VNNI, AVX2, PORTABLE}) if (supports(isa)) found.push_back(isa);
+  return found;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "ternary codes -> 2-bit blocks");
+  m.def("ternary_mm", &ternary_mm, "int8 codes x packed ternary rows -> exact int32 sums");
+  m.def("isas", &isas, "the kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 C++)");
+}
