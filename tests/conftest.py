@@ -10,6 +10,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # takes half a minute, a warm one seconds), away from the user's own cache folder.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "bitnet-tests-inductor"))
+# The 2-bit kernel likewise: built once (half a minute), shared by every test and subprocess.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      os.path.join(tempfile.gettempdir(), "bitnet-tests-extensions"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ternary_kernel():
+    """Built before the first test, so that no test's output holds the one-time compile note."""
+    from bitnet_cli.nn.kernel_build import ternary_ops
+    return ternary_ops()[0]
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ BAD = [
     (CHAT + ("--seed", "99999999999999999999999"), "--seed must be"),
     (CHAT + ("--engine", "bogus"), "--engine must be one of"),
     (CHAT + ("--head", "int4"), "--head must be one of float16, int8, got 'int4'"),
-    (CHAT + ("--head", "int8", "--engine", "float"), "--head int8 is the int8 engine's option"),
+    (CHAT + ("--head", "int8", "--engine", "float"), "--head int8 is the 2bit and int8 engines' option"),
     (CHAT + ("--device", "tpu"), "--device must be one of auto, cpu, cuda, mps, got 'tpu'"),
     (("play", MODEL, "--device", "tpu"), "--device must be one of"),
     (("eval", MODEL, "--device", "tpu"), "--device must be one of"),

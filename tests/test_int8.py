@@ -188,7 +188,7 @@ def test_engine_option_of_chat_and_eval(tmp_path, monkeypatch):
     assert "int8 engine not used: it has no ternary layers (trained with --quant none)" in result.stderr
     result = runner.invoke(app, ["eval", "ternary", "--engine", "fp4"])
     assert result.exit_code == 1
-    assert result.stderr == "error: --engine must be one of int8, float, got 'fp4'\n"
+    assert result.stderr == "error: --engine must be one of 2bit, int8, float, got 'fp4'\n"
 
 
 def test_int8_head_keeps_the_float16_heads_greedy_tokens(trained):

@@ -1,7 +1,7 @@
 """The 2-bit ternary kernel (ternary_kernel.cpp), compiled on first use and then reused.
 
-It is a torch C++ extension built with the machine's own compiler into bitnet's cache folder,
-under a name that covers the source, the torch and Python versions and the CPU architecture, so
+It is a torch C++ extension built with the machine's own compiler into bitnet's cache folder
+(or $TORCH_EXTENSIONS_DIR), under a name that covers the source, the torch and Python versions and the CPU architecture, so
 a stale build is never found. A file lock lets one process build while others wait for it. What
 loads is checked against exact integer sums on every kernel path the CPU has before any model
 uses it; a build that fails to load is removed and built once more.
@@ -54,9 +54,8 @@ def _build_and_check(notice):
         raise _Unusable(problem.replace(" for torch.compile", ""))
     from filelock import FileLock
 
-    from bitnet_cli.data.shards import cache_dir
     name = f"bitnet_ternary_{build_key()}"
-    folder = cache_dir() / "kernels" / name
+    folder = kernels_dir() / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         built = any(folder.glob(f"{name}*.so")) or any(folder.glob(f"{name}*.pyd"))
@@ -79,6 +78,14 @@ def _build_and_check(notice):
     if wrong:
         raise _Unusable(wrong)
     return ops
+
+
+def kernels_dir() -> Path:
+    """Where builds live: $TORCH_EXTENSIONS_DIR if the user chose it, else bitnet's cache."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from bitnet_cli.data.shards import cache_dir
+    return cache_dir() / "kernels"
 
 
 def _load(name: str, folder: Path):
