@@ -13,7 +13,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -163,28 +165,32 @@ torch::Tensor pack(const torch::Tensor& codes) {
   return packed;
 }
 
-// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
-torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8, "x must be 2-d int8");
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8, "packed must be 2-d uint8");
-  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), kp = padded(k);
-  TORCH_CHECK(packed.size(1) * 4 == kp, "packed rows do not hold ", k, " weights");
+// Tokens as the kernels read them: int8 codes padded with zeros to whole blocks (a zero input
+// adds nothing), and each token's sum of codes (for the + 1 stored with every weight).
+struct Tokens {
+  std::vector<int8_t> codes;
+  std::vector<int32_t> sums;
+  int64_t m, kp;
+};
+
+void check_packed(const torch::Tensor& packed, int64_t k) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(),
+              "packed must be contiguous 2-d uint8");
+  TORCH_CHECK(packed.size(1) * 4 == padded(k), "packed rows do not hold ", k, " weights");
+}
+
+// For every token and row, `emit(token, row, sum)` with the exact sum of w * x.
+template <typename Emit>
+void for_each_sum(const Tokens& x, const torch::Tensor& packed, int64_t isa, Emit emit) {
   if (isa == AUTO) isa = best_isa();
   TORCH_CHECK(supports(isa), "this CPU cannot run the requested kernel path");
-  // The tokens padded with zeros to whole blocks (a zero input adds nothing), and their sums.
-  auto xp = torch::zeros({m, kp}, torch::kInt8);
-  xp.narrow(1, 0, k).copy_(x);
-  const int8_t* xd = xp.data_ptr<int8_t>();
-  std::vector<int32_t> sums(m, 0);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t i = 0; i < k; ++i) sums[t] += xd[t * kp + i];
-  auto out = torch::empty({m, n}, torch::kInt32);
-  int32_t* od = out.data_ptr<int32_t>();
-  const uint8_t* wd = packed.contiguous().data_ptr<uint8_t>();
+  const int64_t m = x.m, kp = x.kp, n = packed.size(0);
+  const uint8_t* wd = packed.data_ptr<uint8_t>();
+  const int8_t* xd = x.codes.data();
   const auto kernels = kernels_for(isa);
   const int64_t blocks = kp / BLOCK, row_bytes = kp / 4, tiles = (n + ROWS - 1) / ROWS;
   // Threads over tiles of output rows through torch's own pool: torch.set_num_threads governs it.
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
     const uint8_t* rows[ROWS];
     const int8_t* tokens[TOKENS];
     int32_t result[ROWS * TOKENS];
@@ -198,9 +204,68 @@ torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, in
         kernels[count_t - 1](rows, tokens, blocks, result);
         for (int64_t r = 0; r < count_r; ++r)
           for (int64_t t = 0; t < count_t; ++t)
-            od[(t0 + t) * n + r0 + r] = result[r * TOKENS + t] - sums[t0 + t];
+            emit(t0 + t, r0 + r, result[r * TOKENS + t] - x.sums[t0 + t]);
       }
     }
+  });
+}
+
+// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
+torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8, "x must be 2-d int8");
+  const auto xc = x.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
+  check_packed(packed, k);
+  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0), m, kp};
+  const int8_t* xd = xc.data_ptr<int8_t>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < k; ++i) {
+      tokens.codes[t * kp + i] = xd[t * k + i];
+      tokens.sums[t] += xd[t * k + i];
+    }
+  auto out = torch::empty({m, n}, torch::kInt32);
+  int32_t* od = out.data_ptr<int32_t>();
+  for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) { od[t * n + r] = sum; });
+  return out;
+}
+
+// The whole BitLinear at inference, as the int8 engine computes it, in one call: each token of
+// x (m, in) float32 quantized to int8 codes by absmax (round half to even, as torch.round), the
+// exact sums against the packed rows, then sum / (x_scale * w_scale[row]) in float32. The same
+// float operations in the same order as activation_codes and Int8Linear.forward, so the output
+// is theirs to the bit (built without -ffast-math or FMA contraction).
+torch::Tensor ternary_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                             const torch::Tensor& w_scale, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be 2-d float32");
+  TORCH_CHECK(w_scale.dim() == 1 && w_scale.scalar_type() == torch::kFloat32 &&
+              w_scale.size(0) == packed.size(0), "one float32 scale per packed row");
+  const auto xc = x.contiguous();
+  const auto ws = w_scale.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
+  check_packed(packed, k);
+  const float* xd = xc.data_ptr<float>();
+  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0), m, kp};
+  std::vector<float> x_scale(m);
+  for (int64_t t = 0; t < m; ++t) {
+    const float* row = xd + t * k;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+    // torch evaluates activation_codes' 127.0 / amax as amax.reciprocal() * 127.0.
+    const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
+    x_scale[t] = scale;
+    int8_t* codes = tokens.codes.data() + t * kp;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      codes[i] = int8_t(std::nearbyint(row[i] * scale));
+      sum += codes[i];
+    }
+    tokens.sums[t] = sum;
+  }
+  auto out = torch::empty({m, n}, torch::kFloat32);
+  float* od = out.data_ptr<float>();
+  const float* sd = ws.data_ptr<float>();
+  for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) {
+    od[t * n + r] = float(sum) / (x_scale[t] * sd[r]);
   });
   return out;
 }
@@ -214,5 +279,6 @@ std::vector<int64_t> isas() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "ternary codes -> 2-bit blocks");
   m.def("ternary_mm", &ternary_mm, "int8 codes x packed ternary rows -> exact int32 sums");
+  m.def("ternary_linear", &ternary_linear, "float32 x -> int8 codes -> exact sums -> rescaled");
   m.def("isas", &isas, "the kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 C++)");
 }
