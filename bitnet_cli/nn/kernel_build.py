@@ -67,6 +67,7 @@ def _build_and_check(notice):
         except (ImportError, OSError) as e:  # a damaged build: start again, once
             if not built:
                 raise _Unusable(f"the ternary kernel did not load ({_first_line(e)})") from None
+            notice("note: the built 2-bit ternary kernel does not load; compiling it again")
             shutil.rmtree(folder, ignore_errors=True)
             try:
                 ops = _load(name, folder)
