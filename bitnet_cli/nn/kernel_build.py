@@ -58,27 +58,36 @@ def _build_and_check(notice):
     folder = kernels_dir() / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        built = any(folder.glob(f"{name}*.so")) or any(folder.glob(f"{name}*.pyd"))
-        if not built:
-            notice("note: compiling bitnet's 2-bit ternary kernel, once for this machine "
-                   "(about half a minute)")
-        try:
-            ops = _load(name, folder)
-        except (ImportError, OSError) as e:  # a damaged build: start again, once
-            if not built:
-                raise _Unusable(f"the ternary kernel did not load ({_first_line(e)})") from None
-            notice("note: the built 2-bit ternary kernel does not load; compiling it again")
-            shutil.rmtree(folder, ignore_errors=True)
+        ops = _import_built(name, folder, notice)
+        if ops is None:
             try:
                 ops = _load(name, folder)
-            except (ImportError, OSError, RuntimeError) as e:
-                raise _Unusable(f"the ternary kernel did not load ({_first_line(e)})") from None
-        except RuntimeError as e:  # the compiler or ninja failed
-            raise _Unusable(f"the ternary kernel did not compile ({_first_line(e)})") from None
+            except (ImportError, OSError, RuntimeError) as e:  # the compiler or ninja failed
+                raise _Unusable(f"the ternary kernel did not build ({_first_line(e)})") from None
     wrong = self_check(ops)
     if wrong:
         raise _Unusable(wrong)
     return ops
+
+
+def _import_built(name: str, folder: Path, notice):
+    """The module built earlier in `folder`, or None when it must be compiled (then the one
+    line says so). A build that does not import (cut short, damaged) is removed first."""
+    library = next((p for p in folder.glob(f"{name}*") if p.suffix in (".so", ".pyd")), None)
+    if library is not None:
+        spec = importlib.util.spec_from_file_location(name, library)
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except (ImportError, OSError):
+            notice("note: the built 2-bit ternary kernel does not load; compiling it again "
+                   "(about half a minute)")
+            shutil.rmtree(folder, ignore_errors=True)
+    else:
+        notice("note: compiling bitnet's 2-bit ternary kernel, once for this machine "
+               "(about half a minute)")
+    return None
 
 
 def kernels_dir() -> Path:
