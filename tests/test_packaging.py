@@ -42,3 +42,13 @@ def test_the_hf_extra_installs_a_transformers_that_loads_both_export_formats():
     for version, loads in [("4.51.3", False), ("4.52.0", True), ("4.57.1", True),
                            ("5.0.0", False), ("5.12.2", False), ("5.13.0", True), ("6.1", True)]:
         assert transformers.specifier.contains(version) is loads, version
+
+
+def test_the_wheel_carries_the_kernel_source(tmp_path):
+    """pipx installs a wheel: the 2-bit kernel's C++ source must be in it, to build on first use."""
+    import subprocess
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    assert "bitnet_cli/nn/ternary_kernel.cpp" in zipfile.ZipFile(wheel).namelist()
