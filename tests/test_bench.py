@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from bitnet_cli.bench import decode_speed, shapes, train_speed
+from bitnet_cli.nn import kernel_build
 from bitnet_cli.ui.bench_tables import bench_report
 from bitnet_cli.config.presets import PRESETS
 from tests.cli import invoke
@@ -34,12 +35,18 @@ def run_sections() -> tuple[dict, str]:
     assert engines["int8"]["weight_bytes_per_token"] == layers * per_layer + 2 * vocab * d + 4 * d
     assert engines["int8, int8 head"]["weight_bytes_per_token"] == (
         layers * per_layer + vocab * d + 4 * d)
+    # 2 bits a weight, each row padded to whole blocks of 256 (the 64-wide rows here: 4x).
+    padded = 2 * d * 256 + 2 * kv * 256 + 2 * f * 256 + d * (-(-f // 256) * 256)
+    if "2bit" in engines:
+        assert engines["2bit"]["weight_bytes_per_token"] == (
+            layers * padded // 4 + 2 * vocab * d + 4 * d)
     assert engines["float32"]["weight_bytes_per_token"] == 4 * layers * per_layer + 4 * vocab * d + 4 * d
     assert all(e["tok_per_s"] > 0 for e in engines.values())
     # llama.cpp decoded the same weights (llama-cpp-python is in the test extra), the ratio kept
     assert decode["llama_cpp"]["tok_per_s"] > 0 and decode["llama_cpp"]["gguf_bytes"] > 0
     assert engines["int8"]["vs_llama_cpp"] == engines["int8"]["tok_per_s"] / decode["llama_cpp"]["tok_per_s"]
-    assert decode["layers"]["count"] == 7 * layers and decode["layers"]["ratio"] > 0
+    assert decode["layers"]["count"] == 7 * layers
+    assert decode["layers"]["int8"]["vs_float"] > 0 and decode["layers"]["int8"]["gb_s"] > 0
 
     results = {"machine": shapes.machine(),
                "train_step": [train_speed.train_step("simple", "tiny", 4, 16)],
@@ -54,9 +61,8 @@ def run_sections() -> tuple[dict, str]:
     text = console.export_text()
     assert "making one batch" in text
     assert "tictactoe tiny" in text and "tinystories tiny" in text
-    for title in ("training step", "decode with the KV cache", "weights read per decoded token",
-                  "BitLinear layers alone", "beside llama.cpp", "2-bit packed", "memory",
-                  "re-running"):
+    for title in ("training step", "decode with the KV cache", "BitLinear layers alone",
+                  "llama.cpp", "2-bit packed", "memory", "re-running"):
         assert title in text
     return results, text
 
@@ -65,8 +71,13 @@ def test_sections_run_count_bytes_and_render_without_a_compiler(monkeypatch):
     """What a machine without a C++ compiler gets: every section, the compiled rows left out and
     said why. (Compiling costs half a minute on a cold cache; the slow test below does it.)"""
     monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(kernel_build, "_loaded", {})  # as in a fresh process
     results, text = run_sections()
     why = "no C++ compiler for torch.compile (CXX=no-such-compiler does not run)"
+    assert results["decode"][0]["notes"] == [
+        "no 2bit engine: no C++ compiler (CXX=no-such-compiler does not run)",
+        why + "; decoding eagerly"]
+    assert "2bit" not in results["decode"][0]["layers"]
     assert results["train_step"][0]["compiled"] is None
     assert results["train_step"][0]["compile_problem"] == why
     assert set(results["decode"][0]["engines"]) == {"float32", "bf16 autocast", "int8",
@@ -80,8 +91,9 @@ def test_sections_run_count_bytes_and_render_compiled():
     step = results["train_step"][0]
     assert step["compiled"]["vs_eager"] > 0 and step["compiled"]["first_step_s"] > 0
     assert set(results["decode"][0]["engines"]) == {
-        "float32", "bf16 autocast", *(name for name, _, _ in decode_speed.INT8_ENGINES)}
+        "float32", "bf16 autocast", *(name for name, _, _, _ in decode_speed.ENGINES)}
     assert "compiled / eager" in text
+    assert results["decode"][0]["layers"]["2bit"]["gb_s"] > 0
 
 
 def test_without_llama_cpp_the_row_says_not_installed(monkeypatch):

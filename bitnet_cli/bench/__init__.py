@@ -6,11 +6,12 @@ on what a model has learned.
     train_step   BitNet's forward + backward + AdamW step against its --quant none twin, eager
                  and compiled (on CUDA in bf16 autocast, with tokens/s and MFU)
     data         the CPU's time to make one batch, for every experiment and size
-    decode       tokens/s with the KV cache: the int8 engine (float16 or int8 head, eager or a
-                 compiled decode step) against the float engine in fp32 and in bf16 autocast,
-                 and at 95M llama.cpp on the same weights; bytes of weights read per token and
-                 the GB/s that makes
+    decode       tokens/s with the KV cache: the 2bit and int8 engines (float16 or int8 head,
+                 eager or a compiled decode step) against the float engine in fp32 and in bf16
+                 autocast, and at 95M llama.cpp on the same weights; bytes of weights read per
+                 token and the GB/s that makes
     layers       the BitLinear matmuls alone at decode shape (one token), float against int8
+                 and 2bit
     size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
     memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
     kv_cache     decoding with the KV cache against re-running the whole sequence per token

@@ -9,11 +9,13 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS, best_of, build
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.compiled import DecodeStep
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.packed import PackedLinear, to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 
 DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
@@ -25,11 +27,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decoded token reads: every projection, the head, one embedding row
     (norms are too small to count)."""
     config = model.config
-    linear = sum(m.codes.numel() if isinstance(m, Int8Linear) else 4 * m.weight.numel()
-                 for m in model.modules() if isinstance(m, (BitLinear, Int8Linear)))
+    linear = sum(linear_bytes(m) for m in model.modules()
+                 if isinstance(m, (BitLinear, Int8Linear)) and m is not model.lm_head)
     head = model.lm_head
-    if isinstance(head, Int8Linear):  # counted above, with the projections
-        head_bytes = 0
+    if isinstance(head, Int8Linear):
+        head_bytes = linear_bytes(head)
     else:
         head_bytes = head.weight.numel() * (2 if isinstance(head, HalfHead) else 4)
     return linear + head_bytes + 4 * config.hidden_size
@@ -45,10 +47,18 @@ def decode_rate(model, prompt: list[int], context, step=None) -> float:
         return count / (time.perf_counter() - start)
 
 
-# The engines decode() times: (name, int8 head?, compiled step?); the float engine's two
-# precisions are added to these.
-INT8_ENGINES = [("int8", "float16", False), ("int8, int8 head", "int8", False),
-                ("int8 compiled", "float16", True), ("int8 compiled, int8 head", "int8", True)]
+# The engines decode() times: (name, engine, head, compiled step?); the float engine's two
+# precisions are added to these. The first is the CPU default.
+ENGINES = [("2bit", "2bit", "float16", False), ("2bit, int8 head", "2bit", "int8", False),
+           ("2bit compiled", "2bit", "float16", True),
+           ("2bit compiled, int8 head", "2bit", "int8", True),
+           ("int8", "int8", "float16", False), ("int8, int8 head", "int8", "int8", False),
+           ("int8 compiled, int8 head", "int8", "int8", True)]
+
+
+def convert(model: BitNetForCausalLM, engine: str, head: str) -> str | None:
+    """Swap the model's layers for `engine`'s, as loading does; why not, or None."""
+    return to_packed(model, head) if engine == "2bit" else to_int8(model, head)
 
 
 def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
@@ -61,9 +71,12 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
     engines = {"float32": (model, contextlib.nullcontext, None),
                "bf16 autocast": (model, bf16, None)}
     notes = []
-    for name, head, compiled in INT8_ENGINES:
+    for name, engine, head, compiled in ENGINES:
         fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
-        to_int8(fast, head)
+        why = convert(fast, engine, head)
+        if why:
+            notes.append(f"no {engine} engine: {why}")
+            continue
         step = DecodeStep(fast, compiled, notes.append)
         step.warm_up()
         if step.forward is fast and compiled:
@@ -76,17 +89,18 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
         for name, (m, context, step) in engines.items():
             rates[name] = max(rates[name], decode_rate(m, prompt, context, step))
     result = {"shape": f"{experiment} {size}", "params": model.num_params(),
-              "threads": torch.get_num_threads(), "notes": notes,
-              "int8_vs_float32": rates["int8"] / rates["float32"],
-              "bf16_vs_float32": rates["bf16 autocast"] / rates["float32"], "engines": {}}
+              "threads": torch.get_num_threads(), "notes": sorted(set(notes)), "engines": {}}
     for name, (m, _, _) in engines.items():
         read = weight_bytes(m)
-        result["engines"][name] = {"tok_per_s": rates[name], "vs_float32": rates[name] / rates["float32"],
+        result["engines"][name] = {"tok_per_s": rates[name], "ms_per_token": 1e3 / rates[name],
+                                   "vs_float32": rates[name] / rates["float32"],
+                                   "vs_int8": rates[name] / rates["int8"],
                                    "weight_bytes_per_token": read, "gb_s": read * rates[name] / 1e9}
     # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
     # bytes per token are not the weights' size, so no GB/s is claimed for it.
     result["engines"]["bf16 autocast"]["gb_s"] = None
-    result["layers"] = layers(model, engines["int8"][0])
+    result["layers"] = layers(model, {name: engines[name][0] for name in ("int8", "2bit")
+                                      if name in engines})
     if with_llama_cpp:
         result["llama_cpp"] = llama_cpp_decode(model, prompt)
         if "tok_per_s" in result["llama_cpp"]:
@@ -145,21 +159,33 @@ def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
 
 
 @torch.inference_mode()
-def layers(model: BitNetForCausalLM, fast: BitNetForCausalLM, repeats: int = 20) -> dict:
+def layers(model: BitNetForCausalLM, fast: dict[str, BitNetForCausalLM], repeats: int = 20) -> dict:
     """One token through every BitLinear in model order, float (quantized fp32 weights, as the
-    float engine keeps them) against int8: the matmuls with their quantization and rescale."""
-    slow = [m for m in model.modules() if isinstance(m, BitLinear)]
-    quick = [m for m in fast.modules() if isinstance(m, Int8Linear)]  # q, k, v stacked; gate, up
+    float engine keeps them) against each fast engine's: the matmuls with their quantization
+    and rescale, in ms and in GB/s of the weights each reads."""
+    engines = {"float": [m for m in model.modules() if isinstance(m, BitLinear)]}
+    for name, m in fast.items():  # q, k, v stacked; gate, up
+        engines[name] = [layer for layer in m.modules() if isinstance(layer, Int8Linear)]
 
     def run(modules):
         inputs = [torch.randn(1, 1, m.in_features) for m in modules]
         return lambda: [[m(x) for m, x in zip(modules, inputs)] for _ in range(repeats)]
-    t = best_of({"float": run(slow), "int8": run(quick)}, 3)
-    read = {"float": 4 * sum(m.weight.numel() for m in slow),
-            "int8": sum(m.codes.numel() for m in quick)}
-    return {"count": len(slow), "ratio": t["float"] / t["int8"],
-            **{f"{k}_ms": 1e3 * t[k] / repeats for k in t},
-            **{f"{k}_gb_s": read[k] * repeats / t[k] / 1e9 for k in t}}
+    t = best_of({name: run(modules) for name, modules in engines.items()}, 3)
+    result = {"count": len(engines["float"])}
+    for name, modules in engines.items():
+        read = sum(linear_bytes(m) for m in modules)
+        result[name] = {"ms": 1e3 * t[name] / repeats, "gb_s": read * repeats / t[name] / 1e9,
+                        "vs_float": t["float"] / t[name]}
+    return result
+
+
+def linear_bytes(layer: nn.Module) -> int:
+    """Bytes of one layer's weights as its engine stores them."""
+    if isinstance(layer, PackedLinear):
+        return layer.packed.numel()
+    if isinstance(layer, Int8Linear):
+        return layer.codes.numel()
+    return 4 * layer.weight.numel()
 
 
 def checkpoint_size(experiment: str, size: str) -> dict:
@@ -175,10 +201,11 @@ def checkpoint_size(experiment: str, size: str) -> dict:
 
 
 def kv_cache(experiment: str = "tinystories", size: str = "12M", new_tokens: int = 128) -> dict:
-    """Tokens/s of greedy decoding (int8 engine) with and without the KV cache: without it,
-    every token re-runs the whole sequence so far."""
+    """Tokens/s of greedy decoding (the CPU default engine: 2bit, else int8) with and without
+    the KV cache: without it, every token re-runs the whole sequence so far."""
     model = build(experiment, size, PROMPT_TOKENS + new_tokens).eval()
-    to_int8(model)
+    if convert(model, "2bit", "float16"):
+        to_int8(model)
     prompt = list(range(PROMPT_TOKENS))
     t = best_of({"cache": lambda: list(generate(model, prompt, new_tokens)),
                  "none": lambda: list(generate(model, prompt, new_tokens, use_cache=False))}, 1)

@@ -133,6 +133,7 @@ import torch
 from bitnet_cli.bench.shapes import build, NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.nn.bitlinear import quantized_for_step
 from bitnet_cli.nn.int8 import to_int8
+from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import generate
 from bitnet_cli.training.loop import micro_step
 from bitnet_cli.training.optim import build_optimizer
@@ -141,6 +142,8 @@ if kind == "decode":
     model = build("baseline", "95M", PROMPT_TOKENS + NEW_TOKENS).eval()
     if what == "int8":
         to_int8(model)
+    elif what == "2bit" and to_packed(model):
+        raise SystemExit("no 2bit engine here")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=what == "bf16 autocast"):
         for _ in generate(model, list(range(PROMPT_TOKENS)), 8):
             pass
@@ -174,5 +177,6 @@ def memory() -> list[dict]:
     under every other row. Loading for int8 builds the float model first, which sets its peak;
     what it keeps after conversion is its final RSS."""
     cases = [("idle", "-"), ("decode", "float32"), ("decode", "bf16 autocast"), ("decode", "int8"),
+             ("decode", "2bit"),
              ("train", "ternary"), ("train", "none")]
     return [rss(kind, what) for kind, what in cases]

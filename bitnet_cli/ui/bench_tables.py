@@ -34,11 +34,6 @@ def _table(title: str, *columns: str):
     return t
 
 
-def _rate(d: dict, name: str) -> str:
-    engine = d["engines"].get(name)
-    return f"{engine['tok_per_s']:.1f}" if engine else "-"
-
-
 def _train_table(r: dict):
     m = r["machine"]
     on_gpu = "gpu" in m
@@ -71,52 +66,43 @@ def _data_table(r: dict):
 
 
 def _decode_tables(r: dict):
-    """Decode speed, the bandwidth it reaches, the BitLinear layers alone, and llama.cpp."""
+    """Decode speed of every engine with the weights it reads and the bandwidth that makes,
+    llama.cpp beside them; then the BitLinear layers alone."""
     m = r["machine"]
-    decode = _table("decode with the KV cache, tokens/s: the int8 engine (float16 head, or int8 "
-                   "with --head int8; eager, or compiled with chat --compile) and the float "
-                   f"engine in fp32 and bf16 autocast ({m['threads']} threads)", "shape",
-                   "int8 / fp32", "compiled / fp32", "int8", "int8 head", "compiled",
-                   "compiled, int8 head", "fp32", "bf16")
-    bandwidth = _table(f"weights read per decoded token, and the bandwidth that makes (this machine: "
-                      f"reads {m['read_gb_s']:.1f} GB/s, copies {m['copy_gb_s']:.1f} GB/s)",
-                      "shape", "int8 share of read", "int8 GB/s", "compiled, int8 head GB/s",
-                      "fp32 GB/s", "int8 weights", "int8-head weights", "fp32 weights")
-    layers = _table("the BitLinear layers alone, one token through all of them", "shape",
-                   "int8 / fp32", "int8", "fp32", "int8 GB/s", "fp32 GB/s")
-    llama = _table("decode beside llama.cpp on the same weights (GGUF: TQ2_0 codes, F16 "
-                  "embedding), same prompt, new tokens and threads", "shape", "int8 / llama.cpp",
-                  "compiled, int8 head / llama.cpp", "int8", "compiled, int8 head", "llama.cpp",
-                  "GGUF")
+    decode = _table(f"decode with the KV cache ({m['threads']} threads; this machine reads "
+                    f"{m['read_gb_s']:.1f} GB/s): 2bit is the CPU default, int8 --engine int8, "
+                    "compiled chat --compile, int8 head --head int8, fp32 and bf16 the float "
+                    "engine; llama.cpp on the same weights (TQ2_0 codes, F16 embedding)",
+                    "shape", "engine", "tok/s", "ms/token", "/ int8", "/ llama.cpp",
+                    "weights read", "GB/s", "share of read")
     for d in r["decode"]:
-        e = d["engines"]
-        fastest = e.get("int8 compiled, int8 head")
-        decode.add_row(d["shape"], f"{d['int8_vs_float32']:.2f}x",
-                       f"{e['int8 compiled']['vs_float32']:.2f}x" if "int8 compiled" in e else "-",
-                       *(_rate(d, name) for name in ("int8", "int8, int8 head", "int8 compiled",
-                                                    "int8 compiled, int8 head", "float32",
-                                                    "bf16 autocast")))
-        bandwidth.add_row(d["shape"], f"{100 * e['int8']['gb_s'] / m['read_gb_s']:.0f}%",
-                          f"{e['int8']['gb_s']:.1f}", f"{fastest['gb_s']:.1f}" if fastest else "-",
-                          f"{e['float32']['gb_s']:.1f}", _mib(e["int8"]["weight_bytes_per_token"]),
-                          _mib(e["int8, int8 head"]["weight_bytes_per_token"]),
-                          _mib(e["float32"]["weight_bytes_per_token"]))
-        lay = d["layers"]
-        layers.add_row(f"{d['shape']} ({lay['count']} layers)", f"{lay['ratio']:.2f}x",
-                       f"{lay['int8_ms']:.2f} ms", f"{lay['float_ms']:.2f} ms",
-                       f"{lay['int8_gb_s']:.1f}", f"{lay['float_gb_s']:.1f}")
+        for name, e in d["engines"].items():
+            gb_s = e["gb_s"]
+            decode.add_row(d["shape"], name, f"{e['tok_per_s']:.1f}", f"{e['ms_per_token']:.2f}",
+                           f"{e['vs_int8']:.2f}x",
+                           f"{e['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in e else "-",
+                           _mib(e["weight_bytes_per_token"]),
+                           f"{gb_s:.1f}" if gb_s else "-",
+                           f"{100 * gb_s / m['read_gb_s']:.0f}%" if gb_s else "-")
         theirs = d.get("llama_cpp")
-        if theirs is None:
-            continue
-        if "missing" in theirs:
-            llama.add_row(d["shape"], "-", "-", _rate(d, "int8"), _rate(d, "int8 compiled, int8 head"),
-                          f"llama-cpp-python {theirs['missing']}", "-")
-            continue
-        llama.add_row(d["shape"], f"{e['int8']['vs_llama_cpp']:.2f}x",
-                      f"{fastest['vs_llama_cpp']:.2f}x" if fastest else "-", _rate(d, "int8"),
-                      _rate(d, "int8 compiled, int8 head"), f"{theirs['tok_per_s']:.1f}",
-                      _mib(theirs["gguf_bytes"]))
-    return decode, bandwidth, layers, llama
+        if theirs and "missing" in theirs:
+            decode.add_row(d["shape"], "llama.cpp", f"llama-cpp-python {theirs['missing']}",
+                           *["-"] * 6)
+        elif theirs:
+            decode.add_row(d["shape"], "llama.cpp", f"{theirs['tok_per_s']:.1f}",
+                           f"{1e3 / theirs['tok_per_s']:.2f}", "-", "1.00x",
+                           _mib(theirs["gguf_bytes"]) + " file", "-", "-")
+    layers = _table("the BitLinear layers alone, one token through all of them: ms, and GB/s of "
+                    "the weights each engine stores", "shape", "2bit / fp32", "int8 / fp32",
+                    "2bit", "int8", "fp32", "2bit GB/s", "int8 GB/s", "fp32 GB/s")
+    for d in r["decode"]:
+        lay = d["layers"]
+        cells = [(lay[name] if name in lay else None) for name in ("2bit", "int8", "float")]
+        layers.add_row(f"{d['shape']} ({lay['count']} layers)",
+                       *(f"{c['vs_float']:.2f}x" if c else "-" for c in cells[:2]),
+                       *(f"{c['ms']:.2f} ms" if c else "-" for c in cells),
+                       *(f"{c['gb_s']:.1f}" if c else "-" for c in cells))
+    return decode, layers
 
 
 def _size_table(r: dict):
@@ -143,7 +129,7 @@ def _memory_table(r: dict):
 def _cache_table(r: dict):
     kv = r["kv_cache"]
     cache = _table(f"decode {kv['new_tokens']} tokens with the KV cache vs re-running the "
-                  "sequence for each (int8 engine)", "shape", "cache / none", "cache", "none")
+                  "sequence for each (the CPU default engine)", "shape", "cache / none", "cache", "none")
     cache.add_row(kv["shape"], f"{kv['ratio']:.1f}x", f"{kv['cache_tok_per_s']:.1f} tok/s",
                   f"{kv['no_cache_tok_per_s']:.1f} tok/s")
     return cache
