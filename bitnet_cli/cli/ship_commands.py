@@ -63,9 +63,11 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
     compiled (torch.compile), and compiled against eager; with --device cuda the 95M step with
     tokens/s and MFU (FLOPs per token as `bitnet cost` counts them, over the GPU's bf16 peak).
     data: the CPU's time to make one batch, for every experiment and size.
-    decode: tokens/s with the KV cache, the int8 engine (float16 head) against the float engine
-    in fp32 and in bf16 autocast; the bytes of weights each token reads and the GB/s that makes,
-    beside the machine's own memory bandwidth; the BitLinear layers alone at one token.
+    decode: tokens/s and ms/token with the KV cache, every engine (2bit, the CPU default, and
+    int8, each with a float16 or int8 head, eager or compiled; the float engine in fp32 and bf16
+    autocast) and llama.cpp on the same weights at 95M; the bytes of weights each token reads and
+    the GB/s that makes, beside the machine's own memory bandwidth; the BitLinear layers alone at
+    one token, in GB/s for each engine.
     size: the projection weights in fp32 (latent) against 2-bit packed (export --format hf-packed).
     memory: peak RSS of fresh processes decoding and training the 95M shape.
     kv cache: decoding with it against re-running the sequence for every token.
