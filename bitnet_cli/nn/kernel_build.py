@@ -1,8 +1,9 @@
 """The 2-bit ternary kernel (ternary_kernel.cpp), compiled on first use and then reused.
 
-It is a torch C++ extension built with the machine's own compiler into bitnet's cache folder
-(or $TORCH_EXTENSIONS_DIR), under a name that covers the source, the torch and Python versions and the CPU architecture, so
-a stale build is never found. A file lock lets one process build while others wait for it. What
+It is a torch C++ extension (ops registered as torch.ops.bitnet_ternary) built with the
+machine's own compiler into bitnet's cache folder (or $TORCH_EXTENSIONS_DIR), under a name that
+covers the source, the torch and Python versions and the CPU architecture, so a stale build is
+never found. A file lock lets one process build while others wait for it. What
 loads is checked against exact integer sums on every kernel path the CPU has before any model
 uses it; a build that fails to load is removed and built once more.
 
@@ -33,7 +34,8 @@ def build_key() -> str:
 
 
 def ternary_ops(notice=lambda text: print(text, file=sys.stderr)):
-    """(the compiled kernel module, None), or (None, why it cannot be used here). Built at most
+    """(the kernel's ops, torch.ops.bitnet_ternary, None), or (None, why it cannot be used
+    here). Built at most
     once per process; `notice` hears the one line a first compile takes."""
     if "ops" not in _loaded and "why" not in _loaded:
         try:
@@ -67,26 +69,29 @@ def _build_and_check(notice):
     wrong = self_check(ops)
     if wrong:
         raise _Unusable(wrong)
+    if hasattr(torch.library, "register_fake"):  # torch 2.4+: the op's shape, for torch.compile
+        torch.library.register_fake("bitnet_ternary::ternary_linear",
+                                    lambda x, packed, scale, path: x.new_empty((x.shape[0],
+                                                                                packed.shape[0])))
     return ops
 
 
 def _import_built(name: str, folder: Path, notice):
     """The module built earlier in `folder`, or None when it must be compiled (then the one
     line says so). A build that does not import (cut short, damaged) is removed first."""
-    library = next((p for p in folder.glob(f"{name}*") if p.suffix in (".so", ".pyd")), None)
+    library = next((p for p in folder.glob(f"{name}*") if p.suffix in (".so", ".pyd", ".dll")),
+                   None)
     if library is not None:
-        spec = importlib.util.spec_from_file_location(name, library)
         try:
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        except (ImportError, OSError):
+            torch.ops.load_library(str(library))
+            return torch.ops.bitnet_ternary
+        except (ImportError, OSError, RuntimeError):
             notice("note: the built 2-bit ternary kernel does not load; compiling it again "
-                   "(about half a minute)")
+                   "(a few seconds)")
             shutil.rmtree(folder, ignore_errors=True)
     else:
         notice("note: compiling bitnet's 2-bit ternary kernel, once for this machine "
-               "(about half a minute)")
+               "(a few seconds)")
     return None
 
 
@@ -108,8 +113,9 @@ def _load(name: str, folder: Path):
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
     # No -ffast-math: the sums are integers, but nothing here may reorder float maths either.
-    return load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-                extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+    load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+         extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False, verbose=False)
+    return torch.ops.bitnet_ternary
 
 
 def self_check(ops) -> str | None:

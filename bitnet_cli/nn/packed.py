@@ -35,11 +35,8 @@ class PackedLinear(Int8Linear):
         # Quantizing, the sums and the rescale in one call: at one token, the dozen small torch
         # ops the int8 engine spends around each matmul cost more than the matmul.
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).float()
-        if torch.compiler.is_compiling():  # the registered op, which a graph can hold
-            out = ternary_linear(x, self.packed, self.scale, KERNEL_PATH)
-        else:  # straight to the kernel: the op's Python dispatch costs more than a small layer
-            out = self.ops.ternary_linear(x, self.packed, self.scale, KERNEL_PATH)
+        out = self.ops.ternary_linear(x.reshape(-1, shape[-1]).float(), self.packed, self.scale,
+                                      KERNEL_PATH)
         return out.reshape(*shape[:-1], self.out_features)
 
     def integer_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
@@ -47,22 +44,6 @@ class PackedLinear(Int8Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.splits}, 2-bit"
-
-
-def _ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                    path: int) -> torch.Tensor:
-    return ternary_ops()[0].ternary_linear(x, packed, scale, path)
-
-
-if hasattr(torch.library, "custom_op"):  # torch 2.4+: an op torch.compile can place in a graph
-    ternary_linear = torch.library.custom_op("bitnet::ternary_linear", _ternary_linear,
-                                             mutates_args=())
-
-    @ternary_linear.register_fake
-    def _(x, packed, scale, path):
-        return x.new_empty((x.shape[0], packed.shape[0]))
-else:
-    ternary_linear = _ternary_linear
 
 
 def to_packed(model: nn.Module, head: str = "float16") -> str | None:

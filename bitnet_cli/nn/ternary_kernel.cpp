@@ -10,8 +10,13 @@
 // sum of x is taken off once per token and row: sum(w * x) = sum((w + 1) * x) - sum(x).
 // Every path (AVX-512 VNNI, AVX2, portable C++) computes that same integer exactly.
 
-#include <torch/extension.h>
+// Only ATen's core and the op registry are included (not torch/extension.h): the build takes
+// a few seconds instead of half a minute. The ops are torch.ops.bitnet_ternary.*.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -148,11 +153,11 @@ std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
 }  // namespace
 
 // codes: (out, in) int8 in {-1, 0, 1} -> (out, padded(in) / 4) uint8 in the layout above.
-torch::Tensor pack(const torch::Tensor& codes) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8, "pack wants 2-d int8 codes");
+at::Tensor pack(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "pack wants 2-d int8 codes");
   const auto c = codes.contiguous();
   const int64_t n = c.size(0), k = c.size(1), kp = padded(k);
-  auto packed = torch::zeros({n, kp / 4}, torch::kUInt8);
+  auto packed = at::zeros({n, kp / 4}, at::kByte);
   const int8_t* src = c.data_ptr<int8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   for (int64_t row = 0; row < n; ++row)
@@ -173,15 +178,15 @@ struct Tokens {
   int64_t m, kp;
 };
 
-void check_packed(const torch::Tensor& packed, int64_t k) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(),
+void check_packed(const at::Tensor& packed, int64_t k) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous 2-d uint8");
   TORCH_CHECK(packed.size(1) * 4 == padded(k), "packed rows do not hold ", k, " weights");
 }
 
 // For every token and row, `emit(token, row, sum)` with the exact sum of w * x.
 template <typename Emit>
-void for_each_sum(const Tokens& x, const torch::Tensor& packed, int64_t isa, Emit emit) {
+void for_each_sum(const Tokens& x, const at::Tensor& packed, int64_t isa, Emit emit) {
   if (isa == AUTO) isa = best_isa();
   TORCH_CHECK(supports(isa), "this CPU cannot run the requested kernel path");
   const int64_t m = x.m, kp = x.kp, n = packed.size(0);
@@ -211,8 +216,8 @@ void for_each_sum(const Tokens& x, const torch::Tensor& packed, int64_t isa, Emi
 }
 
 // x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
-torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8, "x must be 2-d int8");
+at::Tensor ternary_mm(const at::Tensor& x, const at::Tensor& packed, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x must be 2-d int8");
   const auto xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
   check_packed(packed, k);
@@ -223,7 +228,7 @@ torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, in
       tokens.codes[t * kp + i] = xd[t * k + i];
       tokens.sums[t] += xd[t * k + i];
     }
-  auto out = torch::empty({m, n}, torch::kInt32);
+  auto out = at::empty({m, n}, at::kInt);
   int32_t* od = out.data_ptr<int32_t>();
   for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) { od[t * n + r] = sum; });
   return out;
@@ -234,10 +239,10 @@ torch::Tensor ternary_mm(const torch::Tensor& x, const torch::Tensor& packed, in
 // exact sums against the packed rows, then sum / (x_scale * w_scale[row]) in float32. The same
 // float operations in the same order as activation_codes and Int8Linear.forward, so the output
 // is theirs to the bit (built without -ffast-math or FMA contraction).
-torch::Tensor ternary_linear(const torch::Tensor& x, const torch::Tensor& packed,
-                             const torch::Tensor& w_scale, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be 2-d float32");
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.scalar_type() == torch::kFloat32 &&
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
+                             const at::Tensor& w_scale, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-d float32");
+  TORCH_CHECK(w_scale.dim() == 1 && w_scale.scalar_type() == at::kFloat &&
               w_scale.size(0) == packed.size(0), "one float32 scale per packed row");
   const auto xc = x.contiguous();
   const auto ws = w_scale.contiguous();
@@ -261,7 +266,7 @@ torch::Tensor ternary_linear(const torch::Tensor& x, const torch::Tensor& packed
     }
     tokens.sums[t] = sum;
   }
-  auto out = torch::empty({m, n}, torch::kFloat32);
+  auto out = at::empty({m, n}, at::kFloat);
   float* od = out.data_ptr<float>();
   const float* sd = ws.data_ptr<float>();
   for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) {
@@ -276,9 +281,16 @@ std::vector<int64_t> isas() {
   return found;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "ternary codes -> 2-bit blocks");
-  m.def("ternary_mm", &ternary_mm, "int8 codes x packed ternary rows -> exact int32 sums");
-  m.def("ternary_linear", &ternary_linear, "float32 x -> int8 codes -> exact sums -> rescaled");
-  m.def("isas", &isas, "the kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 C++)");
+TORCH_LIBRARY(bitnet_ternary, m) {
+  m.def("pack(Tensor codes) -> Tensor");  // ternary codes -> 2-bit blocks
+  m.def("ternary_mm(Tensor x, Tensor packed, int isa) -> Tensor");  // exact int32 sums
+  m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int isa) -> Tensor");
+  // The kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 portable C++).
+  m.def("isas() -> int[]", &isas);
+}
+
+TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {
+  m.impl("pack", &pack);
+  m.impl("ternary_mm", &ternary_mm);
+  m.impl("ternary_linear", &ternary_linear);
 }
