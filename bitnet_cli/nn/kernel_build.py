@@ -24,12 +24,17 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("ternary_kernel.cpp")
+# No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
+# does. -fopenmp: at::parallel_for is inlined into the kernel and runs on torch's own OpenMP
+# threads (GNU OpenMP, loaded with torch on Linux) only when compiled with it; elsewhere the
+# kernel runs on one thread rather than bring a second OpenMP runtime into the process.
+FLAGS = ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform == "linux" else [])
 PATHS = {"portable": 1, "avx2": 2, "vnni": 3}  # the kernel's own numbering of its code paths
 _loaded: dict[str, object] = {}  # "ops" -> the module, or "why" -> the reason it is not there
 
 
 def build_key() -> str:
-    text = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode()
+    text = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS}".encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -112,9 +117,8 @@ def _load(name: str, folder: Path):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    # No -ffast-math: the sums are integers, but nothing here may reorder float maths either.
-    load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
-         extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False, verbose=False)
+    load(name=name, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=FLAGS,
+         is_python_module=False, verbose=False)
     return torch.ops.bitnet_ternary
 
 

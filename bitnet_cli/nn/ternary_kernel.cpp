@@ -98,6 +98,31 @@ void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
     for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum_avx2(acc[r][t]);
 }
 
+// One token (decoding): no shifts. Lane l is masked in place, so it holds (w + 1) * 4^l, and is
+// summed on its own; each lane's sums are exact multiples of 4^l, shifted back down at the end.
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void tile_vnni_one(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+  const __m512i masks[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c),
+                            _mm512_set1_epi8(0x30), _mm512_set1_epi8(char(0xc0))};
+  __m512i acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[ROWS];
+    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * BLOCK_BYTES));
+    for (int l = 0; l < 4; ++l) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x[0] + b * BLOCK + 64 * l));
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][l] = _mm512_dpbusd_epi32(acc[r][l], _mm512_and_si512(v[r], masks[l]), xv);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m512i sum = acc[r][0];
+    for (int l = 1; l < 4; ++l) sum = _mm512_add_epi32(sum, _mm512_srai_epi32(acc[r][l], 2 * l));
+    out[r * TOKENS] = _mm512_reduce_add_epi32(sum);
+  }
+}
+
 template <int T>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
@@ -144,7 +169,7 @@ using TileKernel = void (*)(const uint8_t* const*, const int8_t* const*, int64_t
 // The tile kernel of a path for 1..TOKENS tokens (index count - 1).
 std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
 #ifdef BITNET_X86
-  if (isa == VNNI) return {tile_vnni<1>, tile_vnni<2>, tile_vnni<3>, tile_vnni<4>};
+  if (isa == VNNI) return {tile_vnni_one, tile_vnni<2>, tile_vnni<3>, tile_vnni<4>};
   if (isa == AVX2) return {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
 #endif
   return {tile_portable<1>, tile_portable<2>, tile_portable<3>, tile_portable<4>};
