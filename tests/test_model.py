@@ -167,3 +167,20 @@ def test_training_takes_the_float_path_of_earlier_versions(monkeypatch):
     with torch.no_grad():
         model(x)
     assert shared and all(shared)
+
+
+def test_a_loaded_model_holds_the_checkpoints_tensors_not_a_copy():
+    """Loading for use keeps one float32 copy of the weights (the file's), not two."""
+    from bitnet_cli.use.loading import model_from_tensors
+    config = ModelConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=16)
+    torch.manual_seed(0)
+    reference = BitNetForCausalLM(config).eval()
+    tensors = {name: t.clone() for name, t in reference.state_dict().items()
+               if name != "lm_head.weight"}
+    model = model_from_tensors(config, tensors).eval()
+    assert model.model.embed_tokens.weight.data_ptr() == tensors["model.embed_tokens.weight"].data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    ids = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))

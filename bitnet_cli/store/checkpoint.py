@@ -48,9 +48,12 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                       assign: bool = False) -> None:
+    """The tensors into the model (copied, or with `assign` taken as its parameters), or one
+    line saying how they do not fit it."""
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=assign)
     except RuntimeError as e:  # a tensor of the wrong shape
         why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise BitnetError(f"checkpoint does not fit the model: {why[:200]}") from None

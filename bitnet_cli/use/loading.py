@@ -22,7 +22,7 @@ from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.packed import to_packed
-from bitnet_cli.nn.model import BitNetForCausalLM
+from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
 from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
 from bitnet_cli.store.selector import matching_runs, written_as_path
 from bitnet_cli.nn.devices import autocast_for, resolve_device
@@ -99,8 +99,8 @@ def load_model(selector: str, device: str | torch.device = "cpu",
     if config.num_params() > sum(t.numel() for t in tensors.values()):
         raise BitnetError(f"checkpoint {checkpoint} does not fit its trainer.json: the model "
                           f"config has {config.num_params():,} parameters, the tensors fewer")
-    model = BitNetForCausalLM(config)
-    load_model_tensors(model, tensors)
+    model = model_from_tensors(config, tensors)
+    del tensors  # the model holds them now; the engines below drop the float weights they replace
     model.to(device).eval()
     note = None
     if engine == "2bit":
@@ -115,6 +115,20 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> BitNetForCausalLM:
+    """The model with a checkpoint's tensors as its own parameters: built on the meta device and
+    handed them, so the float32 weights are in memory once, not twice (and never initialised)."""
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
+    # Taken as they are, tensors keep their dtype: a file with others is cast, as copying did.
+    tensors = {name: t if t.dtype == torch.float32 else t.float() for name, t in tensors.items()}
+    load_model_tensors(model, tensors, assign=True)
+    if config.tie_word_embeddings:  # assigning replaced the embedding the head was tied to
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
