@@ -121,3 +121,34 @@ def test_bench_on_cuda_without_one_is_one_clear_line():
 def test_bench_on_an_unknown_device_is_one_clear_line():
     result = invoke("bench", "--device", "tpu", code=1)
     assert result.output.count("\n") == 1 and "--device must be cpu or cuda" in result.output
+
+
+def test_a_model_built_from_codes_has_no_float_weights_and_decodes():
+    """--2b4t's construction, on a small shape: every ternary layer packed from random codes,
+    one float16 table for the tied embedding and head, nothing left on the meta device."""
+    from bitnet_cli.bench.released_shape import build_from_codes
+    from bitnet_cli.config.settings import ModelConfig
+    from bitnet_cli.nn.bitlinear import BitLinear
+    from bitnet_cli.nn.model import generate
+    from bitnet_cli.nn.packed import PackedLinear
+    config = ModelConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=320,
+                         max_position_embeddings=32)
+    model, engine = build_from_codes(config)
+    assert engine == "2bit"
+    assert not any(isinstance(m, BitLinear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 4  # qkv, o, gate_up, down
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    assert not any(t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= 128
+                   for t in tensors if t is not model.rope_cos and t is not model.rope_sin)
+    assert len(list(generate(model, [1, 2, 3], 8))) == 8
+
+
+@pytest.mark.slow
+def test_the_2b4t_shape_decodes_in_a_fraction_of_its_float32_size():
+    """2.4B parameters would be 9.6 GB in float32; built from codes, the process stays far below."""
+    from bitnet_cli.bench.released_shape import decode_2b4t
+    result = decode_2b4t()
+    assert result["engine"] == "2bit" and result["tok_per_s"] > 0
+    assert result["peak_rss_bytes"] < 3 * 2**30

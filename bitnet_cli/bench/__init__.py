@@ -15,6 +15,7 @@ on what a model has learned.
     size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
     memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
     kv_cache     decoding with the KV cache against re-running the whole sequence per token
+    2b4t         (--2b4t) decoding at the released BitNet b1.58 2B4T's shape, random 2-bit codes
 
 Each timing is the best of a few runs after a warm-up run, and the alternatives take turns, so
 a background hiccup hits both sides alike.
@@ -26,15 +27,16 @@ import gc
 
 import torch
 
+from bitnet_cli.bench.released_shape import decode_2b4t
 from bitnet_cli.bench.shapes import machine
 from bitnet_cli.bench.decode_speed import (DECODE_SHAPES, LLAMA_CPP_SHAPE, checkpoint_size, decode,
                                        kv_cache)
 from bitnet_cli.bench.train_speed import CUDA_TRAIN_SHAPE, TRAIN_SHAPES, data, memory, train_step
 
 
-def run_all(progress=lambda what: None, device: str = "cpu") -> dict:
-    """Every section on the CPU; on CUDA, the machine and the 95M training step (decoding on a
-    GPU is the int8 engine's next step, not measured here yet)."""
+def run_all(progress=lambda what: None, device: str = "cpu", released: bool = False) -> dict:
+    """Every section on the CPU (and with `released`, decoding at the 2B4T shape); on CUDA, the
+    machine and the 95M training step (decoding on a GPU is not measured here yet)."""
     results = {}
     if device == "cuda":
         steps = [("machine", lambda: {"gpu": torch.cuda.get_device_name(),
@@ -49,6 +51,8 @@ def run_all(progress=lambda what: None, device: str = "cpu") -> dict:
                  ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
                  ("memory", memory),
                  ("kv_cache", kv_cache)]
+        if released:
+            steps.append(("2b4t", decode_2b4t))
     for name, fn in steps:
         progress(name)
         results[name] = fn()

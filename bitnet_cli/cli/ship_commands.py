@@ -52,7 +52,11 @@ def export(
 @friendly
 def bench(json: bool = flag("--json", help="Print JSON on stdout."),
           device: str = typer.Option("cpu", help="cpu (every section) or cuda (the 95M training "
-                                                 "step in bf16 autocast, with tokens/s and MFU).")
+                                                 "step in bf16 autocast, with tokens/s and MFU)."),
+          released: bool = flag("--2b4t", help="Also decode at the shape of the released BitNet "
+                                               "b1.58 2B4T (2.4B parameters, built from random "
+                                               "2-bit codes: about 1.5 GB of memory and "
+                                               "half a minute more)."),
           ) -> None:
     """Measure speed and size side by side in one process.
 
@@ -82,7 +86,7 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
         raise BitnetError(f"--device must be cpu or cuda, not {device!r}")
     resolve_device(device)  # one line where there is no CUDA
     with ui.stderr.status("measuring...") as status:
-        results = run_all(lambda what: status.update(f"measuring: {what}..."), device)
+        results = run_all(lambda what: status.update(f"measuring: {what}..."), device, released)
     if json:
         typer.echo(to_json(results))
     else:

@@ -22,8 +22,20 @@ def bench_report(r: dict):
     if "gpu" in r["machine"]:
         return _train_table(r)
     notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
+    released = [_released_table(r["2b4t"])] if "2b4t" in r else []
     return Group(_train_table(r), _data_table(r), *_decode_tables(r), _size_table(r),
-                 _memory_table(r), _cache_table(r), *(f"note: {note}" for note in notes))
+                 _memory_table(r), _cache_table(r), *released,
+                 *(f"note: {note}" for note in notes))
+
+
+def _released_table(d: dict):
+    table = _table(f"decode at the shape of {d['shape']} (random {d['engine']} weights, "
+                   f"{d['threads']} threads; llama.cpp {d['llama_cpp']})", "ms/token",
+                   "the report's CPU ms/token", "tok/s", "peak RSS")
+    table.add_row(f"{d['ms_per_token']:.1f}", f"{d['reported_ms_per_token']}",
+                  f"{d['tok_per_s']:.1f}",
+                  _mib(d["peak_rss_bytes"]) if d["peak_rss_bytes"] else "-")
+    return table
 
 
 def _table(title: str, *columns: str):

@@ -1,0 +1,117 @@
+"""`bitnet bench --2b4t`: decoding at the shape of the released BitNet b1.58 2B4T model.
+
+Its 2.4B parameters would be 9.6 GB as a float32 model, so the model is never built that way:
+it is made on the meta device, then every ternary layer is given random 2-bit codes directly
+(the 2bit engine's layout; int8 codes where the kernel cannot be built) and the tied embedding
+and output layer one random float16 table. Speed does not depend on what the weights are. The
+measurement runs in a fresh process, so that its peak memory is the model's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.nn.bitlinear import BitLinear, SharedInput
+from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, Int8SharedInput
+from bitnet_cli.nn.kernel_build import ternary_ops
+from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
+from bitnet_cli.nn.packed import PackedLinear
+
+# hidden 2560, 30 layers, 20 query and 5 key/value heads of 128, FFN 6912, vocabulary 128256
+SHAPE_2B4T = dict(vocab_size=128256, hidden_size=2560, num_hidden_layers=30,
+                  num_attention_heads=20, num_key_value_heads=5, intermediate_size=6912,
+                  rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+REPORTED_MS_PER_TOKEN = 29  # the 2B4T technical report's CPU decoding figure
+
+
+class HalfEmbedding(nn.Module):
+    """The token embedding read from a float16 table (the output layer's own), as float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+def build_2b4t(context: int) -> tuple[BitNetForCausalLM, str]:
+    """The 2B4T shape with random weights, and the engine that runs it."""
+    return build_from_codes(ModelConfig(max_position_embeddings=context, **SHAPE_2B4T))
+
+
+def build_from_codes(config: ModelConfig) -> tuple[BitNetForCausalLM, str]:
+    """A model of `config` made for decoding straight from random codes (no float32 weights at
+    any point): the 2bit engine's layers, or the int8 engine's without the kernel."""
+    context = config.max_position_embeddings
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    model.rope_cos, model.rope_sin = rope_tables(config, context)
+    linear, engine = (PackedLinear, "2bit") if ternary_ops()[0] is not None else (Int8Linear, "int8")
+    generator = torch.Generator().manual_seed(0)
+
+    def random_layer(*layers: BitLinear) -> Int8Linear:
+        outs = [layer.out_features for layer in layers]
+        codes = torch.randint(-1, 2, (sum(outs), layers[0].in_features), dtype=torch.int8,
+                              generator=generator)
+        return linear(codes, torch.full((sum(outs),), 0.02), outs)
+
+    for parent in list(model.modules()):  # first the groups, stacked as the engines stack them
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SharedInput):
+                whole = random_layer(*child.layers)
+                setattr(parent, name, Int8SharedInput(whole))
+                for index, layer in enumerate(child.layers):  # the model may call one alone
+                    setattr(parent, _attribute_of(parent, layer), Int8Part(whole, index))
+    for parent in list(model.modules()):  # then the layers on their own, and the norms
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear):
+                setattr(parent, name, random_layer(child))
+            elif isinstance(child, RMSNorm):
+                child.weight = nn.Parameter(torch.ones(child.weight.shape))
+    table = torch.randn(config.vocab_size, config.hidden_size, generator=generator,
+                        dtype=torch.float16).mul_(0.02)
+    model.model.embed_tokens = HalfEmbedding(table)
+    model.lm_head = HalfHead(table)
+    return model.eval(), engine
+
+
+def _attribute_of(parent: nn.Module, layer: nn.Module) -> str:
+    return next(name for name, child in parent.named_children() if child is layer)
+
+
+_CHILD = """
+import json, sys, torch
+from contextlib import nullcontext
+from bitnet_cli.bench.decode_speed import decode_rate
+from bitnet_cli.bench.released_shape import build_2b4t
+from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
+model, engine = build_2b4t(PROMPT_TOKENS + NEW_TOKENS)
+prompt = list(range(1, PROMPT_TOKENS + 1))
+decode_rate(model, prompt, nullcontext)
+rate = max(decode_rate(model, prompt, nullcontext) for _ in range(2))
+status = open("/proc/self/status").read() if sys.platform == "linux" else ""
+peak = int(status.split("VmHWM:")[1].split()[0]) * 1024 if "VmHWM:" in status else None
+print(json.dumps({"engine": engine, "tok_per_s": rate, "peak_rss_bytes": peak}))
+"""
+
+
+def decode_2b4t() -> dict:
+    """Tokens/s and ms/token of greedy decoding at the 2B4T shape, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
+                          check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(shape="BitNet b1.58 2B4T", threads=torch.get_num_threads(),
+                  ms_per_token=1e3 / result["tok_per_s"], reported_ms_per_token=REPORTED_MS_PER_TOKEN,
+                  prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS,
+                  llama_cpp="not run: its GGUF is written from a float32 model, which this shape "
+                            "is built without")
+    return result
