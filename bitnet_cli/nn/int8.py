@@ -56,14 +56,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
-        acc = self.integer_sums(x_codes.to(torch.int8))
-        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
-
-    def integer_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
-        """x_codes @ codes.T in int32, exactly."""
+        x_codes = x_codes.to(torch.int8)
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
         # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
-        return int_mm(x_codes, self.codes.t())
+        acc = int_mm(x_codes, self.codes.t())
+        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each stacked layer's output, in the order they were given."""

@@ -39,9 +39,6 @@ class PackedLinear(Int8Linear):
                                       KERNEL_PATH)
         return out.reshape(*shape[:-1], self.out_features)
 
-    def integer_sums(self, x_codes: torch.Tensor) -> torch.Tensor:
-        return self.ops.ternary_mm(x_codes.contiguous(), self.packed, KERNEL_PATH)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.splits}, 2-bit"
 
