@@ -152,4 +152,4 @@ def test_a_reply_reports_its_first_token_time_and_speed(model):
     result = run(model, *CHAT, "--temperature", "0", code=0)
     report = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"\[\d+ tokens?, first token in [\d,]+ ms(, [\d,.]+ tok/s)?, \d threads?"
-                        r"(, --max-new-tokens reached)?\]", report), report
+                        r", 2bit engine(, --max-new-tokens reached)?\]", report), report

@@ -137,7 +137,8 @@ def _converse(session) -> None:
 
 def _report(session) -> None:
     """One stderr line per reply: its length, the prompt's time to the first token, then the
-    decoding speed and the threads it ran on (chosen from the cores free at the time)."""
+    decoding speed, the threads it ran on (chosen from the cores free at the time) and the
+    engine."""
     last = session.last
     parts = [f"{last.tokens} token{'s' if last.tokens != 1 else ''}"]
     if last.made == 0:  # stopped before the prompt's pass ended: no first token to time
@@ -150,6 +151,7 @@ def _report(session) -> None:
         parts.append(f"{last.tokens_per_s:,.1f} tok/s")
     if last.threads:
         parts.append(f"{last.threads} thread{'s' if last.threads > 1 else ''}")
+    parts.append(f"{session.loaded.engine} engine")
     ending = {"context": "context full", "length": "--max-new-tokens reached",
               "interrupted": "stopped"}.get(last.stopped)
     parts += [ending] if ending else []
