@@ -184,3 +184,28 @@ def test_a_loaded_model_holds_the_checkpoints_tensors_not_a_copy():
     ids = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids))
+
+
+def test_loading_for_use_holds_one_layer_group_of_float_weights_at_a_time(tmp_path, monkeypatch):
+    """The 2bit and int8 engines take the ternary weights from the file one group (q/k/v,
+    gate/up, or a layer alone) at a time and free them once converted: the whole float32 model
+    is never in memory."""
+    import weakref
+    from bitnet_cli.store import checkpoint
+    from bitnet_cli.use.loading import load_model
+    from tests.models import random_checkpoint
+    path = random_checkpoint(tmp_path / "run", num_hidden_layers=3)
+    read, alive, most = checkpoint.StoredTensors.__getitem__, [], [0]
+
+    def tracking(self, name):
+        tensor = read(self, name)
+        if name.endswith("proj.weight"):
+            alive[:] = [ref for ref in alive if ref() is not None]
+            alive.append(weakref.ref(tensor))
+            most[0] = max(most[0], len(alive))
+        return tensor
+    monkeypatch.setattr(checkpoint.StoredTensors, "__getitem__", tracking)
+    for engine in ("2bit", "int8"):
+        most[0], alive[:] = 0, []
+        assert load_model(str(path), engine=engine).engine == engine
+        assert most[0] <= 3, (engine, most[0])  # 7 per layer, 21 in all

@@ -138,15 +138,18 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
 HEADS = ("float16", "int8")
 
 
-def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear) -> str | None:
+def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
+            load=lambda layer: None) -> str | None:
     """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
     given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8).
-    Returns why the model was left as it was, or None when it was converted."""
+    `load(layer)` gives a layer its weights just before they are converted (a model loaded for
+    use keeps them in the file until then). Returns why the model was left as it was, or None
+    when it was converted."""
     bitlinears = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children() if isinstance(child, BitLinear)]
     if not bitlinears:
         return "it has no ternary layers (trained with --quant none), so it stays in float"
-    device = bitlinears[0][2].weight.device
+    device = model.lm_head.weight.device
     if device.type != "cpu":
         why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
         if why:
@@ -155,12 +158,20 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear) -> str |
     for parent in list(model.modules()):
         for name, group in list(parent.named_children()):
             if isinstance(group, SharedInput):
+                for layer in group.layers:
+                    load(layer)
                 whole = linear.stacking(*group.layers)
+                for layer in group.layers:  # its float weights are spent: free them now
+                    layer.to_empty(device="meta")
                 setattr(parent, name, Int8SharedInput(whole))
                 for index, layer in enumerate(group.layers):
                     stacked[id(layer)] = Int8Part(whole, index)
     for parent, name, child in bitlinears:
-        setattr(parent, name, stacked.get(id(child)) or linear.stacking(child))
+        if id(child) not in stacked:
+            load(child)
+            stacked[id(child)] = linear.stacking(child)
+            child.to_empty(device="meta")
+        setattr(parent, name, stacked[id(child)])
     weight = model.lm_head.weight
     model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

@@ -43,13 +43,13 @@ class PackedLinear(Int8Linear):
         return f"in_features={self.in_features}, out_features={self.splits}, 2-bit"
 
 
-def to_packed(model: nn.Module, head: str = "float16") -> str | None:
+def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None) -> str | None:
     """Swap every BitLinear of a CPU model (in place) for a PackedLinear, and the output layer as
-    the int8 engine does. Returns why it was not converted (then the model is unchanged), or
-    None."""
-    if next(model.parameters()).device.type != "cpu":
+    the int8 engine does (`load` as there). Returns why it was not converted (then the model is
+    unchanged), or None."""
+    if model.lm_head.weight.device.type != "cpu":
         return "it runs on CPUs only"
     ops, why = ternary_ops()
     if ops is None:
         return why
-    return to_int8(model, head, linear=PackedLinear)
+    return to_int8(model, head, linear=PackedLinear, load=load)

@@ -15,12 +15,14 @@ runs code: there is no pickle anywhere.
 from __future__ import annotations
 
 import base64
+import math
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -192,13 +194,51 @@ def newest_loadable(checkpoints: Path, for_resume: bool = True
     return None, None, []
 
 
+class StoredTensors(Mapping):
+    """A model.safetensors whose tensors are read one at a time, when asked for: a model loaded
+    for use never holds the whole float32 file in memory beside what it makes of it. The
+    header (names, shapes, offsets, the file's length) is checked when this is made."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.shapes = _read(file, lambda f: _shapes(f))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return _read(self.file, lambda f: _tensor(f, name))
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(file), "pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _tensor(file: Path, name: str) -> torch.Tensor:
+    with safe_open(str(file), "pt") as f:  # closed at once: the file's pages are not kept mapped
+        return f.get_tensor(name)
+
+
 def read_checkpoint(path: Path, with_optimizer: bool = True) -> tuple[dict, dict | None, dict]:
     """(model tensors, optimizer tensors or None, trainer.json) of a checkpoint folder, each
-    file checked, its tokenizer.json too: what resuming or loading the model needs."""
+    file checked, its tokenizer.json too: what resuming or loading the model needs. Without the
+    optimizer (a model for use), the model's tensors are StoredTensors, read when used."""
     for name in (MODEL_FILE, TRAINER_FILE, TOKENIZER_FILE) + ((OPTIM_FILE,) if with_optimizer else ()):
         if not (path / name).is_file():
             raise BitnetError(f"checkpoint {path} is incomplete: {name} is missing")
-    model = _read(path / MODEL_FILE, lambda f: load_file(str(f)))
+    if with_optimizer:
+        model = _read(path / MODEL_FILE, lambda f: load_file(str(f)))
+    else:
+        model = StoredTensors(path / MODEL_FILE)
     optim = _read(path / OPTIM_FILE, lambda f: load_file(str(f))) if with_optimizer else None
     trainer = _read(path / TRAINER_FILE, read_json)
     _read(path / TOKENIZER_FILE, lambda f: Tokenizer.from_file(str(f)))

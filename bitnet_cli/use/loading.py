@@ -20,6 +20,7 @@ from bitnet_cli.store.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_te
 from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
@@ -96,39 +97,65 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         raise BitnetError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens, more than "
                           f"the model's {config.vocab_size}; it is not this model's tokenizer")
     # A model config far bigger than its tensors is damaged: say so before allocating it.
-    if config.num_params() > sum(t.numel() for t in tensors.values()):
+    if config.num_params() > tensors.numel():
         raise BitnetError(f"checkpoint {checkpoint} does not fit its trainer.json: the model "
                           f"config has {config.num_params():,} parameters, the tensors fewer")
-    model = model_from_tensors(config, tensors)
-    del tensors  # the model holds them now; the engines below drop the float weights they replace
-    model.to(device).eval()
+    # On a CPU the ternary weights stay in the file until an engine converts them, one layer at
+    # a time: the whole float32 model is never in memory (its peak halves at 95M).
+    deferred = device.type == "cpu" and engine != "float"
+    model = model_from_tensors(config, tensors, deferred)
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def load(layer: nn.Module) -> None:
+        if layer.weight.is_meta:
+            layer.weight = nn.Parameter(as_float32(tensors[names[id(layer)] + ".weight"]))
+    if not deferred:
+        model.to(device)
+    model.eval()
     note = None
     if engine == "2bit":
-        why = to_packed(model, head)
+        why = to_packed(model, head, load)
         if why is not None:
             engine, note = "int8", f"2bit engine not used: {why}; decoding with the int8 engine"
     if engine == "int8":
-        why = to_int8(model, head)
+        why = to_int8(model, head, load=load)
         if why is not None:
             engine, note = "float", f"int8 engine not used: {why}"
+    for module in model.modules():  # what no engine took runs in float: its weights, too
+        if isinstance(module, BitLinear):
+            load(module)
     return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])
 
 
-def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> BitNetForCausalLM:
+def model_from_tensors(config: ModelConfig, tensors, defer_ternary: bool = False
+                       ) -> BitNetForCausalLM:
     """The model with a checkpoint's tensors as its own parameters: built on the meta device and
-    handed them, so the float32 weights are in memory once, not twice (and never initialised)."""
+    handed them, so the float32 weights are in memory once, not twice (and never initialised).
+    With `defer_ternary`, the BitLinear weights are left on the meta device (shapes checked) for
+    an engine to load one layer at a time."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
-    # Taken as they are, tensors keep their dtype: a file with others is cast, as copying did.
-    tensors = {name: t if t.dtype == torch.float32 else t.float() for name, t in tensors.items()}
+    later = {f"{name}.weight" for name, module in model.named_modules()
+             if defer_ternary and isinstance(module, BitLinear)}
+    tensors = {name: (torch.empty(_shape(tensors, name), device="meta") if name in later
+                      else as_float32(tensors[name])) for name in tensors}
     load_model_tensors(model, tensors, assign=True)
     if config.tie_word_embeddings:  # assigning replaced the embedding the head was tied to
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Taken as they are, tensors keep their dtype: a file with others is cast, as copying did."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _shape(tensors, name: str) -> tuple[int, ...]:
+    return tensors.shapes[name] if hasattr(tensors, "shapes") else tuple(tensors[name].shape)
 
 
 def load_player(selector: str, engine: str | None = None, device: str = "cpu"):
