@@ -7,6 +7,7 @@ import gc
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,22 +133,21 @@ from contextlib import nullcontext
 import torch
 from bitnet_cli.bench.shapes import build, NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.nn.bitlinear import quantized_for_step
-from bitnet_cli.nn.int8 import to_int8
-from bitnet_cli.nn.packed import to_packed
-from bitnet_cli.nn.model import generate
-from bitnet_cli.training.loop import micro_step
-from bitnet_cli.training.optim import build_optimizer
 kind, what = sys.argv[1:3]
-if kind == "decode":
-    model = build("baseline", "95M", PROMPT_TOKENS + NEW_TOKENS).eval()
-    if what == "int8":
-        to_int8(model)
-    elif what == "2bit" and to_packed(model):
-        raise SystemExit("no 2bit engine here")
+if kind == "decode":  # as `bitnet chat` does: the model loaded from a checkpoint by its engine
+    from bitnet_cli.nn.model import generate
+    from bitnet_cli.use.loading import load_model
+    engine = {"float32": "float", "bf16 autocast": "float"}.get(what, what)
+    loaded = load_model(sys.argv[3], engine=engine)
+    if loaded.engine != engine:
+        raise SystemExit(f"no {engine} engine here: {loaded.engine_note}")
+    model = loaded.model
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=what == "bf16 autocast"):
         for _ in generate(model, list(range(PROMPT_TOKENS)), 8):
             pass
 elif kind == "train":
+    from bitnet_cli.training.loop import micro_step
+    from bitnet_cli.training.optim import build_optimizer
     model = build("baseline", "95M", 256, what)
     optimizer = build_optimizer(model, 1e-3, 0.1, "cpu")
     ids = torch.randint(0, model.config.vocab_size, (2, 257))
@@ -164,19 +164,33 @@ except (OSError, IndexError):
 """
 
 
-def rss(kind: str, what: str) -> dict:
+def rss(kind: str, what: str, checkpoint: str = "-") -> dict:
     """Peak and final RSS (bytes) of a fresh process running one case (0 where unknown)."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, kind, what], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, kind, what, checkpoint],
+                         capture_output=True, text=True, check=True)
     peak, final = map(int, out.stdout.split())
     return {"kind": kind, "what": what, "peak_rss_bytes": peak, "final_rss_bytes": final}
 
 
 def memory() -> list[dict]:
     """Fresh processes on the 95M shape; `idle` has imported torch and bitnet only, the floor
-    under every other row. Loading for int8 builds the float model first, which sets its peak;
-    what it keeps after conversion is its final RSS."""
-    cases = [("idle", "-"), ("decode", "float32"), ("decode", "bf16 autocast"), ("decode", "int8"),
-             ("decode", "2bit"),
-             ("train", "ternary"), ("train", "none")]
-    return [rss(kind, what) for kind, what in cases]
+    under every other row. A decoding process loads a 95M checkpoint (random weights) as chat
+    does, with each engine."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = str(write_checkpoint(Path(folder), build("baseline", "95M", 256)))
+        cases = [("idle", "-"), ("decode", "float32"), ("decode", "bf16 autocast"),
+                 ("decode", "int8"), ("decode", "2bit"), ("train", "ternary"), ("train", "none")]
+        return [rss(kind, what, checkpoint) for kind, what in cases]
+
+
+def write_checkpoint(folder: Path, model) -> Path:
+    """`model` saved as a checkpoint of a run in `folder` (any tokenizer: the prompt goes in
+    as ids), as training writes one."""
+    from bitnet_cli.config.reading import to_dict
+    from bitnet_cli.store.checkpoint import save_checkpoint
+    from bitnet_cli.tasks import load_experiment
+    load_experiment("arithmetic").tokenizer().save(str(folder / "tokenizer.json"))
+    trainer = {"step": 1, "experiment": "baseline", "model": to_dict(model.config)}
+    return save_checkpoint(folder / "checkpoints", 1, model, torch.optim.AdamW(model.parameters()),
+                           trainer, keep=1, tokenizer=folder / "tokenizer.json")

@@ -127,7 +127,8 @@ def _size_table(r: dict):
 
 
 def _memory_table(r: dict):
-    memory = _table("memory of a fresh process on the baseline 95M shape (RSS)", "process",
+    memory = _table("memory of a fresh process on the baseline 95M shape (RSS; decoding loads a "
+                    "checkpoint as chat does)", "process",
                    "peak", "peak above idle", "at the end")
     idle = r["memory"][0]["peak_rss_bytes"]
     for s in r["memory"]:
