@@ -148,3 +148,13 @@ def test_a_damaged_build_is_rebuilt_and_two_processes_build_once(tmp_path):
                            capture_output=True, timeout=600)
     assert again.stdout == "ok\n", again.stderr
     assert library.read_bytes() != b"not a shared library"
+
+
+def test_an_unwritable_build_folder_is_int8_and_one_note(short_run, monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(kernel_build, "_loaded", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocked / "kernels"))
+    loaded = load_model(str(short_run("simple")))
+    assert loaded.engine == "int8"
+    assert loaded.engine_note.startswith("2bit engine not used: the ternary kernel did not build (")

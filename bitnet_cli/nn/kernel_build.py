@@ -34,14 +34,14 @@ _loaded: dict[str, object] = {}  # "ops" -> the module, or "why" -> the reason i
 
 
 def build_key() -> str:
-    text = SOURCE.read_bytes() + f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS}".encode()
+    versions = f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS}"
+    text = SOURCE.read_bytes() + versions.encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
 def ternary_ops(notice=lambda text: print(text, file=sys.stderr)):
     """(the kernel's ops, torch.ops.bitnet_ternary, None), or (None, why it cannot be used
-    here). Built at most
-    once per process; `notice` hears the one line a first compile takes."""
+    here). Built at most once per process; `notice` hears the one line a first compile takes."""
     if "ops" not in _loaded and "why" not in _loaded:
         try:
             _loaded["ops"] = _build_and_check(notice)
@@ -63,14 +63,14 @@ def _build_and_check(notice):
 
     name = f"bitnet_ternary_{build_key()}"
     folder = kernels_dir() / name
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        ops = _import_built(name, folder, notice)
-        if ops is None:
-            try:
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            ops = _import_built(name, folder, notice)
+            if ops is None:
                 ops = _load(name, folder)
-            except (ImportError, OSError, RuntimeError) as e:  # the compiler or ninja failed
-                raise _Unusable(f"the ternary kernel did not build ({_first_line(e)})") from None
+    except (ImportError, OSError, RuntimeError) as e:  # no room to build, a compiler error
+        raise _Unusable(f"the ternary kernel did not build ({_first_line(e)})") from None
     wrong = self_check(ops)
     if wrong:
         raise _Unusable(wrong)
