@@ -1,9 +1,9 @@
 """`bitnet bench --2b4t`: decoding at the shape of the released BitNet b1.58 2B4T model.
 
 Its 2.4B parameters would be 9.6 GB as a float32 model, so the model is never built that way:
-it is made on the meta device, then every ternary layer is given random 2-bit codes directly
-(the 2bit engine's layout; int8 codes where the kernel cannot be built) and the tied embedding
-and output layer one random float16 table. Speed does not depend on what the weights are. The
+it is made on the meta device, its tied embedding and output layer are one random float16
+table, and the engine converts its ternary layers from random codes one group at a time, as
+loading a checkpoint does. Speed does not depend on what the weights are. The
 measurement runs in a fresh process, so that its peak memory is the model's alone.
 """
 
@@ -19,11 +19,10 @@ from torch import nn
 
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.config.settings import ModelConfig
-from bitnet_cli.nn.bitlinear import BitLinear, SharedInput
-from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8Part, Int8SharedInput
-from bitnet_cli.nn.kernel_build import ternary_ops
+from bitnet_cli.nn.bitlinear import BitLinear
+from bitnet_cli.nn.int8 import HalfHead, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
-from bitnet_cli.nn.packed import PackedLinear
+from bitnet_cli.nn.packed import to_packed
 
 # hidden 2560, 30 layers, 20 query and 5 key/value heads of 128, FFN 6912, vocabulary 128256
 SHAPE_2B4T = dict(vocab_size=128256, hidden_size=2560, num_hidden_layers=30,
@@ -49,43 +48,30 @@ def build_2b4t(context: int) -> tuple[BitNetForCausalLM, str]:
 
 
 def build_from_codes(config: ModelConfig) -> tuple[BitNetForCausalLM, str]:
-    """A model of `config` made for decoding straight from random codes (no float32 weights at
-    any point): the 2bit engine's layers, or the int8 engine's without the kernel."""
-    context = config.max_position_embeddings
+    """A model of `config` made for decoding from random ternary codes, converted by the 2bit
+    engine (the int8 engine's without the kernel) as loading converts a checkpoint: one layer
+    group of weights at a time, never the whole model in float32."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
-    model.rope_cos, model.rope_sin = rope_tables(config, context)
-    linear, engine = (PackedLinear, "2bit") if ternary_ops()[0] is not None else (Int8Linear, "int8")
+    model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight = nn.Parameter(torch.ones(module.weight.shape))
     generator = torch.Generator().manual_seed(0)
-
-    def random_layer(*layers: BitLinear) -> Int8Linear:
-        outs = [layer.out_features for layer in layers]
-        codes = torch.randint(-1, 2, (sum(outs), layers[0].in_features), dtype=torch.int8,
-                              generator=generator)
-        return linear(codes, torch.full((sum(outs),), 0.02), outs)
-
-    for parent in list(model.modules()):  # first the groups, stacked as the engines stack them
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SharedInput):
-                whole = random_layer(*child.layers)
-                setattr(parent, name, Int8SharedInput(whole))
-                for index, layer in enumerate(child.layers):  # the model may call one alone
-                    setattr(parent, _attribute_of(parent, layer), Int8Part(whole, index))
-    for parent in list(model.modules()):  # then the layers on their own, and the norms
-        for name, child in list(parent.named_children()):
-            if isinstance(child, BitLinear):
-                setattr(parent, name, random_layer(child))
-            elif isinstance(child, RMSNorm):
-                child.weight = nn.Parameter(torch.ones(child.weight.shape))
     table = torch.randn(config.vocab_size, config.hidden_size, generator=generator,
                         dtype=torch.float16).mul_(0.02)
     model.model.embed_tokens = HalfEmbedding(table)
-    model.lm_head = HalfHead(table)
+    model.lm_head = HalfHead(table)  # the engines keep a float16 head as it is
+
+    def random_codes(layer: BitLinear) -> None:
+        # Codes of -1, 0 and +1 as the weights: the engine's quantizer gives them back exactly.
+        codes = torch.randint(-1, 2, tuple(layer.weight.shape), dtype=torch.int8,
+                              generator=generator)
+        layer.weight = nn.Parameter(codes.float(), requires_grad=False)
+    engine = "2bit" if to_packed(model, load=random_codes) is None else "int8"
+    if engine == "int8":
+        to_int8(model, load=random_codes)
     return model.eval(), engine
-
-
-def _attribute_of(parent: nn.Module, layer: nn.Module) -> str:
-    return next(name for name, child in parent.named_children() if child is layer)
 
 
 _CHILD = """

@@ -55,7 +55,7 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
                                                  "step in bf16 autocast, with tokens/s and MFU)."),
           released: bool = flag("--2b4t", help="Also decode at the shape of the released BitNet "
                                                "b1.58 2B4T (2.4B parameters, built from random "
-                                               "2-bit codes: about 1.5 GB of memory and "
+                                               "2-bit codes: about 2 GB of memory and "
                                                "half a minute more)."),
           ) -> None:
     """Measure speed and size side by side in one process.
