@@ -31,7 +31,7 @@ from bitnet_cli.store.checkpoint import step_dir_name
 from bitnet_cli.cli import app
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.use.loading import load_model
-from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
                                 to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
@@ -252,15 +252,16 @@ def test_the_engine_swaps_each_shared_input_group_whole():
 
 
 def test_compiled_decode_step_keeps_the_greedy_tokens(tmp_path):
-    """chat --compile decodes through a compiled one-token step: the same greedy tokens as the
-    eager engine; where compiling fails, one line and eager decoding, the same tokens."""
+    """chat --compile decodes the per-op path through a compiled one-token step: the same
+    greedy tokens as the eager engine; where compiling fails, one line and eager decoding, the
+    same tokens."""
     from tests.models import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer(),
                                    max_position_embeddings=48)
     loaded = load_model(str(checkpoint))
     prompt = list(range(1, 9))
     eager = list(generate(loaded.model, prompt, 32))
-    step = DecodeStep(loaded.model, compile=True)
+    step = DecodeStep(loaded.model, compile=True, fused=False)
     step.warm_up()
     assert step.forward is not loaded.model
     assert list(generate(loaded.model, prompt, 32, step=step)) == eager
@@ -268,7 +269,7 @@ def test_compiled_decode_step_keeps_the_greedy_tokens(tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("inductor exploded\nsecond line")
     notes = []
-    failing = DecodeStep(loaded.model, compile=True, notice=notes.append)
+    failing = DecodeStep(loaded.model, compile=True, notice=notes.append, fused=False)
     failing.forward = broken
     assert list(generate(loaded.model, prompt, 32, step=failing)) == eager
     assert notes == ["torch.compile failed (RuntimeError: inductor exploded); decoding eagerly"]

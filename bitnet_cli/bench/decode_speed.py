@@ -13,8 +13,9 @@ from torch import nn
 
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS, best_of, build
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.kernel_build import ternary_ops
 from bitnet_cli.nn.packed import PackedLinear, to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 
@@ -47,13 +48,15 @@ def decode_rate(model, prompt: list[int], context, step=None) -> float:
         return count / (time.perf_counter() - start)
 
 
-# The engines decode() times: (name, engine, head, compiled step?); the float engine's two
-# precisions are added to these. The first is the CPU default.
-ENGINES = [("2bit", "2bit", "float16", False), ("2bit, int8 head", "2bit", "int8", False),
-           ("2bit compiled", "2bit", "float16", True),
-           ("2bit compiled, int8 head", "2bit", "int8", True),
-           ("int8", "int8", "float16", False), ("int8, int8 head", "int8", "int8", False),
-           ("int8 compiled, int8 head", "int8", "int8", True)]
+# The engines decode() times: (name, engine, head, how each token is decoded), the float
+# engine's two precisions added to these. The first is the CPU default. "fused" is the fused
+# step (one call per token, decoding.FusedDecode), "per-op" the model's own forward in eager
+# PyTorch (how both engines decoded before the fused step), "compiled" that forward compiled.
+ENGINES = [("2bit", "2bit", "float16", "fused"), ("2bit, int8 head", "2bit", "int8", "fused"),
+           ("2bit per-op", "2bit", "float16", "per-op"),
+           ("2bit per-op compiled, int8 head", "2bit", "int8", "compiled"),
+           ("int8", "int8", "float16", "fused"), ("int8, int8 head", "int8", "int8", "fused"),
+           ("int8 per-op", "int8", "float16", "per-op")]
 
 
 def convert(model: BitNetForCausalLM, engine: str, head: str) -> str | None:
@@ -71,16 +74,19 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
     engines = {"float32": (model, contextlib.nullcontext, None),
                "bf16 autocast": (model, bf16, None)}
     notes = []
-    for name, engine, head, compiled in ENGINES:
+    for name, engine, head, how in ENGINES:
         fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
         why = convert(fast, engine, head)
         if why:
             notes.append(f"no {engine} engine: {why}")
             continue
-        step = DecodeStep(fast, compiled, notes.append)
+        step = DecodeStep(fast, how == "compiled", notes.append, fused=how == "fused")
         step.warm_up()
-        if step.forward is fast and compiled:
+        if how == "compiled" and step.forward is fast:
             continue  # no compiler here: said in notes
+        if how == "fused" and not step.fused:
+            notes.append(f"no fused {engine} step: {ternary_ops()[1]}")
+            continue
         engines[name] = (fast, contextlib.nullcontext, step)
     rates = {name: 0.0 for name in engines}
     for name, (m, context, step) in engines.items():
@@ -94,13 +100,13 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
         read = weight_bytes(m)
         result["engines"][name] = {"tok_per_s": rates[name], "ms_per_token": 1e3 / rates[name],
                                    "vs_float32": rates[name] / rates["float32"],
-                                   "vs_int8": rates[name] / rates["int8"],
+                                   "vs_int8": rates[name] / rates["int8 per-op"],
                                    "weight_bytes_per_token": read, "gb_s": read * rates[name] / 1e9}
     # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
     # bytes per token are not the weights' size, so no GB/s is claimed for it.
     result["engines"]["bf16 autocast"]["gb_s"] = None
-    result["layers"] = layers(model, {name: engines[name][0] for name in ("int8", "2bit")
-                                      if name in engines})
+    result["layers"] = layers(model, {name: engines[f"{name} per-op"][0] for name in ("int8", "2bit")
+                                      if f"{name} per-op" in engines})
     if with_llama_cpp:
         result["llama_cpp"] = llama_cpp_decode(model, prompt)
         if "tok_per_s" in result["llama_cpp"]:

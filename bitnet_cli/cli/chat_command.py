@@ -43,10 +43,12 @@ def chat(
                                              "or int8 with one scale per row (half the bytes to "
                                              "read per token; the same greedy tokens on the "
                                              "checkpoints bitnet's tests train)."),
-    compile: bool = flag("--compile", help="Decode through a compiled one-token step: about "
-                                           "2.7x the tokens/s of a small model, 1.3x at 95M, "
-                                           "after 4-17 s of compiling before the first reply "
-                                           "(a few seconds once inductor's cache has it)."),
+    compile: bool = flag("--compile", help="Decode the float engine (or on a GPU) through a "
+                                           "compiled one-token step: about 2.7x the tokens/s "
+                                           "of a small model, 1.3x at 95M, after 4-17 s of "
+                                           "compiling (a few seconds once inductor's cache has "
+                                           "it). The 2bit and int8 engines on a CPU decode "
+                                           "through a fused step, faster still, without it."),
 ) -> None:
     """Talk to a trained model, streaming its reply token by token.
 
@@ -79,8 +81,6 @@ def chat(
     sampling = Sampling(temperature, top_k, top_p)
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens
-    if compile:
-        typer.echo("compiling the decode step (seconds; once per chat)...", err=True)
     session = ChatSession(loaded, sampling, seed, compile,
                           notice=lambda line: typer.echo(f"note: {line}", err=True))
     if max_new_tokens is not None and max_new_tokens > session.context:

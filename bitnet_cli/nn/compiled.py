@@ -104,58 +104,6 @@ class TrainingForward:
         return out
 
 
-class DecodeStep:
-    """The one-token forward that decoding repeats, compiled (`chat --compile`) or eager.
-
-    Compiled with dynamic shapes, one graph serves every cache length. A small model decodes
-    ~2.7x faster so (the per-op overheads of eager PyTorch are most of its time), a 95M one
-    ~1.3x, for 4-17 s of compiling the first time, a few from inductor's cache. If compiling
-    fails, one line through `notice`, and the step runs eagerly from then on; nothing of the
-    failed call has touched the cache (the compiler works on stand-in tensors until it has a
-    graph to run)."""
-
-    def __init__(self, model: torch.nn.Module, compile: bool, notice=lambda line: None):
-        self.model, self.notice = model, notice
-        self.forward = model
-        if compile:
-            problem = compiler_problem(model.rope_cos.device)
-            if problem:
-                notice(f"{problem}; decoding eagerly")
-            else:
-                use_bitnet_cache()
-                # Every model instance is a new entry under the same forward code, and past
-                # eight of them the compiler quietly runs eagerly: start from a clean slate
-                # (a process decodes one model at a time; the bench builds many).
-                torch._dynamo.reset()
-                self.forward = torch.compile(model, dynamic=True)
-        self.settled = self.forward is model
-
-    @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Compile now, on a scratch cache (a few positions in, past the lengths 0 and 1 that
-        the compiler treats as special), so that no reply's speed includes the compiling."""
-        from bitnet_cli.nn.model import KVCache
-        if self.settled:
-            return
-        device = self.model.rope_cos.device
-        cache = KVCache(self.model.config, device=device)
-        self.model(torch.zeros(1, 2, dtype=torch.long, device=device), cache)
-        for _ in range(2):
-            self(torch.zeros(1, 1, dtype=torch.long, device=device), cache)
-
-    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        try:
-            logits = self.forward(ids, cache, last_only=True)
-        except Exception as e:  # whatever the compiler raised: go on without it
-            if self.settled:
-                raise
-            self.notice(f"{compile_failure(e)}; decoding eagerly")
-            self.forward = self.model
-            logits = self.forward(ids, cache, last_only=True)
-        self.settled = True
-        return logits
-
-
 @contextlib.contextmanager
 def deterministic_kernels():
     """Around every compiled step. Inductor turns the embedding's gradient into an

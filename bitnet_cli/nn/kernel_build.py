@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("ternary_kernel.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "ternary_kernel.cpp", HERE / "decode_step.cpp"]
+HEADERS = [HERE / "ternary_kernel.h"]
 # No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
 # does. -fopenmp: at::parallel_for is inlined into the kernel and runs on torch's own OpenMP
 # threads (GNU OpenMP, loaded with torch on Linux) only when compiled with it; elsewhere the
@@ -35,7 +37,7 @@ _loaded: dict[str, object] = {}  # "ops" -> the module, or "why" -> the reason i
 
 def build_key() -> str:
     versions = f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS}"
-    text = SOURCE.read_bytes() + versions.encode()
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + versions.encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -117,24 +119,27 @@ def _load(name: str, folder: Path):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    load(name=name, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=FLAGS,
+    load(name=name, sources=[str(path) for path in SOURCES], build_directory=str(folder), extra_cflags=FLAGS,
          is_python_module=False, verbose=False)
     return torch.ops.bitnet_ternary
 
 
 def self_check(ops) -> str | None:
-    """Why the kernel gives a wrong sum on some path, or None: random codes and inputs in odd
-    shapes, every path this CPU has, against int64 matrix products."""
+    """Why a kernel (the ternary sums, the int8 head's) gives a wrong sum on some path, or None:
+    random codes and inputs in odd shapes, every path this CPU has, against int64 products."""
     generator = torch.Generator().manual_seed(0)
     for rows, k, n in ((1, 1, 1), (3, 255, 5), (5, 257, 9), (17, 1000, 33)):
         codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=generator)
         x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
-        exact = (x.long() @ codes.long().T).int()
+        head = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+        exact, head_exact = (x.long() @ codes.long().T).int(), (x.long() @ head.long().T).int()
         packed = ops.pack(codes)
         for path in ops.isas():
+            name = next(k for k, v in PATHS.items() if v == path)
             if not torch.equal(ops.ternary_mm(x, packed, path), exact):
-                name = next(k for k, v in PATHS.items() if v == path)
                 return f"the ternary kernel's {name} path gives wrong sums on this CPU"
+            if not torch.equal(ops.int8_mm(x, head, path), head_exact):
+                return f"the int8 head kernel's {name} path gives wrong sums on this CPU"
     return None
 
 

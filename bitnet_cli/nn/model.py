@@ -258,7 +258,7 @@ def generate(model: BitNetForCausalLM, prompt_ids: list[int], max_new_tokens: in
              generator: torch.Generator | None = None, step=None):
     """Yield new token ids one at a time; stops after a stop id (which is yielded), after
     max_new_tokens, or when the context is full. `step(ids, cache)` runs each new token
-    through the model (compiled.DecodeStep); by default the model itself."""
+    through the model (decoding.DecodeStep); by default the model itself."""
     context = model.config.max_position_embeddings
     if not prompt_ids:
         raise ValueError("the prompt is empty")

@@ -18,6 +18,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "ternary_kernel.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -30,16 +32,15 @@
 #define BITNET_X86 1
 #endif
 
+namespace bitnet {
+
+int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }
+
 namespace {
 
-constexpr int64_t BLOCK = 256;       // weights per block
 constexpr int64_t BLOCK_BYTES = 64;  // bytes per block
 constexpr int64_t ROWS = 4;   // output rows computed together: each input load serves four
 constexpr int64_t TOKENS = 4; // tokens computed together: each unpacked block serves four
-
-enum Isa : int64_t { AUTO = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3 };
-
-int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }
 
 // A tile of ROWS packed weight rows against T padded token rows of int8 codes:
 // out[r * TOKENS + t] = sum over the row of (w + 1) * x[t].
@@ -98,31 +99,6 @@ void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
     for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum_avx2(acc[r][t]);
 }
 
-// One token (decoding): no shifts. Lane l is masked in place, so it holds (w + 1) * 4^l, and is
-// summed on its own; each lane's sums are exact multiples of 4^l, shifted back down at the end.
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-void tile_vnni_one(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
-  const __m512i masks[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c),
-                            _mm512_set1_epi8(0x30), _mm512_set1_epi8(char(0xc0))};
-  __m512i acc[ROWS][4];
-  for (int r = 0; r < ROWS; ++r)
-    for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i v[ROWS];
-    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * BLOCK_BYTES));
-    for (int l = 0; l < 4; ++l) {
-      const __m512i xv = _mm512_loadu_si512((const void*)(x[0] + b * BLOCK + 64 * l));
-      for (int r = 0; r < ROWS; ++r)
-        acc[r][l] = _mm512_dpbusd_epi32(acc[r][l], _mm512_and_si512(v[r], masks[l]), xv);
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    __m512i sum = acc[r][0];
-    for (int l = 1; l < 4; ++l) sum = _mm512_add_epi32(sum, _mm512_srai_epi32(acc[r][l], 2 * l));
-    out[r * TOKENS] = _mm512_reduce_add_epi32(sum);
-  }
-}
-
 template <int T>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
@@ -148,6 +124,19 @@ void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
 }
 #endif
 
+using TileKernel = void (*)(const uint8_t* const*, const int8_t* const*, int64_t, int32_t*);
+
+// The tile kernel of a path for 1..TOKENS tokens (index count - 1).
+std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa == VNNI) return {tile_vnni<1>, tile_vnni<2>, tile_vnni<3>, tile_vnni<4>};
+  if (isa == AVX2) return {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
+#endif
+  return {tile_portable<1>, tile_portable<2>, tile_portable<3>, tile_portable<4>};
+}
+
+}  // namespace
+
 bool supports(int64_t isa) {
 #ifdef BITNET_X86
   __builtin_cpu_init();
@@ -159,23 +148,14 @@ bool supports(int64_t isa) {
   return isa == PORTABLE;
 }
 
-int64_t best_isa() {
-  for (int64_t isa : {VNNI, AVX2}) if (supports(isa)) return isa;
+int64_t resolve_isa(int64_t isa) {
+  if (isa != AUTO) {
+    TORCH_CHECK(supports(isa), "this CPU cannot run the requested kernel path");
+    return isa;
+  }
+  for (int64_t best : {VNNI, AVX2}) if (supports(best)) return best;
   return PORTABLE;
 }
-
-using TileKernel = void (*)(const uint8_t* const*, const int8_t* const*, int64_t, int32_t*);
-
-// The tile kernel of a path for 1..TOKENS tokens (index count - 1).
-std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
-#ifdef BITNET_X86
-  if (isa == VNNI) return {tile_vnni_one, tile_vnni<2>, tile_vnni<3>, tile_vnni<4>};
-  if (isa == AVX2) return {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
-#endif
-  return {tile_portable<1>, tile_portable<2>, tile_portable<3>, tile_portable<4>};
-}
-
-}  // namespace
 
 // codes: (out, in) int8 in {-1, 0, 1} -> (out, padded(in) / 4) uint8 in the layout above.
 at::Tensor pack(const at::Tensor& codes) {
@@ -195,25 +175,14 @@ at::Tensor pack(const at::Tensor& codes) {
   return packed;
 }
 
-// Tokens as the kernels read them: int8 codes padded with zeros to whole blocks (a zero input
-// adds nothing), and each token's sum of codes (for the + 1 stored with every weight).
-struct Tokens {
-  std::vector<int8_t> codes;
-  std::vector<int32_t> sums;
-  int64_t m, kp;
-};
-
 void check_packed(const at::Tensor& packed, int64_t k) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "packed must be contiguous 2-d uint8");
   TORCH_CHECK(packed.size(1) * 4 == padded(k), "packed rows do not hold ", k, " weights");
 }
 
-// For every token and row, `emit(token, row, sum)` with the exact sum of w * x.
-template <typename Emit>
-void for_each_sum(const Tokens& x, const at::Tensor& packed, int64_t isa, Emit emit) {
-  if (isa == AUTO) isa = best_isa();
-  TORCH_CHECK(supports(isa), "this CPU cannot run the requested kernel path");
+void ternary_sums(const Tokens& x, const at::Tensor& packed, int64_t isa, int32_t* out) {
+  isa = resolve_isa(isa);
   const int64_t m = x.m, kp = x.kp, n = packed.size(0);
   const uint8_t* wd = packed.data_ptr<uint8_t>();
   const int8_t* xd = x.codes.data();
@@ -234,30 +203,13 @@ void for_each_sum(const Tokens& x, const at::Tensor& packed, int64_t isa, Emit e
         kernels[count_t - 1](rows, tokens, blocks, result);
         for (int64_t r = 0; r < count_r; ++r)
           for (int64_t t = 0; t < count_t; ++t)
-            emit(t0 + t, r0 + r, result[r * TOKENS + t] - x.sums[t0 + t]);
+            out[(t0 + t) * n + r0 + r] = result[r * TOKENS + t] - x.sums[t0 + t];
       }
     }
   });
 }
 
-// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
-at::Tensor ternary_mm(const at::Tensor& x, const at::Tensor& packed, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x must be 2-d int8");
-  const auto xc = x.contiguous();
-  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
-  check_packed(packed, k);
-  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0), m, kp};
-  const int8_t* xd = xc.data_ptr<int8_t>();
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t i = 0; i < k; ++i) {
-      tokens.codes[t * kp + i] = xd[t * k + i];
-      tokens.sums[t] += xd[t * k + i];
-    }
-  auto out = at::empty({m, n}, at::kInt);
-  int32_t* od = out.data_ptr<int32_t>();
-  for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) { od[t * n + r] = sum; });
-  return out;
-}
+namespace {
 
 // One token's activations as int8 codes, as activation_codes makes them: the absmax scale
 // (torch evaluates its 127.0 / amax as amax.reciprocal() * 127.0), each value times the scale
@@ -292,34 +244,68 @@ int32_t quantize_avx2(const float* row, int64_t k, int8_t* codes, float* scale) 
 }
 #endif
 
+}  // namespace
+
+Tokens quantize_tokens(const float* x, int64_t m, int64_t k) {
+  const int64_t kp = padded(k);
+  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0),
+                std::vector<float>(m), m, kp};
+  const auto quantize = supports(AVX2) ? quantize_avx2 : quantize_portable;
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      tokens.sums[t] = quantize(x + t * k, k, tokens.codes.data() + t * kp, &tokens.scales[t]);
+  });
+  return tokens;
+}
+
+}  // namespace bitnet
+
+using namespace bitnet;
+
+// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
+at::Tensor ternary_mm(const at::Tensor& x, const at::Tensor& packed, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x must be 2-d int8");
+  const auto xc = x.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
+  check_packed(packed, k);
+  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0),
+                std::vector<float>(m, 1.0f), m, kp};
+  const int8_t* xd = xc.data_ptr<int8_t>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < k; ++i) {
+      tokens.codes[t * kp + i] = xd[t * k + i];
+      tokens.sums[t] += xd[t * k + i];
+    }
+  auto out = at::empty({m, n}, at::kInt);
+  ternary_sums(tokens, packed, isa, out.data_ptr<int32_t>());
+  return out;
+}
+
 // The whole BitLinear at inference, as the int8 engine computes it, in one call: each token of
 // x (m, in) float32 quantized to int8 codes by absmax (round half to even, as torch.round), the
 // exact sums against the packed rows, then sum / (x_scale * w_scale[row]) in float32. The same
 // float operations in the same order as activation_codes and Int8Linear.forward, so the output
 // is theirs to the bit (built without -ffast-math or FMA contraction).
 at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
-                             const at::Tensor& w_scale, int64_t isa) {
+                          const at::Tensor& w_scale, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-d float32");
   TORCH_CHECK(w_scale.dim() == 1 && w_scale.scalar_type() == at::kFloat &&
               w_scale.size(0) == packed.size(0), "one float32 scale per packed row");
   const auto xc = x.contiguous();
   const auto ws = w_scale.contiguous();
-  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0), kp = padded(k);
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
   check_packed(packed, k);
-  const float* xd = xc.data_ptr<float>();
-  Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0), m, kp};
-  std::vector<float> x_scale(m);
-  const auto quantize = supports(AVX2) ? quantize_avx2 : quantize_portable;
-  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      tokens.sums[t] = quantize(xd + t * k, k, tokens.codes.data() + t * kp, &x_scale[t]);
-  });
+  const Tokens tokens = quantize_tokens(xc.data_ptr<float>(), m, k);
   auto out = at::empty({m, n}, at::kFloat);
   float* od = out.data_ptr<float>();
+  // The int32 sums first, in the output's own memory, then each rescaled in place.
+  static_assert(sizeof(float) == sizeof(int32_t), "sums share the output's memory");
+  int32_t* sums = reinterpret_cast<int32_t*>(od);
+  ternary_sums(tokens, packed, isa, sums);
   const float* sd = ws.data_ptr<float>();
-  for_each_sum(tokens, packed, isa, [&](int64_t t, int64_t r, int32_t sum) {
-    od[t * n + r] = float(sum) / (x_scale[t] * sd[r]);
-  });
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t r = 0; r < n; ++r)
+      od[t * n + r] = float(sums[t * n + r]) / (tokens.scales[t] * sd[r]);
   return out;
 }
 

@@ -83,9 +83,11 @@ def _decode_tables(r: dict):
     m = r["machine"]
     decode = _table(f"decode with the KV cache ({m['threads']} threads; this machine reads "
                     f"{m['read_gb_s']:.1f} GB/s): 2bit is the CPU default, int8 --engine int8, "
-                    "compiled chat --compile, int8 head --head int8, fp32 and bf16 the float "
-                    "engine; llama.cpp on the same weights (TQ2_0 codes, F16 embedding)",
-                    "shape", "engine", "tok/s", "ms/token", "/ int8", "/ llama.cpp",
+                    "both through the fused step; per-op is the model's forward in eager "
+                    "PyTorch (how both decoded before), compiled that forward compiled, int8 "
+                    "head --head int8, fp32 and bf16 the float engine; llama.cpp on the same "
+                    "weights (TQ2_0 codes, F16 embedding)",
+                    "shape", "engine", "tok/s", "ms/token", "/ int8 per-op", "/ llama.cpp",
                     "weights read", "GB/s", "share of read")
     for d in r["decode"]:
         for name, e in d["engines"].items():

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from bitnet_cli.nn.compiled import DecodeStep
+from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.devices import autocast_for
 from bitnet_cli.config.settings import MAX_SEED
 from bitnet_cli.use.cpu import decode_threads
@@ -70,7 +70,7 @@ class ChatSession:
     loaded: LoadedModel
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
-    compile: bool = False  # decode through a compiled one-token step (compiled.DecodeStep)
+    compile: bool = False  # compile the one-token step, where it is not fused (decoding.DecodeStep)
     notice: Callable[[str], None] = lambda line: None
 
     def __post_init__(self):
@@ -86,14 +86,19 @@ class ChatSession:
         self.last = ReplyStats()
         model = self.loaded.model
         on_cpu = model is not None and model.rope_cos.device.type == "cpu"
+        self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
+        compiled = self.compile and self.step is not None and not self.step.fused
+        if self.compile and not compiled and self.step is not None:
+            self.notice(f"--compile is not needed: the {self.loaded.engine} engine decodes "
+                        "through its fused step, faster than a compiled one")
         # Threads follow the idle cores reply by reply; a compiled step keeps the count it was
         # compiled with (its kernels are built for it), so that is chosen once, here.
-        self.most_threads = torch.get_num_threads() if on_cpu and not self.compile else 0
-        if on_cpu and self.compile:
+        self.most_threads = torch.get_num_threads() if on_cpu and not compiled else 0
+        if on_cpu and compiled:
             torch.set_num_threads(decode_threads(torch.get_num_threads()))
-        self.step = DecodeStep(model, self.compile, self.notice) if model is not None else None
         self.autocast = autocast_for(model.rope_cos.device) if model is not None else nullcontext
-        if self.compile and self.step is not None:
+        if compiled:
+            self.notice("compiling the decode step (seconds; once per chat)")
             self.step.warm_up()
 
     @property

@@ -1,0 +1,93 @@
+"""The fused decode step (nn/decoding.py, decode_step.cpp): a token through the whole model in one
+call. Its projections are the engines' exact sums, so the 2bit engine's logits equal the int8
+engine's to the bit on every code path; its float work is its own, so against the per-op path
+it agrees to float rounding (a quantization boundary may round either way, as between the int8
+and float engines: tests/test_int8.py) and gives the same greedy tokens."""
+
+import pytest
+import torch
+
+from bitnet_cli.nn import kernel_build
+from bitnet_cli.nn.decoding import DecodeStep, FusedDecode, fused_decode
+from bitnet_cli.nn.model import KVCache, generate
+from bitnet_cli.store.checkpoint import step_dir_name
+from bitnet_cli.use.loading import load_model
+from tests.models import SHORT_STEPS
+from tests.test_int8 import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops, why = kernel_build.ternary_ops()
+    assert ops is not None, why
+    return ops
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 1, 1), (1, 63, 5), (1, 64, 3), (2, 65, 7),
+                                      (3, 768, 40), (1, 1000, 9)])
+def test_int8_head_sums_are_exact_on_every_path(ops, rows, k, n):
+    generator = torch.Generator().manual_seed(k)
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=generator)
+    codes[0] = 0
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
+    x[0] = 127  # the largest sums quantized inputs make
+    codes[-1] = -128
+    exact = (x.long() @ codes.long().T).int()
+    for path in ops.isas():
+        assert torch.equal(ops.int8_mm(x, codes, path), exact), path
+
+
+def fused_run(loaded, prompt, tokens, path):
+    """Logits at every position after the prompt: the prompt's pass per-op, then each of
+    `tokens` through the fused step on `path`."""
+    step = FusedDecode(loaded.model, kernel_build.ternary_ops()[0], path)
+    cache = KVCache(loaded.config)
+    with torch.inference_mode():
+        logits = [loaded.model(torch.tensor([prompt]), cache, last_only=True)]
+        for token in tokens[:-1]:
+            logits.append(step(torch.tensor([[token]]), cache))
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("experiment", list(PROMPTS))
+def test_the_fused_step_is_the_int8_engine_to_the_bit_and_keeps_the_tokens(ops, short_run,
+                                                                           experiment):
+    """A 64-token greedy decode (or the context's worth) of each trained model: on every code
+    path, the 2bit engine's fused logits equal the int8 engine's exactly, and the greedy tokens
+    are the float engine's; against the per-op path, the logits agree within 3% of the largest."""
+    checkpoint = str(short_run(experiment) / "checkpoints" / step_dir_name(SHORT_STEPS))
+    two_bit, int8 = load_model(checkpoint), load_model(checkpoint, engine="int8")
+    float_engine = load_model(checkpoint, engine="float")
+    context = two_bit.config.max_position_embeddings
+    prompt = two_bit.tokenizer.encode(PROMPTS[experiment]).ids
+    tokens = list(generate(float_engine.model, prompt, min(64, context - len(prompt))))
+    with torch.inference_mode():
+        per_op = two_bit.model(torch.tensor([prompt + tokens[:-1]]))[:, len(prompt) - 1:]
+    for path in ops.isas():
+        fused = fused_run(two_bit, prompt, tokens, path)
+        assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path
+        assert fused.argmax(-1)[0].tolist() == tokens, path
+        worst = (fused - per_op).abs().max() / per_op.abs().max()
+        assert worst < 0.03, (path, worst)
+    step = DecodeStep(two_bit.model, compile=False)
+    assert step.fused and list(generate(two_bit.model, prompt, len(tokens), step=step)) == tokens
+
+
+def test_the_int8_head_through_the_fused_step_keeps_the_tokens(ops, short_run):
+    checkpoint = str(short_run("tinystories") / "checkpoints" / step_dir_name(SHORT_STEPS))
+    quarter, int8 = load_model(checkpoint, head="int8"), load_model(checkpoint, engine="int8",
+                                                                   head="int8")
+    prompt = quarter.tokenizer.encode(PROMPTS["tinystories"]).ids
+    tokens = list(generate(quarter.model, prompt, 32))
+    for path in ops.isas():
+        fused = fused_run(quarter, prompt, tokens, path)
+        assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path
+        assert fused.argmax(-1)[0].tolist() == tokens, path
+
+
+def test_only_the_integer_engines_on_a_cpu_are_fused(short_run):
+    run = str(short_run("arithmetic"))
+    assert fused_decode(load_model(run, engine="float").model) is None
+    assert isinstance(fused_decode(load_model(run, engine="int8").model), FusedDecode)
+    compiled = DecodeStep(load_model(run).model, compile=True)
+    assert compiled.fused and compiled.settled  # fused wins over compiling: nothing to compile
