@@ -138,11 +138,13 @@ def test_every_setting_flag_reaches_the_run_config(bitnet_home):
     """`train`'s flags are derived from the config fields: each one given lands in config.json."""
     given = {"size": "tiny", "steps": 3, "batch_size": 8, "seq_len": 16, "lr": 0.002,
              "grad_accum": 2, "seed": 5, "eval_every": 2, "save_every": 3, "device": "cpu",
-             "compile": False, "name": "flags", "quant": "none", "activation": "silu"}
+             "compile": False, "foreground": True, "name": "flags", "quant": "none",
+             "activation": "silu"}
     tested_elsewhere = {"data", "vocab_size", "tensorboard"}  # test_text.py, test_health.py
     assert {field.name for field, _ in train_options()} == given.keys() | tested_elsewhere
-    args = ["--no-compile"] + [a for key, value in given.items() if key != "compile"
-                               for a in ("--" + key.replace("_", "-"), str(value))]
+    switches = {"compile": "--no-compile", "foreground": "--foreground"}
+    args = list(switches.values()) + [a for key, value in given.items() if key not in switches
+                                      for a in ("--" + key.replace("_", "-"), str(value))]
     train("simple", *args)
     config = json.loads((bitnet_home / "runs" / "flags" / "config.json").read_text())
     assert {key: {**config["train"], **config["model"]}[key] for key in given} == given

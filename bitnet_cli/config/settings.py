@@ -151,6 +151,9 @@ class TrainConfig:
         f"torch.compile the training step (default: on for CUDA, and on a CPU for runs of "
         f"{COMPILE_MIN_STEPS}+ steps). Without a C++ compiler: one line, then eager training.",
         default=None)
+    foreground: bool = option("Train at normal CPU priority. A CPU run otherwise lowers its "
+                              "own (nice 19): alone it runs as fast, and a chat or other work "
+                              "beside it gets the cores first, at its own speed.", default=False)
     name: str | None = option("Run id to use instead of <experiment>-<size>-<timestamp>.",
                               default=None)
     data: str | None = option("Text experiments: local .txt, .jsonl or .parquet files (a 'text' "
@@ -208,6 +211,8 @@ class TrainConfig:
             raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {show(self.device)}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise BitnetError(f"compile must be true, false or null, got {show(self.compile)}")
+        if not isinstance(self.foreground, bool):
+            raise BitnetError(f"foreground must be true or false, got {show(self.foreground)}")
         if not isinstance(self.tensorboard, bool):
             raise BitnetError(f"tensorboard must be true or false, got {show(self.tensorboard)}")
         if self.data is not None and not isinstance(self.data, str):

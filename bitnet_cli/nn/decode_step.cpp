@@ -32,9 +32,18 @@ namespace {
 
 constexpr int64_t RELU2 = 0, SILU = 1;  // the FFN gates (config.ACTIVATIONS)
 
+#ifdef BITNET_X86
+// Loops that the compiler vectorizes, built for each of these ISAs and picked by the CPU at load
+// time. The arithmetic is the source's either way (no reassociation, no FMA contraction), so
+// every build gives the same floats, only faster.
+#define VECTOR_LOOPS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_LOOPS
+#endif
+
 // The sum of a[i] * b[i] over sixteen running partials, added pairwise: a fixed order, and
 // one the compiler turns into SIMD (a single running sum would be a chain of scalar adds).
-float dot(const float* a, const float* b, int64_t n) {
+VECTOR_LOOPS float dot(const float* a, const float* b, int64_t n) {
   float partial[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -43,6 +52,11 @@ float dot(const float* a, const float* b, int64_t n) {
   for (int width = 8; width > 0; width /= 2)
     for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
   return partial[0];
+}
+
+// out += p * v
+VECTOR_LOOPS void add_scaled(float* out, float p, const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
 }
 
 // out = weight * (x / sqrt(mean(x^2) + eps)).
@@ -104,10 +118,7 @@ void attend(const float* q, const float* keys, const float* values, int64_t head
       for (int64_t j = 0; j < length; ++j) total += scores[j] = std::exp(scores[j] - most);
       float* oh = out + h * dim;
       std::fill_n(oh, dim, 0.0f);
-      for (int64_t j = 0; j < length; ++j) {
-        const float p = scores[j] / total;
-        for (int64_t i = 0; i < dim; ++i) oh[i] += p * vh[j * dim + i];
-      }
+      for (int64_t j = 0; j < length; ++j) add_scaled(oh, scores[j] / total, vh + j * dim, dim);
     }
   });
 }

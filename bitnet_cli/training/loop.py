@@ -30,7 +30,8 @@ from bitnet_cli.tasks.rows import DeviceBatches
 from bitnet_cli.training import dist
 from bitnet_cli.training.optim import apply_schedule, build_optimizer
 from bitnet_cli.training.session import RunSession, stop_signals
-from bitnet_cli.training.setup import check_memory, prepare_task, read_run_config, run_tokenizer
+from bitnet_cli.training.setup import (check_memory, prepare_task, read_run_config, run_in_background,
+                                       run_tokenizer)
 
 
 class NullReporter:
@@ -58,6 +59,8 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     config, model_cfg, cfg = read_run_config(run_dir)
     task = load_experiment(cfg.experiment)
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and not cfg.foreground:
+        run_in_background()
     dist.check_world(share, cfg.batch_size, device)
     # Before joining the process group, so that no collective waits on it: every process finds
     # or builds the data (one per machine builds it; the others wait on the cache's file lock).

@@ -6,6 +6,7 @@ no argv; loop.py runs what this sets up.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from pathlib import Path
 
@@ -199,3 +200,24 @@ def last_world_size(run_dir: Path) -> int:
     if not isinstance(world, int) or not 1 <= world <= 1024:
         return 1
     return world if world == state.get("local_world_size", world) else 1
+
+
+BACKGROUND_NICE = 19  # the lowest CPU priority: what a batch job takes
+
+
+def run_in_background() -> None:
+    """Lower every thread of this process to the lowest CPU priority (threads made later
+    inherit it). A CPU training run then loses nothing alone, but a chat beside it decodes at
+    its quiet speed: measured at 95M on 2 cores beside a 2-thread training run, 0.45 of it at
+    equal priority, 1.0 with the run at nice 19. On Linux the nice value is each thread's own,
+    so each one in /proc/self/task is lowered; elsewhere the process's. Where it cannot be done,
+    nothing changes."""
+    if not hasattr(os, "setpriority"):  # Windows
+        return
+    tasks = Path("/proc/self/task")
+    for task_id in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, task_id,
+                           max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, task_id)))
+        except OSError:  # a thread that ended meanwhile
+            pass

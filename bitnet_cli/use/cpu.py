@@ -6,7 +6,9 @@ OS deschedules one of our threads now and then, every region waits for it, and t
 two shared cores decode 3-5x slower than one (measured at 95M: 40-73 tok/s against 80-110).
 So before each reply, `decode_threads` samples how idle each core of ours was over a tenth of a
 second (/proc/stat) and decodes with as many threads as there are idle cores, at least one, at
-most the thread count PyTorch started with. Where /proc/stat cannot be read (not Linux), or
+most the thread count PyTorch started with. A core busy only with niced work counts as idle:
+a CPU training run lowers itself to nice 19 (training/setup.py), and beside it a chat's threads
+get the cores first, so it decodes at its quiet speed. Where /proc/stat cannot be read (not Linux), or
 the user fixed the count with OMP_NUM_THREADS, nothing changes.
 """
 
@@ -30,7 +32,9 @@ def _core_times(stat_text: str, cores: set[int]) -> dict[int, tuple[int, int]]:
         core = int(name[3:])
         if core in cores and len(fields) >= 4:
             values = [int(v) for v in fields[:8]]
-            idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+            # idle + iowait, and time spent by niced processes (a CPU training run lowers
+            # itself to nice 19): a thread of ours takes that core from them at once.
+            idle = values[1] + values[3] + (values[4] if len(values) > 4 else 0)
             times[core] = (idle, sum(values))
     return times
 
