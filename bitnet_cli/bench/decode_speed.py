@@ -115,13 +115,13 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
     return result
 
 
-def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
-    """llama.cpp's greedy decoding speed on `model`'s weights, through llama-cpp-python: the
-    model exported as bitnet's GGUF (TQ2_0 codes where rows are multiples of 256, F16
-    embedding), the same prompt, new tokens and thread count as bitnet's engines, timed the
-    same way (after the prompt, best of three). The pinned llama.cpp computes silu(gate) * up
-    for this architecture: the same work as relu2, so the speed compares even though the FFN
-    differs."""
+def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int], state=None) -> dict:
+    """llama.cpp's greedy decoding speed on `model`'s weights (or those `state` gives, as
+    gguf_writer.write_gguf takes them), through llama-cpp-python: the model exported as bitnet's
+    GGUF (TQ2_0 codes where rows are multiples of 256, F16 embedding), the same prompt, new
+    tokens and thread count as bitnet's engines, timed the same way (after the prompt, best of
+    three). The pinned llama.cpp computes silu(gate) * up for this architecture: the same work
+    as relu2, so the speed compares even though the FFN differs."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -143,7 +143,7 @@ def llama_cpp_decode(model: BitNetForCausalLM, prompt: list[int]) -> dict:
         # llama-cpp-python makes a context of at least 256 and warns on stderr when the file
         # declares less; the context does not change the speed of the first 64 tokens.
         config = dataclasses.replace(model.config, max_position_embeddings=LLAMA_CPP_CONTEXT)
-        write_gguf(LoadedModel(model, tokenizer, config, "arithmetic", folder, 0), folder)
+        write_gguf(LoadedModel(model, tokenizer, config, "arithmetic", folder, 0), folder, state)
         gguf_bytes = (folder / GGUF_FILE).stat().st_size
         llm = Llama(model_path=str(folder / GGUF_FILE), n_ctx=LLAMA_CPP_CONTEXT,
                     n_threads=threads, n_threads_batch=threads, verbose=False)

@@ -4,7 +4,8 @@ Its 2.4B parameters would be 9.6 GB as a float32 model, so the model is never bu
 it is made on the meta device, its tied embedding and output layer are one random float16
 table, and the engine converts its ternary layers from random codes one group at a time, as
 loading a checkpoint does. Speed does not depend on what the weights are. The
-measurement runs in a fresh process, so that its peak memory is the model's alone.
+measurement runs in a fresh process, so that its peak memory is the model's alone; llama.cpp
+runs in another, on a GGUF of the same shape written from random codes a tensor at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,13 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).float()
 
 
+def config_2b4t(context: int) -> ModelConfig:
+    return ModelConfig(max_position_embeddings=context, **SHAPE_2B4T)
+
+
 def build_2b4t(context: int) -> tuple[BitNetForCausalLM, str]:
     """The 2B4T shape with random weights, and the engine that runs it."""
-    return build_from_codes(ModelConfig(max_position_embeddings=context, **SHAPE_2B4T))
+    return build_from_codes(config_2b4t(context))
 
 
 def build_from_codes(config: ModelConfig) -> tuple[BitNetForCausalLM, str]:
@@ -80,24 +86,71 @@ from contextlib import nullcontext
 from bitnet_cli.bench.decode_speed import decode_rate
 from bitnet_cli.bench.released_shape import build_2b4t
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
+from bitnet_cli.nn.decoding import DecodeStep
 model, engine = build_2b4t(PROMPT_TOKENS + NEW_TOKENS)
+step = DecodeStep(model, compile=False)
 prompt = list(range(1, PROMPT_TOKENS + 1))
-decode_rate(model, prompt, nullcontext)
-rate = max(decode_rate(model, prompt, nullcontext) for _ in range(2))
+decode_rate(model, prompt, nullcontext, step)
+rate = max(decode_rate(model, prompt, nullcontext, step) for _ in range(2))
 status = open("/proc/self/status").read() if sys.platform == "linux" else ""
 peak = int(status.split("VmHWM:")[1].split()[0]) * 1024 if "VmHWM:" in status else None
-print(json.dumps({"engine": engine, "tok_per_s": rate, "peak_rss_bytes": peak}))
+print(json.dumps({"engine": engine + (", fused" if step.fused else ""), "tok_per_s": rate,
+                  "peak_rss_bytes": peak}))
+"""
+
+
+class RandomCodes(Mapping):
+    """The 2B4T shape's tensors by name, made when asked, for gguf_writer.write_gguf: random
+    ternary codes for the projections, a random float16 embedding, unit norms. One tensor at a
+    time, so the file is written without a float32 model."""
+
+    def __init__(self, config: ModelConfig):
+        with torch.device("meta"):
+            self.model = BitNetForCausalLM(config)
+        self.shapes = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if name == "model.embed_tokens.weight":
+            return torch.randn(shape, generator=self.generator, dtype=torch.float16).mul_(0.02)
+        if len(shape) == 1:
+            return torch.ones(shape)
+        return torch.randint(-1, 2, shape, generator=self.generator).float()
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+_LLAMA_CPP_CHILD = """
+import json
+from bitnet_cli.bench.decode_speed import llama_cpp_decode
+from bitnet_cli.bench.released_shape import RandomCodes, config_2b4t
+from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
+state = RandomCodes(config_2b4t(PROMPT_TOKENS + NEW_TOKENS))
+print(json.dumps(llama_cpp_decode(state.model, list(range(1, PROMPT_TOKENS + 1)), state)))
 """
 
 
 def decode_2b4t() -> dict:
-    """Tokens/s and ms/token of greedy decoding at the 2B4T shape, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
-                          check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    """Tokens/s and ms/token of greedy decoding at the 2B4T shape, in a fresh process; then
+    llama.cpp on a GGUF of the same shape, in another."""
+    result = _child(_CHILD)
     result.update(shape="BitNet b1.58 2B4T", threads=torch.get_num_threads(),
                   ms_per_token=1e3 / result["tok_per_s"], reported_ms_per_token=REPORTED_MS_PER_TOKEN,
-                  prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS,
-                  llama_cpp="not run: its GGUF is written from a float32 model, which this shape "
-                            "is built without")
+                  prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
+    try:
+        result["llama_cpp"] = _child(_LLAMA_CPP_CHILD)
+    except subprocess.CalledProcessError as e:  # out of memory or disk for its 1.2 GB GGUF
+        lines = (e.stderr or "").strip().splitlines()
+        result["llama_cpp"] = {"missing": f"did not run ({lines[-1] if lines else e})"}
     return result
+
+
+def _child(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -187,8 +187,12 @@ void int8_rows_vnni(const int8_t* x, int32_t x_sum, const int8_t* w, const int32
     for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_si512();
     for (int64_t i = 0; i < whole; i += 64) {
       const __m512i xv = _mm512_loadu_si512(xu + i);
-      for (int r = 0; r < 4; ++r)
+      for (int r = 0; r < 4; ++r) {
+        // Four rows are four short streams, which the CPU's prefetchers are slow to follow
+        // from memory: ask for the next four rows' bytes while these are summed.
+        _mm_prefetch((const char*)(w + (v + 4 + r) * k + i), _MM_HINT_T0);
         acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_loadu_si512(w + (v + r) * k + i));
+      }
     }
     if (tail) {  // bytes past the row are zero weights: they add nothing
       const __m512i xv = _mm512_loadu_si512(xu + whole);
@@ -321,7 +325,11 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
   const int64_t kv = kv_heads * dim, ffn = norms[3].size(0);
   const float feps = float(eps);
 
-  std::vector<float> x(embed.data_ptr<float>() + token * d, embed.data_ptr<float>() + (token + 1) * d);
+  std::vector<float> x(d);  // the token's embedding row, float32 or float16 (2B4T's bench)
+  if (embed.scalar_type() == at::kHalf)
+    std::copy_n(embed.data_ptr<c10::Half>() + token * d, d, x.begin());
+  else
+    std::copy_n(embed.data_ptr<float>() + token * d, d, x.begin());
   std::vector<float> normed(std::max(d, ffn)), qkv(d + 2 * kv), attended(d), projected(d),
       gate_up(2 * ffn), hidden(ffn);
   const float* cos_row = cos.data_ptr<float>() + position * dim;

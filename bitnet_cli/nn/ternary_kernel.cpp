@@ -5,6 +5,11 @@
 // blocks of 256 weights. Byte j of a block holds, in bits 2l..2l+1, the code + 1 (0, 1 or 2) of
 // weight 64*l + j of that block. One 64-byte load and a shift by 2l then gives 64 consecutive
 // codes + 1, which line up with 64 consecutive input codes: no shuffles in the inner loop.
+// The rows are stored four by four, as the kernels read them: in each whole group of four rows,
+// block b of row r is at (4 * b + r) * 64 bytes from the group's start, so a tile of four rows
+// is one stream through memory, which the CPU's prefetchers follow at full speed (four streams
+// of a few hundred bytes each, row by row, ran at half the speed from memory). Rows past the
+// last whole group are stored one after another.
 //
 // The sum of (w + 1) * x is what the SIMD instructions compute (unsigned by signed bytes); the
 // sum of x is taken off once per token and row: sum(w * x) = sum((w + 1) * x) - sum(x).
@@ -45,12 +50,13 @@ constexpr int64_t TOKENS = 4; // tokens computed together: each unpacked block s
 // A tile of ROWS packed weight rows against T padded token rows of int8 codes:
 // out[r * TOKENS + t] = sum over the row of (w + 1) * x[t].
 template <int T>
-void tile_portable(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+void tile_portable(const uint8_t* const* w, int64_t stride, const int8_t* const* x, int64_t blocks,
+                   int32_t* out) {
   for (int r = 0; r < ROWS; ++r)
     for (int t = 0; t < T; ++t) {
       int32_t sum = 0;
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* wb = w[r] + b * BLOCK_BYTES;
+        const uint8_t* wb = w[r] + b * stride;
         const int8_t* xb = x[t] + b * BLOCK;
         for (int l = 0; l < 4; ++l)
           for (int j = 0; j < BLOCK_BYTES; ++j)
@@ -71,7 +77,8 @@ inline int32_t sum_avx2(__m256i v) {
 
 template <int T>
 __attribute__((target("avx2")))
-void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+void tile_avx2(const uint8_t* const* w, int64_t stride, const int8_t* const* x, int64_t blocks,
+               int32_t* out) {
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[ROWS][T];
@@ -81,7 +88,7 @@ void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
     for (int half = 0; half < 2; ++half) {
       __m256i v[ROWS];
       for (int r = 0; r < ROWS; ++r)
-        v[r] = _mm256_loadu_si256((const __m256i*)(w[r] + b * BLOCK_BYTES + 32 * half));
+        v[r] = _mm256_loadu_si256((const __m256i*)(w[r] + b * stride + 32 * half));
       for (int l = 0; l < 4; ++l) {
         __m256i xv[T];
         for (int t = 0; t < T; ++t)
@@ -101,14 +108,15 @@ void tile_avx2(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
 
 template <int T>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, int32_t* out) {
+void tile_vnni(const uint8_t* const* w, int64_t stride, const int8_t* const* x, int64_t blocks,
+               int32_t* out) {
   const __m512i mask = _mm512_set1_epi8(3);
   __m512i acc[ROWS][T];
   for (int r = 0; r < ROWS; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i v[ROWS];
-    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * BLOCK_BYTES));
+    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * stride));
     for (int l = 0; l < 4; ++l) {
       __m512i xv[T];
       for (int t = 0; t < T; ++t)
@@ -124,7 +132,9 @@ void tile_vnni(const uint8_t* const* w, const int8_t* const* x, int64_t blocks, 
 }
 #endif
 
-using TileKernel = void (*)(const uint8_t* const*, const int8_t* const*, int64_t, int32_t*);
+// w[r] + b * stride: block b of the tile's row r.
+using TileKernel = void (*)(const uint8_t* const*, int64_t, const int8_t* const*, int64_t,
+                           int32_t*);
 
 // The tile kernel of a path for 1..TOKENS tokens (index count - 1).
 std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
@@ -169,8 +179,11 @@ at::Tensor pack(const at::Tensor& codes) {
     for (int64_t i = 0; i < k; ++i) {
       const int8_t w = src[row * k + i];
       TORCH_CHECK(w >= -1 && w <= 1, "ternary codes must be -1, 0 or 1");
-      const int64_t block = i / BLOCK, within = i % BLOCK;
-      dst[row * (kp / 4) + block * BLOCK_BYTES + within % 64] |= uint8_t(w + 1) << (2 * (within / 64));
+      const int64_t block = i / BLOCK, within = i % BLOCK, group = row / ROWS * ROWS;
+      const int64_t at = group + ROWS <= n  // in a whole group of four rows: interleaved
+                             ? group * (kp / 4) + (block * ROWS + row - group) * BLOCK_BYTES
+                             : row * (kp / 4) + block * BLOCK_BYTES;
+      dst[at + within % 64] |= uint8_t(w + 1) << (2 * (within / 64));
     }
   return packed;
 }
@@ -195,12 +208,17 @@ void ternary_sums(const Tokens& x, const at::Tensor& packed, int64_t isa, int32_
     int32_t result[ROWS * TOKENS];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * ROWS, count_r = std::min(ROWS, n - r0);
-      // A last tile short of rows repeats its last row; the repeats are not written out.
-      for (int64_t r = 0; r < ROWS; ++r) rows[r] = wd + std::min(r0 + r, n - 1) * row_bytes;
+      // A whole group of four rows is interleaved block by block (see pack); the rows of a
+      // last, short tile are plain, and it repeats its last row (the repeats are not written).
+      const bool whole = r0 + ROWS <= n;
+      for (int64_t r = 0; r < ROWS; ++r)
+        rows[r] = whole ? wd + r0 * row_bytes + r * BLOCK_BYTES
+                        : wd + std::min(r0 + r, n - 1) * row_bytes;
+      const int64_t stride = whole ? ROWS * BLOCK_BYTES : BLOCK_BYTES;
       for (int64_t t0 = 0; t0 < m; t0 += TOKENS) {
         const int64_t count_t = std::min(TOKENS, m - t0);
         for (int64_t t = 0; t < count_t; ++t) tokens[t] = xd + (t0 + t) * kp;
-        kernels[count_t - 1](rows, tokens, blocks, result);
+        kernels[count_t - 1](rows, stride, tokens, blocks, result);
         for (int64_t r = 0; r < count_r; ++r)
           for (int64_t t = 0; t < count_t; ++t)
             out[(t0 + t) * n + r0 + r] = result[r * TOKENS + t] - x.sums[t0 + t];

@@ -29,12 +29,20 @@ def bench_report(r: dict):
 
 
 def _released_table(d: dict):
-    table = _table(f"decode at the shape of {d['shape']} (random {d['engine']} weights, "
-                   f"{d['threads']} threads; llama.cpp {d['llama_cpp']})", "ms/token",
-                   "the report's CPU ms/token", "tok/s", "peak RSS")
-    table.add_row(f"{d['ms_per_token']:.1f}", f"{d['reported_ms_per_token']}",
-                  f"{d['tok_per_s']:.1f}",
+    table = _table(f"decode at the shape of {d['shape']} (random weights, {d['threads']} threads;"
+                   " llama.cpp on a GGUF of the same shape: TQ2_0 codes, F16 embedding)",
+                   "engine", "ms/token", "tok/s", "/ llama.cpp", "the report's CPU ms/token",
+                   "peak RSS")
+    theirs = d["llama_cpp"]
+    ratio = (f"{d['tok_per_s'] / theirs['tok_per_s']:.2f}x" if "tok_per_s" in theirs else "-")
+    table.add_row(d["engine"], f"{d['ms_per_token']:.1f}", f"{d['tok_per_s']:.1f}", ratio,
+                  f"{d['reported_ms_per_token']}",
                   _mib(d["peak_rss_bytes"]) if d["peak_rss_bytes"] else "-")
+    if "tok_per_s" in theirs:
+        table.add_row("llama.cpp", f"{1e3 / theirs['tok_per_s']:.1f}", f"{theirs['tok_per_s']:.1f}",
+                      "1.00x", "-", "-")
+    else:
+        table.add_row("llama.cpp", theirs["missing"], *["-"] * 4)
     return table
 
 

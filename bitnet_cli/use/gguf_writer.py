@@ -33,7 +33,7 @@ GGUF_LAYER_NAMES = {
 TERNARY_BLOCK = 256  # QK_K: a TQ2_0 block holds 256 codes of one row and one f16 scale
 
 
-def write_gguf(loaded: LoadedModel, folder: Path) -> None:
+def write_gguf(loaded: LoadedModel, folder: Path, state=None) -> None:
     """model.gguf for llama.cpp's `bitnet` architecture: NEOX rope, which is our half-split
     layout, so q and k need no permuting; relu2 declared as bitnet.hidden_activation (llama.cpp
     does not know that value yet and runs SiLU instead: see the README).
@@ -49,6 +49,9 @@ def write_gguf(loaded: LoadedModel, folder: Path) -> None:
     with (Q8_0 would quantize the hidden state per 32 values as well). Norms stay F32.
     llama.cpp quantizes activations its own way (per 256-block for TQ2_0, not at all for F16),
     so its logits are close to bitnet's, not identical.
+
+    `state` (the model's state dict by default) may be any mapping that gives each tensor when
+    asked: the bench writes a 2B-parameter shape from random codes, one tensor at a time.
     """
     import gguf  # here, not at the top: only this format needs it
 
@@ -68,7 +71,7 @@ def write_gguf(loaded: LoadedModel, folder: Path) -> None:
     writer.add_string("bitnet.hidden_activation", config.activation)
     add_gguf_tokenizer(writer, loaded, gguf)
 
-    state = loaded.model.state_dict()
+    state = loaded.model.state_dict() if state is None else state
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].half().numpy())
     writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
     tq2_0, any_tq2_0 = gguf.GGMLQuantizationType.TQ2_0, False
