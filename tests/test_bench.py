@@ -146,6 +146,24 @@ def test_a_model_built_from_codes_has_no_float_weights_and_decodes():
     assert not any(t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= 128
                    for t in tensors if t is not model.rope_cos and t is not model.rope_sin)
     assert len(list(generate(model, [1, 2, 3], 8))) == 8
+    from bitnet_cli.nn.decoding import DecodeStep
+    step = DecodeStep(model, compile=False)  # the fused step reads the float16 embedding
+    assert step.fused
+    assert list(generate(model, [1, 2, 3], 8, step=step)) == list(generate(model, [1, 2, 3], 8))
+
+
+def test_llama_cpp_reads_a_gguf_written_from_random_codes():
+    """--2b4t's llama.cpp row: the file written a tensor at a time from RandomCodes loads and
+    decodes, on a small shape (rows of 128 and 256: F16 and TQ2_0 codes)."""
+    from bitnet_cli.bench.released_shape import RandomCodes
+    from bitnet_cli.config.settings import ModelConfig
+    state = RandomCodes(ModelConfig(vocab_size=300, hidden_size=256, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=384, max_position_embeddings=64))
+    assert state["model.embed_tokens.weight"].dtype == torch.float16
+    assert set(state["model.layers.0.mlp.up_proj.weight"].unique().tolist()) == {-1.0, 0.0, 1.0}
+    result = decode_speed.llama_cpp_decode(state.model, [1, 2, 3], state)
+    assert result["tok_per_s"] > 0 and result["gguf_bytes"] > 0
 
 
 @pytest.mark.slow
@@ -153,5 +171,6 @@ def test_the_2b4t_shape_decodes_in_a_fraction_of_its_float32_size():
     """2.4B parameters would be 9.6 GB in float32; built from codes, the process stays far below."""
     from bitnet_cli.bench.released_shape import decode_2b4t
     result = decode_2b4t()
-    assert result["engine"] == "2bit" and result["tok_per_s"] > 0
+    assert result["engine"] == "2bit, fused" and result["tok_per_s"] > 0
+    assert result["llama_cpp"]["tok_per_s"] > 0
     assert result["peak_rss_bytes"] < 3 * 2**30
