@@ -40,6 +40,11 @@ def evaluate(
     json: bool = flag("--json", help="Print JSON on stdout."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    data: Optional[str] = typer.Option(None, help="Text models: local .txt, .jsonl or .parquet "
+                                                  "files (a 'text' field), or a folder of them, "
+                                                  "to measure the held-out loss on instead of "
+                                                  "the run's own data (an imported model has "
+                                                  "none).", show_default=False),
 ) -> None:
     """Measure a model on its experiment's held-out task.
 
@@ -53,7 +58,7 @@ def evaluate(
     from bitnet_cli.ui import tables
     from bitnet_cli.use.evaluation import evaluate_model
     from bitnet_cli.store.files import to_json
-    report = evaluate_model(model, device, engine)
+    report = evaluate_model(model, device, engine, data)
     for note in report["skipped_checkpoints"]:
         typer.echo(note, err=True)
     if json:

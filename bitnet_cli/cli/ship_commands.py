@@ -1,13 +1,45 @@
-"""`bitnet export`, `bitnet bench`: take a model to other runtimes, and measure it."""
+"""`bitnet import`, `bitnet export`, `bitnet bench`: bring a released model in, take a model to
+other runtimes, and measure it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from bitnet_cli.cli.app import MODEL_HELP, app, complete_run, flag, friendly
 from bitnet_cli.errors import BitnetError
+
+
+@app.command("import", rich_help_panel="Shipping")
+@friendly
+def import_(
+    source: str = typer.Argument(..., help="A model folder, or a Hugging Face hub id "
+                                           "(owner/name) to download.", show_default=False),
+    name: Optional[str] = typer.Option(None, help="Run id (default: the source's name)."),
+) -> None:
+    """Bring in a released BitNet model as a run: chat, eval, export and status take it.
+
+    Reads transformers' BitNetForCausalLM (BitNet b1.58 2B4T: 2-bit packed codes with
+    weight_scale, or its -bf16 master weights; bitnet's own hf and hf-packed exports)
+    and 1bitLLM's BitnetForCausalLM (bitnet_b1_58-large, -3B), from safetensors
+    only: a pickle (.bin) checkpoint is refused, never loaded. The tokenizer.json
+    comes along, and a reply stops at the source's end-of-sequence tokens.
+
+    Packed codes become latent weights that quantize back to exactly those codes
+    and scales. Nothing is written unless every check passes:
+
+      bitnet import microsoft/bitnet-b1.58-2B-4T
+      bitnet chat bitnet-b1.58-2B-4T
+    """
+    import sys
+
+    from bitnet_cli.use.importing import import_model
+
+    run = import_model(source, name, argv=sys.argv[1:])
+    typer.echo(f"imported {source} as run {run.name} ({run}); talk to it with: "
+               f"bitnet chat {run.name}")
 
 
 @app.command(rich_help_panel="Shipping")

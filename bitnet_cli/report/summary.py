@@ -16,7 +16,7 @@ from bitnet_cli.store.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_r
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train": "object",
                  "num_params": "count?", "headline": "text?", "argv": "texts?",
-                 "created_at": "text?"}
+                 "created_at": "text?", "imported": "object?"}
 STATE_FIELDS = {"status": "text?", "step": "count?", "total_steps": "count?", "pid": "pid?",
                 "host": "text?", "device": "text?", "error": "text?", "updated_at": "text?",
                 "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?",
@@ -115,6 +115,7 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
         "model": config.get("model", {}),
         "train": config.get("train", {}),
         "argv": config.get("argv"),
+        "imported": config.get("imported"),
         "created_at": config.get("created_at"),
         "recent_train": train_rows[-recent:],
         "recent_eval": eval_rows[-recent:],

@@ -76,8 +76,8 @@ def write_json_atomic(path: Path, data) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(final: Path, replace: bool = False):
-    """A fresh hidden folder beside `final` to fill; when the block succeeds, its files and the
-    folder are fsynced and it is renamed to `final`. `final` must be absent or empty, unless
+    """A fresh hidden folder beside `final` to fill; when the block succeeds, everything in it and
+    the folder are fsynced and it is renamed to `final`. `final` must be absent or empty, unless
     `replace`: then an existing `final` is set aside and deleted only once the new one is in its
     place. A failure (or Ctrl-C) removes the temporary folder and touches nothing else."""
     final = Path(final)
@@ -85,9 +85,12 @@ def atomic_folder(final: Path, replace: bool = False):
     old = None
     try:
         yield temp
-        for item in temp.iterdir():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
+        for item in temp.rglob("*"):  # an imported run holds its checkpoint folder too
+            if item.is_dir():
+                fsync_dir(item)
+            else:
+                with open(item, "rb") as f:
+                    os.fsync(f.fileno())
         os.chmod(temp, FOLDER_MODE)
         fsync_dir(temp)
         if replace and final.exists():

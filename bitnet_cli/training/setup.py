@@ -150,6 +150,9 @@ def prepare_resume(run_dir: Path, steps: int | None = None,
     machine trains it. A run without a checkpoint (created but never started, or killed before
     its first save) starts at step 0: its config is all it needs."""
     config, _, cfg = read_run_config(run_dir)
+    if "imported" in config:
+        raise BitnetError(f"run {run_dir.name} was imported, not trained here: there is no "
+                          "training to resume; chat with it, evaluate it or export it")
     dist.check_world(share, cfg.batch_size, resolve_device(cfg.device))
     state = StateFile(run_dir).state
     run_id = run_dir.name

@@ -10,7 +10,7 @@ from bitnet_cli.ui import count, format_duration, format_eval, format_rate, numb
 
 STATUS_STYLE = {"running": "bold green", "finished": "cyan", "interrupted": "yellow",
                 "crashed": "bold red", "failed": "bold red", "created": "dim", "unknown": "dim",
-                "damaged": "bold red"}
+                "damaged": "bold red", "imported": "cyan"}
 
 
 def _eval_cell(s: dict) -> str:
@@ -86,7 +86,8 @@ def run_detail(d: dict):
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column(overflow="fold")  # a long path folds, whole
-    head.add_row("run", f"{d['run_id']}  [{STATUS_STYLE.get(d['status'], '')}]{d['status']}[/]")
+    head.add_row("run", Text.assemble(d["run_id"], "  ",
+                                      (d["status"], STATUS_STYLE.get(d["status"], ""))))
     head.add_row("folder", d["path"])
     head.add_row("model", f"{d['experiment'] or '-'} {d['size'] or ''}, {count(d['params'])} parameters, "
                           f"{model.get('quant', '?')} {model.get('activation', 'relu2')}: "
@@ -94,9 +95,15 @@ def run_detail(d: dict):
                           f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
                           f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
                           f"vocab {model.get('vocab_size')}")
-    head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch {train.get('batch_size')} x "
-                             f"seq {train.get('seq_len')} x accum {train.get('grad_accum')}, "
-                             f"peak lr {train.get('lr')}, seed {train.get('seed')}")
+    if d.get("imported"):  # a released model brought in by `bitnet import`: never trained here
+        about = d["imported"]
+        head.add_row("imported", f"from {about.get('source', '?')} ({about.get('layout', '?')} "
+                                 f"layout, {about.get('quantization', '?')} weights)")
+    else:
+        head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch "
+                                 f"{train.get('batch_size')} x seq {train.get('seq_len')} x accum "
+                                 f"{train.get('grad_accum')}, peak lr {train.get('lr')}, seed "
+                                 f"{train.get('seed')}")
     head.add_row("speed", _speed(d))
     head.add_row("time", (f"{format_duration(d['elapsed_s'])} training"
                           + (" so far" if d["status"] == "running" else " in all")

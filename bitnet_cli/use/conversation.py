@@ -144,7 +144,7 @@ class ChatSession:
         turn = self.encode_prompt(text)
         prompt = self.recent_history(len(turn)) + turn if self.keeps_history else turn
         max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
-        stop_ids = tuple(self.task.stop_ids(self.tokenizer))
+        stop_ids = self.loaded.stop_ids or tuple(self.task.stop_ids(self.tokenizer))
         new: list[int] = []
         text = IncrementalText(self.tokenizer)
         self.last = ReplyStats(stopped="length")

@@ -17,13 +17,25 @@ from bitnet_cli.store.runs import CONFIG_FILE
 from bitnet_cli.nn.devices import autocast_for, resolve_device
 from bitnet_cli.training.setup import read_run_config
 
+EVAL_TOKENS = 10_000_000  # --data: how much text to split held-out from (as a run planned it)
 
-def evaluate_model(selector: str, device: str = "auto", engine: str | None = None) -> dict:
-    """The metrics of the model a RUN|CKPT selector names, and what was measured."""
+
+def evaluate_model(selector: str, device: str = "auto", engine: str | None = None,
+                   data: str | None = None) -> dict:
+    """The metrics of the model a RUN|CKPT selector names, and what was measured. A text model
+    is measured on the held-out part of `data` (local text) where given, else of its run's."""
     where = resolve_device(device)
     loaded = load_model(selector, where, engine)
     task = load_experiment(loaded.experiment)
-    if hasattr(task, "prepare_eval"):
+    if data is not None and not hasattr(task, "prepare_eval"):
+        raise BitnetError(f"--data is for text models; {loaded.checkpoint} is a "
+                          f"{loaded.experiment} model, measured on its own problems")
+    if data is not None:
+        from pathlib import Path
+        data = str(Path(data).expanduser().resolve())
+        task.prepare_eval(data, loaded.config.vocab_size, EVAL_TOKENS, loaded.tokenizer,
+                          loaded.config.max_position_embeddings)
+    elif hasattr(task, "prepare_eval"):
         # Text experiments hold out part of the data the run trained on: find it again from the
         # run's config, next to its checkpoints folder.
         config = loaded.checkpoint.parent.parent / CONFIG_FILE
@@ -31,7 +43,10 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
             raise BitnetError(f"{loaded.checkpoint} is outside its run folder; evaluating a "
                               f"{loaded.experiment} model needs the run's config.json to find "
                               "its held-out text")
-        _, _, cfg = read_run_config(config.parent)
+        run_config, _, cfg = read_run_config(config.parent)
+        if "imported" in run_config:
+            raise BitnetError(f"run {config.parent.name} was imported: it has no held-out text "
+                              "of its own; measure it on yours with --data PATH")
         task.prepare_eval(cfg.data, cfg.text_vocab_size, cfg.data_budget,
                           loaded.tokenizer, loaded.config.max_position_embeddings)
     metrics = task.evaluate(loaded.model, where, autocast_for(where))

@@ -46,6 +46,7 @@ class LoadedModel:
     engine: str = "float"  # the engine that runs it
     engine_note: str | None = None  # why it is not the engine asked for
     skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be read
+    stop_ids: tuple[int, ...] = ()  # an imported model's end-of-sequence ids (else the task's)
 
     @property
     def notes(self) -> list[str]:
@@ -127,7 +128,17 @@ def load_model(selector: str, device: str | torch.device = "cpu",
     return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
-                       skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped])
+                       skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
+                       stop_ids=_stop_ids(trainer, config, checkpoint))
+
+
+def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
+    ids = trainer.get("stop_ids", [])
+    if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < config.vocab_size
+                                          for i in ids)):
+        raise BitnetError(f"{checkpoint / TRAINER_FILE}: stop_ids must be token ids of the "
+                          "model; restore the file from the import's source")
+    return tuple(ids)
 
 
 def model_from_tensors(config: ModelConfig, tensors, defer_ternary: bool = False

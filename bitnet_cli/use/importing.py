@@ -1,0 +1,221 @@
+"""Bringing in a BitNet model that bitnet did not train: `bitnet import SOURCE`.
+
+SOURCE is a folder, or a Hugging Face hub id fetched with huggingface_hub. The layouts read
+(safetensors only: a pickle checkpoint is refused, never loaded):
+
+    bitnet    transformers' BitNetForCausalLM (model_type bitnet): the released BitNet b1.58
+              2B4T and bitnet's own `export hf` / `hf-packed`. Latent weights (quantization_mode
+              online, as the -bf16 master weights), or uint8 codes four per byte along the output
+              rows with a weight_scale (offline): with linear_class autobitlinear the scale is
+              mean|W|, a multiplier; with bitlinear it is 1/mean|W|, a divisor.
+    1bitllm   1bitLLM's BitnetForCausalLM (model_type llama): latent weights, the sub-norms named
+              self_attn.inner_attn_ln and mlp.ffn_layernorm, SiLU, RoPE theta 10000 by default.
+
+The model becomes an ordinary run (runs/NAME, one checkpoint at step 0, the source's
+tokenizer.json) that chat, eval, export and status take. Packed codes become latent weights
+that BitNet's quantizer maps back to exactly those codes and that scale: W = codes * s / p,
+p the layer's share of nonzero codes, so mean|W| = s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from tokenizers import Tokenizer
+
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.use.import_weights import latent_tensors
+
+LAYOUTS = {"BitNetForCausalLM": "bitnet", "BitnetForCausalLM": "1bitllm"}
+
+
+@dataclass
+class Imported:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # ours, float32, named as the model's state dict
+    tokenizer: Tokenizer
+    stop_ids: list[int]
+    about: dict  # what was read: source, layout, quantization
+
+
+def find_source(source: str) -> Path:
+    """The folder SOURCE names, or the hub id's files downloaded (safetensors, JSON and the
+    tokenizer only)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BitnetError(f"{source} is a file; give the folder that holds config.json")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise BitnetError(f"{source} is neither a folder nor a Hugging Face hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors",
+                                                              "tokenizer*", "*.bin"]))
+    except Exception as e:  # offline, a proxy, no such repo, a gated one: all the hub's own
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BitnetError(f"cannot download {source} from the Hugging Face hub ({first}); "
+                          "download it where there is a connection and import the folder") from None
+
+
+def read_source(folder: Path) -> Imported:
+    """Everything the run needs from a source folder, checked, or one line on what is wrong."""
+    hf = _read_json(folder / "config.json", "config.json")
+    architectures = hf.get("architectures") or [hf.get("model_type")]
+    layout = LAYOUTS.get(architectures[0]) if isinstance(architectures, list) else None
+    if layout is None:
+        raise BitnetError(f"{folder}: architecture {architectures!r} is not one bitnet imports; "
+                          f"it reads {' and '.join(LAYOUTS)} (transformers' bitnet and 1bitLLM)")
+    config = _model_config(hf, layout, folder)
+    mode, divisor = _quantization(hf, layout, folder)
+    tensors = latent_tensors(folder, config, layout, divisor)
+    tokenizer, stop_ids = _tokenizer(folder, hf, config)
+    about = {"source": str(folder), "layout": layout, "quantization": mode}
+    return Imported(config, tensors, tokenizer, stop_ids, about)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BitnetError(f"{path.parent} has no {what}: it is not a model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BitnetError(f"{path} cannot be read ({str(e)[:100]})") from None
+    if not isinstance(data, dict):
+        raise BitnetError(f"{path} is not a JSON object")
+    return data
+
+
+def _model_config(hf: dict, layout: str, folder: Path) -> ModelConfig:
+    act = hf.get("hidden_act", "silu")
+    if act not in ("relu2", "silu"):
+        raise BitnetError(f"{folder}/config.json: hidden_act {act!r}; bitnet's models compute "
+                          "relu2 or silu")
+    theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
+    heads = hf.get("num_attention_heads")
+    fields = dict(vocab_size=hf.get("vocab_size"), hidden_size=hf.get("hidden_size"),
+                  num_hidden_layers=hf.get("num_hidden_layers"), num_attention_heads=heads,
+                  num_key_value_heads=hf.get("num_key_value_heads", heads),
+                  intermediate_size=hf.get("intermediate_size"),
+                  max_position_embeddings=hf.get("max_position_embeddings"),
+                  rope_theta=theta if theta is not None else
+                  (500000.0 if layout == "bitnet" else 10000.0),
+                  rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if layout == "1bitllm" else 1e-5),
+                  tie_word_embeddings=bool(hf.get("tie_word_embeddings",
+                                                  layout == "1bitllm" and False)),
+                  activation=act, quant="ternary")
+    missing = [name for name, value in fields.items() if value is None]
+    if missing:
+        raise BitnetError(f"{folder}/config.json has no {missing[0]}")
+    try:
+        config = ModelConfig(**fields)
+        config.validate()
+    except (BitnetError, TypeError, ValueError) as e:
+        raise BitnetError(f"{folder}/config.json: {e}") from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != config.head_dim:
+        raise BitnetError(f"{folder}/config.json: head_dim {head_dim} is not hidden_size / "
+                          f"num_attention_heads ({config.head_dim}), which bitnet's models use")
+    return config
+
+
+def _quantization(hf: dict, layout: str, folder: Path) -> tuple[str, bool]:
+    """("online" or "offline <class>", whether a packed weight_scale divides)."""
+    if layout == "1bitllm":
+        return "online", False
+    q = hf.get("quantization_config") or {}
+    if q and q.get("quant_method") != "bitnet":
+        raise BitnetError(f"{folder}/config.json: quantization {q.get('quant_method')!r} is not "
+                          "BitNet's ternary one")
+    mode = q.get("quantization_mode", "offline" if q else "online")
+    linear = q.get("linear_class", "bitlinear")
+    if mode not in ("online", "offline") or linear not in ("bitlinear", "autobitlinear"):
+        raise BitnetError(f"{folder}/config.json: quantization_config {mode}/{linear} is not one "
+                          "bitnet reads (online or offline; bitlinear or autobitlinear)")
+    return (mode if mode == "online" else f"offline {linear}"), linear == "bitlinear"
+
+
+def _tokenizer(folder: Path, hf: dict, config: ModelConfig) -> tuple[Tokenizer, list[int]]:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise BitnetError(f"{folder} has no tokenizer.json (a sentencepiece tokenizer.model "
+                          "alone: save it with transformers' AutoTokenizer as tokenizer.json)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+        raise BitnetError(f"{path} cannot be read ({str(e)[:120]})") from None
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise BitnetError(f"{path} has {tokenizer.get_vocab_size()} tokens, more than the "
+                          f"model's {config.vocab_size}")
+    generation = {}
+    if (folder / "generation_config.json").is_file():
+        generation = _read_json(folder / "generation_config.json", "generation_config.json")
+    eos = generation.get("eos_token_id", hf.get("eos_token_id"))
+    stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not all(isinstance(i, int) and 0 <= i < config.vocab_size for i in stop_ids):
+        raise BitnetError(f"{folder}: eos_token_id {eos!r} is not a token id of the model")
+    return tokenizer, stop_ids
+
+
+def import_model(source: str, name: str | None = None, argv: list[str] | None = None) -> Path:
+    """The run made from SOURCE (see the module's docstring); nothing is written unless every
+    check passes, and then the run appears whole."""
+    import platform
+
+    from safetensors.torch import save_file
+
+    from bitnet_cli import __version__
+    from bitnet_cli.config.presets import PRESETS
+    from bitnet_cli.config.reading import to_dict
+    from bitnet_cli.config.settings import TrainConfig
+    from bitnet_cli.store.checkpoint import LATEST, MODEL_FILE, TRAINER_FILE, step_dir_name
+    from bitnet_cli.store.files import to_json, write_error
+    from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, new_run_dir,
+                                       now_iso)
+
+    folder = find_source(source)
+    imported = read_source(folder)
+    config = imported.config
+    # The run's text experiment: FineWeb-Edu text, or --data when it is evaluated or trained on.
+    train = TrainConfig(experiment=IMPORT_EXPERIMENT, size=IMPORTED_SIZE,
+                        **{**PRESETS[IMPORT_EXPERIMENT].sizes["95M"].train, "steps": 1},
+                        name=name or _run_name(source, folder))
+    train.validate()
+    trainer = {"step": 0, "experiment": IMPORT_EXPERIMENT, "model": to_dict(config),
+               "stop_ids": imported.stop_ids, "imported": imported.about}
+    with new_run_dir(IMPORT_EXPERIMENT, IMPORTED_SIZE, train.name) as (run_dir, run):
+        checkpoint = run / "checkpoints" / step_dir_name(0)
+        checkpoint.mkdir(parents=True)
+        try:
+            save_file(imported.tensors, str(checkpoint / MODEL_FILE), metadata={"format": "pt"})
+        except (OSError, SafetensorError) as e:
+            raise BitnetError(f"cannot write the run: {write_error(e)}; nothing was written") from None
+        (checkpoint / TRAINER_FILE).write_text(to_json(trainer) + "\n")
+        imported.tokenizer.save(str(checkpoint / TOKENIZER_FILE))
+        imported.tokenizer.save(str(run / TOKENIZER_FILE))
+        (run / "checkpoints" / LATEST).write_text(checkpoint.name + "\n")
+        StateFile(run).update(status="imported", step=0, total_steps=0)
+        (run / CONFIG_FILE).write_text(to_json({
+            "run_id": run_dir.name, "experiment": IMPORT_EXPERIMENT, "size": IMPORTED_SIZE,
+            "num_params": config.num_params(), "headline": "loss", "model": to_dict(config),
+            "train": to_dict(train), "imported": imported.about,
+            "versions": {"bitnet": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "argv": argv or [], "created_at": now_iso()}) + "\n")
+    return run_dir
+
+
+IMPORT_EXPERIMENT, IMPORTED_SIZE = "baseline", "imported"
+
+
+def _run_name(source: str, folder: Path) -> str:
+    """The source's own name (a hub id's last part), as a run id may be written."""
+    local = Path(source).expanduser().is_dir()
+    base = folder.resolve().name if local else source.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"

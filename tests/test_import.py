@@ -1,0 +1,224 @@
+"""`bitnet import`: released BitNet layouts, written here offline by transformers' own classes,
+become runs whose logits are transformers' on the same ids, whose greedy continuations are
+transformers', and which chat takes; a bad source is one line and leaves no run behind."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitnet_cli.nn.bitlinear import ternary_codes_and_scale
+from bitnet_cli.nn.model import generate
+from bitnet_cli.use.loading import load_model
+from tests.cli import invoke, optional
+from tests.models import story_tokenizer
+
+IDS = [5, 17, 230, 41, 99, 3, 250, 12, 77, 140, 8, 301, 64, 199, 27, 310]
+SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rms_norm_eps=1e-5, eos_token_id=3)
+
+
+def bitnet_quantization(mode, linear="autobitlinear"):
+    return {"quant_method": "bitnet", "linear_class": linear, "quantization_mode": mode}
+
+
+def write_source(folder, model, quantization=None, tensors=None, config_changes=None):
+    """A source folder as transformers writes it, with a tokenizer.json; `tensors` replace the
+    saved weights (packed ones), `config_changes` edit config.json."""
+    model.save_pretrained(folder)
+    story_tokenizer().save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "config.json").read_text())
+    if quantization:
+        config["quantization_config"] = quantization
+    config.update(config_changes or {})
+    (folder / "config.json").write_text(json.dumps(config))
+    if tensors is not None:
+        for old in folder.glob("*.safetensors"):
+            old.unlink()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def packed(state, divide=False):
+    """The projections as 2B4T stores them: transformers' pack_weights and a weight_scale."""
+    from transformers.integrations.bitnet import pack_weights
+    tensors = {k: v.clone() for k, v in state.items() if k != "lm_head.weight"}
+    for name in [k for k in tensors if k.endswith("_proj.weight")]:
+        codes, scale = ternary_codes_and_scale(tensors[name])
+        tensors[name] = pack_weights(codes.float())
+        tensors[name[:-len("weight")] + "weight_scale"] = (1 / scale if divide else scale).reshape(1)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """name -> (source folder, the model transformers loads from it in float32)."""
+    transformers = optional("transformers")
+    root = tmp_path_factory.mktemp("sources")
+    made = {}
+
+    def plain(activation="relu2", tied=True):
+        torch.manual_seed(0)
+        config = transformers.BitNetConfig(hidden_act=activation, rope_theta=500000.0,
+                                           tie_word_embeddings=tied, **SHAPE)
+        return transformers.BitNetForCausalLM(config)
+
+    model = plain()
+    made["2b4t-bf16"] = write_source(root / "bf16", model.to(torch.bfloat16),
+                                     bitnet_quantization("online"))
+    model = plain()
+    made["2b4t-packed"] = write_source(root / "packed", model, bitnet_quantization("offline"),
+                                       packed(model.state_dict()))
+    made["bitlinear-packed"] = write_source(root / "bitlinear", model,
+                                            bitnet_quantization("offline", "bitlinear"),
+                                            packed(model.state_dict(), divide=True))
+    # 1bitLLM: a Llama-architecture file with its own names for the sub-norms, SiLU, an
+    # untied head; transformers' BitNet computes the same model from the bitnet names.
+    model = plain("silu", tied=False)
+    reference = write_source(root / "1bitllm-as-bitnet", model, bitnet_quantization("online"))
+    renamed = {k.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln")
+                .replace("mlp.ffn_sub_norm", "mlp.ffn_layernorm"): v
+               for k, v in load_file(str(next(reference.glob("*.safetensors")))).items()}
+    made["1bitllm"] = write_source(root / "1bitllm", model, None, renamed,
+                                   {"architectures": ["BitnetForCausalLM"], "model_type": "llama",
+                                    "rope_theta": 500000.0})
+    theirs = {name: (folder, transformers.AutoModelForCausalLM.from_pretrained(
+        reference if name == "1bitllm" else folder, dtype=torch.float32).eval())
+        for name, folder in made.items()}
+    return theirs
+
+
+@pytest.mark.parametrize("layout", ["2b4t-bf16", "2b4t-packed", "bitlinear-packed", "1bitllm"])
+def test_an_imported_model_computes_what_transformers_does(sources, bitnet_home, layout):
+    folder, theirs = sources[layout]
+    result = invoke("import", folder, "--name", layout)
+    assert f"as run {layout}" in result.stdout
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        greedy = theirs.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(IDS):].tolist()
+    # The float engine is transformers' maths: within 1e-4 of the largest logit. The CPU
+    # default (2bit) reads the output layer in float16 (half the bytes a token), and an
+    # activation within float rounding of a quantization boundary may round the other way: its
+    # bound is the int8 engine's against the float engine (tests/test_int8.py), 3%; the greedy
+    # continuation is the same.
+    for engine, bound in (("float", 1e-4), (None, 0.03)):
+        loaded = load_model(layout, engine=engine)
+        with torch.no_grad():
+            worst = (loaded.model(ids) - expected).abs().max() / expected.abs().max()
+        assert worst < bound, (engine, worst)
+        assert list(generate(loaded.model, IDS, 32)) == greedy, engine
+    assert loaded.stop_ids == (3,)
+
+
+def test_a_round_trip_through_our_own_exports(short_run, bitnet_home, tmp_path):
+    run = short_run("tinystories")
+    ours = load_model(str(run), engine="float")
+    prompt = ours.tokenizer.encode("Once upon a time").ids
+    with torch.no_grad():
+        expected = ours.model(torch.tensor([prompt]))
+    for fmt in ("hf", "hf-packed"):
+        invoke("export", run, "--format", fmt, "--out", tmp_path / fmt)
+        invoke("import", tmp_path / fmt, "--name", fmt)
+        back = load_model(fmt, engine="float")
+        assert back.tokenizer.to_str() == ours.tokenizer.to_str()
+        with torch.no_grad():
+            worst = (back.model(torch.tensor([prompt])) - expected).abs().max() / expected.abs().max()
+        assert worst < 1e-4, (fmt, worst)
+        assert list(generate(back.model, prompt, 32)) == list(generate(ours.model, prompt, 32))
+    result = invoke("chat", "hf-packed", "--prompt", "Once upon a time", "--max-new-tokens", "8")
+    assert result.stdout.strip()
+    assert json.loads((bitnet_home / "runs" / "hf" / "state.json").read_text())["status"] == "imported"
+
+
+def damage(folder, how):
+    """`folder` (a copy of a good source) broken one way."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    weights = next(folder.glob("*.safetensors"))
+    if how == "no config":
+        config_path.unlink()
+    elif how == "gelu":
+        config_path.write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    elif how == "unknown architecture":
+        config_path.write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    elif how == "a .bin only":
+        weights.rename(folder / "pytorch_model.bin")
+    elif how in ("wrong dtype", "wrong shape", "missing tensor", "code 3"):
+        tensors = load_file(str(weights))
+        name = "model.layers.0.mlp.up_proj.weight"
+        if how == "wrong dtype":
+            tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+        elif how == "wrong shape":
+            tensors["model.norm.weight"] = torch.ones(3)
+        elif how == "missing tensor":
+            del tensors["model.norm.weight"]
+        else:
+            tensors[name] = torch.full_like(tensors[name], 255)
+        save_file(tensors, str(weights))
+    elif how == "truncated header":
+        weights.write_bytes(weights.read_bytes()[:20])
+    elif how == "no tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif how == "bad scale":
+        tensors = load_file(str(weights))
+        tensors["model.layers.0.mlp.up_proj.weight_scale"] = torch.tensor([-1.0])
+        save_file(tensors, str(weights))
+    return folder
+
+
+BAD = {"no config": "has no config.json", "gelu": "hidden_act 'gelu'",
+       "unknown architecture": "architecture ['GPT2LMHeadModel'] is not one bitnet imports",
+       "a .bin only": "a pickle file, which bitnet never loads",
+       "wrong dtype": "is torch.int32", "wrong shape": "has shape [3], the config says [256]",
+       "missing tensor": "'model.norm.weight' is missing", "code 3": "holds a code of 3",
+       "truncated header": "cannot be read", "no tokenizer": "has no tokenizer.json",
+       "bad scale": "not a positive scale"}
+
+
+@pytest.mark.parametrize("how", list(BAD))
+def test_a_bad_source_is_one_line_and_no_run(sources, bitnet_home, tmp_path, how):
+    folder = damage(shutil.copytree(sources["2b4t-packed"][0], tmp_path / "source"), how)
+    result = invoke("import", folder, code=1)
+    assert BAD[how] in result.output and result.output.count("\n") == 1, result.output
+    assert not (bitnet_home / "runs").exists() or not any((bitnet_home / "runs").iterdir())
+
+
+def test_a_hub_id_while_offline_is_one_line(bitnet_home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("import", "microsoft/bitnet-b1.58-2B-4T", code=1)
+    assert "cannot download microsoft/bitnet-b1.58-2B-4T from the Hugging Face hub" in result.output
+    assert result.output.count("\n") == 1 and not (bitnet_home / "runs").exists()
+
+
+def test_an_existing_run_name_is_refused(sources, bitnet_home):
+    invoke("import", sources["2b4t-packed"][0], "--name", "twice")
+    result = invoke("import", sources["2b4t-packed"][0], "--name", "twice", code=1)
+    assert "a run named 'twice' already exists" in result.output
+
+
+def test_status_eval_and_resume_know_an_imported_run(sources, bitnet_home, tmp_path):
+    invoke("import", sources["2b4t-packed"][0], "--name", "released")
+    status = " ".join(invoke("status", "released").stdout.split())
+    assert "released imported" in status and "imported from" in status
+    assert "released imported" in " ".join(invoke("status").stdout.split())
+    result = invoke("resume", "released", code=1)
+    assert "was imported, not trained here" in result.output
+    assert "no held-out text of its own" in invoke("eval", "released", code=1).output
+    text = tmp_path / "text.txt"
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+    text.write_text("\n\n".join(" ".join(words[(i * 7 + j * 3) % 8] for j in range(60))
+                                for i in range(400)))
+    report = json.loads(invoke("eval", "released", "--data", text, "--json").stdout)
+    assert report["metrics"]["loss"] > 0 and report["engine"] == "2bit"
+
+
+def test_status_shows_a_status_it_does_not_know_as_written(sources, bitnet_home):
+    invoke("import", sources["2b4t-packed"][0], "--name", "odd")
+    state = bitnet_home / "runs" / "odd" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "status": "odd[/]"}))
+    assert "odd odd[/]" in " ".join(invoke("status", "odd").stdout.split())
