@@ -222,3 +222,77 @@ def test_status_shows_a_status_it_does_not_know_as_written(sources, bitnet_home)
     state = bitnet_home / "runs" / "odd" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "status": "odd[/]"}))
     assert "odd odd[/]" in " ".join(invoke("status", "odd").stdout.split())
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}")
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>"]
+STRINGS = ["Once upon a time", "hello world", "  leading spaces", "tabs\tand\nnewlines",
+           "naïve café", "emoji 🙂 here", "<|eot_id|> inside", "numbers 12345 67",
+           "UPPER lower MiXeD", "punctuation!?.,;:", "a" * 50, "", " ", "The cat sat.",
+           "Tom and Lily went to the park.", "über straße", "日本語のテキスト",
+           "<|begin_of_text|>start", "end<|end_of_text|>", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def chat_source(tmp_path_factory):
+    """A 2B4T-style chat model: a byte-level BPE with Llama 3's special tokens, its chat template
+    and eot as the end of a reply."""
+    transformers = optional("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(STRINGS * 20 + ["the quick brown fox jumps"] * 50, trainer)
+    folder = tmp_path_factory.mktemp("chat")
+    torch.manual_seed(0)
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    model = transformers.BitNetForCausalLM(transformers.BitNetConfig(
+        hidden_act="relu2", rope_theta=500000.0, tie_word_embeddings=True,
+        **{**SHAPE, "eos_token_id": eot}))
+    write_source(folder, model, bitnet_quantization("online"))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}))
+    return folder, eot
+
+
+def test_a_chat_models_tokenizer_and_template_are_transformers(chat_source, bitnet_home):
+    folder, eot = chat_source
+    theirs = optional("transformers").AutoTokenizer.from_pretrained(folder)
+    invoke("import", folder, "--name", "chatty")
+    loaded = load_model("chatty")
+    assert loaded.stop_ids == (eot,) and loaded.chat is not None
+    for text in STRINGS:
+        assert loaded.tokenizer.encode(text).ids == theirs(text)["input_ids"], text
+    from bitnet_cli.use.conversation import ChatSession, Sampling
+    session = ChatSession(loaded, Sampling(temperature=0, max_new_tokens=4))
+    history = []
+    for question in ("Hi there", "Tell me a story about the cat"):
+        expected = theirs.apply_chat_template(history + [{"role": "user", "content": question}],
+                                              add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert session.templated_prompt(question) == list(expected)
+        answer = "".join(session.reply(question))
+        history += [{"role": "user", "content": question},
+                    {"role": "assistant", "content": answer}]
+        assert session.messages == history
+    raw = ChatSession(loaded, Sampling(temperature=0, max_new_tokens=4), raw=True)
+    assert raw.template is None
+
+
+def test_a_template_that_does_not_compile_is_one_line(chat_source, bitnet_home, tmp_path):
+    folder = shutil.copytree(chat_source[0], tmp_path / "source")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                              "chat_template": "{% if %}"}))
+    result = invoke("import", folder, code=1)
+    assert "the chat template does not compile" in result.output
+    assert result.output.count("\n") == 1

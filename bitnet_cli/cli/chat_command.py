@@ -43,6 +43,8 @@ def chat(
                                              "or int8 with one scale per row (half the bytes to "
                                              "read per token; the same greedy tokens on the "
                                              "checkpoints bitnet's tests train)."),
+    raw: bool = flag("--raw", help="Continue plain text, without the chat template an imported "
+                                   "chat model brings (its turns are formatted by it otherwise)."),
     compile: bool = flag("--compile", help="Decode the float engine (or on a GPU) through a "
                                            "compiled one-token step: about 2.7x the tokens/s "
                                            "of a small model, 1.3x at 95M, after 4-17 s of "
@@ -82,7 +84,7 @@ def chat(
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens
     session = ChatSession(loaded, sampling, seed, compile,
-                          notice=lambda line: typer.echo(f"note: {line}", err=True))
+                          notice=lambda line: typer.echo(f"note: {line}", err=True), raw=raw)
     if max_new_tokens is not None and max_new_tokens > session.context:
         typer.echo(f"note: --max-new-tokens {max_new_tokens:,} is more than this model's context "
                    f"of {session.context} tokens; replies stop when it is full", err=True)

@@ -72,6 +72,7 @@ class ChatSession:
     seed: int | None = None
     compile: bool = False  # compile the one-token step, where it is not fused (decoding.DecodeStep)
     notice: Callable[[str], None] = lambda line: None
+    raw: bool = False  # continue plain text even where the model has a chat template
 
     def __post_init__(self):
         self.sampling.validate(self.loaded.config.vocab_size)
@@ -82,6 +83,9 @@ class ChatSession:
         self.tokenizer = self.loaded.tokenizer
         self.context = self.loaded.config.max_position_embeddings
         self.turns: list[list[int]] = []  # each earlier prompt with its reply, oldest first
+        # An imported chat model's turns go through its template, as messages.
+        self.template = None if self.raw else self.loaded.chat
+        self.messages: list[dict[str, str]] = []
         self.generator: torch.Generator | None = None  # see sampler()
         self.last = ReplyStats()
         model = self.loaded.model
@@ -107,7 +111,24 @@ class ChatSession:
         return not hasattr(self.task, "chat_prompt")
 
     def reset(self) -> None:
-        self.turns = []
+        self.turns, self.messages = [], []
+
+    def templated_prompt(self, text: str) -> list[int]:
+        """The conversation so far and `text` as the chat template formats them, its oldest
+        exchanges left out until a reply has room (as recent_history does)."""
+        user = {"role": "user", "content": text}
+        room = min(self.sampling.max_new_tokens, self.context // 4)
+        history = list(self.messages)
+        while True:
+            rendered = self.template.render(history + [user])
+            ids = self.tokenizer.encode(rendered, add_special_tokens=False).ids
+            if len(ids) + room <= self.context or not history:
+                break
+            history = history[2:]  # the oldest question and its answer
+        if len(ids) >= self.context:
+            raise BitnetError(f"the prompt is {len(ids)} tokens in the chat template, but this "
+                              f"model reads at most {self.context}; shorten it")
+        return ids
 
     def recent_history(self, prompt_len: int) -> list[int]:
         """The most recent whole turns that fit beside the prompt, leaving a reply room of a
@@ -141,8 +162,12 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Yield the reply as text pieces while it is generated. Stop it by closing the
         generator (KeyboardInterrupt in the caller does that); what was said stays in history."""
-        turn = self.encode_prompt(text)
-        prompt = self.recent_history(len(turn)) + turn if self.keeps_history else turn
+        question = text
+        if self.template is not None:
+            turn, prompt = [], self.templated_prompt(question)
+        else:
+            turn = self.encode_prompt(text)
+            prompt = self.recent_history(len(turn)) + turn if self.keeps_history else turn
         max_new = min(self.sampling.max_new_tokens, self.context - len(prompt))
         stop_ids = self.loaded.stop_ids or tuple(self.task.stop_ids(self.tokenizer))
         new: list[int] = []
@@ -180,7 +205,10 @@ class ChatSession:
         finally:
             self.last.tokens = len(new)
             self.last.seconds = time.perf_counter() - start
-            if self.keeps_history:
+            if self.template is not None:
+                self.messages += [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": self.tokenizer.decode(new)}]
+            elif self.keeps_history:
                 self.turns.append(turn + new)
         if hasattr(self.task, "chat_reply"):
             yield self.task.chat_reply(self.tokenizer.decode(new))

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.use.chat_template import ChatTemplate, source_template
 from bitnet_cli.use.import_weights import latent_tensors
 
 LAYOUTS = {"BitNetForCausalLM": "bitnet", "BitnetForCausalLM": "1bitllm"}
@@ -41,6 +42,7 @@ class Imported:
     tensors: dict[str, torch.Tensor]  # ours, float32, named as the model's state dict
     tokenizer: Tokenizer
     stop_ids: list[int]
+    chat: ChatTemplate | None  # the source's chat template, if it has one
     about: dict  # what was read: source, layout, quantization
 
 
@@ -76,8 +78,9 @@ def read_source(folder: Path) -> Imported:
     mode, divisor = _quantization(hf, layout, folder)
     tensors = latent_tensors(folder, config, layout, divisor)
     tokenizer, stop_ids = _tokenizer(folder, hf, config)
+    chat = _chat_template(folder)
     about = {"source": str(folder), "layout": layout, "quantization": mode}
-    return Imported(config, tensors, tokenizer, stop_ids, about)
+    return Imported(config, tensors, tokenizer, stop_ids, chat, about)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -163,6 +166,19 @@ def _tokenizer(folder: Path, hf: dict, config: ModelConfig) -> tuple[Tokenizer, 
     return tokenizer, stop_ids
 
 
+def _chat_template(folder: Path) -> ChatTemplate | None:
+    config = {}
+    if (folder / "tokenizer_config.json").is_file():
+        config = _read_json(folder / "tokenizer_config.json", "tokenizer_config.json")
+    jinja = folder / "chat_template.jinja"
+    try:
+        return source_template(config, jinja.read_text() if jinja.is_file() else None)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BitnetError(f"{jinja} cannot be read ({e})") from None
+    except BitnetError as e:
+        raise BitnetError(f"{folder}: {e}") from None
+
+
 def import_model(source: str, name: str | None = None, argv: list[str] | None = None) -> Path:
     """The run made from SOURCE (see the module's docstring); nothing is written unless every
     check passes, and then the run appears whole."""
@@ -188,7 +204,8 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
                         name=name or _run_name(source, folder))
     train.validate()
     trainer = {"step": 0, "experiment": IMPORT_EXPERIMENT, "model": to_dict(config),
-               "stop_ids": imported.stop_ids, "imported": imported.about}
+               "stop_ids": imported.stop_ids, "imported": imported.about,
+               **({"chat": imported.chat.to_dict()} if imported.chat else {})}
     with new_run_dir(IMPORT_EXPERIMENT, IMPORTED_SIZE, train.name) as (run_dir, run):
         checkpoint = run / "checkpoints" / step_dir_name(0)
         checkpoint.mkdir(parents=True)

@@ -29,6 +29,7 @@ from bitnet_cli.store.selector import matching_runs, written_as_path
 from bitnet_cli.nn.devices import autocast_for, resolve_device
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.tictactoe import ModelPlayer
+from bitnet_cli.use.chat_template import ChatTemplate
 
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -47,6 +48,7 @@ class LoadedModel:
     engine_note: str | None = None  # why it is not the engine asked for
     skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be read
     stop_ids: tuple[int, ...] = ()  # an imported model's end-of-sequence ids (else the task's)
+    chat: ChatTemplate | None = None  # an imported chat model's prompt format
 
     @property
     def notes(self) -> list[str]:
@@ -129,7 +131,8 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
-                       stop_ids=_stop_ids(trainer, config, checkpoint))
+                       stop_ids=_stop_ids(trainer, config, checkpoint),
+                       chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE))
 
 
 def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
