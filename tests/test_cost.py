@@ -84,6 +84,18 @@ def test_experiment_presets_match_their_training_configs():
     assert cost("--preset", "simple")["model"]["source"] == "simple-tiny"
 
 
+def test_the_released_2b4t_shape_is_a_preset():
+    """BitNet b1.58 2B4T as released: 2.41B parameters with its 128,256-token tied embedding;
+    the horizon is a fine-tune's, 1,000 steps of 16 x 4096 unless given."""
+    r = cost("--preset", "2b4t", "--gpu", "H100-SXM")
+    d, L, f, kv, V = 2560, 30, 6912, 5 * 128, 128256
+    linear = L * (2 * d * d + 2 * d * kv + 3 * d * f)
+    assert r["model"]["params"] == V * d + linear + L * (3 * d + f) + d
+    assert r["model"]["ternary_params"] == linear and r["model"]["layers"] == 30
+    assert r["horizon"]["tokens"] == 1000 * 16 * 4096
+    assert cost("--preset", "2b4t", "--steps", "200")["horizon"]["tokens"] == 200 * 16 * 4096
+
+
 def test_default_horizon_is_twenty_tokens_per_parameter():
     r = cost("--params", "1.3B")
     assert r["horizon"]["tokens"] == 26_000_000_000 and r["horizon"]["steps"] is None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
+from bitnet_cli.config.presets import RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import HalfHead, to_int8
@@ -27,9 +28,7 @@ from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
 from bitnet_cli.nn.packed import to_packed
 
 # hidden 2560, 30 layers, 20 query and 5 key/value heads of 128, FFN 6912, vocabulary 128256
-SHAPE_2B4T = dict(vocab_size=128256, hidden_size=2560, num_hidden_layers=30,
-                  num_attention_heads=20, num_key_value_heads=5, intermediate_size=6912,
-                  rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SHAPE_2B4T = RELEASED_SHAPES["2b4t"]["model"]
 REPORTED_MS_PER_TOKEN = 29  # the 2B4T technical report's CPU decoding figure
 
 

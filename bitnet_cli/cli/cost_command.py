@@ -21,7 +21,8 @@ def _option(help: str, metavar: str | None = None):
 @app.command(help=f"""Estimate the FLOPs, GPU-hours, dollars and memory of a training run.
 
 Say what to train with one of --params (a size), --preset (a built-in experiment, including
-baseline: the original project's 95M run of 400k steps × 16 × 256 × 2 = 3.28B tokens) or
+baseline: the original project's 95M run of 400k steps × 16 × 256 × 2 = 3.28B tokens; or 2b4t:
+the released BitNet b1.58 2B4T, fine-tuned 1,000 steps of 16 × 4096 by default) or
 --from-run (a run of yours, whose measured tokens/s also projects the rest of it). The horizon
 is --tokens, or --steps × --batch-size × --seq-len × --grad-accum, or else the preset's or
 run's own steps; for --params alone it is the compute-optimal 20 tokens per parameter

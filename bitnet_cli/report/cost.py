@@ -32,7 +32,7 @@ from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.config.numbers import format_count, parse_size
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics
-from bitnet_cli.config.presets import PRESETS
+from bitnet_cli.config.presets import PRESETS, RELEASED_SHAPES
 from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
 from bitnet_cli.report.gpus import GPU, choose_gpus
 from bitnet_cli.store.selector import resolve_run
@@ -78,7 +78,7 @@ def preset_names() -> list[str]:
     names = []
     for experiment, spec in PRESETS.items():
         names += [experiment] + [f"{experiment}-{size}" for size in spec.sizes]
-    return names
+    return names + list(RELEASED_SHAPES)
 
 
 def shape_of(cfg: ModelConfig, source: str) -> Shape:
@@ -113,6 +113,10 @@ def estimate_shape(params: int, layers: int | None = None, hidden: int | None = 
 def preset(name: str) -> tuple[Shape, dict]:
     """The shape and training batch/steps of a built-in experiment: 'baseline', 'arithmetic',
     'arithmetic-tiny', ..."""
+    if name in RELEASED_SHAPES:  # a released model's shape, and a fine-tune's batch and steps
+        released = RELEASED_SHAPES[name]
+        cfg = ModelConfig(max_position_embeddings=released["context"], **released["model"])
+        return shape_of(cfg, released["about"]), dict(released["fine_tune"])
     experiment, _, size = name.partition("-")
     if experiment not in PRESETS or (size and size not in PRESETS[experiment].sizes):
         raise BitnetError(f"unknown preset {name!r}; choose one of: "
