@@ -296,3 +296,73 @@ def test_a_template_that_does_not_compile_is_one_line(chat_source, bitnet_home, 
     result = invoke("import", folder, code=1)
     assert "the chat template does not compile" in result.output
     assert result.output.count("\n") == 1
+
+
+FINE_TUNE = ["tinystories", "--size", "tiny", "--from", "base", "--steps", "40", "--batch-size",
+             "8", "--seq-len", "64", "--eval-every", "20", "--save-every", "20", "--no-compile"]
+
+
+def test_fine_tuning_an_imported_model(sources, bitnet_home, tmp_path):
+    """train --from: the imported weights, the source's tokenizer on local text, a tenth of the
+    size's peak lr; its held-out loss falls below the imported model's on that text; killed
+    and resumed it ends on the same bytes; its hf-packed export is transformers' model."""
+    import subprocess
+    import sys
+    from bitnet_cli.store.checkpoint import step_dir_name
+    from tests.cli import state_step, wait_until
+    invoke("import", sources["2b4t-packed"][0], "--name", "base")
+    invoke("stories", tmp_path / "stories", "--stories", "600")
+    data = ["--data", tmp_path / "stories"]
+    before = json.loads(invoke("eval", "base", *data, "--json").stdout)["metrics"]["loss"]
+    invoke("train", *FINE_TUNE, *data, "--name", "tuned")
+    config = json.loads((bitnet_home / "runs" / "tuned" / "config.json").read_text())
+    assert config["train"]["lr"] == pytest.approx(3e-4) and config["model"]["vocab_size"] == 512
+    assert config["train"]["init_from"].endswith(step_dir_name(0))
+    after = json.loads(invoke("eval", "tuned", "--json").stdout)["metrics"]["loss"]
+    assert after < before
+    assert load_model("tuned").tokenizer.to_str() == load_model("base").tokenizer.to_str()
+
+    weights = lambda run: (bitnet_home / "runs" / run / "checkpoints" / step_dir_name(40) /  # noqa: E731
+                           "model.safetensors").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *map(str, FINE_TUNE),
+                             *map(str, data), "--name", "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = bitnet_home / "runs" / "killed" / "state.json"
+    wait_until(lambda: state_step(state) >= 21, "step 21", proc)
+    proc.kill()
+    proc.wait()
+    invoke("resume", "killed")
+    assert weights("killed") == weights("tuned")
+    # Killed before its first save, it starts from the imported weights again.
+    args = [str(a) for a in FINE_TUNE + data] + ["--save-every", "40", "--name", "early"]
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = bitnet_home / "runs" / "early" / "state.json"
+    wait_until(lambda: state_step(state) >= 1, "step 1", proc)
+    proc.kill()
+    proc.wait()
+    assert not any((bitnet_home / "runs" / "early" / "checkpoints").glob("step_*"))
+    invoke("resume", "early")
+    assert weights("early") == weights("tuned")
+
+    invoke("export", "tuned", "--format", "hf-packed", "--out", tmp_path / "packed")
+    theirs = optional("transformers").AutoModelForCausalLM.from_pretrained(
+        tmp_path / "packed", dtype=torch.float32)
+    ours = load_model("tuned", engine="float")
+    with torch.no_grad():
+        expected = theirs(torch.tensor([IDS])).logits
+        worst = (ours.model(torch.tensor([IDS])) - expected).abs().max() / expected.abs().max()
+    assert worst < 1e-4
+
+
+def test_a_fine_tune_that_contradicts_its_model_is_one_line(sources, bitnet_home, tmp_path):
+    invoke("import", sources["2b4t-packed"][0], "--name", "base")
+    result = invoke("train", *FINE_TUNE, "--quant", "none", code=1)
+    assert "--quant none: the model --from" in result.output and "has quant ternary" in result.output
+    result = invoke("train", *FINE_TUNE, "--activation", "silu", code=1)
+    assert "--activation silu" in result.output
+    result = invoke("train", "arithmetic", "--from", "base", code=1)
+    assert "another tokenizer than the arithmetic experiment's" in result.output
+    result = invoke("train", "tinystories", "--from", "nothing-by-this-name", code=1)
+    assert result.output.count("\n") == 1
+    assert sorted(p.name for p in (bitnet_home / "runs").iterdir()) == ["base"]

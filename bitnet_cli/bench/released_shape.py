@@ -44,7 +44,7 @@ class HalfEmbedding(nn.Module):
 
 
 def config_2b4t(context: int) -> ModelConfig:
-    return ModelConfig(max_position_embeddings=context, **SHAPE_2B4T)
+    return ModelConfig(**{**SHAPE_2B4T, "max_position_embeddings": context})
 
 
 def build_2b4t(context: int) -> tuple[BitNetForCausalLM, str]:

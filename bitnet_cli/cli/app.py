@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from bitnet_cli import __version__
-from bitnet_cli.config.settings import preset_default, train_options
+from bitnet_cli.config.settings import flag_name, preset_default, train_options
 from bitnet_cli.errors import BitnetError, Reported
 
 app = typer.Typer(
@@ -61,7 +61,7 @@ def with_train_options(command):
         help = field.metadata["help"].replace("[", "\\[")  # brackets are Rich markup in help
         if typing.get_args(kind):  # X | None: the option's type is X
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        name = "--" + field.name.replace("_", "-")
+        name = flag_name(field)
         if kind is bool:  # a switch: both ways where its default is "decide for me", else on only
             names = (f"{name}/--no-{name[2:]}",) if field.default is None else (name,)
             default = flag(*names, default=None, show_default=False, help=help)

@@ -33,9 +33,11 @@ _EXPERIMENTS = "\n\n".join(
 
 def command_line(experiment: str, options: dict) -> list[str]:
     """The command as the user could retype it: the experiment and every option given."""
+    from bitnet_cli.config.settings import flag_name, train_options
+    flags = {field.name: flag_name(field) for field, _ in train_options()}
     argv = ["bitnet", "train", experiment]
     for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
+        flag = flags.get(key) or "--" + key.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{key}")
         elif value is not None:

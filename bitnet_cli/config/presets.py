@@ -139,8 +139,8 @@ RELEASED_SHAPES = {
         about="BitNet b1.58 2B4T (microsoft/bitnet-b1.58-2B-4T), as released",
         model=dict(vocab_size=128256, hidden_size=2560, num_hidden_layers=30,
                    num_attention_heads=20, num_key_value_heads=5, intermediate_size=6912,
-                   rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-        context=4096,
+                   rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                   max_position_embeddings=4096),
         fine_tune=dict(steps=1000, batch_size=16, seq_len=4096, grad_accum=1),
     ),
 }

@@ -31,9 +31,15 @@ MAX_NAME = 100
 RESERVED_NAMES = ("latest",)  # a selector, never a run id
 
 
-def option(help: str, **field_options):
-    """A field that `bitnet train` offers as a flag (see train_options)."""
-    return dataclasses.field(metadata={"help": help}, **field_options)
+def option(help: str, flag: str | None = None, **field_options):
+    """A field that `bitnet train` offers as a flag (see train_options): --field-name, or
+    `flag` where the field's name cannot be it."""
+    return dataclasses.field(metadata={"help": help, **({"flag": flag} if flag else {})},
+                             **field_options)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 def train_options() -> list[tuple[dataclasses.Field, type]]:
@@ -151,6 +157,13 @@ class TrainConfig:
         f"torch.compile the training step (default: on for CUDA, and on a CPU for runs of "
         f"{COMPILE_MIN_STEPS}+ steps). Without a C++ compiler: one line, then eager training.",
         default=None)
+    # A checkpoint folder, as `--from RUN|CKPT` resolved it when the run was made.
+    init_from: str | None = option(
+        "Fine-tune: start from the weights of this run or checkpoint folder (an imported model, "
+        "say) instead of random ones. The model is its shape and the data is read with its "
+        "tokenizer; the optimizer starts fresh, and the peak --lr defaults to a tenth of the "
+        "size's. From packed codes (2B4T), training starts at the quantized point.",
+        default=None, flag="--from")
     foreground: bool = option("Train at normal CPU priority. A CPU run otherwise lowers its "
                               "own (nice 19): alone it runs as fast, and a chat or other work "
                               "beside it gets the cores first, at its own speed.", default=False)
@@ -211,6 +224,8 @@ class TrainConfig:
             raise BitnetError(f"--device must be one of {', '.join(DEVICES)}, got {show(self.device)}")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise BitnetError(f"compile must be true, false or null, got {show(self.compile)}")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise BitnetError(f"init_from must be a checkpoint folder, got {show(self.init_from)}")
         if not isinstance(self.foreground, bool):
             raise BitnetError(f"foreground must be true or false, got {show(self.foreground)}")
         if not isinstance(self.tensorboard, bool):

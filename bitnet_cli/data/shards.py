@@ -110,9 +110,13 @@ def source_identity(experiment: str, data: str | None) -> dict:
                       for f in local_files(data)]}
 
 
-def _identity(experiment: str, data: str | None, vocab_size: int) -> tuple[dict, str]:
+def _identity(experiment: str, data: str | None, vocab_size: int,
+              tokenizer=None) -> tuple[dict, str]:
     identity = {"source": source_identity(experiment, data), "vocab_size": vocab_size,
                 "version": FORMAT_VERSION}
+    if tokenizer is not None:  # a fine-tune reads the text with its model's own tokenizer
+        identity["vocab_size"] = tokenizer.get_vocab_size()
+        identity["tokenizer"] = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -152,12 +156,12 @@ def _locked(path: Path, progress: Progress) -> Iterator[None]:
 
 
 def prepare_shards(experiment: str, data: str | None, vocab_size: int, min_train_tokens: int,
-                   progress: Progress | None = None) -> Shards:
+                   progress: Progress | None = None, tokenizer=None) -> Shards:
     """The shards a run with these arguments uses (see the module docstring), built if there
-    are none: train the BPE on a sample, then encode documents until the source ends or
-    `min_train_tokens` are in."""
+    are none: train the BPE on a sample (or take `tokenizer`, a fine-tuned model's), then encode
+    documents until the source ends or `min_train_tokens` are in."""
     progress = progress or (lambda *a: None)
-    identity, key = _identity(experiment, data, vocab_size)
+    identity, key = _identity(experiment, data, vocab_size, tokenizer)
     root = cache_dir() / "shards"
     found = _find(root, key, min_train_tokens)
     if found is not None:
@@ -173,7 +177,8 @@ def prepare_shards(experiment: str, data: str | None, vocab_size: int, min_train
         name = f"{key}-{min_train_tokens}" if (root / key).exists() else key
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}.partial-"))
         try:
-            _build(tmp, identity, _documents(experiment, data), data, min_train_tokens, progress)
+            _build(tmp, identity, _documents(experiment, data), data, min_train_tokens, progress,
+                   tokenizer)
             os.rename(tmp, root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,16 +199,17 @@ def _dtype(tok) -> np.dtype:
 
 
 def _build(tmp: Path, identity: dict, documents: Callable[[], Iterator[str]], data: str | None,
-           budget: int, progress: Progress) -> None:
-    progress("training the tokenizer", 0, None)
-    sample = _sample((d for i, d in enumerate(documents()) if not _is_held_out(i)),
-                     TOKENIZER_SAMPLE_CHARS)
-    if not sample:
-        raise BitnetError(f"--data {data} holds no text" if data else "the data set is empty")
-    # A piece at a time here too: the trainer keeps a whole document's words (7 GB for 50 MB),
-    # and pieces cut between pre-tokens give it the same word counts, so the same BPE.
-    tok = train_tokenizer((piece for doc in sample for piece in pieces(doc)),
-                          identity["vocab_size"])
+           budget: int, progress: Progress, tok=None) -> None:
+    if tok is None:
+        progress("training the tokenizer", 0, None)
+        sample = _sample((d for i, d in enumerate(documents()) if not _is_held_out(i)),
+                         TOKENIZER_SAMPLE_CHARS)
+        if not sample:
+            raise BitnetError(f"--data {data} holds no text" if data else "the data set is empty")
+        # A piece at a time here too: the trainer keeps a whole document's words (7 GB for 50
+        # MB), and pieces cut between pre-tokens give it the same word counts, so the same BPE.
+        tok = train_tokenizer((piece for doc in sample for piece in pieces(doc)),
+                              identity["vocab_size"])
     dtype = _dtype(tok)
     stop_at = None if data else budget  # a hub stream has more; this run does not need it
     counts = {"train": 0, "val": 0}

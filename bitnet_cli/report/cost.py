@@ -27,20 +27,18 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bitnet_cli.config.numbers import format_count, parse_size
+from bitnet_cli.config.presets import PRESETS, RELEASED_SHAPES
 from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
-from bitnet_cli.config.numbers import format_count, parse_size
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics
-from bitnet_cli.config.presets import PRESETS, RELEASED_SHAPES
 from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
 from bitnet_cli.report.gpus import GPU, choose_gpus
 from bitnet_cli.store.selector import resolve_run
 
-
 DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 is 27% of its peak
-FITS_FRACTION = 0.9  # the CUDA context, allocator caching and fragmentation take the rest
-CHINCHILLA_TOKENS_PER_PARAM = 20
+FITS_FRACTION, CHINCHILLA_TOKENS_PER_PARAM = 0.9, 20  # 0.1: CUDA context, allocator, fragments
 
 # Without --layers/--hidden the shape behind --params is guessed: width ≈ 128 × layers (GPT-3
 # 6.7B to 175B and Llama 7B sit near that ratio), 64-wide heads, and a 32000-token vocabulary
@@ -114,9 +112,8 @@ def preset(name: str) -> tuple[Shape, dict]:
     """The shape and training batch/steps of a built-in experiment: 'baseline', 'arithmetic',
     'arithmetic-tiny', ..."""
     if name in RELEASED_SHAPES:  # a released model's shape, and a fine-tune's batch and steps
-        released = RELEASED_SHAPES[name]
-        cfg = ModelConfig(max_position_embeddings=released["context"], **released["model"])
-        return shape_of(cfg, released["about"]), dict(released["fine_tune"])
+        r = RELEASED_SHAPES[name]
+        return shape_of(ModelConfig(**r["model"]), r["about"]), dict(r["fine_tune"])
     experiment, _, size = name.partition("-")
     if experiment not in PRESETS or (size and size not in PRESETS[experiment].sizes):
         raise BitnetError(f"unknown preset {name!r}; choose one of: "

@@ -133,3 +133,23 @@ def exact_run(selector: str) -> Path:
 
 def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
+    """The checkpoint a RUN|CKPT argument names, read back whole, and why newer ones of its
+    run were skipped."""
+    from bitnet_cli.store.checkpoint import MODEL_FILE, newest_loadable, read_checkpoint  # torch
+    path = Path(selector).expanduser()
+    # A checkpoint folder holds the weights and never a config.json (an export holds both).
+    if (written_as_path(selector) and (path / MODEL_FILE).is_file()
+            and not (path / CONFIG_FILE).exists()):
+        return path, read_checkpoint(path, with_optimizer=False), []
+    # 'latest' or a prefix: the newest run that has a checkpoint (one just started has none).
+    candidates = matching_runs(selector)
+    for run_dir in reversed(candidates):
+        found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
+        if found is not None:
+            return found, contents, skipped
+    which = (f"run {candidates[0].name} has no checkpoint" if len(candidates) == 1 else
+             f"none of the {len(candidates)} runs {selector!r} names has a checkpoint")
+    raise BitnetError(f"{which} yet; wait for a first save or train it further")

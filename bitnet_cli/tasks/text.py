@@ -33,8 +33,11 @@ class TextTask:
         self._tokenizer: Tokenizer | None = None
 
     def prepare(self, data: str | None, vocab_size: int, min_train_tokens: int,
-                progress: Progress | None = None) -> None:
-        self.shards = prepare_shards(self.name, data, vocab_size, min_train_tokens, progress)
+                progress: Progress | None = None, tokenizer: Tokenizer | None = None) -> None:
+        """The run's token shards: made with `tokenizer` (a fine-tuned model's) where given,
+        else with a BPE of `vocab_size` trained on the data."""
+        self.shards = prepare_shards(self.name, data, vocab_size, min_train_tokens, progress,
+                                     tokenizer)
         self._tokenizer = Tokenizer.from_file(str(self.shards.tokenizer_path))
         self._val, self._unigram = self.shards.val, self.shards.meta["unigram_loss"]
 

@@ -19,8 +19,9 @@ from bitnet_cli.nn.bitlinear import quantized_for_step
 from bitnet_cli.nn.compiled import training_forward, wants_compile
 from bitnet_cli.nn.devices import autocast_for, resolve_device
 from bitnet_cli.nn.model import BitNetForCausalLM
-from bitnet_cli.store.checkpoint import (load_model_tensors, load_optimizer_tensors,
-                                         newest_loadable, remove_partial_saves, set_rng_state)
+from bitnet_cli.store.checkpoint import (checkpoints_newest_first, load_model_tensors,
+                                         load_optimizer_tensors, newest_loadable,
+                                         remove_partial_saves, set_rng_state)
 from bitnet_cli.store.files import remove_leftovers
 from bitnet_cli.store.metrics import truncate_metrics
 from bitnet_cli.store.runs import METRICS_FILE, run_lock
@@ -28,6 +29,7 @@ from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.problems import IGNORE
 from bitnet_cli.tasks.rows import DeviceBatches
 from bitnet_cli.training import dist
+from bitnet_cli.training.fine_tune import start_from
 from bitnet_cli.training.optim import apply_schedule, build_optimizer
 from bitnet_cli.training.session import RunSession, stop_signals
 from bitnet_cli.training.setup import (check_memory, prepare_task, read_run_config, run_in_background,
@@ -64,7 +66,7 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     dist.check_world(share, cfg.batch_size, device)
     # Before joining the process group, so that no collective waits on it: every process finds
     # or builds the data (one per machine builds it; the others wait on the cache's file lock).
-    prepare_task(task, cfg, reporter.preparing)
+    prepare_task(task, cfg, reporter.preparing, run_tokenizer(run_dir) if cfg.init_from else None)
     with run_lock(run_dir) if share.is_main else contextlib.nullcontext():
         return _train_in_group(run_dir, config, model_cfg, cfg, task, share, device, reporter)
 
@@ -88,7 +90,10 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                           "trained with (its files changed, or the shard cache was rebuilt)")
     autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)
-    model = BitNetForCausalLM(model_cfg).to(device)
+    model = BitNetForCausalLM(model_cfg)
+    if cfg.init_from and not checkpoints_newest_first(run_dir / "checkpoints"):
+        start_from(model, cfg.init_from)  # a fine-tune before its first save
+    model.to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
     stream = DeviceBatches(task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank,
                                        share.world_size), device)

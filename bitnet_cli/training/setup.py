@@ -17,7 +17,7 @@ from bitnet_cli import __version__
 from bitnet_cli.training import dist
 from bitnet_cli.store.checkpoint import newest_loadable
 from bitnet_cli.config.reading import model_config_from_dict, to_dict, train_config_from_dict
-from bitnet_cli.config.settings import build_configs
+from bitnet_cli.config.settings import ModelConfig, build_configs
 from bitnet_cli.config.numbers import format_count
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
@@ -25,16 +25,26 @@ from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
 from bitnet_cli.nn.devices import resolve_device
+from bitnet_cli.training.fine_tune import (FINE_TUNE_LR, check_tokenizer, find_source,
+                                           fine_tune_model)
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
 
 
-def prepare_task(task, cfg, progress=None) -> None:
-    """Text experiments find or build their token shards and tokenizer; the synthetic ones
-    make their data as they go and need nothing."""
+# The model options of `train` other than --quant: a fine-tune refuses one that contradicts its model.
+MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig) if "help" in f.metadata
+               and f.name != "quant"]
+
+
+def prepare_task(task, cfg, progress=None, tokenizer=None) -> None:
+    """Text experiments find or build their token shards and tokenizer (a fine-tune's is its
+    model's, `tokenizer`); the synthetic ones make their data as they go and need nothing."""
     if hasattr(task, "prepare"):
-        task.prepare(cfg.data, cfg.text_vocab_size, cfg.data_budget, progress)
-    elif cfg.data is not None:
+        task.prepare(cfg.data, cfg.text_vocab_size, cfg.data_budget, progress, tokenizer)
+        return
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, task.tokenizer(), cfg.experiment)
+    if cfg.data is not None:
         raise BitnetError(f"the {cfg.experiment!r} experiment makes its own data and takes no --data")
     elif cfg.vocab_size is not None:
         raise BitnetError(f"the {cfg.experiment!r} experiment has a fixed vocabulary; "
@@ -49,7 +59,8 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     processes will train it (in all, and on this machine)."""
     task, model_cfg, train_cfg = prepare_data(experiment, size, quant, progress, share,
                                               **overrides)
-    model_cfg.vocab_size = task.tokenizer().get_vocab_size()
+    if train_cfg.init_from is None:  # a fine-tune keeps its model's vocabulary
+        model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     if hasattr(task, "prepare"):  # the text it was prepared for stays the run's data
         train_cfg.data_tokens = train_cfg.data_budget
     check_memory(model_cfg, train_cfg, resolve_device(train_cfg.device), share.world_size)
@@ -66,11 +77,20 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
     """Check the configuration, then find or build the run's data: (task, model config, train
     config). Every rank of a torchrun job calls this before any collective, so none waits on
     another's data preparation (they share it through the cache's file lock)."""
-    check_experiment(experiment)
+    preset = check_experiment(experiment)
     task = load_experiment(experiment)
+    source = None
+    if overrides.get("init_from") is not None:  # fine-tuning: the model and tokenizer are its
+        source = find_source(overrides["init_from"])
+        overrides["init_from"] = str(source.checkpoint)
+        if overrides.get("lr") is None:
+            overrides["lr"] = preset.sizes[size or preset.default_size].train["lr"] * FINE_TUNE_LR
+        given = {"quant": quant, **{name: overrides.get(name) for name in MODEL_FLAGS}}
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
+    if source is not None:
+        model_cfg = fine_tune_model(source, given, train_cfg.seq_len)
     dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
-    prepare_task(task, train_cfg, progress)
+    prepare_task(task, train_cfg, progress, source.tokenizer if source else None)
     return task, model_cfg, train_cfg
 
 

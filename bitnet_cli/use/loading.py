@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from tokenizers import Tokenizer
 
-from bitnet_cli.store.checkpoint import (MODEL_FILE, TRAINER_FILE, load_model_tensors, newest_loadable,
-                                   read_checkpoint)
+from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors
 from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
@@ -24,8 +23,8 @@ from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
-from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE
-from bitnet_cli.store.selector import matching_runs, written_as_path
+from bitnet_cli.store.runs import TOKENIZER_FILE
+from bitnet_cli.store.selector import find_checkpoint
 from bitnet_cli.nn.devices import autocast_for, resolve_device
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.tictactoe import ModelPlayer
@@ -54,25 +53,6 @@ class LoadedModel:
     def notes(self) -> list[str]:
         """What to tell the user before using the model: skipped checkpoints, a fallback."""
         return self.skipped + ([self.engine_note] if self.engine_note else [])
-
-
-def find_checkpoint(selector: str) -> tuple[Path, tuple, list[str]]:
-    """The checkpoint a RUN|CKPT argument names, read back whole, and why newer ones of its
-    run were skipped."""
-    path = Path(selector).expanduser()
-    # A checkpoint folder holds the weights and never a config.json (an export holds both).
-    if (written_as_path(selector) and (path / MODEL_FILE).is_file()
-            and not (path / CONFIG_FILE).exists()):
-        return path, read_checkpoint(path, with_optimizer=False), []
-    # 'latest' or a prefix: the newest run that has a checkpoint (one just started has none).
-    candidates = matching_runs(selector)
-    for run_dir in reversed(candidates):
-        found, contents, skipped = newest_loadable(run_dir / "checkpoints", for_resume=False)
-        if found is not None:
-            return found, contents, skipped
-    which = (f"run {candidates[0].name} has no checkpoint" if len(candidates) == 1 else
-             f"none of the {len(candidates)} runs {selector!r} names has a checkpoint")
-    raise BitnetError(f"{which} yet; wait for a first save or train it further")
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",

@@ -1,0 +1,76 @@
+"""Fine-tuning: a new run that starts from another model's weights (`train --from RUN|CKPT`),
+an imported release or a run of bitnet's own.
+
+The run takes the source's model whole (its shape, activation, RoPE and vocabulary) and reads
+its data with the source's tokenizer: a text experiment encodes --data with it instead of
+training a BPE, and an experiment with a fixed vocabulary must have the source's. The training
+schedule is the chosen size's, with the peak learning rate a tenth of it unless --lr says
+otherwise (the weights are already trained: a from-scratch peak would undo much of that). The
+optimizer starts fresh. The latent weights are the source's; from packed codes (an imported
+2B4T) they are codes x scale, so training starts at the quantized point.
+
+The checkpoint folder is recorded in the run's config (init_from): until the run's first save,
+a resume starts from it again, so the run is as reproducible as any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from bitnet_cli.config.reading import model_config_from_dict
+from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors, read_checkpoint
+from bitnet_cli.store.runs import TOKENIZER_FILE
+
+FINE_TUNE_LR = 0.1  # of the size's peak learning rate, where --lr is not given
+
+
+@dataclass
+class Source:
+    checkpoint: Path
+    model: ModelConfig
+    tokenizer: Tokenizer
+
+
+def find_source(selector: str) -> Source:
+    """The checkpoint `--from` names, with its model config and tokenizer, checked."""
+    from bitnet_cli.store.selector import find_checkpoint
+    path, (_, _, trainer), _ = find_checkpoint(selector)
+    model = model_config_from_dict(trainer["model"], path / TRAINER_FILE)
+    return Source(path.resolve(), model, Tokenizer.from_file(str(path / TOKENIZER_FILE)))
+
+
+def fine_tune_model(source: Source, given: dict, seq_len: int) -> ModelConfig:
+    """The run's model: the source's. Model flags that contradict it are refused, in one line."""
+    for name, value in given.items():
+        theirs = getattr(source.model, name)
+        if value is not None and value != theirs:
+            raise BitnetError(f"--{name.replace('_', '-')} {value}: the model --from "
+                              f"{source.checkpoint} has {name} {theirs}, and fine-tuning keeps "
+                              "its model; leave the flag out")
+    if seq_len > source.model.max_position_embeddings:
+        raise BitnetError(f"--seq-len {seq_len} is longer than the context of the model --from "
+                          f"{source.checkpoint} ({source.model.max_position_embeddings})")
+    return dataclasses.replace(source.model)
+
+
+def check_tokenizer(source_tokenizer: Tokenizer, task_tokenizer: Tokenizer, experiment: str) -> None:
+    if source_tokenizer.to_str() != task_tokenizer.to_str():
+        raise BitnetError(f"the model --from has another tokenizer than the {experiment} "
+                          "experiment's fixed one; fine-tune it on a text experiment with --data")
+
+
+def start_from(model: torch.nn.Module, checkpoint: str) -> None:
+    """The source's weights into a fresh model (a run with no checkpoint of its own yet)."""
+    try:
+        tensors, _, _ = read_checkpoint(Path(checkpoint), with_optimizer=False)
+    except BitnetError as e:
+        raise BitnetError(f"this run starts from {checkpoint}, which cannot be read now ({e}); "
+                          "restore it, or start a new run") from None
+    load_model_tensors(model, {name: tensors[name].float() for name in tensors})
