@@ -320,6 +320,9 @@ def test_fine_tuning_an_imported_model(sources, bitnet_home, tmp_path):
     assert config["train"]["init_from"].endswith(step_dir_name(0))
     after = json.loads(invoke("eval", "tuned", "--json").stdout)["metrics"]["loss"]
     assert after < before
+    assert "fine-tuned from" in " ".join(invoke("status", "tuned").stdout.split())
+    assert "was imported and has no evaluations of its own" in invoke(
+        "compare", "base", "tuned", code=1).output
     assert load_model("tuned").tokenizer.to_str() == load_model("base").tokenizer.to_str()
 
     weights = lambda run: (bitnet_home / "runs" / run / "checkpoints" / step_dir_name(40) /  # noqa: E731

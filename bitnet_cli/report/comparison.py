@@ -40,6 +40,10 @@ def _run(run_dir: Path) -> dict:
     if problem:
         raise BitnetError(f"run {run_dir.name} cannot be compared: {problem}")
     evals = [r for r in read_metrics(run_dir / METRICS_FILE) if r.get("split") == "eval"]
+    if not evals and "imported" in config:
+        raise BitnetError(f"run {run_dir.name} was imported and has no evaluations of its own; "
+                          f"measure it with `bitnet eval {run_dir.name} --data PATH`, or compare "
+                          "the runs fine-tuned from it")
     if not evals:
         raise BitnetError(f"run {run_dir.name} has no evaluations yet; compare it once it has "
                           f"evaluated (every {config['train'].get('eval_every', '?')} steps)")

@@ -28,7 +28,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors, read_checkpoint
 from bitnet_cli.store.runs import TOKENIZER_FILE
 
-FINE_TUNE_LR = 0.1  # of the size's peak learning rate, where --lr is not given
+FINE_TUNE_LR_DIVISOR = 10  # the size's peak learning rate over this, where --lr is not given
 
 
 @dataclass

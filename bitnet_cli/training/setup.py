@@ -25,7 +25,7 @@ from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
 from bitnet_cli.nn.devices import resolve_device
-from bitnet_cli.training.fine_tune import (FINE_TUNE_LR, check_tokenizer, find_source,
+from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, find_source,
                                            fine_tune_model)
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
@@ -84,7 +84,8 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
         source = find_source(overrides["init_from"])
         overrides["init_from"] = str(source.checkpoint)
         if overrides.get("lr") is None:
-            overrides["lr"] = preset.sizes[size or preset.default_size].train["lr"] * FINE_TUNE_LR
+            overrides["lr"] = (preset.sizes[size or preset.default_size].train["lr"]
+                               / FINE_TUNE_LR_DIVISOR)
         given = {"quant": quant, **{name: overrides.get(name) for name in MODEL_FLAGS}}
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
     if source is not None:

@@ -100,6 +100,8 @@ def run_detail(d: dict):
         head.add_row("imported", f"from {about.get('source', '?')} ({about.get('layout', '?')} "
                                  f"layout, {about.get('quantization', '?')} weights)")
     else:
+        if train.get("init_from"):
+            head.add_row("fine-tuned", f"from {train['init_from']}")
         head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch "
                                  f"{train.get('batch_size')} x seq {train.get('seq_len')} x accum "
                                  f"{train.get('grad_accum')}, peak lr {train.get('lr')}, seed "
