@@ -174,10 +174,10 @@ def damage(folder, how):
 BAD = {"no config": "has no config.json", "gelu": "hidden_act 'gelu'",
        "unknown architecture": "architecture ['GPT2LMHeadModel'] is not one bitnet imports",
        "a .bin only": "a pickle file, which bitnet never loads",
-       "wrong dtype": "is torch.int32", "wrong shape": "has shape [3], the config says [256]",
+       "wrong dtype": "is I32", "wrong shape": "has shape [3], the config says [256]",
        "missing tensor": "'model.norm.weight' is missing", "code 3": "holds a code of 3",
        "truncated header": "cannot be read", "no tokenizer": "has no tokenizer.json",
-       "bad scale": "not a positive scale"}
+       "bad scale": "not one positive scale"}
 
 
 @pytest.mark.parametrize("how", list(BAD))

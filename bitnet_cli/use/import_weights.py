@@ -6,6 +6,7 @@ a time."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,14 +20,82 @@ from bitnet_cli.nn.model import BitNetForCausalLM
 RENAMED = {"1bitllm": {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
                        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}}
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a cache some exports keep: recomputed here
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_NAMES = ("F32", "F16", "BF16")  # as safetensors headers name them
 
 
-def latent_tensors(folder: Path, config: ModelConfig, layout: str,
-                   divisor: bool) -> dict[str, torch.Tensor]:
-    """Every tensor the model needs, float32, by its name in bitnet's model; `divisor`: a
-    packed weight_scale is 1/mean|W| (transformers' bitlinear) rather than mean|W|."""
-    return _our_tensors(_safetensors(folder), config, layout, divisor, folder)
+class LatentTensors(Mapping):
+    """Every tensor the model needs, by its name in bitnet's model: float32, made when asked
+    (one at a time, so a 2B model is never whole in memory). The names, shapes and dtypes are
+    checked when this is made, from the files' headers; `divisor`: a packed weight_scale is
+    1/mean|W| (transformers' bitlinear) rather than mean|W|."""
+
+    def __init__(self, folder: Path, config: ModelConfig, layout: str, divisor: bool):
+        self.folder, self.divisor = folder, divisor
+        self.raw = _safetensors(folder)
+        with torch.device("meta"):
+            model = BitNetForCausalLM(config)
+        self.shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            self.shapes.pop("lm_head.weight")
+        self.sources = _sources(self.raw, layout, config.tie_word_embeddings)
+        unexpected = sorted(set(self.sources) - set(self.shapes)
+                            - {n for n in self.sources if n.endswith(".weight_scale")})
+        if unexpected:
+            raise BitnetError(f"{folder}: unexpected tensor {self.sources[unexpected[0]]!r} for "
+                              "the architecture config.json declares")
+        for name, shape in self.shapes.items():
+            self._check(name, shape)
+
+    def _check(self, name: str, shape: tuple) -> None:
+        if name not in self.sources:
+            raise BitnetError(f"{self.folder}: tensor {name!r} is missing")
+        theirs = self.sources[name]
+        _, dtype, stored = self.raw[theirs]
+        if dtype == "U8":  # packed ternary codes
+            out_features, in_features = shape if len(shape) == 2 else (0, 0)
+            if not name.endswith("_proj.weight") or stored != (out_features // CODES_PER_BYTE,
+                                                               in_features):
+                raise BitnetError(f"{self.folder}: tensor {theirs!r} is uint8 of shape "
+                                  f"{list(stored)}; packed codes of this tensor would be "
+                                  f"{[out_features // CODES_PER_BYTE, in_features]}")
+            scale = name[:-len("weight")] + "weight_scale"
+            if scale not in self.sources:
+                raise BitnetError(f"{self.folder}: packed {theirs!r} has no {scale!r}")
+            if self.raw[self.sources[scale]][1] not in FLOAT_NAMES:
+                raise BitnetError(f"{self.folder}: {self.sources[scale]!r} must be a float")
+            return
+        if stored != shape:
+            raise BitnetError(f"{self.folder}: tensor {theirs!r} has shape {list(stored)}, the "
+                              f"config says {list(shape)}")
+        if dtype not in FLOAT_NAMES:
+            raise BitnetError(f"{self.folder}: tensor {theirs!r} is {dtype}; weights must be "
+                              "F32, F16 or BF16 (or U8 packed codes)")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        theirs = self.sources[name]
+        file, dtype, _ = self.raw[theirs]
+        if dtype == "U8":
+            return _from_packed(name, self.sources, self.raw, self.shapes[name], self.divisor,
+                                self.folder)
+        return _load(file, theirs).float()
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def _sources(raw: dict, layout: str, tied: bool) -> dict[str, str]:
+    """Our name -> the source's, for every tensor but caches that are recomputed."""
+    def ours(name: str) -> str:
+        for theirs, mine in RENAMED.get(layout, {}).items():
+            name = name.replace(theirs, mine)
+        return name
+    sources = {ours(name): name for name in raw if not IGNORED.match(name)}
+    if tied:
+        sources.pop("lm_head.weight", None)  # a tied head some writers store twice
+    return sources
 
 
 def _safetensors(folder: Path) -> dict:
@@ -58,72 +127,21 @@ def _load(file: Path, name: str) -> torch.Tensor:
         raise BitnetError(f"{file}: tensor {name} cannot be read ({str(e)[:120]})") from None
 
 
-def _our_tensors(raw: dict, config: ModelConfig, layout: str, divisor: bool,
-                 folder: Path) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in BitNetForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    renames = RENAMED.get(layout, {})
-
-    def ours(name: str) -> str:
-        for theirs, mine in renames.items():
-            name = name.replace(theirs, mine)
-        return name
-    sources = {ours(name): name for name in raw if not IGNORED.match(name)}
-    if config.tie_word_embeddings:
-        sources.pop("lm_head.weight", None)  # a tied head some writers store twice
-    scales = {name for name in sources if name.endswith(".weight_scale")}
-    unexpected = sorted(set(sources) - set(expected) - scales)
-    if unexpected:
-        raise BitnetError(f"{folder}: unexpected tensor {sources[unexpected[0]]!r} for the "
-                          "architecture config.json declares")
-    tensors = {}
-    for name, shape in expected.items():
-        if name not in sources:
-            raise BitnetError(f"{folder}: tensor {name!r} is missing")
-        file, dtype, stored = raw[sources[name]]
-        packed = dtype == "U8"
-        if packed:
-            tensors[name] = _from_packed(name, sources, raw, shape, divisor, folder)
-            continue
-        if stored != shape:
-            raise BitnetError(f"{folder}: tensor {sources[name]!r} has shape {list(stored)}, the "
-                              f"config says {list(shape)}")
-        tensor = _load(file, sources[name])
-        if tensor.dtype not in FLOATS:
-            raise BitnetError(f"{folder}: tensor {sources[name]!r} is {tensor.dtype}; weights "
-                              "must be float32, float16 or bfloat16 (or uint8 packed codes)")
-        tensors[name] = tensor.float()
-    return tensors
-
-
 def _from_packed(name: str, sources: dict, raw: dict, shape: tuple, divisor: bool,
                  folder: Path) -> torch.Tensor:
-    """A packed projection's latent weights: codes * s / p (see the module's docstring)."""
-    out_features, in_features = shape
-    file, _, stored = raw[sources[name]]
-    if not name.endswith("_proj.weight") or stored != (out_features // CODES_PER_BYTE,
-                                                       in_features):
-        raise BitnetError(f"{folder}: tensor {sources[name]!r} is uint8 of shape {list(stored)}; "
-                          f"packed codes of a {out_features}x{in_features} projection are "
-                          f"{[out_features // CODES_PER_BYTE, in_features]}")
-    scale_name = name[:-len("weight")] + "weight_scale"
-    if scale_name not in sources:
-        raise BitnetError(f"{folder}: packed {sources[name]!r} has no {scale_name!r}")
-    scale = _load(*raw[sources[scale_name]][:1], sources[scale_name])
-    if scale.numel() != 1 or scale.dtype not in FLOATS:
-        raise BitnetError(f"{folder}: {sources[scale_name]!r} must be one float")
-    s = float(scale.float())
-    s = 1.0 / s if divisor else s
-    if not (s > 0 and s < float("inf")):
-        raise BitnetError(f"{folder}: {sources[scale_name]!r} is {float(scale.float())}, not a "
-                          "positive scale")
-    packed = _load(file, sources[name])
+    """A packed projection's latent weights: codes * s / p (see importing.py), its shapes
+    already checked (LatentTensors._check)."""
+    scale_name = sources[name[:-len("weight")] + "weight_scale"]
+    scale = _load(raw[scale_name][0], scale_name).float()
+    s = float(scale.reshape(-1)[0]) if scale.numel() == 1 else float("nan")
+    s = 1.0 / s if divisor and s != 0 else s
+    if not (0 < s < float("inf")):
+        raise BitnetError(f"{folder}: {scale_name!r} is {scale.tolist()}, not one positive scale")
+    packed = _load(raw[sources[name]][0], sources[name])
     stored_codes = torch.stack([(packed >> (2 * b)) & 3 for b in range(CODES_PER_BYTE)])
     if (stored_codes == 3).any():
         raise BitnetError(f"{folder}: {sources[name]!r} holds a code of 3; packed ternary codes "
                           "are 0, 1 and 2 (-1, 0, +1 stored as code + 1)")
-    codes = stored_codes.reshape(out_features, in_features).float() - 1
+    codes = stored_codes.reshape(shape).float() - 1
     nonzero = codes.abs().mean()
     return codes * (s / nonzero) if nonzero > 0 else codes
