@@ -369,3 +369,26 @@ def test_a_fine_tune_that_contradicts_its_model_is_one_line(sources, bitnet_home
     result = invoke("train", "tinystories", "--from", "nothing-by-this-name", code=1)
     assert result.output.count("\n") == 1
     assert sorted(p.name for p in (bitnet_home / "runs").iterdir()) == ["base"]
+
+
+def test_a_sentencepiece_only_tokenizer_is_converted_as_transformers_does(sources, bitnet_home,
+                                                                          tmp_path):
+    """1bitLLM ships a Llama sentencepiece tokenizer.model and no tokenizer.json: imported, its
+    ids are transformers' fast tokenizer's."""
+    optional("sentencepiece")
+    import sentencepiece as spm
+    transformers = optional("transformers")
+    folder = shutil.copytree(sources["1bitllm"][0], tmp_path / "1bitllm")
+    (folder / "tokenizer.json").unlink()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(STRINGS * 10 + ["the quick brown fox jumps over"] * 40))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=480, model_type="bpe", byte_fallback=True,
+                                   minloglevel=2)
+    invoke("import", folder, "--name", "sp")
+    theirs = transformers.LlamaTokenizerFast.from_pretrained(folder)
+    ours = load_model("sp", engine="float").tokenizer
+    for text in STRINGS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+    (folder / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    assert "tokenizer.model cannot be converted" in invoke("import", folder, code=1).output

@@ -146,13 +146,15 @@ def _quantization(hf: dict, layout: str, folder: Path) -> tuple[str, bool]:
 
 def _tokenizer(folder: Path, hf: dict, config: ModelConfig) -> tuple[Tokenizer, list[int]]:
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise BitnetError(f"{folder} has no tokenizer.json (a sentencepiece tokenizer.model "
-                          "alone: save it with transformers' AutoTokenizer as tokenizer.json)")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
-        raise BitnetError(f"{path} cannot be read ({str(e)[:120]})") from None
+    if not path.is_file() and (folder / "tokenizer.model").is_file():
+        tokenizer = _from_sentencepiece(folder)
+    elif not path.is_file():
+        raise BitnetError(f"{folder} has no tokenizer.json (nor a sentencepiece tokenizer.model)")
+    else:
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
+            raise BitnetError(f"{path} cannot be read ({str(e)[:120]})") from None
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise BitnetError(f"{path} has {tokenizer.get_vocab_size()} tokens, more than the "
                           f"model's {config.vocab_size}")
@@ -164,6 +166,23 @@ def _tokenizer(folder: Path, hf: dict, config: ModelConfig) -> tuple[Tokenizer, 
     if not all(isinstance(i, int) and 0 <= i < config.vocab_size for i in stop_ids):
         raise BitnetError(f"{folder}: eos_token_id {eos!r} is not a token id of the model")
     return tokenizer, stop_ids
+
+
+def _from_sentencepiece(folder: Path) -> Tokenizer:
+    """A Llama sentencepiece tokenizer.model (1bitLLM ships only that) as transformers converts
+    it for its fast tokenizer: the same ids AutoTokenizer gives."""
+    try:
+        import sentencepiece  # noqa: F401  (transformers converts with it)
+        from transformers import LlamaTokenizerFast
+    except ImportError:
+        raise BitnetError(f"{folder} has a sentencepiece tokenizer.model and no tokenizer.json; "
+                          "converting it needs transformers and sentencepiece: pip install "
+                          "'bitnet-cli[hf]' sentencepiece") from None
+    try:
+        return LlamaTokenizerFast.from_pretrained(str(folder)).backend_tokenizer
+    except Exception as e:  # whatever the converter raised on a damaged file
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise BitnetError(f"{folder}/tokenizer.model cannot be converted ({first})") from None
 
 
 def _chat_template(folder: Path) -> ChatTemplate | None:
