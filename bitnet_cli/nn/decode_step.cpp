@@ -173,9 +173,8 @@ void half_rows_avx2(const float* x, const c10::Half* w, int64_t k, int64_t begin
 // as x + 128 (flipped once, not per row) and 128 * sum(w) (each row's, computed once at load)
 // is taken off again. Four rows at a time share each input load and one final reduction.
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-void int8_rows_vnni(const int8_t* x, int32_t x_sum, const int8_t* w, const int32_t* w_sums,
+void int8_rows_vnni(const int8_t* x, const int8_t* w, const int32_t* w_sums,
                     int64_t k, int64_t begin, int64_t end, int32_t* out) {
-  (void)x_sum;
   const int64_t whole = k / 64 * 64;
   const __mmask64 tail = k == whole ? 0 : (~0ULL >> (64 - (k - whole)));
   std::vector<uint8_t> flipped(whole + 64);
@@ -223,9 +222,9 @@ void int8_rows_vnni(const int8_t* x, int32_t x_sum, const int8_t* w, const int32
 // AVX2 has no unsigned-by-signed dot product of its own: |w| times x with w's sign. Codes are
 // at most 127 in size, so a pair of products stays within int16.
 __attribute__((target("avx2")))
-void int8_rows_avx2(const int8_t* x, int32_t x_sum, const int8_t* w, const int32_t* w_sums,
+void int8_rows_avx2(const int8_t* x, const int8_t* w, const int32_t* w_sums,
                     int64_t k, int64_t begin, int64_t end, int32_t* out) {
-  (void)x_sum, (void)w_sums;
+  (void)w_sums;
   const int64_t whole = k / 32 * 32;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t v = begin; v < end; ++v) {
@@ -247,9 +246,9 @@ void int8_rows_avx2(const int8_t* x, int32_t x_sum, const int8_t* w, const int32
 }
 #endif
 
-void int8_rows(const int8_t* x, int32_t x_sum, const int8_t* w, const int32_t* w_sums, int64_t k,
+void int8_rows(const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k,
                int64_t begin, int64_t end, int32_t* out) {
-  (void)x_sum, (void)w_sums;
+  (void)w_sums;
   for (int64_t v = begin; v < end; ++v) {
     int32_t sum = 0;
     for (int64_t i = 0; i < k; ++i) sum += int32_t(x[i]) * int32_t(w[v * k + i]);
@@ -257,8 +256,8 @@ void int8_rows(const int8_t* x, int32_t x_sum, const int8_t* w, const int32_t* w
   }
 }
 
-using Int8Rows = void (*)(const int8_t*, int32_t, const int8_t*, const int32_t*, int64_t, int64_t,
-                         int64_t, int32_t*);
+using Int8Rows = void (*)(const int8_t*, const int8_t*, const int32_t*, int64_t, int64_t, int64_t,
+                         int32_t*);
 
 Int8Rows int8_rows_for(int64_t isa) {
 #ifdef BITNET_X86
@@ -290,7 +289,7 @@ void head_logits(const float* x, int64_t k, const at::Tensor& head, const at::Te
   const int8_t* w = head.data_ptr<int8_t>();
   const int32_t* w_sums = head_sums.data_ptr<int32_t>();
   at::parallel_for(0, vocab, GRAIN, [&](int64_t b, int64_t e) {
-    rows(tokens.codes.data(), tokens.sums[0], w, w_sums, k, b, e, sums.data());
+    rows(tokens.codes.data(), w, w_sums, k, b, e, sums.data());
   });
   const float* s = scale.data_ptr<float>();
   for (int64_t v = 0; v < vocab; ++v) out[v] = float(sums[v]) / (tokens.scales[0] * s[v]);
@@ -384,9 +383,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t isa) {
   auto out = at::empty({m, n}, at::kInt);
   for (int64_t t = 0; t < m; ++t) {
     const int8_t* row = xc.data_ptr<int8_t>() + t * k;
-    int32_t x_sum = 0;
-    for (int64_t i = 0; i < k; ++i) x_sum += row[i];
-    int8_rows_for(isa)(row, x_sum, wc.data_ptr<int8_t>(), w_sums.data_ptr<int32_t>(), k, 0, n,
+    int8_rows_for(isa)(row, wc.data_ptr<int8_t>(), w_sums.data_ptr<int32_t>(), k, 0, n,
                        out.data_ptr<int32_t>() + t * n);
   }
   return out;
