@@ -106,7 +106,8 @@ def _safetensors(folder: Path) -> dict:
         if pickles:
             raise BitnetError(f"{folder} holds its weights only as {pickles[0]}, a pickle file, "
                               "which bitnet never loads; convert it to safetensors first")
-        raise BitnetError(f"{folder} has no .safetensors weights")
+        raise BitnetError(f"{folder} has no .safetensors weights (bitnet reads safetensors only; "
+                          "a pickle checkpoint is never loaded)")
     found = {}
     for file in files:
         try:

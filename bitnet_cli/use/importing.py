@@ -58,8 +58,9 @@ def find_source(source: str) -> Path:
         raise BitnetError(f"{source} is neither a folder nor a Hugging Face hub id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
+        # Never a pickle checkpoint: one that has only those is refused without fetching them.
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors",
-                                                              "tokenizer*", "*.bin"]))
+                                                              "tokenizer*", "*.jinja"]))
     except Exception as e:  # offline, a proxy, no such repo, a gated one: all the hub's own
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise BitnetError(f"cannot download {source} from the Hugging Face hub ({first}); "
