@@ -128,6 +128,9 @@ class ModelConfig:
         return v * d + self.num_hidden_layers * per_layer + d + head
 
 
+# The ModelConfig fields `train` takes as flags (the rest of its flags are TrainConfig's).
+MODEL_OPTIONS = [f.name for f in dataclasses.fields(ModelConfig) if "help" in f.metadata]
+
 # A CPU run this long or longer is compiled unless --no-compile says otherwise (see compiled.py).
 COMPILE_MIN_STEPS = 2000
 
@@ -269,8 +272,7 @@ def build_configs(experiment: str, size: str | None, **overrides) -> tuple[Model
                           f"{', '.join(preset.sizes)}")
     chosen = preset.sizes[size]
     # Model options given (not None) override ModelConfig's defaults; the rest are training's.
-    model_flags = {f.name for f in dataclasses.fields(ModelConfig) if "help" in f.metadata}
-    model_options = {name: value for name in model_flags
+    model_options = {name: value for name in MODEL_OPTIONS
                      if (value := overrides.pop(name, None)) is not None}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - train_fields

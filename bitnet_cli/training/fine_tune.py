@@ -38,7 +38,7 @@ class Source:
     tokenizer: Tokenizer
 
 
-def find_source(selector: str) -> Source:
+def checkpoint_source(selector: str) -> Source:
     """The checkpoint `--from` names, with its model config and tokenizer, checked."""
     from bitnet_cli.store.selector import find_checkpoint
     path, (_, _, trainer), _ = find_checkpoint(selector)

@@ -17,7 +17,7 @@ from bitnet_cli import __version__
 from bitnet_cli.training import dist
 from bitnet_cli.store.checkpoint import newest_loadable
 from bitnet_cli.config.reading import model_config_from_dict, to_dict, train_config_from_dict
-from bitnet_cli.config.settings import ModelConfig, build_configs
+from bitnet_cli.config.settings import MODEL_OPTIONS, build_configs
 from bitnet_cli.config.numbers import format_count
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
@@ -25,15 +25,10 @@ from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
 from bitnet_cli.nn.devices import resolve_device
-from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, find_source,
+from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, checkpoint_source,
                                            fine_tune_model)
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
-
-
-# The model options of `train` other than --quant: a fine-tune refuses one that contradicts its model.
-MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig) if "help" in f.metadata
-               and f.name != "quant"]
 
 
 def prepare_task(task, cfg, progress=None, tokenizer=None) -> None:
@@ -65,7 +60,7 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
         train_cfg.data_tokens = train_cfg.data_budget
     check_memory(model_cfg, train_cfg, resolve_device(train_cfg.device), share.world_size)
     with new_run_dir(experiment, train_cfg.size, train_cfg.name) as (run_dir, folder):
-        config = _run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)
+        config = run_config(run_dir.name, experiment, task, model_cfg, train_cfg, argv)
         task.tokenizer().save(str(folder / TOKENIZER_FILE))
         StateFile(folder).update(status="created", step=0, total_steps=train_cfg.steps)
         write_json_atomic(folder / CONFIG_FILE, config)
@@ -81,12 +76,14 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
     task = load_experiment(experiment)
     source = None
     if overrides.get("init_from") is not None:  # fine-tuning: the model and tokenizer are its
-        source = find_source(overrides["init_from"])
+        source = checkpoint_source(overrides["init_from"])
         overrides["init_from"] = str(source.checkpoint)
         if overrides.get("lr") is None:
             overrides["lr"] = (preset.sizes[size or preset.default_size].train["lr"]
                                / FINE_TUNE_LR_DIVISOR)
-        given = {"quant": quant, **{name: overrides.get(name) for name in MODEL_FLAGS}}
+        # A model flag given that contradicts the source is refused (fine_tune_model).
+        given = {"quant": quant, **{name: overrides.get(name) for name in MODEL_OPTIONS
+                                    if name != "quant"}}
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
     if source is not None:
         model_cfg = fine_tune_model(source, given, train_cfg.seq_len)
@@ -95,7 +92,8 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
     return task, model_cfg, train_cfg
 
 
-def _run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
+def run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
+    """What a new run's config.json holds."""
     return {
         "run_id": run_id,
         "experiment": experiment,

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from bitnet_cli.config.settings import ModelConfig
@@ -202,16 +201,14 @@ def _chat_template(folder: Path) -> ChatTemplate | None:
 def import_model(source: str, name: str | None = None, argv: list[str] | None = None) -> Path:
     """The run made from SOURCE (see the module's docstring); nothing is written unless every
     check passes, and then the run appears whole."""
-    import platform
-
-    from bitnet_cli import __version__
     from bitnet_cli.config.presets import PRESETS
     from bitnet_cli.config.reading import to_dict
     from bitnet_cli.config.settings import TrainConfig
     from bitnet_cli.store.checkpoint import LATEST, MODEL_FILE, TRAINER_FILE, step_dir_name
     from bitnet_cli.store.files import to_json, write_error
-    from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, new_run_dir,
-                                       now_iso)
+    from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE, StateFile, new_run_dir
+    from bitnet_cli.tasks import load_experiment
+    from bitnet_cli.training.setup import run_config
 
     folder = find_source(source)
     imported = read_source(folder)
@@ -236,13 +233,10 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
         imported.tokenizer.save(str(run / TOKENIZER_FILE))
         (run / "checkpoints" / LATEST).write_text(checkpoint.name + "\n")
         StateFile(run).update(status="imported", step=0, total_steps=0)
-        (run / CONFIG_FILE).write_text(to_json({
-            "run_id": run_dir.name, "experiment": IMPORT_EXPERIMENT, "size": IMPORTED_SIZE,
-            "num_params": config.num_params(), "headline": "loss", "model": to_dict(config),
-            "train": to_dict(train), "imported": imported.about,
-            "versions": {"bitnet": __version__, "torch": torch.__version__,
-                         "python": platform.python_version()},
-            "argv": argv or [], "created_at": now_iso()}) + "\n")
+        run_dir_config = run_config(run_dir.name, IMPORT_EXPERIMENT,
+                                    load_experiment(IMPORT_EXPERIMENT), config, train, argv)
+        (run / CONFIG_FILE).write_text(to_json({**run_dir_config,
+                                                "imported": imported.about}) + "\n")
     return run_dir
 
 
