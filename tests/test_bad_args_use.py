@@ -49,7 +49,7 @@ BAD = [
     (CHAT + ("--seed", "-1"), "--seed must be a whole number from 0 to 4,294,967,295, got -1"),
     (CHAT + ("--seed", "99999999999999999999999"), "--seed must be"),
     (CHAT + ("--engine", "bogus"), "--engine must be one of"),
-    (CHAT + ("--head", "int4"), "--head must be one of float16, int8, got 'int4'"),
+    (CHAT + ("--head", "int4"), "--head must be one of float16, float32, int8, got 'int4'"),
     (CHAT + ("--head", "int8", "--engine", "float"), "--head int8 is the 2bit and int8 engines' option"),
     (CHAT + ("--device", "tpu"), "--device must be one of auto, cpu, cuda, mps, got 'tpu'"),
     (("play", MODEL, "--device", "tpu"), "--device must be one of"),

@@ -85,6 +85,24 @@ def test_the_int8_head_through_the_fused_step_keeps_the_tokens(ops, short_run):
         assert fused.argmax(-1)[0].tolist() == tokens, path
 
 
+def test_a_float32_head_through_the_fused_step_is_the_per_op_head(ops, short_run):
+    """--head float32 (an imported float32 model's default) keeps the output layer as trained:
+    fused, its logits are the int8 engine's to the bit and the per-op path's to float rounding."""
+    checkpoint = str(short_run("tinystories") / "checkpoints" / step_dir_name(SHORT_STEPS))
+    whole, int8 = load_model(checkpoint, head="float32"), load_model(checkpoint, engine="int8",
+                                                                    head="float32")
+    assert whole.model.lm_head.weight.dtype == torch.float32
+    prompt = whole.tokenizer.encode(PROMPTS["tinystories"]).ids
+    tokens = list(generate(whole.model, prompt, 32))
+    with torch.inference_mode():
+        per_op = whole.model(torch.tensor([prompt + tokens[:-1]]))[:, len(prompt) - 1:]
+    for path in ops.isas():
+        fused = fused_run(whole, prompt, tokens, path)
+        assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path
+        assert fused.argmax(-1)[0].tolist() == tokens, path
+        assert (fused - per_op).abs().max() / per_op.abs().max() < 0.03, path
+
+
 def test_only_the_integer_engines_on_a_cpu_are_fused(short_run):
     run = str(short_run("arithmetic"))
     assert fused_decode(load_model(run, engine="float").model) is None

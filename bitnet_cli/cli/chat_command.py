@@ -39,10 +39,12 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Seed the sampling, for repeatable replies."),
     engine: Optional[str] = typer.Option(None, help=ENGINE_HELP, show_default=False),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    head: str = typer.Option("float16", help="The 2bit and int8 engines' output layer: float16, "
-                                             "or int8 with one scale per row (half the bytes to "
-                                             "read per token; the same greedy tokens on the "
-                                             "checkpoints bitnet's tests train)."),
+    head: Optional[str] = typer.Option(
+        None, show_default=False,
+        help="The 2bit and int8 engines' output layer: float16 (the default; an imported model "
+             "that float16 cannot hold, a float32 one, keeps float32 so it computes its source's "
+             "logits), float32, or int8 with one scale per row (half float16's bytes to read "
+             "per token; the same greedy tokens on the checkpoints bitnet's tests train)."),
     raw: bool = flag("--raw", help="Continue plain text, without the chat template an imported "
                                    "chat model brings (its turns are formatted by it otherwise)."),
     compile: bool = flag("--compile", help="Decode the float engine (or on a GPU) through a "

@@ -267,12 +267,19 @@ Int8Rows int8_rows_for(int64_t isa) {
   return int8_rows;
 }
 
-// The output layer at one token: float16 rows (head_sums undefined), or int8 rows with one
-// scale each and their sums of codes, quantized and rescaled as Int8Linear does.
+// The output layer at one token: float32 or float16 rows (head_sums undefined), or int8 rows
+// with one scale each and their sums of codes, quantized and rescaled as Int8Linear does.
 void head_logits(const float* x, int64_t k, const at::Tensor& head, const at::Tensor& scale,
                  const at::Tensor& head_sums, int64_t isa, float* out) {
   const int64_t vocab = head.size(0);
   constexpr int64_t GRAIN = 256;  // rows per task: a few microseconds each
+  if (head.scalar_type() == at::kFloat) {
+    const float* w = head.data_ptr<float>();
+    at::parallel_for(0, vocab, GRAIN, [&](int64_t b, int64_t e) {
+      for (int64_t v = b; v < e; ++v) out[v] = dot(x, w + v * k, k);
+    });
+    return;
+  }
   if (head.scalar_type() == at::kHalf) {
     auto rows = half_rows;
 #ifdef BITNET_X86

@@ -43,8 +43,8 @@ class FusedDecode:
                 self.scales.append(linear.scale)
         self.norms = [w.detach() for w in self.norms + [model.model.norm.weight]]
         head = model.lm_head
-        if isinstance(head, HalfHead):
-            self.head, self.head_scale = head.weight, torch.empty(0)
+        if isinstance(head, (HalfHead, torch.nn.Linear)):  # float16, or float32 kept as it is
+            self.head, self.head_scale = head.weight.detach().contiguous(), torch.empty(0)
             self.head_sums = torch.empty(0, dtype=torch.int32)
         else:
             self.head, self.head_scale = head.codes, head.scale
@@ -73,7 +73,7 @@ def fused_decode(model, path: int = 0) -> FusedDecode | None:
                     and isinstance(layer.mlp.gate_up, Int8SharedInput)
                     and isinstance(layer.self_attn.o_proj, Int8Linear)
                     and isinstance(layer.mlp.down_proj, Int8Linear) for layer in layers)
-    if not converted or not isinstance(model.lm_head, (HalfHead, Int8Linear)):
+    if not converted or not isinstance(model.lm_head, (HalfHead, Int8Linear, torch.nn.Linear)):
         return None
     ops, _ = ternary_ops()
     return FusedDecode(model, ops, path) if ops is not None else None

@@ -11,7 +11,8 @@ against a float32 one).
 
 The full-precision head (32000 x 768 on the 95M shape: in float32 it is more bytes to read per
 token than all the ternary layers in int8) is kept as a float16 copy by default (HalfHead); the
-embedding table stays float32, so the model's input is unchanged.
+embedding table stays float32, so the model's input is unchanged. `head="float32"` keeps the
+head as it is: exact, for a model whose output layer float16 cannot hold (see loading.py).
 """
 
 from __future__ import annotations
@@ -135,13 +136,14 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
     return None
 
 
-HEADS = ("float16", "int8")
+HEADS = ("float16", "float32", "int8")
 
 
 def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
             load=lambda layer: None) -> str | None:
     """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
-    given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8).
+    given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8),
+    or not at all (float32).
     `load(layer)` gives a layer its weights just before they are converted (a model loaded for
     use keeps them in the file until then). Returns why the model was left as it was, or None
     when it was converted."""
@@ -173,5 +175,6 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
             child.to_empty(device="meta")
         setattr(parent, name, stacked[id(child)])
     weight = model.lm_head.weight
-    model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
+    if head != "float32":
+        model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

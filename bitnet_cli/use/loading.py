@@ -56,19 +56,21 @@ class LoadedModel:
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",
-               engine: str | None = None, head: str = "float16") -> LoadedModel:
+               engine: str | None = None, head: str | None = None) -> LoadedModel:
     """The model a RUN|CKPT selector names, on `device`, run by `engine` ("2bit", "int8" or
     "float"; None picks 2bit on CPU and float elsewhere, where bf16 autocast already has fast
-    kernels), the 2bit and int8 engines with the output layer in `head` precision (int8.HEADS).
-    Where 2bit cannot run (no C++ compiler, say), the int8 engine does, and the note says why."""
+    kernels), the 2bit and int8 engines with the output layer in `head` precision (int8.HEADS;
+    None: float16, or float32 for an imported model whose output layer float16 cannot hold, so
+    that it computes its source's logits). Where 2bit cannot run (no C++ compiler, say), the
+    int8 engine does, and the note says why."""
     device = torch.device(device)
     if engine is None:
         engine = "2bit" if device.type == "cpu" else "float"
     if engine not in ENGINES:
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if head not in HEADS:
+    if head is not None and head not in HEADS:
         raise BitnetError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
-    if head != "float16" and engine == "float":
+    if head not in (None, "float16") and engine == "float":
         raise BitnetError(f"--head {head} is the 2bit and int8 engines' option; the float "
                           "engine keeps the trained float32 output layer")
     # Every file of the checkpoint, its tokenizer.json included, is checked there.
@@ -96,6 +98,9 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         model.to(device)
     model.eval()
     note = None
+    if head is None:
+        head = "float32" if "imported" in trainer and not _exact_in_float16(model.lm_head.weight) \
+            else "float16"
     if engine == "2bit":
         why = to_packed(model, head, load)
         if why is not None:
@@ -113,6 +118,13 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
                        stop_ids=_stop_ids(trainer, config, checkpoint),
                        chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE))
+
+
+def _exact_in_float16(weight: torch.Tensor) -> bool:
+    """Whether float16 holds these weights to its finest step, 2**-24 (a bfloat16 or float16
+    source: 2B4T's; bfloat16 values below float16's normal range lose bits, not accuracy)."""
+    return all(float((rows.half().float() - rows).abs().max()) <= 2 ** -25
+               for rows in weight.detach().split(4096))
 
 
 def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
