@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bitnet_cli.ui import live
+from bitnet_cli.ui import format_eval, live, number
 from bitnet_cli.cli import app, unwrap_help
 from tests.cli import TmuxPane, home_at, invoke
 
@@ -188,3 +188,12 @@ def test_chat_has_line_editing_and_history_in_a_terminal(home, tmp_path):
         assert "^[[" not in screen
         pane.send("C-d")
         assert "EXIT=0" in pane.wait_for("EXIT=")
+
+
+def test_a_share_short_of_all_never_shows_as_all():
+    """One lost line of thousands is not "100%": the tic-tac-toe headline says unbeaten only
+    when nothing was lost."""
+    row = {"loss": 0.41, "unbeaten": 0.9998, "unbeaten/x": 1.0, "unbeaten/o": 0.998}
+    assert format_eval(row, "unbeaten") == "loss 0.4100 unbeaten 99.9% (x 100%, o 99%)"
+    assert number(0.99999, ".0%") == "99%" and number(1.0, ".1%") == "100.0%"
+    assert number(0.5, ".1%") == "50.0%" and number(1.5, ".0%") == "150%"

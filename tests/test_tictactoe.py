@@ -12,8 +12,8 @@ from bitnet_cli.tasks.problems import IGNORE
 from bitnet_cli.tasks.tictactoe import MIXTURE, game_text, sample_game
 from bitnet_cli.tasks.tictactoe_rules import (DRAW, LINES, START, IllegalMove, best_moves, legal_moves,
                                   noisy_player, parse_move, perfect_player, place, play_game,
-                                  random_player, reachable_positions, replay, result, to_move,
-                                  value, winner)
+                                  random_player, reachable_positions, replay, result,
+                                  teacher_player, to_move, value, winner)
 
 
 def board_with(marks: dict[int, str]) -> str:
@@ -117,6 +117,18 @@ def test_perfect_player_never_loses_from_any_reachable_position():
     assert checked > 3800
 
 
+def test_the_teacher_plays_one_best_move_in_every_position():
+    """The side a model learns from: a best move (so it never loses either), always the same
+    one, preferring the centre, then the corners: one right answer to learn per position."""
+    rngs = [np.random.default_rng(seed) for seed in range(3)]
+    for board in reachable_positions():
+        if result(board) is None:
+            moves = {teacher_player(board, rng) for rng in rngs}
+            assert len(moves) == 1 and moves <= set(best_moves(board)), board
+    assert teacher_player(START, rngs[0]) == 5
+    assert teacher_player(board_with({4: "X"}), rngs[0]) == 1  # a corner against the centre
+
+
 @functools.cache
 def final_boards(board: str, perfect: str) -> frozenset:
     if result(board) is not None:
@@ -157,7 +169,19 @@ def test_every_training_game_encodes_without_unknown_tokens():
     assert results == {"X", "O", DRAW}
 
 
-def test_loss_is_on_the_perfect_side_and_the_result_only():
+def test_the_taught_side_of_every_training_game_is_the_teacher():
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        moves, _, taught = sample_game(rng)
+        assert taught in ((True, False), (False, True))
+        board = START
+        for ply, cell in enumerate(moves):
+            if taught[ply % 2]:
+                assert cell == teacher_player(board, rng), moves
+            board = place(board, cell)
+
+
+def test_loss_is_on_the_taught_side_and_the_result_only():
     task = load_experiment("tictactoe")
     moves = [5, 1, 9, 3, 2, 8, 4, 6, 7]
     _, learn = task.encode_game(moves, DRAW, (True, True))

@@ -59,7 +59,10 @@ def play_game(player, person: str, console) -> str | None:
     if outcome == DRAW:
         console.print("[bold]Draw.[/]")
     elif outcome == person:
-        console.print(f"[bold green]You win[/] ({person} has a line).")
+        # The model plays the same move in the same position every time: this line always wins.
+        console.print(f"[bold green]You win[/] ({person} has a line): you found a line that "
+                      f"beats this model, every time it is played: {' '.join(map(str, moves))} "
+                      "(the cells in the order played).")
     else:
         console.print(f"[bold red]The model wins[/] ({outcome} has a line).")
     return outcome

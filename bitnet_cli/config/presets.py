@@ -62,7 +62,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "tictactoe": Preset(
         min_seq_len=10,  # a whole game is 11 tokens
-        about="play tic-tac-toe: learns from perfect and noisy games, judged by playing",
+        about="play tic-tac-toe: learns a perfect teacher's games against noisy opponents, "
+              "judged by playing every line",
         default_size="12M",
         vocab_size=15,  # '>' start, cells 1-9, results X O D, <pad>, <unk>
         sizes={

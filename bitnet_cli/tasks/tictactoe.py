@@ -4,11 +4,12 @@ A game is written ">" (start), one token per move (the cell, 1-9), then the resu
 for the winner, "D" for a draw. ">5193..." reads: X took the centre, O the top left, and so on.
 Every row of a batch starts at a game's ">", holds whole games only, and is padded with <pad>.
 
-The games are a mixture, drawn afresh from the run's seed (MIXTURE): perfect against perfect,
-which shows how to hold a draw, and a perfect side against a noisy one (random moves with a
-probability drawn per game), which shows how to punish mistakes and reaches the odd positions a
-random or human opponent creates. The loss is taken only on the perfect side's moves and on the
-result: the noisy side's moves are what the model must answer, never what it should imitate.
+The games are drawn afresh from the run's seed (MIXTURE): the teacher (a perfect player with one
+fixed choice among equally good moves) as X or as O, against a noisy opponent: a perfect player
+that plays a random move with a probability drawn per game, from none (how to hold a draw) to
+always (the odd positions a random or human opponent creates, and how to punish them). The loss
+is taken only on the teacher's moves and on the result: the opponent's moves are what the model
+must answer, never what it should imitate.
 
 The model plays its highest-scoring legal cell (see `ModelPlayer`), so it never makes an illegal
 move; how often its unmasked top choice is legal anyway is measured as "legal".
@@ -25,16 +26,17 @@ import torch.nn.functional as F
 from bitnet_cli.nn.model import evaluation
 from bitnet_cli.tasks.problems import IGNORE, char_tokenizer
 from bitnet_cli.tasks.rows import RowStream
-from bitnet_cli.tasks.tictactoe_rules import (DRAW, START, legal_moves, noisy_player, perfect_player, place,
-                                  play_game, random_player, replay, result, to_move)
+from bitnet_cli.tasks.tictactoe_rules import (DRAW, START, legal_moves, noisy_player,
+                                              perfect_player, place, play_game, random_player,
+                                              replay, result, teacher_player, to_move)
 
 START_TOKEN = ">"
 CELLS = "123456789"
 ALPHABET = START_TOKEN + CELLS + "XOD"
 GAME_TOKENS = 11  # the longest game: start, nine moves, result
 SHORTEST_GAME_TOKENS = 7  # start, five moves (X wins on its third), result
-# (weight, X is perfect, O is perfect) of each kind of game in the training mixture
-MIXTURE = ((1, True, True), (2, True, False), (2, False, True))
+# (weight, X is the teacher, O is the teacher) of each kind of game in the training mixture
+MIXTURE = ((1, True, False), (1, False, True))
 OPPONENTS = {"random": random_player, "perfect": perfect_player}
 EVAL_GAMES = 100  # per opponent and side: 400 games in all
 EVAL_SEED = 20240301  # fixed: every evaluation of every run meets the same opponents
@@ -51,16 +53,16 @@ _MIXTURE_CDF = np.cumsum([w for w, _, _ in MIXTURE], dtype=float) / sum(w for w,
 
 
 def sample_game(rng: np.random.Generator) -> tuple[list[int], str, tuple[bool, bool]]:
-    """One game of the mixture: its moves, result, and which sides (X, O) played perfectly."""
-    _, x_perfect, o_perfect = MIXTURE[int(_MIXTURE_CDF.searchsorted(rng.random(), side="right"))]
+    """One game of the mixture: its moves, result, and which sides (X, O) the teacher played."""
+    _, x_taught, o_taught = MIXTURE[int(_MIXTURE_CDF.searchsorted(rng.random(), side="right"))]
     noise = rng.random()
-    players = [perfect_player if perfect else noisy_player(noise) for perfect in (x_perfect, o_perfect)]
+    players = [teacher_player if taught else noisy_player(noise) for taught in (x_taught, o_taught)]
     moves, outcome = play_game(*players, rng)
-    return moves, outcome, (x_perfect, o_perfect)
+    return moves, outcome, (x_taught, o_taught)
 
 
 class TicTacToeTask:
-    headline = "not_lost"
+    headline = "unbeaten"  # every line an opponent can play, not a sample of them
 
     def __init__(self):
         self._tokenizer = char_tokenizer(ALPHABET)
@@ -70,10 +72,11 @@ class TicTacToeTask:
         return self._tokenizer
 
     def encode_game(self, moves: list[int], outcome: str,
-                    perfect: tuple[bool, bool]) -> tuple[list[int], list[bool]]:
-        """Token ids of a game, and for each token whether it is to be predicted."""
+                    taught: tuple[bool, bool]) -> tuple[list[int], list[bool]]:
+        """Token ids of a game, and for each token whether it is to be predicted: the taught
+        sides' (X, O) moves and the result."""
         ids = [self.ids[ch] for ch in game_text(moves, outcome)]
-        learn = [False] + [perfect[ply % 2] for ply in range(len(moves))] + [True]
+        learn = [False] + [taught[ply % 2] for ply in range(len(moves))] + [True]
         return ids, learn
 
     def stream(self, seed: int, batch_size: int, seq_len: int, rank: int = 0,
@@ -169,7 +172,9 @@ def play_matches(player: ModelPlayer, games: int, seed: int) -> dict:
     with its one move while the opponent tries every legal move (a few hundred lines in all).
     No lost line there means that no opponent, random or otherwise, can ever beat it.
     Also: the share of each group not lost ("not_lost/random-x", ...), of the sampled games not
-    lost ("not_lost"), and of all the model's moves whose unmasked top choice was legal.
+    lost ("not_lost"), of every line not lost ("unbeaten", the headline: below 1 the model can be
+    beaten; "unbeaten/x", "unbeaten/o" per side), and of all the model's moves whose unmasked top
+    choice was legal.
     """
     rng = np.random.default_rng(seed)
     groups = {f"{name}-{side.lower()}": [] for name in OPPONENTS for side in "XO"}
@@ -188,6 +193,10 @@ def play_matches(player: ModelPlayer, games: int, seed: int) -> dict:
                         f"not_lost/{group}": (won + drawn) / len(outcomes)})
     sampled = [g for g in groups if not g.startswith("every")]
     metrics["not_lost"] = sum(metrics[f"not_lost/{g}"] for g in sampled) / len(sampled)
+    lines = {side: len(groups[f"every-{side}"]) for side in "xo"}
+    for side in "xo":
+        metrics[f"unbeaten/{side}"] = metrics[f"not_lost/every-{side}"]
+    metrics["unbeaten"] = 1 - sum(metrics[f"every-{side}/lost"] for side in "xo") / sum(lines.values())
     metrics["legal"] = sum(top_legal) / len(top_legal)
     return metrics
 

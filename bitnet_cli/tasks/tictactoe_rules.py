@@ -7,7 +7,8 @@ without loading a model.
 
 The perfect player reads a minimax table of every position reachable from the empty board
 (5,478 of them), solved once per process in a fraction of a second. Among equally good moves
-it picks at random, so the games it plays cover many lines rather than one.
+it picks at random, so the games it plays cover many lines rather than one; the teacher, the
+side a model learns from, always picks the same one.
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def random_player(board: str, rng: np.random.Generator) -> int:
 def perfect_player(board: str, rng: np.random.Generator) -> int:
     moves = best_moves(board)
     return moves[rng.integers(len(moves))] if len(moves) > 1 else moves[0]
+
+
+# The teacher's order among equally good moves: the centre, the corners, then the edges.
+PREFERENCE = (5, 1, 3, 7, 9, 2, 4, 6, 8)
+
+
+def teacher_player(board: str, rng: np.random.Generator) -> int:
+    """The perfect player a model learns from: of the best moves, always the one it prefers,
+    so every position has one right answer. (Learning the perfect player's random choice among
+    several spreads the target over them, and a wrong move then needs only a share to top it.)"""
+    return min(best_moves(board), key=PREFERENCE.index)
 
 
 def noisy_player(noise: float):

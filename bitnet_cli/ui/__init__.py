@@ -4,6 +4,8 @@ console objects and the number formats every part shares are in this module."""
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 
 stderr = Console(stderr=True)
@@ -38,9 +40,16 @@ def format_eval(row: dict, headline: str) -> str:
 
 
 def number(value, fmt: str) -> str:
-    """A number in `fmt`; anything else (absent, damaged) as '-'."""
+    """A number in `fmt`; anything else (absent, damaged) as '-'. A share short of 1 never shows
+    as 100% (552 lines of 553 unbeaten is 99.8%, or 99% with no decimals, not 100%)."""
     from bitnet_cli.config.numbers import real
-    return format(value, fmt) if real(value) else "-"
+    if not real(value):
+        return "-"
+    text = format(value, fmt)
+    if fmt.endswith("%") and value < 1 and text.startswith("100"):
+        decimals = int(fmt[1:-1] or 6)
+        text = format(math.floor(value * 10 ** (decimals + 2)) / 10 ** (decimals + 2), fmt)
+    return text
 
 
 def count(n) -> str:

@@ -200,7 +200,7 @@ def eval_report(report: dict):
     counted = {f"{g}/{outcome}" for g in groups for outcome in ("won", "drawn", "lost")}
     for key, value in metrics.items():
         if key not in counted:
-            shown = f"{value:.4f}" if "loss" in key or key == "ppl" else f"{value:.1%}"
+            shown = number(value, ".4f" if "loss" in key or key == "ppl" else ".1%")
             head.add_row(key, Text(shown, style="bold" if key == report["headline"] else ""))
     if not groups:
         return head
