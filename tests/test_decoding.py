@@ -49,18 +49,9 @@ def fused_run(loaded, prompt, tokens, path):
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("experiment", list(PROMPTS))
-def test_the_fused_step_is_the_int8_engine_to_the_bit_and_keeps_the_tokens(ops, short_run,
-                                                                           experiment):
-    """A 64-token greedy decode (or the context's worth) of each trained model: on every code
-    path, the 2bit engine's fused logits equal the int8 engine's exactly, and the greedy tokens
-    are the float engine's; against the per-op path, the logits agree within 3% of the largest."""
-    checkpoint = str(short_run(experiment) / "checkpoints" / step_dir_name(SHORT_STEPS))
-    two_bit, int8 = load_model(checkpoint), load_model(checkpoint, engine="int8")
-    float_engine = load_model(checkpoint, engine="float")
-    context = two_bit.config.max_position_embeddings
-    prompt = two_bit.tokenizer.encode(PROMPTS[experiment]).ids
-    tokens = list(generate(float_engine.model, prompt, min(64, context - len(prompt))))
+def assert_fused_agrees(ops, two_bit, int8, prompt, tokens):
+    """On every code path: the 2bit engine's fused logits equal the int8 engine's exactly, their
+    greedy tokens are `tokens`, and they are the per-op path's within 3% of the largest logit."""
     with torch.inference_mode():
         per_op = two_bit.model(torch.tensor([prompt + tokens[:-1]]))[:, len(prompt) - 1:]
     for path in ops.isas():
@@ -69,38 +60,35 @@ def test_the_fused_step_is_the_int8_engine_to_the_bit_and_keeps_the_tokens(ops, 
         assert fused.argmax(-1)[0].tolist() == tokens, path
         worst = (fused - per_op).abs().max() / per_op.abs().max()
         assert worst < 0.03, (path, worst)
+
+
+@pytest.mark.parametrize("experiment", list(PROMPTS))
+def test_the_fused_step_is_the_int8_engine_to_the_bit_and_keeps_the_tokens(ops, short_run,
+                                                                           experiment):
+    """A 64-token greedy decode (or the context's worth) of each trained model, whose tokens are
+    the float engine's: see assert_fused_agrees."""
+    checkpoint = str(short_run(experiment) / "checkpoints" / step_dir_name(SHORT_STEPS))
+    two_bit, int8 = load_model(checkpoint), load_model(checkpoint, engine="int8")
+    float_engine = load_model(checkpoint, engine="float")
+    context = two_bit.config.max_position_embeddings
+    prompt = two_bit.tokenizer.encode(PROMPTS[experiment]).ids
+    tokens = list(generate(float_engine.model, prompt, min(64, context - len(prompt))))
+    assert_fused_agrees(ops, two_bit, int8, prompt, tokens)
     step = DecodeStep(two_bit.model, compile=False)
     assert step.fused and list(generate(two_bit.model, prompt, len(tokens), step=step)) == tokens
 
 
-def test_the_int8_head_through_the_fused_step_keeps_the_tokens(ops, short_run):
+@pytest.mark.parametrize("head", ["int8", "float32"])
+def test_the_other_heads_through_the_fused_step(ops, short_run, head):
+    """--head int8, and --head float32 (the output layer as trained: an imported float32
+    model's default), through the fused step: see assert_fused_agrees."""
     checkpoint = str(short_run("tinystories") / "checkpoints" / step_dir_name(SHORT_STEPS))
-    quarter, int8 = load_model(checkpoint, head="int8"), load_model(checkpoint, engine="int8",
-                                                                   head="int8")
-    prompt = quarter.tokenizer.encode(PROMPTS["tinystories"]).ids
-    tokens = list(generate(quarter.model, prompt, 32))
-    for path in ops.isas():
-        fused = fused_run(quarter, prompt, tokens, path)
-        assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path
-        assert fused.argmax(-1)[0].tolist() == tokens, path
-
-
-def test_a_float32_head_through_the_fused_step_is_the_per_op_head(ops, short_run):
-    """--head float32 (an imported float32 model's default) keeps the output layer as trained:
-    fused, its logits are the int8 engine's to the bit and the per-op path's to float rounding."""
-    checkpoint = str(short_run("tinystories") / "checkpoints" / step_dir_name(SHORT_STEPS))
-    whole, int8 = load_model(checkpoint, head="float32"), load_model(checkpoint, engine="int8",
-                                                                    head="float32")
-    assert whole.model.lm_head.weight.dtype == torch.float32
-    prompt = whole.tokenizer.encode(PROMPTS["tinystories"]).ids
-    tokens = list(generate(whole.model, prompt, 32))
-    with torch.inference_mode():
-        per_op = whole.model(torch.tensor([prompt + tokens[:-1]]))[:, len(prompt) - 1:]
-    for path in ops.isas():
-        fused = fused_run(whole, prompt, tokens, path)
-        assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path
-        assert fused.argmax(-1)[0].tolist() == tokens, path
-        assert (fused - per_op).abs().max() / per_op.abs().max() < 0.03, path
+    two_bit = load_model(checkpoint, head=head)
+    int8 = load_model(checkpoint, engine="int8", head=head)
+    if head == "float32":
+        assert two_bit.model.lm_head.weight.dtype == torch.float32
+    prompt = two_bit.tokenizer.encode(PROMPTS["tinystories"]).ids
+    assert_fused_agrees(ops, two_bit, int8, prompt, list(generate(two_bit.model, prompt, 32)))
 
 
 def test_only_the_integer_engines_on_a_cpu_are_fused(short_run):
