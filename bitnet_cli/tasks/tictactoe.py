@@ -193,10 +193,10 @@ def play_matches(player: ModelPlayer, games: int, seed: int) -> dict:
                         f"not_lost/{group}": (won + drawn) / len(outcomes)})
     sampled = [g for g in groups if not g.startswith("every")]
     metrics["not_lost"] = sum(metrics[f"not_lost/{g}"] for g in sampled) / len(sampled)
-    lines = {side: len(groups[f"every-{side}"]) for side in "xo"}
-    for side in "xo":
-        metrics[f"unbeaten/{side}"] = metrics[f"not_lost/every-{side}"]
-    metrics["unbeaten"] = 1 - sum(metrics[f"every-{side}/lost"] for side in "xo") / sum(lines.values())
+    lost_lines = metrics["every-x/lost"] + metrics["every-o/lost"]
+    metrics.update({"unbeaten": 1 - lost_lines / (len(groups["every-x"]) + len(groups["every-o"])),
+                    "unbeaten/x": metrics["not_lost/every-x"],
+                    "unbeaten/o": metrics["not_lost/every-o"]})
     metrics["legal"] = sum(top_legal) / len(top_legal)
     return metrics
 
