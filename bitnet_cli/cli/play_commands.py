@@ -22,7 +22,8 @@ def play(
     """Play tic-tac-toe against a model trained on the tictactoe experiment.
 
     The board shows each free cell's number (1-9, row by row from the top left): type one to
-    take it. The model answers with its best legal cell; the rules decide who won. q or Ctrl-D
+    take it. The model answers with its best legal cell; the rules decide who won. If you win,
+    the moves of your line are printed: the model answers the same way every time. q or Ctrl-D
     ends the session.
     """
     side = as_.strip().upper()
@@ -48,9 +49,10 @@ def evaluate(
 ) -> None:
     """Measure a model on its experiment's held-out task.
 
-    tictactoe: won/drawn/lost in 100 games as X and 100 as O against a random and a perfect
-    (minimax) player, and over every line any opponent can play against it; and how often the
-    model's top choice was a legal cell before masking. arithmetic and simple: exact match per
+    tictactoe: unbeaten, the share of every line any opponent can play against it that it does
+    not lose (below 100% it can be beaten); won/drawn/lost over those lines and in 100 games as X
+    and 100 as O against a random and a perfect (minimax) player; and how often the model's top
+    choice was a legal cell before masking. arithmetic and simple: exact match per
     operator (or group) on held-out problems. Every experiment: held-out loss and perplexity.
     --json prints the same as one JSON object on stdout.
     """
