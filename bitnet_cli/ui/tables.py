@@ -198,7 +198,8 @@ def eval_report(report: dict):
     head.add_row("engine", report["engine"] + (f" ({note})" if note else ""))
     groups = [key[:-len("/won")] for key in metrics if key.endswith("/won")]
     counted = {f"{g}/{outcome}" for g in groups for outcome in ("won", "drawn", "lost")}
-    for key, value in metrics.items():
+    for key in sorted(metrics, key=lambda key: key != report["headline"]):  # the headline first
+        value = metrics[key]
         if key not in counted:
             shown = number(value, ".4f" if "loss" in key or key == "ppl" else ".1%")
             head.add_row(key, Text(shown, style="bold" if key == report["headline"] else ""))
