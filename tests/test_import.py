@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_cli.nn.bitlinear import ternary_codes_and_scale
+from bitnet_cli.nn.int8 import HalfHead
 from bitnet_cli.nn.model import generate
 from bitnet_cli.use.loading import load_model
 from tests.cli import invoke, optional
@@ -114,6 +115,9 @@ def test_an_imported_model_computes_what_transformers_does(sources, bitnet_home,
         assert worst < 1e-4, (engine, worst)
         assert list(generate(loaded.model, IDS, 32)) == greedy, engine
     assert loaded.stop_ids == (3,)
+    # bf16 weights are exact in float16: that source keeps the faster float16 head.
+    exact_in_half = layout == "2b4t-bf16"
+    assert isinstance(loaded.model.lm_head, HalfHead if exact_in_half else torch.nn.Linear)
 
 
 def test_a_round_trip_through_our_own_exports(short_run, bitnet_home, tmp_path):
@@ -216,6 +220,11 @@ def test_status_eval_and_resume_know_an_imported_run(sources, bitnet_home, tmp_p
                                 for i in range(400)))
     report = json.loads(invoke("eval", "released", "--data", text, "--json").stdout)
     assert report["metrics"]["loss"] > 0 and report["engine"] == "2bit"
+    # Its default head is float32 (a float32 source); the faster float16 one can be asked for,
+    # and float32 is no error on the float engine, whose head it is anyway.
+    for head in (("--head", "float16"), ("--head", "float32", "--engine", "float")):
+        invoke("chat", "released", "--raw", "--prompt", "the cat", "--max-new-tokens", "4",
+               "--temperature", "0", *head)
 
 
 def test_status_shows_a_status_it_does_not_know_as_written(sources, bitnet_home):

@@ -70,7 +70,7 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         raise BitnetError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if head is not None and head not in HEADS:
         raise BitnetError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
-    if head not in (None, "float16") and engine == "float":
+    if head == "int8" and engine == "float":
         raise BitnetError(f"--head {head} is the 2bit and int8 engines' option; the float "
                           "engine keeps the trained float32 output layer")
     # Every file of the checkpoint, its tokenizer.json included, is checked there.
