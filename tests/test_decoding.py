@@ -70,6 +70,8 @@ def test_the_fused_step_is_the_int8_engine_to_the_bit_and_keeps_the_tokens(ops, 
     checkpoint = str(short_run(experiment) / "checkpoints" / step_dir_name(SHORT_STEPS))
     two_bit, int8 = load_model(checkpoint), load_model(checkpoint, engine="int8")
     float_engine = load_model(checkpoint, engine="float")
+    # Trained float32 weights are not float16's: the embedding keeps its float32 table.
+    assert isinstance(two_bit.model.model.embed_tokens, torch.nn.Embedding)
     context = two_bit.config.max_position_embeddings
     prompt = two_bit.tokenizer.encode(PROMPTS[experiment]).ids
     tokens = list(generate(float_engine.model, prompt, min(64, context - len(prompt))))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_cli.nn.bitlinear import ternary_codes_and_scale
-from bitnet_cli.nn.int8 import HalfHead
+from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead
 from bitnet_cli.nn.model import generate
 from bitnet_cli.use.loading import load_model
 from tests.cli import invoke, optional
@@ -115,9 +115,13 @@ def test_an_imported_model_computes_what_transformers_does(sources, bitnet_home,
         assert worst < 1e-4, (engine, worst)
         assert list(generate(loaded.model, IDS, 32)) == greedy, engine
     assert loaded.stop_ids == (3,)
-    # bf16 weights are exact in float16: that source keeps the faster float16 head.
+    # bf16 weights are exact in float16: that source keeps the faster float16 head, and its
+    # tied embedding reads it (no float32 copy); a float32 source keeps both in float32.
     exact_in_half = layout == "2b4t-bf16"
     assert isinstance(loaded.model.lm_head, HalfHead if exact_in_half else torch.nn.Linear)
+    default = load_model(layout)
+    assert isinstance(default.model.model.embed_tokens,
+                      HalfEmbedding if exact_in_half else torch.nn.Embedding)
 
 
 def test_a_round_trip_through_our_own_exports(short_run, bitnet_home, tmp_path):

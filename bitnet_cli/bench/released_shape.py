@@ -16,31 +16,19 @@ import sys
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.config.presets import RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.int8 import HalfHead, to_int8
+from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
 from bitnet_cli.nn.packed import to_packed
 
 # hidden 2560, 30 layers, 20 query and 5 key/value heads of 128, FFN 6912, vocabulary 128256
 SHAPE_2B4T = RELEASED_SHAPES["2b4t"]["model"]
 REPORTED_MS_PER_TOKEN = 29  # the 2B4T technical report's CPU decoding figure
-
-
-class HalfEmbedding(nn.Module):
-    """The token embedding read from a float16 table (the output layer's own), as float32."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).float()
 
 
 def config_2b4t(context: int) -> ModelConfig:

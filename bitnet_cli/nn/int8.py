@@ -11,8 +11,10 @@ against a float32 one).
 
 The full-precision head (32000 x 768 on the 95M shape: in float32 it is more bytes to read per
 token than all the ternary layers in int8) is kept as a float16 copy by default (HalfHead); the
-embedding table stays float32, so the model's input is unchanged. `head="float32"` keeps the
-head as it is: exact, for a model whose output layer float16 cannot hold (see loading.py).
+embedding table stays float32, so the model's input is unchanged, unless float16 holds it
+exactly (a bf16 source): then the tied embedding reads the float16 copy (HalfEmbedding).
+`head="float32"` keeps the head as it is: exact, for a model whose output layer float16 cannot
+hold (see loading.py).
 """
 
 from __future__ import annotations
@@ -120,6 +122,26 @@ class HalfHead(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
 
+class HalfEmbedding(nn.Module):
+    """The token embedding read from a float16 table (the output layer's own), as float32: where
+    float16 holds the trained table exactly, the model's input is unchanged and the float32
+    copy (1.3 GB at 2B4T's shape) is not kept."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+def exact_in_float16(weight: torch.Tensor) -> bool:
+    """Whether float16 holds these weights to its finest step, 2**-24 (a bfloat16 or float16
+    source: 2B4T's; bfloat16 values below float16's normal range lose bits, not accuracy)."""
+    return all(float((rows.half().float() - rows).abs().max()) <= 2 ** -25
+               for rows in weight.detach().split(4096))
+
+
 def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | None:
     """Why torch._int_mm cannot serve these (in, out) shapes on this device, or None if it
     can: tried once on small inputs, result checked against an exact reference."""
@@ -140,10 +162,12 @@ HEADS = ("float16", "float32", "int8")
 
 
 def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
-            load=lambda layer: None) -> str | None:
+            load=lambda layer: None, head_is_half_exact: bool = False) -> str | None:
     """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
     given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8),
-    or not at all (float32).
+    or not at all (float32). A float16 head that holds the weights exactly
+    (`head_is_half_exact`) and is tied to the embedding serves it too (HalfEmbedding); the head
+    goes first, so the float32 table is gone before the layers are converted.
     `load(layer)` gives a layer its weights just before they are converted (a model loaded for
     use keeps them in the file until then). Returns why the model was left as it was, or None
     when it was converted."""
@@ -156,6 +180,13 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
         why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
         if why:
             return why
+    weight = model.lm_head.weight
+    if head != "float32":
+        model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
+    embedding = model.model.embed_tokens
+    if head == "float16" and head_is_half_exact and embedding.weight is weight:
+        model.model.embed_tokens = HalfEmbedding(model.lm_head.weight)
+    del weight, embedding
     stacked = {}  # each BitLinear of a SharedInput -> its place in one stacked matrix
     for parent in list(model.modules()):
         for name, group in list(parent.named_children()):
@@ -174,7 +205,4 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
             stacked[id(child)] = linear.stacking(child)
             child.to_empty(device="meta")
         setattr(parent, name, stacked[id(child)])
-    weight = model.lm_head.weight
-    if head != "float32":
-        model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
     return None

@@ -43,13 +43,15 @@ class PackedLinear(Int8Linear):
         return f"in_features={self.in_features}, out_features={self.splits}, 2-bit"
 
 
-def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None) -> str | None:
+def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None,
+              head_is_half_exact: bool = False) -> str | None:
     """Swap every BitLinear of a CPU model (in place) for a PackedLinear, and the output layer as
-    the int8 engine does (`load` as there). Returns why it was not converted (then the model is
-    unchanged), or None."""
+    the int8 engine does (`load` and `head_is_half_exact` as there). Returns why it was not
+    converted (then the model is unchanged), or None."""
     if model.lm_head.weight.device.type != "cpu":
         return "it runs on CPUs only"
     ops, why = ternary_ops()
     if ops is None:
         return why
-    return to_int8(model, head, linear=PackedLinear, load=load)
+    return to_int8(model, head, linear=PackedLinear, load=load,
+                   head_is_half_exact=head_is_half_exact)

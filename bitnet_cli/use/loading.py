@@ -20,7 +20,7 @@ from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
+from bitnet_cli.nn.int8 import ENGINES, HEADS, exact_in_float16, to_int8
 from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
 from bitnet_cli.store.runs import TOKENIZER_FILE
@@ -98,15 +98,16 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         model.to(device)
     model.eval()
     note = None
+    # Trained float32 weights fail this at their first rows; a bf16 source's pass it.
+    half_exact = engine != "float" and exact_in_float16(model.lm_head.weight)
     if head is None:
-        head = "float32" if "imported" in trainer and not _exact_in_float16(model.lm_head.weight) \
-            else "float16"
+        head = "float32" if "imported" in trainer and not half_exact else "float16"
     if engine == "2bit":
-        why = to_packed(model, head, load)
+        why = to_packed(model, head, load, half_exact)
         if why is not None:
             engine, note = "int8", f"2bit engine not used: {why}; decoding with the int8 engine"
     if engine == "int8":
-        why = to_int8(model, head, load=load)
+        why = to_int8(model, head, load=load, head_is_half_exact=half_exact)
         if why is not None:
             engine, note = "float", f"int8 engine not used: {why}"
     for module in model.modules():  # what no engine took runs in float: its weights, too
@@ -118,13 +119,6 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
                        stop_ids=_stop_ids(trainer, config, checkpoint),
                        chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE))
-
-
-def _exact_in_float16(weight: torch.Tensor) -> bool:
-    """Whether float16 holds these weights to its finest step, 2**-24 (a bfloat16 or float16
-    source: 2B4T's; bfloat16 values below float16's normal range lose bits, not accuracy)."""
-    return all(float((rows.half().float() - rows).abs().max()) <= 2 ** -25
-               for rows in weight.detach().split(4096))
 
 
 def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
