@@ -98,8 +98,10 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         model.to(device)
     model.eval()
     note = None
-    # Trained float32 weights fail this at their first rows; a bf16 source's pass it.
-    half_exact = engine != "float" and exact_in_float16(model.lm_head.weight)
+    # Only a float16 head asks (trained float32 weights fail at their first rows; a bf16
+    # source's pass): an explicit float32 or int8 head skips the pass over 2B4T's 1.3 GB table.
+    half_exact = (engine != "float" and head in (None, "float16")
+                  and exact_in_float16(model.lm_head.weight))
     if head is None:
         head = "float32" if "imported" in trainer and not half_exact else "float16"
     if engine == "2bit":
