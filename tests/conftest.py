@@ -18,7 +18,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
 @pytest.fixture(scope="session", autouse=True)
 def ternary_kernel():
     """Built before the first test, so that no test's output holds the one-time compile note."""
-    from bitnet_cli.nn.kernel_build import ternary_ops
+    from bitnet_cli.nn.kernel import ternary_ops
     return ternary_ops()[0]
 
 

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from bitnet_cli.bench import decode_speed, shapes, train_speed
-from bitnet_cli.nn import kernel_build
+from bitnet_cli.nn import kernel
 from bitnet_cli.ui.bench_tables import bench_report
 from bitnet_cli.config.presets import PRESETS
 from tests.cli import invoke
@@ -75,7 +75,7 @@ def test_sections_run_count_bytes_and_render_without_a_compiler(monkeypatch):
     (the 2bit engine, the fused step, compiling) left out and said why. (Compiling costs half a minute on a cold cache; the slow test below does it.)"""
     import torch._inductor.config  # noqa: F401  it reads $CXX once, at import: not the fake one
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(kernel_build, "_loaded", {})  # as in a fresh process
+    monkeypatch.setattr(kernel, "_loaded", {})  # as in a fresh process
     results, text = run_sections()
     why = "no C++ compiler for torch.compile (CXX=no-such-compiler does not run)"
     assert results["decode"][0]["notes"] == [

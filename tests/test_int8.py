@@ -6,17 +6,14 @@ Tolerances, and why:
   twice in float32 (the product of the scales, the division). Measured: at most 1.87 * 2**-24.
 - Against BitLinear's own float32 forward: within 2e-6 of each token's largest output. That is
   the float path's error (it rounds every product and partial sum). Measured: at most 4.6e-7.
-- Whole trained models, the int8 engine (float16 head) against the float engine (float32):
-  logits within 3% of the largest |logit| at worst and 0.05% on average, the same greedy
-  tokens, and the same top choice at 99% of positions. Not tighter, because an activation
-  within float rounding of a quantization boundary may round either way in the two engines: that
-  token's code moves one step (1/127 of its largest value) and the difference travels on. The
-  float engine does the same to itself when only the batch shape changes its summation order.
-  Measured on the tiny checkpoints below over 256 random windows each: at most 1.0%, mean at
-  most 0.006%, top choice the same at 99.6% (tinystories, 2 threads: a 30-step model has many
-  near-ties) to 99.99% or more; with a float32 head instead of float16
-  the worst case is unchanged (the head is not what makes it).
-- Greedy generation from each experiment's prompt: token-identical.
+- Whole models, the int8 engine against the float engine: the engines' contract
+  (tests/contract.py, the README): logits within 3% of each position's largest |logit|, greedy
+  tokens the same wherever the top two are further apart than twice that. Not tighter, because
+  an activation within float rounding of a quantization boundary may round either way in the two
+  engines: that token's code moves one step (1/127 of its largest value) and the difference
+  travels on. The float engine does the same to itself when only the batch shape changes its
+  summation order, and so does any engine on another CPU. Measured on the tiny checkpoints below
+  over 256 random windows each: at most 1.0%.
 """
 
 import copy
@@ -35,9 +32,9 @@ from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
                                 to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
-from bitnet_cli.tasks.tictactoe import ModelPlayer, play_matches
 from tests.cli import runner
-from tests.models import SHORT_STEPS
+from tests.contract import assert_greedy_agree, same_continuation, stepped_logits
+from tests.models import SHORT_STEPS, random_checkpoint
 
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
            "tinystories": "Once upon a time", "baseline": "The dog"}
@@ -107,20 +104,21 @@ def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
     assert sum(isinstance(m, BitLinear) for m in elsewhere.modules()) == 2 * 7
 
 
-def test_half_head_rounds_only_where_float16_must():
-    """Several rows: the float16 weights widened, so only their own rounding remains. One row
-    (decoding): input and output are float16 too, each rounded by at most 2**-11 relative."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_half_head_sums_in_float32_for_one_row_as_for_many(ternary_kernel, kernel):
+    """The float16 table's only rounding is its own: inputs, products and sums are float32
+    whether one row goes through (the kernel's rows, or the table widened where there is no
+    kernel) or several."""
     torch.manual_seed(0)
-    weight = torch.randn(1000, 64) * 0.02
-    head = HalfHead(weight)
-    x = torch.randn(5, 64)
+    weight = torch.randn(5000, 72) * 0.02
+    head = HalfHead(weight, ternary_kernel if kernel else None)
+    x = torch.randn(5, 72)
     stored = weight.half().double()
     exact = x.double() @ stored.T
-    torch.testing.assert_close(head(x).double(), exact, rtol=1e-6, atol=1e-7)
-    one = torch.cat([head(row[None]) for row in x]).double()
-    bound = 2**-10 * (x.double().abs() @ stored.abs().T) + 1e-7
-    assert ((one - exact).abs() <= bound).all()
-    assert head(x).dtype == torch.float32 and head(x[:1]).dtype == torch.float32
+    bound = 72 * 2**-24 * (x.double().abs() @ stored.abs().T) + 1e-30
+    for got in (head(x), torch.cat([head(row[None]) for row in x]), head(x[None])[0]):
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() <= bound).all()
 
 
 @pytest.fixture(params=list(PROMPTS))
@@ -141,15 +139,14 @@ def assert_engines_agree(checkpoint, prompt: str, max_new_tokens: int = 64) -> N
     ids = torch.randint(0, slow.config.vocab_size, (8, slow.config.max_position_embeddings),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference, logits = slow.model(ids), fast.model(ids)
-    scale = reference.abs().max()
-    diff = (logits - reference).abs() / scale
-    assert diff.max() <= 3e-2 and diff.mean() <= 5e-4, (diff.max(), diff.mean())
-    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.99
+        assert_greedy_agree(fast.model(ids), slow.model(ids))
 
     prompt_ids = slow.tokenizer.encode(prompt).ids
     steps = min(max_new_tokens, slow.config.max_position_embeddings - len(prompt_ids))
-    assert list(generate(fast.model, prompt_ids, steps)) == list(generate(slow.model, prompt_ids, steps))
+    tokens = list(generate(slow.model, prompt_ids, steps))
+    with torch.no_grad():
+        chose = slow.model(torch.tensor([prompt_ids + tokens[:-1]]))[0, len(prompt_ids) - 1:]
+    assert same_continuation(list(generate(fast.model, prompt_ids, steps)), chose, tokens)
 
 
 def test_int8_engine_agrees_with_float_on_every_experiment(trained):
@@ -157,59 +154,45 @@ def test_int8_engine_agrees_with_float_on_every_experiment(trained):
     assert_engines_agree(checkpoint, PROMPTS[experiment])
 
 
-def test_engine_option_of_chat_and_eval(tmp_path, monkeypatch):
-    """--engine picks the engine; int8 is the CPU default; a --quant none model says why it
-    stays in float; a bad engine is one clear line."""
-    monkeypatch.setenv("BITNET_HOME", str(tmp_path))
-    for name, quant in (("ternary", "ternary"), ("twin", "none")):
-        result = runner.invoke(app, ["train", "simple", "--steps", "20", "--eval-every", "20",
-                                     "--no-compile", "--quant", quant, "--name", name])
+def test_engine_option_of_chat_and_eval(short_run, tmp_path):
+    """--engine picks the engine (2bit the CPU default), each says so; eval's held-out loss
+    agrees between engines as their logits do; a --quant none model says why it stays in float;
+    a bad engine is one clear line."""
+    run = str(short_run("simple"))
+    for engine, flags in (("2bit", []), ("int8", ["--engine", "int8"]), ("float", ["--engine", "float"])):
+        result = runner.invoke(app, ["chat", run, "--prompt", "d3=", "--temperature", "0", *flags])
         assert result.exit_code == 0, result.stderr
-    replies = {}
-    for engine in ([], ["--engine", "int8"], ["--engine", "float"]):
-        result = runner.invoke(app, ["chat", "ternary", "--prompt", "d3=", "--temperature", "0",
-                                     *engine])
-        assert result.exit_code == 0, result.stderr
-        replies[tuple(engine)] = result.stdout
-    assert len(set(replies.values())) == 1
+        assert f"{engine} engine]" in result.stderr.splitlines()[-1]
 
     reports = {}
     for engine in ("int8", "float"):
-        result = runner.invoke(app, ["eval", "ternary", "--json", "--engine", engine])
+        result = runner.invoke(app, ["eval", run, "--json", "--engine", engine])
         assert result.exit_code == 0, result.stderr
         reports[engine] = json.loads(result.stdout)
     assert reports["int8"]["engine"] == "int8" and reports["float"]["engine"] == "float"
     assert reports["int8"]["params"] == reports["float"]["params"]
-    assert reports["int8"]["metrics"]["acc"] == reports["float"]["metrics"]["acc"]
     assert reports["int8"]["metrics"]["loss"] == pytest.approx(reports["float"]["metrics"]["loss"],
-                                                               rel=1e-3)
+                                                               rel=1e-2)
 
-    result = runner.invoke(app, ["chat", "twin", "--prompt", "d3=", "--temperature", "0"])
+    twin = random_checkpoint(tmp_path / "twin", quant="none")
+    result = runner.invoke(app, ["chat", str(twin), "--prompt", "d3=", "--temperature", "0"])
     assert result.exit_code == 0
     assert "int8 engine not used: it has no ternary layers (trained with --quant none)" in result.stderr
-    result = runner.invoke(app, ["eval", "ternary", "--engine", "fp4"])
+    result = runner.invoke(app, ["eval", run, "--engine", "fp4"])
     assert result.exit_code == 1
     assert result.stderr == "error: --engine must be one of 2bit, int8, float, got 'fp4'\n"
 
 
-class RecordingPlayer(ModelPlayer):
-    """A model player that keeps every move it chose."""
-    moves: list
-
-    def choose(self, games):
-        chosen = super().choose(games)
-        self.moves = getattr(self, "moves", []) + [chosen]
-        return chosen
+# The int8 head rounds its input to 8 bits and each row to int8: its own bound, wider than the
+# float engines' (measured on the tiny checkpoints: at most 1.2%; the float engines 0.8%).
+INT8_HEAD_BOUND = 0.05
 
 
-def test_int8_head_keeps_the_float16_heads_greedy_tokens(trained):
-    """--head int8 (the output layer as int8, one scale per row, its input rounded to 8 bits) is
-    offered because its greedy tokens are the float16 head's on every trained checkpoint (for
-    tic-tac-toe, its moves: the opponent's turns are never trained, so a free-running greedy
-    continuation there reads untrained, nearly tied logits). It is not the default: on random
-    windows its top choice is the float16 head's at 99.6-100% of positions, but at 94.9% on the
-    30-step baseline model, whose 512 logits are nearly flat (measured; the floor below leaves
-    room for other CPUs)."""
+def test_int8_head_keeps_the_contract_with_its_own_bound(trained):
+    """--head int8 (the output layer as int8, one scale per row, its input rounded to 8 bits)
+    keeps the engines' contract with the float16 head, at its own bound: on random windows of
+    every trained checkpoint, and along a greedy continuation. It is not the default: where
+    logits are nearly flat (a barely trained model), the wider bound decides fewer tokens."""
     experiment, checkpoint = trained
     half = load_model(str(checkpoint))
     quarter = load_model(str(checkpoint), head="int8")
@@ -217,18 +200,14 @@ def test_int8_head_keeps_the_float16_heads_greedy_tokens(trained):
     ids = torch.randint(0, half.config.vocab_size, (8, half.config.max_position_embeddings),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference, logits = half.model(ids), quarter.model(ids)
-    agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
-    if experiment == "tictactoe":  # every game eval plays, move for move
-        players = [RecordingPlayer(loaded.model, loaded.tokenizer) for loaded in (quarter, half)]
-        for player in players:
-            play_matches(player, 20, 0)
-        assert players[0].moves == players[1].moves
-    else:
-        prompt_ids = half.tokenizer.encode(PROMPTS[experiment]).ids
-        steps = min(64, half.config.max_position_embeddings - len(prompt_ids))
-        assert list(generate(quarter.model, prompt_ids, steps)) == list(generate(half.model, prompt_ids, steps))
-    assert agree >= (0.92 if experiment == "baseline" else 0.99)
+        assert_greedy_agree(quarter.model(ids), half.model(ids), INT8_HEAD_BOUND)
+    prompt_ids = half.tokenizer.encode(PROMPTS[experiment]).ids
+    steps = min(64, half.config.max_position_embeddings - len(prompt_ids))
+    tokens = list(generate(half.model, prompt_ids, steps))
+    with torch.no_grad():
+        chose = half.model(torch.tensor([prompt_ids + tokens[:-1]]))[0, len(prompt_ids) - 1:]
+    assert same_continuation(list(generate(quarter.model, prompt_ids, steps)), chose, tokens,
+                             INT8_HEAD_BOUND)
 
 
 def test_stacked_layers_give_each_layers_own_output_exactly():
@@ -270,25 +249,26 @@ def test_the_engine_swaps_each_shared_input_group_whole():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_decode_step_keeps_the_greedy_tokens(tmp_path):
-    """chat --compile decodes the per-op path through a compiled one-token step: the same
-    greedy tokens as the eager engine; where compiling fails, one line and eager decoding, the
-    same tokens."""
+def test_compiled_decode_step_keeps_the_engines_contract(tmp_path):
+    """chat --compile decodes the per-op path through a compiled one-token step: inductor sums in
+    its own order, so it keeps the engines' contract with the eager step along the same tokens;
+    where compiling fails, one line and eager decoding, the eager floats exactly."""
     from tests.models import random_checkpoint, story_tokenizer
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer(),
                                    max_position_embeddings=48)
     loaded = load_model(str(checkpoint))
     prompt = list(range(1, 9))
     eager = list(generate(loaded.model, prompt, 32))
+    eager_logits = stepped_logits(loaded.model, loaded.model, prompt, eager)
     step = DecodeStep(loaded.model, compile=True, fused=False)
     step.warm_up()
     assert step.forward is not loaded.model
-    assert list(generate(loaded.model, prompt, 32, step=step)) == eager
+    assert_greedy_agree(stepped_logits(loaded.model, step, prompt, eager), eager_logits)
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor exploded\nsecond line")
     notes = []
     failing = DecodeStep(loaded.model, compile=True, notice=notes.append, fused=False)
     failing.forward = broken
-    assert list(generate(loaded.model, prompt, 32, step=failing)) == eager
+    assert torch.equal(stepped_logits(loaded.model, failing, prompt, eager), eager_logits)
     assert notes == ["torch.compile failed (RuntimeError: inductor exploded); decoding eagerly"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bitnet_cli.nn import kernel_build, packed
+from bitnet_cli.nn import kernel, packed
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import Int8Linear
 from bitnet_cli.nn.model import generate
@@ -22,13 +22,13 @@ from tests.test_int8 import PROMPTS
 
 @pytest.fixture(scope="module")
 def ops():
-    ops, why = kernel_build.ternary_ops()
+    ops, why = kernel.ternary_ops()
     assert ops is not None, why  # this machine has g++: the kernel must build here
     return ops
 
 
 def path_names(ops):
-    return [name for name, number in kernel_build.PATHS.items() if number in ops.isas()]
+    return [name for name, number in kernel.PATHS.items() if number in ops.isas()]
 
 
 def test_this_cpu_runs_every_path(ops):
@@ -103,7 +103,7 @@ def test_trained_models_decode_as_the_int8_engine_to_the_bit(ops, short_run, mon
 
 
 def test_without_a_compiler_it_is_int8_and_one_note(short_run, monkeypatch):
-    monkeypatch.setattr(kernel_build, "_loaded", {})
+    monkeypatch.setattr(kernel, "_loaded", {})
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     run = short_run("arithmetic")
     result = invoke("chat", run, "--prompt", "012+035=")
@@ -111,7 +111,7 @@ def test_without_a_compiler_it_is_int8_and_one_note(short_run, monkeypatch):
         "2bit engine not used: no C++ compiler (CXX=/nonexistent/g++ does not run); "
         "decoding with the int8 engine")
     assert len(result.stderr.splitlines()) == 2  # and chat's line of figures
-    monkeypatch.setattr(kernel_build, "_loaded", {})
+    monkeypatch.setattr(kernel, "_loaded", {})
     monkeypatch.delenv("CXX")
     assert invoke("chat", run, "--prompt", "012+035=").stdout == result.stdout
 
@@ -135,7 +135,7 @@ def test_a_damaged_build_is_rebuilt_and_two_processes_build_once(tmp_path):
     the lock and loads that build. Then the built library is damaged: the next process says
     nothing is wrong, removes it, compiles again and still gets exact sums."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    check = ("from bitnet_cli.nn import kernel_build as k; ops, why = k.ternary_ops(); "
+    check = ("from bitnet_cli.nn import kernel as k; ops, why = k.ternary_ops(); "
              "assert ops is not None, why; print('ok')")
     starts = [subprocess.Popen([sys.executable, "-c", check], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -153,7 +153,7 @@ def test_a_damaged_build_is_rebuilt_and_two_processes_build_once(tmp_path):
 def test_an_unwritable_build_folder_is_int8_and_one_note(short_run, monkeypatch, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    monkeypatch.setattr(kernel_build, "_loaded", {})
+    monkeypatch.setattr(kernel, "_loaded", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocked / "kernels"))
     loaded = load_model(str(short_run("simple")))
     assert loaded.engine == "int8"

@@ -15,7 +15,7 @@ from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS, best_of, build
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
-from bitnet_cli.nn.kernel_build import ternary_ops
+from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import PackedLinear, to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 
@@ -50,7 +50,7 @@ def decode_rate(model, prompt: list[int], context, step=None) -> float:
 
 # The engines decode() times: (name, engine, head, how each token is decoded), the float
 # engine's two precisions added to these. The first is the CPU default. "fused" is the fused
-# step (one call per token, decoding.FusedDecode), "per-op" the model's own forward in eager
+# step (one call per token, fused_decode.FusedDecode), "per-op" the model's own forward in eager
 # PyTorch (how both engines decoded before the fused step), "compiled" that forward compiled.
 ENGINES = [("2bit", "2bit", "float16", "fused"), ("2bit, int8 head", "2bit", "int8", "fused"),
            ("2bit per-op", "2bit", "float16", "per-op"),

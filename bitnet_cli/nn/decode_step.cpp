@@ -1,12 +1,13 @@
 // One decoded token through the whole model in one call: the 2bit (and int8) engines' decode
 // step, without the hundreds of small torch ops (and their dispatch) that a token costs in
-// eager PyTorch. nn/decoding.py gathers the model's tensors and calls it for every new token.
+// eager PyTorch. nn/fused_decode.py gathers the model's tensors and calls it for every new token.
 //
 // The ternary projections are the exact sums the engines compute anywhere (2-bit packed rows
 // through ternary_kernel.cpp, or int8 rows through torch._int_mm), rescaled as BitLinear does.
 // The float work around them (RMSNorm, RoPE, attention, the gate, the head) is computed here in
-// float32 in its own order, so the logits differ from the per-op path's in the last bits; the
-// 2bit and int8 engines share this code, so theirs equal each other's to the bit.
+// float32 in one fixed order (Loops, below), the same on every path: the logits differ from the
+// per-op path's in the last bits, and equal themselves on every CPU and path; the 2bit and int8
+// engines share this code, so theirs equal each other's to the bit.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
@@ -32,36 +33,153 @@ namespace {
 
 constexpr int64_t RELU2 = 0, SILU = 1;  // the FFN gates (config.ACTIVATIONS)
 
-#ifdef BITNET_X86
-// Loops that the compiler vectorizes, built for each of these ISAs and picked by the CPU at load
-// time. The arithmetic is the source's either way (no reassociation, no FMA contraction), so
-// every build gives the same floats, only faster.
-#define VECTOR_LOOPS __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VECTOR_LOOPS
-#endif
-
-// The sum of a[i] * b[i] over sixteen running partials, added pairwise: a fixed order, and
-// one the compiler turns into SIMD (a single running sum would be a chain of scalar adds).
-VECTOR_LOOPS float dot(const float* a, const float* b, int64_t n) {
-  float partial[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) partial[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) partial[0] += a[i] * b[i];
+// The float loops, in one fixed order of operations: a sum of products runs over sixteen
+// partial sums (a[i] * b[i] into partial i % 16; a tail past the last sixteen into partial 0),
+// then adds them pairwise (j + 8, then + 4, + 2, + 1). Every path computes exactly that, with
+// no FMA contraction (built with -ffp-contract=off): the compiler vectorizes the plain loops for
+// each path's target, and the float16 head's intrinsics keep the same lanes. So every path, on
+// every CPU, gives the same floats bit for bit (kernel_check.py holds each to the portable one).
+__attribute__((always_inline)) inline float reduce16(float* partial) {
   for (int width = 8; width > 0; width /= 2)
     for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
   return partial[0];
 }
 
+__attribute__((always_inline)) inline float dot_body(const float* a, const float* b, int64_t n) {
+  float partial[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) partial[0] += a[i] * b[i];
+  return reduce16(partial);
+}
+
 // out += p * v
-VECTOR_LOOPS void add_scaled(float* out, float p, const float* v, int64_t n) {
+__attribute__((always_inline)) inline void add_scaled_body(float* out, float p, const float* v,
+                                                           int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
 }
 
+// One float16 head row: the dot product with the row widened to float32 (exactly), as dot_body.
+__attribute__((always_inline)) inline float dot_half_body(const float* x, const c10::Half* w,
+                                                          int64_t n) {
+  float partial[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += x[i + j] * float(w[i + j]);
+  for (; i < n; ++i) partial[0] += x[i] * float(w[i]);
+  return reduce16(partial);
+}
+
+float dot_portable(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }
+void add_scaled_portable(float* out, float p, const float* v, int64_t n) {
+  add_scaled_body(out, p, v, n);
+}
+void half_rows_portable(const float* x, const c10::Half* w, int64_t k, int64_t begin,
+                        int64_t end, float* out) {
+  for (int64_t v = begin; v < end; ++v) out[v] = dot_half_body(x, w + v * k, k);
+}
+
+#ifdef BITNET_X86
+__attribute__((target("avx2"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  return dot_body(a, b, n);
+}
+__attribute__((target("avx2"))) void add_scaled_avx2(float* out, float p, const float* v,
+                                                     int64_t n) {
+  add_scaled_body(out, p, v, n);
+}
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t n) {
+  return dot_body(a, b, n);
+}
+__attribute__((target("avx512f"))) void add_scaled_avx512(float* out, float p, const float* v,
+                                                          int64_t n) {
+  add_scaled_body(out, p, v, n);
+}
+
+// The sixteen partials, as two halves of eight (lanes j and j + 8), summed pairwise as reduce16.
+__attribute__((target("avx2,f16c"))) inline float reduce_halves(__m256 low, __m256 high) {
+  const __m256 s8 = _mm256_add_ps(low, high);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// A row whose length is not a multiple of 16: the partials spilled, the tail into partial 0.
+__attribute__((always_inline)) inline float finish_row(const float* x, const c10::Half* row,
+                                                       int64_t whole, int64_t k, float* partial) {
+  for (int64_t i = whole; i < k; ++i) partial[0] += x[i] * float(row[i]);
+  return reduce16(partial);
+}
+
+__attribute__((target("avx2,f16c")))
+void half_rows_avx2(const float* x, const c10::Half* w, int64_t k, int64_t begin, int64_t end,
+                    float* out) {
+  const int64_t whole = k / 16 * 16;
+  for (int64_t v = begin; v < end; ++v) {
+    const c10::Half* row = w + v * k;
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bits + i)));
+      const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bits + i + 8)));
+      low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(x + i), w0));
+      high = _mm256_add_ps(high, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), w1));
+    }
+    if (whole == k) {
+      out[v] = reduce_halves(low, high);
+    } else {
+      float partial[16];
+      _mm256_storeu_ps(partial, low);
+      _mm256_storeu_ps(partial + 8, high);
+      out[v] = finish_row(x, row, whole, k, partial);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx2,f16c")))
+void half_rows_avx512(const float* x, const c10::Half* w, int64_t k, int64_t begin, int64_t end,
+                      float* out) {
+  const int64_t whole = k / 16 * 16;
+  for (int64_t v = begin; v < end; ++v) {
+    const c10::Half* row = w + v * k;
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16)
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_cvtph_ps(
+                                                 _mm256_loadu_si256((const __m256i*)(bits + i)))));
+    if (whole == k) {
+      out[v] = reduce_halves(_mm512_castps512_ps256(acc),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    } else {
+      float partial[16];
+      _mm512_storeu_ps(partial, acc);
+      out[v] = finish_row(x, row, whole, k, partial);
+    }
+  }
+}
+#endif
+
+using HalfRows = void (*)(const float*, const c10::Half*, int64_t, int64_t, int64_t, float*);
+
+// A path's float loops.
+struct Loops {
+  float (*dot)(const float*, const float*, int64_t);
+  void (*add_scaled)(float*, float, const float*, int64_t);
+  HalfRows half_rows;
+};
+
+Loops loops_for(int64_t isa) {
+#ifdef BITNET_X86
+  if (isa == VNNI) return {dot_avx512, add_scaled_avx512, half_rows_avx512};
+  if (isa == AVX2) return {dot_avx2, add_scaled_avx2, half_rows_avx2};
+#endif
+  return {dot_portable, add_scaled_portable, half_rows_portable};
+}
+
 // out = weight * (x / sqrt(mean(x^2) + eps)).
-void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
-  const float inv = 1.0f / std::sqrt(dot(x, x, n) / float(n) + eps);
+void rms_norm(const Loops& f, const float* x, const float* weight, int64_t n, float eps,
+              float* out) {
+  const float inv = 1.0f / std::sqrt(f.dot(x, x, n) / float(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
 }
 
@@ -69,7 +187,7 @@ void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* 
 void bit_linear(const float* x, int64_t k, const at::Tensor& weight, const at::Tensor& scale,
                 int64_t isa, float* out) {
   const int64_t n = weight.size(0);
-  const Tokens tokens = quantize_tokens(x, 1, k);
+  const Tokens tokens = quantize_tokens(x, 1, k, isa);
   std::vector<int32_t> sums(n);
   if (weight.scalar_type() == at::kByte) {
     ternary_sums(tokens, weight, isa, sums.data());
@@ -99,7 +217,7 @@ void rope(float* heads, int64_t count, int64_t dim, const float* cos, const floa
 
 // Causal attention of one query token over positions 0..length-1 of the cache, every query head
 // reading its group's key/value head (grouped-query attention). cache: (kv_heads, ctx, dim).
-void attend(const float* q, const float* keys, const float* values, int64_t heads,
+void attend(const Loops& f, const float* q, const float* keys, const float* values, int64_t heads,
             int64_t kv_heads, int64_t ctx, int64_t dim, int64_t length, float* out) {
   const float scale = 1.0f / std::sqrt(float(dim));
   const int64_t group = heads / kv_heads;
@@ -111,64 +229,19 @@ void attend(const float* q, const float* keys, const float* values, int64_t head
       const float* vh = values + (h / group) * ctx * dim;
       float most = -INFINITY;
       for (int64_t j = 0; j < length; ++j) {
-        scores[j] = dot(qh, kh + j * dim, dim) * scale;
+        scores[j] = f.dot(qh, kh + j * dim, dim) * scale;
         most = std::max(most, scores[j]);
       }
       float total = 0.0f;
       for (int64_t j = 0; j < length; ++j) total += scores[j] = std::exp(scores[j] - most);
       float* oh = out + h * dim;
       std::fill_n(oh, dim, 0.0f);
-      for (int64_t j = 0; j < length; ++j) add_scaled(oh, scores[j] / total, vh + j * dim, dim);
+      for (int64_t j = 0; j < length; ++j) f.add_scaled(oh, scores[j] / total, vh + j * dim, dim);
     }
   });
 }
 
-// The float16 head: logits[v] = sum_i x[i] * W[v, i], W widened to float32, sums in float32.
-void half_rows(const float* x, const c10::Half* w, int64_t k, int64_t begin, int64_t end,
-               float* out) {
-  for (int64_t v = begin; v < end; ++v) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < k; ++i) sum += x[i] * float(w[v * k + i]);
-    out[v] = sum;
-  }
-}
-
 #ifdef BITNET_X86
-__attribute__((target("avx512f")))
-void half_rows_avx512(const float* x, const c10::Half* w, int64_t k, int64_t begin, int64_t end,
-                      float* out) {
-  const int64_t whole = k / 16 * 16;
-  for (int64_t v = begin; v < end; ++v) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(w + v * k);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 16)
-      acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(row + i))),
-                            _mm512_loadu_ps(x + i), acc);
-    float sum = _mm512_reduce_add_ps(acc);
-    for (int64_t i = whole; i < k; ++i) sum += x[i] * float(w[v * k + i]);
-    out[v] = sum;
-  }
-}
-
-__attribute__((target("avx2,fma,f16c")))
-void half_rows_avx2(const float* x, const c10::Half* w, int64_t k, int64_t begin, int64_t end,
-                    float* out) {
-  const int64_t whole = k / 8 * 8;
-  for (int64_t v = begin; v < end; ++v) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(w + v * k);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 8)
-      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))),
-                            _mm256_loadu_ps(x + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float sum = _mm_cvtss_f32(s);
-    for (int64_t i = whole; i < k; ++i) sum += x[i] * float(w[v * k + i]);
-    out[v] = sum;
-  }
-}
-
 // The int8 head's sums: dpbusd multiplies unsigned by signed bytes, so the input codes go in
 // as x + 128 (flipped once, not per row) and 128 * sum(w) (each row's, computed once at load)
 // is taken off again. Four rows at a time share each input load and one final reduction.
@@ -267,30 +340,28 @@ Int8Rows int8_rows_for(int64_t isa) {
   return int8_rows;
 }
 
+constexpr int64_t GRAIN = 256;  // head rows per task: a few microseconds each
+
 // The output layer at one token: float32 or float16 rows (head_sums undefined), or int8 rows
 // with one scale each and their sums of codes, quantized and rescaled as Int8Linear does.
 void head_logits(const float* x, int64_t k, const at::Tensor& head, const at::Tensor& scale,
                  const at::Tensor& head_sums, int64_t isa, float* out) {
   const int64_t vocab = head.size(0);
-  constexpr int64_t GRAIN = 256;  // rows per task: a few microseconds each
+  const Loops f = loops_for(isa);
   if (head.scalar_type() == at::kFloat) {
     const float* w = head.data_ptr<float>();
     at::parallel_for(0, vocab, GRAIN, [&](int64_t b, int64_t e) {
-      for (int64_t v = b; v < e; ++v) out[v] = dot(x, w + v * k, k);
+      for (int64_t v = b; v < e; ++v) out[v] = f.dot(x, w + v * k, k);
     });
     return;
   }
   if (head.scalar_type() == at::kHalf) {
-    auto rows = half_rows;
-#ifdef BITNET_X86
-    if (isa == VNNI) rows = half_rows_avx512;
-    else if (isa == AVX2) rows = half_rows_avx2;
-#endif
+    const HalfRows rows = f.half_rows;
     const c10::Half* w = head.data_ptr<c10::Half>();
     at::parallel_for(0, vocab, GRAIN, [&](int64_t b, int64_t e) { rows(x, w, k, b, e, out); });
     return;
   }
-  const Tokens tokens = quantize_tokens(x, 1, k);
+  const Tokens tokens = quantize_tokens(x, 1, k, isa);
   const auto rows = int8_rows_for(isa);
   std::vector<int32_t> sums(vocab);
   const int8_t* w = head.data_ptr<int8_t>();
@@ -320,6 +391,7 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
                        at::TensorList keys, at::TensorList values, int64_t heads, double eps,
                        int64_t activation, int64_t isa) {
   isa = resolve_isa(isa);
+  const Loops f = loops_for(isa);
   const int64_t layers = keys.size(), d = embed.size(1);
   check(layers > 0 && int64_t(values.size()) == layers && int64_t(norms.size()) == 4 * layers + 1 &&
         int64_t(weights.size()) == 4 * layers && int64_t(scales.size()) == 4 * layers,
@@ -341,7 +413,7 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
   const float* cos_row = cos.data_ptr<float>() + position * dim;
   const float* sin_row = sin.data_ptr<float>() + position * dim;
   for (int64_t l = 0; l < layers; ++l) {
-    rms_norm(x.data(), norms[4 * l].data_ptr<float>(), d, feps, normed.data());
+    rms_norm(f, x.data(), norms[4 * l].data_ptr<float>(), d, feps, normed.data());
     bit_linear(normed.data(), d, weights[4 * l], scales[4 * l], isa, qkv.data());
     float* q = qkv.data();
     float* k = q + d;
@@ -354,12 +426,12 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
       std::copy_n(k + h * dim, dim, key_cache + (h * ctx + position) * dim);
       std::copy_n(v + h * dim, dim, value_cache + (h * ctx + position) * dim);
     }
-    attend(q, key_cache, value_cache, heads, kv_heads, ctx, dim, position + 1, attended.data());
-    rms_norm(attended.data(), norms[4 * l + 1].data_ptr<float>(), d, feps, normed.data());
+    attend(f, q, key_cache, value_cache, heads, kv_heads, ctx, dim, position + 1, attended.data());
+    rms_norm(f, attended.data(), norms[4 * l + 1].data_ptr<float>(), d, feps, normed.data());
     bit_linear(normed.data(), d, weights[4 * l + 1], scales[4 * l + 1], isa, projected.data());
     for (int64_t i = 0; i < d; ++i) x[i] += projected[i];
 
-    rms_norm(x.data(), norms[4 * l + 2].data_ptr<float>(), d, feps, normed.data());
+    rms_norm(f, x.data(), norms[4 * l + 2].data_ptr<float>(), d, feps, normed.data());
     bit_linear(normed.data(), d, weights[4 * l + 2], scales[4 * l + 2], isa, gate_up.data());
     for (int64_t i = 0; i < ffn; ++i) {
       const float g = gate_up[i];
@@ -367,11 +439,11 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
                                               : g / (1.0f + std::exp(-g));
       hidden[i] = gated * gate_up[ffn + i];
     }
-    rms_norm(hidden.data(), norms[4 * l + 3].data_ptr<float>(), ffn, feps, normed.data());
+    rms_norm(f, hidden.data(), norms[4 * l + 3].data_ptr<float>(), ffn, feps, normed.data());
     bit_linear(normed.data(), ffn, weights[4 * l + 3], scales[4 * l + 3], isa, projected.data());
     for (int64_t i = 0; i < d; ++i) x[i] += projected[i];
   }
-  rms_norm(x.data(), norms[4 * layers].data_ptr<float>(), d, feps, normed.data());
+  rms_norm(f, x.data(), norms[4 * layers].data_ptr<float>(), d, feps, normed.data());
   auto logits = at::empty({head.size(0)}, at::kFloat);
   head_logits(normed.data(), d, head, head_scale, head_sums, isa, logits.data_ptr<float>());
   return logits;
@@ -396,7 +468,26 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t isa) {
   return out;
 }
 
+// x: (m, in) float32; w: (out, in) float16 -> (m, out) float32: the float16 head for a few rows
+// (the per-op path's prompt and tokens), summed in float32 exactly as the fused step's head.
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && w.dim() == 2 &&
+              w.scalar_type() == at::kHalf && x.size(1) == w.size(1),
+              "half_linear wants float32 (m, k) and float16 (n, k)");
+  const HalfRows rows = loops_for(resolve_isa(isa)).half_rows;
+  const auto xc = x.contiguous(), wc = w.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
+  auto out = at::empty({m, n}, at::kFloat);
+  for (int64_t t = 0; t < m; ++t)
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      rows(xc.data_ptr<float>() + t * k, wc.data_ptr<c10::Half>(), k, b, e,
+           out.data_ptr<float>() + t * n);
+    });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(bitnet_ternary, m) {
+  m.def("half_linear(Tensor x, Tensor w, int isa) -> Tensor");  // the float16 head, float32 sums
   m.def("int8_mm(Tensor x, Tensor codes, int isa) -> Tensor");  // the int8 head's exact sums
   m.def("decode_step(int token, int position, Tensor embed, Tensor[] norms, Tensor[] weights, "
         "Tensor[] scales, Tensor head, Tensor head_scale, Tensor head_sums, Tensor cos, "
@@ -407,4 +498,5 @@ TORCH_LIBRARY_FRAGMENT(bitnet_ternary, m) {
 TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {
   m.impl("decode_step", &decode_step);
   m.impl("int8_mm", &int8_mm);
+  m.impl("half_linear", &half_linear);
 }

@@ -1,6 +1,5 @@
-"""How each new token is decoded: fused, compiled or per-op (DecodeStep), and the fused step
-itself, one call into bitnet's extension (decode_step.cpp) for a model whose projections the
-2bit or int8 engine runs.
+"""How each new token is decoded: fused (fused_decode.py: one call into bitnet's extension for a
+model whose projections the 2bit or int8 engine runs), compiled or per-op (DecodeStep).
 
 Eager PyTorch spends a token of the 95M model on some 400 small ops; dispatching them costs more
 than the matmuls (a profile: 1.4 ms of ternary sums, 1.3 ms of head, 3 ms of everything else).
@@ -15,53 +14,9 @@ from __future__ import annotations
 import torch
 
 from bitnet_cli.nn.compiled import compile_failure, compiler_problem, use_bitnet_cache
+from bitnet_cli.nn.fused_decode import FusedDecode
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8SharedInput
-from bitnet_cli.nn.kernel_build import ternary_ops
-
-GATES = {"relu2": 0, "silu": 1}  # decode_step.cpp's numbering
-
-
-class FusedDecode:
-    """`step(ids, cache)` for one new token (ids of shape (1, 1)), as the model would compute
-    it with last_only=True: the logits (1, 1, vocab), the cache extended by one position."""
-
-    def __init__(self, model, ops, path: int = 0):
-        self.ops, self.path = ops, path
-        config = model.config
-        self.vocab = config.vocab_size
-        self.heads, self.eps = config.num_attention_heads, config.rms_norm_eps
-        self.gate = GATES[config.activation]
-        self.embed = model.model.embed_tokens.weight.detach()
-        self.norms, self.weights, self.scales = [], [], []
-        for layer in model.model.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            self.norms += [layer.input_layernorm.weight, attention.attn_sub_norm.weight,
-                           layer.post_attention_layernorm.weight, mlp.ffn_sub_norm.weight]
-            for linear in (attention.qkv.whole, attention.o_proj, mlp.gate_up.whole,
-                           mlp.down_proj):
-                self.weights.append(linear.packed if hasattr(linear, "packed") else linear.codes)
-                self.scales.append(linear.scale)
-        self.norms = [w.detach() for w in self.norms + [model.model.norm.weight]]
-        head = model.lm_head
-        if isinstance(head, (HalfHead, torch.nn.Linear)):  # float16, or float32 kept as it is
-            self.head, self.head_scale = head.weight.detach().contiguous(), torch.empty(0)
-            self.head_sums = torch.empty(0, dtype=torch.int32)
-        else:
-            self.head, self.head_scale = head.codes, head.scale
-            self.head_sums = head.codes.sum(1, dtype=torch.int32)
-        self.cos, self.sin = model.rope_cos, model.rope_sin
-
-    def __call__(self, ids: torch.Tensor, cache, last_only: bool = True) -> torch.Tensor:
-        position = cache.length
-        keys = [k for k, _ in cache.layers]
-        values = [v for _, v in cache.layers]
-        logits = self.ops.decode_step(int(ids[0, -1]), position, self.embed, self.norms,
-                                      self.weights, self.scales, self.head, self.head_scale,
-                                      self.head_sums, self.cos, self.sin, keys, values,
-                                      self.heads, self.eps, self.gate, self.path)
-        cache.length += 1
-        return logits.view(1, 1, self.vocab)
-
+from bitnet_cli.nn.kernel import ternary_ops
 
 def fused_decode(model, path: int = 0) -> FusedDecode | None:
     """The fused step for `model`, or None where it cannot run it: a model not on the CPU, not

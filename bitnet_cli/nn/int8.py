@@ -23,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet_cli.errors import first_line
 from bitnet_cli.nn.bitlinear import BitLinear, SharedInput, activation_codes, ternary_codes
 
 ENGINES = ("2bit", "int8", "float")  # 2bit: nn/packed.py
+# The engines' contract (README, "Three engines, the same model"): their logits agree within this
+# share of the largest logit at each position, and their greedy tokens wherever the top two
+# logits are further apart than twice it. The integer sums of the 2bit and int8 engines are
+# identical everywhere; the floats around them differ by rounding, and an activation that lands
+# within rounding of a quantization boundary may take either code (~1% of the largest logit).
+LOGIT_BOUND = 0.03
 
 
 class Int8Linear(nn.Module):
@@ -108,18 +115,29 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class HalfHead(nn.Module):
     """The full-precision output projection stored in float16: half the bytes of float32 to read
-    for every token, and rounding 8x finer than bfloat16's. One row (decoding a token) is
-    multiplied in float16, a fast matrix-vector product on CPUs; several rows widen the weights
-    to float32 first, because CPUs have no fast float16 matrix-matrix product."""
+    for every token, and rounding 8x finer than bfloat16's. The products and sums are float32
+    for one row as for many (the input is not rounded to float16, nor are the logits: float16
+    logits would turn near ties into exact ties, broken differently by each CPU's kernels).
+    A few rows (decoding, the prompt's last position) go through the kernel's float16 rows
+    (`ops`, the 2-bit kernel's half_linear) where it is built; otherwise the table is widened to
+    float32 a slice at a time, so no float32 copy of it is ever whole in memory."""
 
-    def __init__(self, weight: torch.Tensor):
+    SLICE = 4096  # rows widened at a time: 40 MB at 2B4T's width
+    FEW = 4  # up to this many input rows, the kernel's rows beat widening
+
+    def __init__(self, weight: torch.Tensor, ops=None):
         super().__init__()
         self.register_buffer("weight", weight.detach().half())
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.numel() == x.shape[-1]:
-            return F.linear(x.half(), self.weight).float()
-        return F.linear(x.float(), self.weight.float())
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if self.ops is not None and not x.is_cuda and len(rows) <= self.FEW:
+            out = self.ops.half_linear(rows, self.weight, 0)
+        else:
+            out = torch.cat([F.linear(rows, part.float()) for part in self.weight.split(self.SLICE)],
+                            dim=-1)
+        return out.reshape(*x.shape[:-1], len(self.weight))
 
 
 class HalfEmbedding(nn.Module):
@@ -151,8 +169,8 @@ def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | N
         try:
             got = int_mm(a.to(device), b.to(device).t()).cpu()
         except (RuntimeError, NotImplementedError) as e:
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return f"torch._int_mm fails on {device.type} for a {k}x{n} layer ({first_line})"
+            return (f"torch._int_mm fails on {device.type} for a {k}x{n} layer "
+                    f"({first_line(e)})")
         if not torch.equal(got, a.long().mm(b.long().t()).int()):
             return f"torch._int_mm gives wrong results on {device.type} for a {k}x{n} layer"
     return None
@@ -162,14 +180,15 @@ HEADS = ("float16", "float32", "int8")
 
 
 def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
-            load=lambda layer: None, head_is_half_exact: bool = False) -> str | None:
+            load=lambda layer: None, head_is_half_exact: bool = False, ops=None) -> str | None:
     """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
     given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8),
     or not at all (float32). A float16 head that holds the weights exactly
     (`head_is_half_exact`) and is tied to the embedding serves it too (HalfEmbedding); the head
     goes first, so the float32 table is gone before the layers are converted.
     `load(layer)` gives a layer its weights just before they are converted (a model loaded for
-    use keeps them in the file until then). Returns why the model was left as it was, or None
+    use keeps them in the file until then); `ops`, the 2-bit kernel where it is built, serves the
+    float16 head's few-row products (HalfHead). Returns why the model was left as it was, or None
     when it was converted."""
     bitlinears = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children() if isinstance(child, BitLinear)]
@@ -182,7 +201,7 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
             return why
     weight = model.lm_head.weight
     if head != "float32":
-        model.lm_head = HalfHead(weight) if head == "float16" else Int8Linear.per_row(weight)
+        model.lm_head = HalfHead(weight, ops) if head == "float16" else Int8Linear.per_row(weight)
     embedding = model.model.embed_tokens
     if head == "float16" and head_is_half_exact and embedding.weight is weight:
         model.model.embed_tokens = HalfEmbedding(model.lm_head.weight)

@@ -2,7 +2,7 @@
 
 Decoding a token reads every weight once, so the bytes read are the time: the int8 engine
 reads 8 bits per ternary weight where 2 hold it. Here the codes are packed four to a byte once
-at load, and the compiled kernel (ternary_kernel.cpp, built by kernel_build.py) multiplies the
+at load, and the compiled kernel (ternary_kernel.cpp, built and checked by kernel.py) multiplies the
 packed rows by the same int8 input codes, with SIMD on x86 (AVX-512 VNNI, else AVX2) and plain
 C++ elsewhere. Its int32 sums are the exact integers `torch._int_mm` gives, and the one
 rescale is the same float32 division, so the outputs equal the int8 engine's bit for bit.
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from bitnet_cli.nn.int8 import Int8Linear, to_int8
-from bitnet_cli.nn.kernel_build import ternary_ops
+from bitnet_cli.nn.kernel import ternary_ops
 
-KERNEL_PATH = 0  # 0: the fastest path this CPU has; kernel_build.PATHS names the others
+KERNEL_PATH = 0  # 0: the fastest path kernel.py allows; kernel.PATHS names the others
 
 
 class PackedLinear(Int8Linear):
@@ -54,4 +54,4 @@ def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None,
     if ops is None:
         return why
     return to_int8(model, head, linear=PackedLinear, load=load,
-                   head_is_half_exact=head_is_half_exact)
+                   head_is_half_exact=head_is_half_exact, ops=ops)

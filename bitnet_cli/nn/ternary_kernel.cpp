@@ -147,16 +147,29 @@ std::array<TileKernel, TOKENS> kernels_for(int64_t isa) {
 
 }  // namespace
 
-bool supports(int64_t isa) {
+namespace {
+// The fastest path the engines may use (limit_paths): the best one that passed kernel.py's
+// checks, or the one BITNET_KERNEL names, so that one machine can run another CPU's paths.
+int64_t max_isa = VNNI;
+}  // namespace
+
+// A path is offered only where the CPU has every instruction it uses: AVX2's loops also use FMA
+// and F16C (the float16 head), the VNNI path all of AVX2's and AVX-512 F/BW/VNNI. A VM may mask
+// any of them; then the next path, never an illegal instruction.
+bool cpu_has(int64_t isa) {
 #ifdef BITNET_X86
   __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (isa == AVX2) return avx2;
   if (isa == VNNI)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vnni");
-  if (isa == AVX2) return __builtin_cpu_supports("avx2");
 #endif
   return isa == PORTABLE;
 }
+
+bool supports(int64_t isa) { return isa <= max_isa && cpu_has(isa); }
 
 int64_t resolve_isa(int64_t isa) {
   if (isa != AUTO) {
@@ -264,11 +277,11 @@ int32_t quantize_avx2(const float* row, int64_t k, int8_t* codes, float* scale) 
 
 }  // namespace
 
-Tokens quantize_tokens(const float* x, int64_t m, int64_t k) {
+Tokens quantize_tokens(const float* x, int64_t m, int64_t k, int64_t isa) {
   const int64_t kp = padded(k);
   Tokens tokens{std::vector<int8_t>(m * kp, 0), std::vector<int32_t>(m, 0),
                 std::vector<float>(m), m, kp};
-  const auto quantize = supports(AVX2) ? quantize_avx2 : quantize_portable;
+  const auto quantize = resolve_isa(isa) >= AVX2 ? quantize_avx2 : quantize_portable;
   at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       tokens.sums[t] = quantize(x + t * k, k, tokens.codes.data() + t * kp, &tokens.scales[t]);
@@ -313,7 +326,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
   const auto ws = w_scale.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
   check_packed(packed, k);
-  const Tokens tokens = quantize_tokens(xc.data_ptr<float>(), m, k);
+  const Tokens tokens = quantize_tokens(xc.data_ptr<float>(), m, k, isa);
   auto out = at::empty({m, n}, at::kFloat);
   float* od = out.data_ptr<float>();
   // The int32 sums first, in the output's own memory, then each rescaled in place.
@@ -333,12 +346,19 @@ std::vector<int64_t> isas() {
   return found;
 }
 
+void limit_paths(int64_t isa) {
+  TORCH_CHECK(isa >= PORTABLE && isa <= VNNI, "no kernel path ", isa);
+  max_isa = isa;
+}
+
 TORCH_LIBRARY(bitnet_ternary, m) {
   m.def("pack(Tensor codes) -> Tensor");  // ternary codes -> 2-bit blocks
   m.def("ternary_mm(Tensor x, Tensor packed, int isa) -> Tensor");  // exact int32 sums
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int isa) -> Tensor");
-  // The kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 portable C++).
+  // The kernel paths this CPU runs, fastest first (3 VNNI, 2 AVX2, 1 portable C++), up to the
+  // limit set by limit_paths (kernel.py: the best path that passes its checks).
   m.def("isas() -> int[]", &isas);
+  m.def("limit_paths(int isa) -> ()", &limit_paths);
 }
 
 TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {

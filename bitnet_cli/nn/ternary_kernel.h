@@ -14,8 +14,8 @@ constexpr int64_t BLOCK = 256;  // weights per packed block: rows are padded to 
 enum Isa : int64_t { AUTO = 0, PORTABLE = 1, AVX2 = 2, VNNI = 3 };
 
 int64_t padded(int64_t k);
-bool supports(int64_t isa);
-int64_t resolve_isa(int64_t isa);  // AUTO -> the fastest path this CPU has; others checked
+bool supports(int64_t isa);        // the CPU has the path's instructions, and it is allowed
+int64_t resolve_isa(int64_t isa);  // AUTO -> the fastest allowed path; others checked
 
 // Tokens as the kernels read them: int8 codes padded with zeros to whole blocks (a zero input
 // adds nothing), each token's sum of codes (for the + 1 stored with every weight) and scale.
@@ -26,8 +26,9 @@ struct Tokens {
   int64_t m, kp;
 };
 
-// m rows of k floats -> int8 codes by absmax per row, as activation_codes computes them.
-Tokens quantize_tokens(const float* x, int64_t m, int64_t k);
+// m rows of k floats -> int8 codes by absmax per row, as activation_codes computes them (the
+// same codes on every path).
+Tokens quantize_tokens(const float* x, int64_t m, int64_t k, int64_t isa);
 
 void check_packed(const at::Tensor& packed, int64_t k);
 

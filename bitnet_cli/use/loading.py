@@ -21,6 +21,7 @@ from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import ENGINES, HEADS, exact_in_float16, to_int8
+from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
 from bitnet_cli.store.runs import TOKENIZER_FILE
@@ -109,7 +110,8 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         if why is not None:
             engine, note = "int8", f"2bit engine not used: {why}; decoding with the int8 engine"
     if engine == "int8":
-        why = to_int8(model, head, load=load, head_is_half_exact=half_exact)
+        why = to_int8(model, head, load=load, head_is_half_exact=half_exact,
+                      ops=ternary_ops()[0] if model.lm_head.weight.device.type == "cpu" else None)
         if why is not None:
             engine, note = "float", f"int8 engine not used: {why}"
     for module in model.modules():  # what no engine took runs in float: its weights, too
