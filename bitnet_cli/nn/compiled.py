@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from bitnet_cli.config.settings import COMPILE_MIN_STEPS
+from bitnet_cli.errors import first_line, typed_first_line
 
 _CACHE_SET_BY_USER = "TORCHINDUCTOR_CACHE_DIR" in os.environ
 
@@ -46,25 +47,34 @@ def use_bitnet_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
+def cxx_compiler() -> str:
+    """The C++ compiler inductor runs on a CPU: $CXX, else g++ (clang++ on macOS)."""
+    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+
+
 def compiler_problem(device: torch.device) -> str | None:
     """Why inductor cannot compile for `device` here, or None when it can (as far as can be told
-    before trying): on a CPU it needs the C++ compiler that $CXX names (g++ by default)."""
+    before trying): on a CPU it needs the C++ compiler that $CXX names (g++ by default), and
+    that compiler's `--version` to succeed (else its own first line says why)."""
     if device.type != "cpu":
         return None
-    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    compiler = cxx_compiler()
+    where = f"CXX={compiler}" if os.environ.get("CXX") else compiler
     try:
-        subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30)
+        subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=30,
+                       text=True, errors="replace")
+    except subprocess.CalledProcessError as e:
+        said = (e.stderr or "").strip() or (e.stdout or "").strip()
+        return (f"no C++ compiler for torch.compile ({where} --version fails: "
+                f"{first_line(said) if said else f'exit status {e.returncode}'})")
     except (OSError, subprocess.SubprocessError):
-        where = f"CXX={compiler}" if os.environ.get("CXX") else compiler
         return f"no C++ compiler for torch.compile ({where} does not run)"
     return None
 
 
 def compile_failure(e: Exception) -> str:
     """What the compiler raised, in one line."""
-    text = str(e).strip()
-    reason = text.splitlines()[0][:200] if text else "no message"
-    return f"torch.compile failed ({type(e).__name__}: {reason})"
+    return f"torch.compile failed ({typed_first_line(e)})"
 
 
 class TrainingForward:
