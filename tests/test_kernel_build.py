@@ -6,6 +6,7 @@ a good build can be had, else through the int8 engine after one line saying why.
 The tests that compile give the build its own TORCH_EXTENSIONS_DIR; those that need a good build
 copy the session's (conftest built it) instead of compiling one."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -189,12 +190,12 @@ def test_a_damaged_build_is_not_loaded_but_built_again(short_run, good_cache, tm
     cache, name, library = good_cache
     record = cache / f"{name}.json"
     if damage == "cut short":
-        library.write_bytes(library.read_bytes()[:len(library.read_bytes()) // 2])
+        library.write_bytes(library.read_bytes()[:library.stat().st_size // 2])
     elif damage == "without its ops":
         shutil.copy(empty_library(tmp_path), library)
         record.write_text(json.dumps({**json.loads(record.read_text()),
                                       "size": library.stat().st_size,
-                                      "sha256": kernel_build._sha256(library)}))
+                                      "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}))
     else:
         record.unlink()
     done = chat(short_run("simple"), {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)})
