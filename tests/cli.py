@@ -70,6 +70,32 @@ def optional(module: str, whole_file: bool = False):
         pytest.skip(message, allow_module_level=whole_file)
 
 
+FORCED_CPU = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+@functools.cache
+def _compile_problem():
+    import torch
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(3))
+        return None
+    except Exception as e:  # whatever inductor raised
+        from bitnet_cli.errors import first_line
+        return first_line(e)
+
+
+def needs_torch_compile():
+    """Skip where torch.compile cannot build because the suite runs as another CPU would
+    (ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA forced, as CI does for the engine tests: on some
+    machines inductor then cannot build). transformers' packed-weight loader compiles too. The
+    product's own eager fallback is what the forced run checks instead; unforced, a compiler
+    that fails is a failure."""
+    why = _compile_problem()
+    forced = [f"{name}={os.environ[name]}" for name in FORCED_CPU if os.environ.get(name)]
+    if why and forced:
+        pytest.skip(f"torch.compile cannot build under {' '.join(forced)} ({why})")
+
+
 def state_step(path):
     """The step a state.json says; 0 while it is absent or being replaced."""
     try:

@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from bitnet_cli.use import conversation as chat
@@ -10,6 +11,8 @@ from bitnet_cli.use.conversation import ChatSession, Sampling
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.data.shards import EOT
 from bitnet_cli.use.loading import LoadedModel
+
+pytestmark = pytest.mark.engines  # also run as other CPUs would (README, .ci/run)
 
 WORDS = "once upon a time there was cat dog the end and then ran home".split()
 

@@ -16,6 +16,8 @@ from tests.contract import assert_greedy_agree, same_continuation, stepped_logit
 from tests.models import SHORT_STEPS
 from tests.test_int8 import PROMPTS
 
+pytestmark = pytest.mark.engines  # also run as other CPUs would (README, .ci/run)
+
 
 @pytest.fixture(scope="module")
 def ops():

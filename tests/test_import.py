@@ -13,9 +13,12 @@ from safetensors.torch import load_file, save_file
 from bitnet_cli.nn.bitlinear import ternary_codes_and_scale
 from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead
 from bitnet_cli.nn.model import generate
+from tests.contract import assert_greedy_agree, same_continuation
 from bitnet_cli.use.loading import load_model
-from tests.cli import invoke, optional
+from tests.cli import invoke, needs_torch_compile, optional
 from tests.models import story_tokenizer
+
+pytestmark = pytest.mark.engines  # also run as other CPUs would (README, .ci/run)
 
 IDS = [5, 17, 230, 41, 99, 3, 250, 12, 77, 140, 8, 301, 64, 199, 27, 310]
 SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -59,6 +62,7 @@ def packed(state, divide=False):
 def sources(tmp_path_factory):
     """name -> (source folder, the model transformers loads from it in float32)."""
     transformers = optional("transformers")
+    needs_torch_compile()  # transformers unpacks packed weights with torch.compile
     root = tmp_path_factory.mktemp("sources")
     made = {}
 
@@ -105,15 +109,18 @@ def test_an_imported_model_computes_what_transformers_does(sources, bitnet_home,
         greedy = theirs.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(IDS):].tolist()
     # The float engine is transformers' float32 maths. The CPU default (2bit) and the int8
-    # engine sum exactly in integers where floats round, so they are held to transformers in
-    # float64: the model's exact value. (On the bf16 source transformers' own float32 is 2% from
-    # it: one activation within float rounding of a quantization boundary takes the other code.)
+    # engine sum exactly in integers where floats round, so they are compared with transformers
+    # in float64: the model's exact value. Each keeps the engines' contract with its reference
+    # (measured: within 5e-7 on this suite's sources; on the bf16 source transformers' own
+    # float32 is 2% from float64, where one activation within float rounding of a quantization
+    # boundary takes the other code), and its greedy continuation is transformers'.
+    with torch.no_grad():
+        chose = theirs(torch.tensor([IDS + greedy[:-1]])).logits[0, len(IDS) - 1:]
     for engine, reference in (("float", expected), (None, exact), ("int8", exact)):
         loaded = load_model(layout, engine=engine)
         with torch.no_grad():
-            worst = (loaded.model(ids).double() - reference).abs().max() / reference.abs().max()
-        assert worst < 1e-4, (engine, worst)
-        assert list(generate(loaded.model, IDS, 32)) == greedy, engine
+            assert_greedy_agree(loaded.model(ids), reference)
+        assert same_continuation(list(generate(loaded.model, IDS, 32)), chose, greedy), engine
     assert loaded.stop_ids == (3,)
     # bf16 weights are exact in float16: that source keeps the faster float16 head, and its
     # tied embedding reads it (no float32 copy); a float32 source keeps both in float32.
@@ -136,11 +143,12 @@ def test_a_round_trip_through_our_own_exports(short_run, bitnet_home, tmp_path):
         back = load_model(fmt, engine="float")
         assert back.tokenizer.to_str() == ours.tokenizer.to_str()
         with torch.no_grad():
-            worst = (back.model(torch.tensor([prompt])) - expected).abs().max() / expected.abs().max()
-        assert worst < 1e-4, (fmt, worst)
-        assert list(generate(back.model, prompt, 32)) == list(generate(ours.model, prompt, 32))
+            assert_greedy_agree(back.model(torch.tensor([prompt])), expected)
+            tokens = list(generate(ours.model, prompt, 32))
+            chose = ours.model(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1:]
+        assert same_continuation(list(generate(back.model, prompt, 32)), chose, tokens)
     result = invoke("chat", "hf-packed", "--prompt", "Once upon a time", "--max-new-tokens", "8")
-    assert result.stdout.strip()
+    assert ", 2bit engine" in result.stderr.splitlines()[-1]
     assert json.loads((bitnet_home / "runs" / "hf" / "state.json").read_text())["status"] == "imported"
 
 
@@ -363,13 +371,12 @@ def test_fine_tuning_an_imported_model(sources, bitnet_home, tmp_path):
     assert weights("early") == weights("tuned")
 
     invoke("export", "tuned", "--format", "hf-packed", "--out", tmp_path / "packed")
+    needs_torch_compile()
     theirs = optional("transformers").AutoModelForCausalLM.from_pretrained(
         tmp_path / "packed", dtype=torch.float32)
     ours = load_model("tuned", engine="float")
     with torch.no_grad():
-        expected = theirs(torch.tensor([IDS])).logits
-        worst = (ours.model(torch.tensor([IDS])) - expected).abs().max() / expected.abs().max()
-    assert worst < 1e-4
+        assert_greedy_agree(ours.model(torch.tensor([IDS])), theirs(torch.tensor([IDS])).logits)
 
 
 def test_a_fine_tune_that_contradicts_its_model_is_one_line(sources, bitnet_home, tmp_path):

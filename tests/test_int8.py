@@ -32,9 +32,11 @@ from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
                                 to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
-from tests.cli import runner
+from tests.cli import needs_torch_compile, runner
 from tests.contract import assert_greedy_agree, same_continuation, stepped_logits
 from tests.models import SHORT_STEPS, random_checkpoint
+
+pytestmark = pytest.mark.engines  # also run as other CPUs would (README, .ci/run)
 
 PROMPTS = {"simple": "d3=", "arithmetic": "012+035=", "tictactoe": ">5",
            "tinystories": "Once upon a time", "baseline": "The dog"}
@@ -162,7 +164,7 @@ def test_engine_option_of_chat_and_eval(short_run, tmp_path):
     for engine, flags in (("2bit", []), ("int8", ["--engine", "int8"]), ("float", ["--engine", "float"])):
         result = runner.invoke(app, ["chat", run, "--prompt", "d3=", "--temperature", "0", *flags])
         assert result.exit_code == 0, result.stderr
-        assert f"{engine} engine]" in result.stderr.splitlines()[-1]
+        assert f", {engine} engine" in result.stderr.splitlines()[-1]
 
     reports = {}
     for engine in ("int8", "float"):
@@ -254,6 +256,7 @@ def test_compiled_decode_step_keeps_the_engines_contract(tmp_path):
     its own order, so it keeps the engines' contract with the eager step along the same tokens;
     where compiling fails, one line and eager decoding, the eager floats exactly."""
     from tests.models import random_checkpoint, story_tokenizer
+    needs_torch_compile()
     checkpoint = random_checkpoint(tmp_path / "run", "tinystories", story_tokenizer(),
                                    max_position_embeddings=48)
     loaded = load_model(str(checkpoint))

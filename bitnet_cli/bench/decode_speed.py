@@ -61,7 +61,9 @@ ENGINES = [("2bit", "2bit", "float16", "fused"), ("2bit, int8 head", "2bit", "in
 
 def convert(model: BitNetForCausalLM, engine: str, head: str) -> str | None:
     """Swap the model's layers for `engine`'s, as loading does; why not, or None."""
-    return to_packed(model, head) if engine == "2bit" else to_int8(model, head)
+    if engine == "2bit":
+        return to_packed(model, head)
+    return to_int8(model, head, ops=ternary_ops()[0])  # as loading.load_model does
 
 
 def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:

@@ -40,7 +40,9 @@ ENGINE_HELP = ("2bit: ternary weights packed 2 bits each, multiplied by bitnet's
                "default on CPU; compiled on first use, else int8 with a note). int8: ternary "
                "weights as int8 and torch's integer matmul. float: the training maths in "
                "floating point (the default on GPUs). 2bit and int8 give the same logits to the "
-               "bit; all three the same greedy tokens.")
+               "bit; the float engine's are within 3% of the largest logit, so the greedy token "
+               "is the same wherever the top two are further apart than twice that (a near tie "
+               "may go either way, on any engine or CPU).")
 
 
 def flag(*names: str, help: str, default: bool | None = False, **options):
