@@ -275,3 +275,35 @@ def test_compiled_decode_step_keeps_the_engines_contract(tmp_path):
     failing.forward = broken
     assert torch.equal(stepped_logits(loaded.model, failing, prompt, eager), eager_logits)
     assert notes == ["torch.compile failed (RuntimeError: inductor exploded); decoding eagerly"]
+
+
+def saturating_int_mm(a, b):
+    """torch._int_mm as oneDNN computes it with AVX2 or SSE4.1 only: a made unsigned (+128),
+    each pair of products summed to int16 with saturation, 128 * sum(b) taken off again."""
+    u = (a.long() + 128).reshape(a.shape[0], -1, 2)
+    w = b.t().long().reshape(b.shape[1], -1, 2)
+    pairs = (u[:, None] * w[None]).sum(-1).clamp(-32768, 32767)
+    return (pairs.sum(-1) - 128 * b.long().sum(0)).int()
+
+
+def test_the_int8_heads_sums_are_exact_where_int_mm_saturates(ternary_kernel, monkeypatch):
+    """Full-range int8 head codes overflow the int16 pairs of oneDNN's AVX2 kernel (ternary
+    codes never do): the int8 head sums through the kernel's int8_mm, and without the kernel
+    --head int8 is refused with the reason rather than computed wrong."""
+    from bitnet_cli.nn import int8 as int8_module
+    monkeypatch.setattr(int8_module, "int_mm", saturating_int_mm)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=96, max_position_embeddings=16)
+    weight = torch.randn(40, 64)
+    x = torch.randn(3, 64)
+    codes, scale = activation_codes(x)
+    exact = codes.double() @ Int8Linear.per_row(weight).codes.double().T
+    assert not torch.equal(saturating_int_mm(codes.to(torch.int8),
+                                             Int8Linear.per_row(weight).codes.t()).double(), exact)
+    head = Int8Linear.per_row(weight, ternary_kernel)
+    assert torch.equal(head(x), exact.float() / (scale * head.scale))
+    model = BitNetForCausalLM(ModelConfig(**cfg)).eval()
+    assert to_int8(model, "int8").startswith("--head int8 needs exact int8 sums, and torch._int_mm "
+                                             "gives wrong results on cpu")
+    assert to_int8(BitNetForCausalLM(ModelConfig(**cfg)).eval(), "int8", ops=ternary_kernel) is None

@@ -450,7 +450,8 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
 }
 
 // x: (m, in) int8 codes in [-127, 127]; codes: (out, in) int8 -> (m, out) int32, exactly
-// x @ codes.T, on the int8 head's code path `isa`.
+// x @ codes.T, on the int8 head's code path `isa` (the per-op int8 head: torch._int_mm is not
+// exact for full-range int8 codes on every CPU).
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar && codes.dim() == 2 &&
               codes.scalar_type() == at::kChar && x.size(1) == codes.size(1),
@@ -460,10 +461,13 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t isa) {
   const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
   const auto w_sums = at::sum(wc, {1}, false, at::kInt);
   auto out = at::empty({m, n}, at::kInt);
+  const auto rows = int8_rows_for(isa);
   for (int64_t t = 0; t < m; ++t) {
     const int8_t* row = xc.data_ptr<int8_t>() + t * k;
-    int8_rows_for(isa)(row, wc.data_ptr<int8_t>(), w_sums.data_ptr<int32_t>(), k, 0, n,
-                       out.data_ptr<int32_t>() + t * n);
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      rows(row, wc.data_ptr<int8_t>(), w_sums.data_ptr<int32_t>(), k, b, e,
+           out.data_ptr<int32_t>() + t * n);
+    });
   }
   return out;
 }

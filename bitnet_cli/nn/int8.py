@@ -46,6 +46,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.splits = splits
+        self.ops = None  # the 2-bit kernel, for the int8 head's full-range sums (per_row)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
 
@@ -57,11 +58,16 @@ class Int8Linear(nn.Module):
                    [len(codes) for codes, _ in quantized])
 
     @classmethod
-    def per_row(cls, weight: torch.Tensor) -> Int8Linear:
+    def per_row(cls, weight: torch.Tensor, ops=None) -> Int8Linear:
         """A full-precision matrix rounded to int8 with one absmax scale per output row: the
-        output layer, as an option (--head int8), at half of float16's bytes."""
+        output layer, as an option (--head int8), at half of float16's bytes. Its codes span
+        all of int8, which torch._int_mm does not sum exactly everywhere (oneDNN's AVX2 and
+        SSE4.1 kernels saturate a pair of products at int16), so the kernel's int8_mm (`ops`)
+        sums it where it is built."""
         codes, scale = activation_codes(weight.detach())  # absmax per row, as for activations
-        return cls(codes.to(torch.int8), scale.squeeze(1), [len(codes)])
+        head = cls(codes.to(torch.int8), scale.squeeze(1), [len(codes)])
+        head.ops = ops
+        return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -69,7 +75,10 @@ class Int8Linear(nn.Module):
         x_codes = x_codes.to(torch.int8)
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
         # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
-        acc = int_mm(x_codes, self.codes.t())
+        if self.ops is not None and not x.is_cuda:
+            acc = self.ops.int8_mm(x_codes, self.codes, 0)
+        else:
+            acc = int_mm(x_codes, self.codes.t())
         return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,12 +169,14 @@ def exact_in_float16(weight: torch.Tensor) -> bool:
                for rows in weight.detach().split(4096))
 
 
-def int8_unusable(device: torch.device, shapes: set[tuple[int, int]]) -> str | None:
-    """Why torch._int_mm cannot serve these (in, out) shapes on this device, or None if it
-    can: tried once on small inputs, result checked against an exact reference."""
+def int8_unusable(device: torch.device, shapes: set[tuple[int, int]],
+                  low: int = -1, high: int = 1) -> str | None:
+    """Why torch._int_mm cannot serve these (in, out) shapes, with weights from `low` to `high`
+    (ternary by default), on this device, or None if it can: tried once on small inputs, the
+    result checked against an exact reference."""
     for k, n in sorted(shapes):
-        a = torch.randint(-128, 128, (3, k), dtype=torch.int8)
-        b = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+        a = torch.randint(-127, 128, (3, k), dtype=torch.int8)
+        b = torch.randint(low, high + 1, (n, k), dtype=torch.int8)
         try:
             got = int_mm(a.to(device), b.to(device).t()).cpu()
         except (RuntimeError, NotImplementedError) as e:
@@ -200,8 +211,13 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
         if why:
             return why
     weight = model.lm_head.weight
+    if head == "int8" and (ops is None or device.type != "cpu"):
+        why = int8_unusable(device, {(weight.shape[1], 64)}, -128, 127)
+        if why:
+            return f"--head int8 needs exact int8 sums, and {why}"
     if head != "float32":
-        model.lm_head = HalfHead(weight, ops) if head == "float16" else Int8Linear.per_row(weight)
+        model.lm_head = (HalfHead(weight, ops) if head == "float16"
+                         else Int8Linear.per_row(weight, ops if device.type == "cpu" else None))
     embedding = model.model.embed_tokens
     if head == "float16" and head_is_half_exact and embedding.weight is weight:
         model.model.embed_tokens = HalfEmbedding(model.lm_head.weight)
