@@ -8,8 +8,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Inductor's compiled kernels are shared by every test and kept between sessions (a cold compile
 # takes half a minute, a warm one seconds), away from the user's own cache folder.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "bitnet-tests-inductor"))
+# One per forced ATen capability (CI runs the engine tests as other CPUs would): inductor's cache
+# key leaves the capability out, and a compiled function from another one computed NaN.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"bitnet-tests-inductor-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 # The 2-bit kernel likewise: built once (half a minute), shared by every test and subprocess.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       os.path.join(tempfile.gettempdir(), "bitnet-tests-extensions"))

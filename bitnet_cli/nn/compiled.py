@@ -41,10 +41,14 @@ def wants_compile(cfg, device: torch.device) -> bool:
 
 
 def use_bitnet_cache() -> None:
-    """Point inductor's cache at bitnet's cache folder, unless the user chose one for it."""
+    """Point inductor's cache at bitnet's cache folder, unless the user chose one for it: a
+    folder per ATen CPU capability, because inductor's cache key leaves it out, and code
+    compiled beside ATen's AVX-512 kernels gave NaN logits when loaded beside its AVX2 ones (a
+    home folder shared by two machines, or ATEN_CPU_CAPABILITY set)."""
     if not _CACHE_SET_BY_USER:
         from bitnet_cli.data.shards import cache_dir
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor" / capability)
 
 
 def cxx_compiler() -> str:
