@@ -103,10 +103,12 @@ def test_the_default_compile_rule(device, steps, flag, expected):
 
 
 def test_inductor_cache_lives_in_the_bitnet_cache(bitnet_cache, monkeypatch):
+    """One folder per ATen CPU capability: inductor's own cache key leaves it out."""
     monkeypatch.setattr(compiled, "_CACHE_SET_BY_USER", False)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     compiled.use_bitnet_cache()
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(bitnet_cache / "inductor")
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(bitnet_cache / "inductor" / capability)
     monkeypatch.setattr(compiled, "_CACHE_SET_BY_USER", True)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     compiled.use_bitnet_cache()
