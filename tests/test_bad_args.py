@@ -125,3 +125,12 @@ def test_bad_argument(finished, bitnet_home, tmp_path, args, code):
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and len(errors[0]) > 20, output
     assert _listing(bitnet_home) == before  # no run folder made, no file changed
+
+
+def test_an_exception_is_told_in_one_line():
+    from bitnet_cli.errors import first_line, typed_first_line
+    assert first_line(OSError("\n  disk full  \nerrno 28")) == "disk full"
+    assert first_line(RuntimeError("x" * 300), 10) == "x" * 10
+    assert first_line(RuntimeError()) == "RuntimeError"  # it says nothing: its type
+    assert typed_first_line(ValueError("bad value\nat line 3")) == "ValueError: bad value"
+    assert typed_first_line(RuntimeError(" \n")) == "RuntimeError"

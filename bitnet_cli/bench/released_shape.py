@@ -21,6 +21,7 @@ from torch import nn
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.config.presets import RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
+from bitnet_cli.errors import first_line
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
@@ -133,7 +134,7 @@ def decode_2b4t() -> dict:
         result["llama_cpp"] = _child(_LLAMA_CPP_CHILD)
     except subprocess.CalledProcessError as e:  # out of memory or disk for its 1.2 GB GGUF
         lines = (e.stderr or "").strip().splitlines()
-        result["llama_cpp"] = {"missing": f"did not run ({lines[-1] if lines else e})"}
+        result["llama_cpp"] = {"missing": f"did not run ({lines[-1] if lines else first_line(e)})"}
     return result
 
 

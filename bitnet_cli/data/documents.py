@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, typed_first_line
 
 EOT = "<|endoftext|>"  # also what separates documents in a .txt file that contains it
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -106,7 +106,7 @@ def hub_documents(experiment: str) -> Iterator[str]:
                 yield row["text"]
     except Exception as e:  # datasets raises many types for a missing hub or cache
         why = ("the hub is switched off here (HF_HUB_OFFLINE) and it is not in the local cache"
-               if offline else f"{type(e).__name__}: {str(e)[:200]}")
+               if offline else typed_first_line(e))
         raise BitnetError(f"cannot load {source['path']}: {why}; {hint}") from None
 
 

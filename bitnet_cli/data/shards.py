@@ -37,7 +37,7 @@ import numpy as np
 
 from bitnet_cli.data.documents import EOT, HUB_SOURCES, hub_documents, local_documents, local_files
 from bitnet_cli.data.pieces import PIECE_CHARS, encode_long, pieces
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, typed_first_line
 
 HELD_OUT_EVERY = 20
 MAX_VAL_TOKENS = 1_000_000
@@ -95,7 +95,7 @@ class Shards:
             self.train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
             self.val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
         except (OSError, ValueError, TypeError) as e:  # JSON errors are ValueErrors
-            raise BitnetError(f"{path} is damaged ({type(e).__name__}: {str(e)[:100]}); delete "
+            raise BitnetError(f"{path} is damaged ({typed_first_line(e, 100)}); delete "
                               f"{folder} to have the data prepared again") from None
 
     @property

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.config.reading import RESTORE, check_fields, model_config_from_dict
 from bitnet_cli.config.presets import PRESETS
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, typed_first_line
 from bitnet_cli.store.files import (atomic_folder, remove_leftovers, to_json, write_bytes_atomic,
                               write_error)
 from bitnet_cli.store.runs import TOKENIZER_FILE, read_json
@@ -252,7 +252,7 @@ def _read(file: Path, reader):
     except BitnetError:
         raise
     except Exception as e:  # safetensors and tokenizers raise several types for damaged files
-        raise BitnetError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+        raise BitnetError(f"{file} cannot be read ({typed_first_line(e, 120)}); "
                           "it may be damaged") from None
 
 

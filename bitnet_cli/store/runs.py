@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.store.files import atomic_folder, write_json_atomic
 
 try:
@@ -83,7 +83,7 @@ def read_json(path: Path) -> dict:
     except OSError as e:
         raise BitnetError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
-        raise BitnetError(f"{path} is damaged (not valid JSON: {str(e)[:80]}); restore it "
+        raise BitnetError(f"{path} is damaged (not valid JSON: {first_line(e, 80)}); restore it "
                           "or remove the run") from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(data), "a number")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, typed_first_line
 from bitnet_cli.nn.bitlinear import quantized_for_step
 from bitnet_cli.nn.compiled import training_forward, wants_compile
 from bitnet_cli.nn.devices import autocast_for, resolve_device
@@ -179,5 +179,5 @@ def _restore(path: Path, contents, model, optimizer, stream, device) -> tuple[in
         set_rng_state(trainer["rng"])
         return trainer["step"], trainer["tokens"]
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise BitnetError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
-                          f"{str(e)[:200]}); move it away to resume from the one before") from None
+        raise BitnetError(f"checkpoint {path} does not fit this run ({typed_first_line(e)}); "
+                          "move it away to resume from the one before") from None

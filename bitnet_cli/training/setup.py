@@ -19,7 +19,7 @@ from bitnet_cli.store.checkpoint import newest_loadable
 from bitnet_cli.config.reading import model_config_from_dict, to_dict, train_config_from_dict
 from bitnet_cli.config.settings import MODEL_OPTIONS, build_configs
 from bitnet_cli.config.numbers import format_count
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
@@ -157,7 +157,7 @@ def run_tokenizer(run_dir: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
-        raise BitnetError(f"{path} cannot be read ({str(e)[:120]}); restore it from a "
+        raise BitnetError(f"{path} cannot be read ({first_line(e, 120)}); restore it from a "
                           f"checkpoint folder's copy") from None
 
 

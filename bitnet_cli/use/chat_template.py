@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, first_line
 
 
 class ChatTemplate:
@@ -31,7 +31,7 @@ class ChatTemplate:
         try:
             self.template = env.from_string(template)
         except TemplateError as e:
-            raise BitnetError(f"the chat template does not compile ({e})") from None
+            raise BitnetError(f"the chat template does not compile ({first_line(e)})") from None
         self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -41,7 +41,8 @@ class ChatTemplate:
                                         eos_token=self.eos_token,
                                         add_generation_prompt=add_generation_prompt)
         except (TemplateError, TypeError, ValueError) as e:
-            raise BitnetError(f"the model's chat template failed on this conversation ({e}); "
+            raise BitnetError(f"the model's chat template failed on this conversation "
+                              f"({first_line(e)}); "
                               "chat with --raw to continue plain text instead") from None
 
     def to_dict(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bitnet_cli.config.settings import ModelConfig
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.nn.bitlinear import CODES_PER_BYTE
 from bitnet_cli.nn.model import BitNetForCausalLM
 
@@ -116,7 +116,7 @@ def _safetensors(folder: Path) -> dict:
                     part = f.get_slice(name)
                     found[name] = (file, part.get_dtype(), tuple(part.get_shape()))
         except (SafetensorError, OSError, ValueError) as e:
-            raise BitnetError(f"{file} cannot be read ({str(e)[:120]})") from None
+            raise BitnetError(f"{file} cannot be read ({first_line(e, 120)})") from None
     return found
 
 
@@ -125,7 +125,7 @@ def _load(file: Path, name: str) -> torch.Tensor:
         with safe_open(str(file), "pt") as f:
             return f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BitnetError(f"{file}: tensor {name} cannot be read ({str(e)[:120]})") from None
+        raise BitnetError(f"{file}: tensor {name} cannot be read ({first_line(e, 120)})") from None
 
 
 def _from_packed(name: str, sources: dict, raw: dict, shape: tuple, divisor: bool,

@@ -28,7 +28,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from bitnet_cli.config.settings import ModelConfig
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.use.chat_template import ChatTemplate, source_template
 from bitnet_cli.use.import_weights import LatentTensors
 
@@ -61,8 +61,8 @@ def find_source(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors",
                                                               "tokenizer*", "*.jinja"]))
     except Exception as e:  # offline, a proxy, no such repo, a gated one: all the hub's own
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise BitnetError(f"cannot download {source} from the Hugging Face hub ({first}); "
+        raise BitnetError(f"cannot download {source} from the Hugging Face hub "
+                          f"({first_line(e, 160)}); "
                           "download it where there is a connection and import the folder") from None
 
 
@@ -89,7 +89,7 @@ def _read_json(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise BitnetError(f"{path.parent} has no {what}: it is not a model folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BitnetError(f"{path} cannot be read ({str(e)[:100]})") from None
+        raise BitnetError(f"{path} cannot be read ({first_line(e, 100)})") from None
     if not isinstance(data, dict):
         raise BitnetError(f"{path} is not a JSON object")
     return data
@@ -154,7 +154,7 @@ def _tokenizer(folder: Path, hf: dict, config: ModelConfig) -> tuple[Tokenizer, 
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception for a bad file
-            raise BitnetError(f"{path} cannot be read ({str(e)[:120]})") from None
+            raise BitnetError(f"{path} cannot be read ({first_line(e, 120)})") from None
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise BitnetError(f"{path} has {tokenizer.get_vocab_size()} tokens, more than the "
                           f"model's {config.vocab_size}")
@@ -181,8 +181,8 @@ def _from_sentencepiece(folder: Path) -> Tokenizer:
     try:
         return LlamaTokenizerFast.from_pretrained(str(folder)).backend_tokenizer
     except Exception as e:  # whatever the converter raised on a damaged file
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise BitnetError(f"{folder}/tokenizer.model cannot be converted ({first})") from None
+        raise BitnetError(f"{folder}/tokenizer.model cannot be converted "
+                          f"({first_line(e, 120)})") from None
 
 
 def _chat_template(folder: Path) -> ChatTemplate | None:
