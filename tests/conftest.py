@@ -40,6 +40,15 @@ def bitnet_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture(autouse=True)
+def every_core(monkeypatch):
+    """Training in-process keeps to every core: what other work the machine runs at the time
+    would otherwise add a "sharing the CPU" note to a test's output now and then (test_cpu.py
+    tests the cores a run keeps to, with a machine it makes up)."""
+    from bitnet_cli.training import session
+    monkeypatch.setattr(session, "CoreFollower", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def fresh_threads():
     """The thread count torch starts with in a fresh process."""

@@ -9,6 +9,7 @@ import typer
 
 from bitnet_cli.cli.app import RUN_HELP, app, complete_run, flag, friendly
 from bitnet_cli.cli.train_commands import parse_nproc, train_with_view
+from bitnet_cli.nn.cores import choose_wait_policy
 
 
 @app.command(rich_help_panel="Training")
@@ -42,6 +43,7 @@ def resume(
     Only runs in the runs folder are resumed (it writes checkpoints and prunes old ones): move a
     run folder from elsewhere into it first.
     """
+    choose_wait_policy()  # before torch is imported (nn/cores.py)
     from bitnet_cli.training import dist
     from bitnet_cli.store.runs import run_lock
     from bitnet_cli.store.selector import run_to_resume

@@ -12,6 +12,7 @@ from bitnet_cli.config.numbers import format_count
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import PRESETS, check_experiment
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.cores import choose_wait_policy
 
 
 def _size_line(experiment: str, size: str) -> str:
@@ -84,6 +85,7 @@ def train(
         show_default=False),
     **options,
 ) -> None:
+    choose_wait_policy()  # before torch is imported (nn/cores.py)
     check_experiment(experiment)
     if options["tensorboard"]:
         check_tensorboard()

@@ -167,9 +167,11 @@ class TrainConfig:
         "tokenizer; the optimizer starts fresh, and the peak --lr defaults to a tenth of the "
         "size's. From packed codes (2B4T), training starts at the quantized point.",
         default=None, flag="--from")
-    foreground: bool = option("Train at normal CPU priority. A CPU run otherwise lowers its "
-                              "own (nice 19): alone it runs as fast, and a chat or other work "
-                              "beside it gets the cores first, at its own speed.", default=False)
+    foreground: bool = option("Train at normal CPU priority, on every core. A CPU run "
+                              "otherwise lowers its own (nice 19) and keeps to the cores other "
+                              "programs leave free: alone it runs as fast, and a chat or other "
+                              "work beside it gets the cores first, at its own speed.",
+                              default=False)
     name: str | None = option("Run id to use instead of <experiment>-<size>-<timestamp>.",
                               default=None)
     data: str | None = option("Text experiments: local .txt, .jsonl or .parquet files (a 'text' "

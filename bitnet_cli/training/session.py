@@ -16,6 +16,7 @@ import torch
 
 from bitnet_cli.config.numbers import format_count, real
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.cores import CoreFollower, threads_sleep_waiting
 from bitnet_cli.store.checkpoint import rng_state, save_checkpoint
 from bitnet_cli.store.metrics import MetricsLog, MetricsWriter, TensorBoardWriter
 from bitnet_cli.store.runs import METRICS_FILE, TOKENIZER_FILE, StateFile, now_iso
@@ -43,10 +44,14 @@ class RunSession:
         # The codes now are what the first evaluation's flips are counted against.
         self.health = TernaryHealth(model, step) if share.is_main else None
         self.state = self.metrics = None
+        # A background CPU run (nice 19) keeps to the cores other programs leave free.
+        self.cores = CoreFollower() if device.type == "cpu" and not cfg.foreground else None
 
     def start(self, info: dict) -> None:
         """Open the metrics and the heartbeat, and tell the reporter what is being trained."""
         cfg, share = self.cfg, self.share
+        # Before the clock starts: the sample of the cores is no training time.
+        cores = self.cores.start() if self.cores else None
         if share.is_main:
             self.state = StateFile(self.run_dir)
             self.metrics = MetricsLog(MetricsWriter(self.run_dir / METRICS_FILE), *(
@@ -62,7 +67,8 @@ class RunSession:
             "total_steps": cfg.steps, "device": str(self.device), "experiment": cfg.experiment,
             "size": self.config.get("size"), "world_size": share.world_size,
             "num_params": self.model.num_params(), "params": format_count(self.model.num_params()),
-            "headline": self.task.headline, **info})
+            "init_from": cfg.init_from, "headline": self.task.headline, **info})
+        self._share_cores(cores)
         self.restart_window()
 
     def restart_window(self) -> None:
@@ -82,11 +88,18 @@ class RunSession:
         self.step += 1
         self.tokens += self.cfg.tokens_per_step
         self.window_tokens += self.cfg.tokens_per_step
+        if self.cores:
+            self._share_cores(self.cores.follow())
         if self.nonfinite["in_a_row"] >= MAX_NONFINITE_STEPS:
             raise BitnetError(
                 f"run {self.run_dir.name} diverged: the loss or gradient was not finite for "
                 f"{MAX_NONFINITE_STEPS} steps in a row (steps "
                 f"{self.step - MAX_NONFINITE_STEPS + 1}-{self.step}); {lower_lr(self.cfg)}")
+
+    def _share_cores(self, change: tuple[int, int] | None) -> None:
+        """Say when the cores trained on change (nn/cores.py)."""
+        if change:
+            self.reporter.notice(sharing_line(*change, self.run_dir.name))
 
     def due(self, every: int) -> bool:
         return self.step % every == 0 or self.step == self.cfg.steps
@@ -165,6 +178,8 @@ class RunSession:
                 raise failure from None
             raise
         finally:
+            if self.cores:  # a process that goes on (a test's) gets every core back
+                self.cores.stop()
             if self.share.is_main:
                 with contextlib.suppress(OSError):  # a full disk: nothing more can be recorded
                     self.metrics.close()
@@ -180,6 +195,21 @@ class RunSession:
                 **self.clock.read(self.tokens)}
         self.reporter.finish(info)
         return info
+
+
+def sharing_line(used: int, allowed: int, run_id: str) -> str:
+    """What the live view says when the cores a CPU run trains on change."""
+    if used == allowed:
+        return f"all {allowed} cores are free again: training on every one"
+    busy = allowed - used
+    line = (f"sharing the CPU: other work keeps {busy} of the {allowed} cores busy, so training "
+            f"keeps to the other {used} while {'it is' if busy == 1 else 'they are'} (the same "
+            "weights, fewer tokens/s)")
+    if threads_sleep_waiting():
+        return line
+    # OpenMP chose how its threads wait when this process started, on a free CPU.
+    return (f"{line}; this run began on a free CPU, so its threads take turns slowly: Ctrl-C "
+            f"and `bitnet resume {run_id}` go on at the shared pace")
 
 
 def lower_lr(cfg) -> str:
