@@ -44,7 +44,7 @@ BAD = [
     (CHAT + ("--top-p", "nan"), "--top-p must be above 0 and at most 1, got nan"),
     (CHAT + ("--top-p", "inf"), "--top-p must be"),
     (CHAT + ("--top-p", "0"), "--top-p must be"),
-    (CHAT + ("--top-k", "0"), "--top-k must be a whole number from 1 to"),
+    (CHAT + ("--top-k", "0"), "--top-k must be a whole number from 1 up"),
     (CHAT + ("--top-k", "99999999999999999999"), "(the model's vocabulary), got 9999"),
     (CHAT + ("--max-new-tokens", "0"), "--max-new-tokens must be a positive whole number"),
     (CHAT + ("--max-new-tokens", "-5"), "--max-new-tokens must be"),
@@ -73,6 +73,28 @@ def test_bad_argument_is_one_error_line(model, args, message):
     result = run(model, *args, code=1)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+BEFORE_LOADING = [(args, message) for args, message in BAD
+                  if any(flag in args for flag in ("--temperature", "--top-p", "--max-new-tokens",
+                                                   "--seed"))
+                  or args[-2:] == ("--top-k", "0")] + [
+    (("eval", MODEL, "--data", "/no/such/text"), "--data /no/such/text does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", BEFORE_LOADING,
+                         ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_bad_flags_are_refused_before_a_model_loads(model, monkeypatch, args, message):
+    """Loading a model takes seconds: a flag that is wrong whatever the model is said first."""
+    from bitnet_cli.use import evaluation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    monkeypatch.setattr(evaluation, "load_model", no_loading)
+    result = run(model, *args, code=1)
+    assert result.stderr.startswith("error: ") and message in result.stderr
 
 
 @pytest.mark.parametrize("args", [CHAT + ("--temperature", "warm"), CHAT + ("--top-k", "1.5"),

@@ -173,3 +173,29 @@ def test_chat_and_play_decode_in_the_precision_of_their_device(monkeypatch, tmp_
 def ttt_tokenizer():
     from bitnet_cli.tasks import load_experiment
     return load_experiment("tictactoe").tokenizer()
+
+
+def test_piped_lines_get_replies_on_stdout_and_no_prompts(tmp_path):
+    from bitnet_cli.cli import app
+    from tests.cli import runner
+    from tests.models import random_checkpoint
+    checkpoint = random_checkpoint(tmp_path / "run", "simple")
+    result = runner.invoke(app, ["chat", str(checkpoint), "--max-new-tokens", "4"],
+                           input="d3=\n\na1=\n")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert ">" not in result.stdout and result.stdout.count("\n") == 2, result.stdout
+    assert result.stderr.count("first token in") == 2 and ">" not in result.stderr
+
+
+def test_a_prompt_of_characters_the_model_does_not_know_says_so():
+    from tokenizers import models as tokenizer_models
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab={"a": 0, "b": 1, " ": 2}, merges=[]))
+    config = ModelConfig(vocab_size=3, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                         max_position_embeddings=16)
+    s = ChatSession(LoadedModel(None, tokenizer, config, "tinystories", Path("ckpt"), 1))
+    with pytest.raises(chat.BitnetError, match=r"^none of the prompt's characters is in this "
+                                               r"model's vocabulary; it knows only ' ab'$"):
+        "".join(s.reply("日本"))
+    with pytest.raises(chat.BitnetError, match="^the prompt is empty$"):
+        "".join(s.reply(""))

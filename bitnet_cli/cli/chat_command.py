@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from bitnet_cli.config.sampling import check_sampling
 from bitnet_cli.config.settings import DEVICE_HELP
 from bitnet_cli.cli.app import (ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
                                 friendly, line_editing)
@@ -67,8 +68,10 @@ def chat(
 
       bitnet chat latest --prompt "Once upon a time" --temperature 0 > story.txt
 
-    In a terminal, the arrow keys edit the line and bring back earlier ones.
+    In a terminal, the arrow keys edit the line and bring back earlier ones. Lines piped in get
+    no `> ` prompt: stdout holds the replies alone.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens, seed)  # before a model loads
     from bitnet_cli.nn.devices import resolve_device
     from bitnet_cli.tasks import load_experiment
     from bitnet_cli.tasks.problems import ProblemTask
@@ -113,7 +116,7 @@ def _converse(session) -> None:
     line_editing()
     while True:
         try:
-            line = input("> ")
+            line = _next_turn()
         except (EOFError, KeyboardInterrupt):
             typer.echo("", err=True)
             return
@@ -138,6 +141,18 @@ def _converse(session) -> None:
             continue
         sys.stdout.write("\n")
         _report(session)
+
+
+def _next_turn() -> str:
+    """The next line typed, after a `> ` prompt that never goes to stdout: none for lines piped
+    in, on stderr where stdout is not the terminal (the line editor draws it where it is)."""
+    if not sys.stdin.isatty():
+        return input()
+    if sys.stdout.isatty():
+        return input("> ")
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    return input()
 
 
 def _report(session) -> None:
@@ -174,7 +189,7 @@ def _command(session, line: str) -> bool:
         session.reset()
         typer.echo("(conversation forgotten)", err=True)
     elif name == "/temp":
-        from bitnet_cli.use.conversation import TEMPERATURE_RULE, valid_temperature
+        from bitnet_cli.config.sampling import TEMPERATURE_RULE, valid_temperature
         try:
             value = float(arg)
         except ValueError:

@@ -3,7 +3,6 @@ the context window, and replies streamed as text as the tokens are made. No Rich
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -13,20 +12,12 @@ import torch
 
 from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.devices import autocast_for
-from bitnet_cli.config.settings import MAX_SEED
+from bitnet_cli.config.sampling import check_sampling
 from bitnet_cli.use.cpu import decode_threads
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.loading import LoadedModel
 from bitnet_cli.nn.model import generate
-
-
-MIN_TEMPERATURE = 1e-3  # anything lower is greedy in effect, and can overflow logits / temperature
-TEMPERATURE_RULE = f"0 (greedy) or a number from {MIN_TEMPERATURE} up"
-
-
-def valid_temperature(value: float) -> bool:
-    return value == 0 or MIN_TEMPERATURE <= value < math.inf
 
 
 @dataclass
@@ -37,15 +28,25 @@ class Sampling:
     max_new_tokens: int = 256
 
     def validate(self, vocab_size: int) -> None:
-        if not valid_temperature(self.temperature):
-            raise BitnetError(f"--temperature must be {TEMPERATURE_RULE}, got {self.temperature}")
-        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        if self.top_k is not None and self.top_k > vocab_size:
             raise BitnetError(f"--top-k must be a whole number from 1 to {vocab_size:,} (the "
                               f"model's vocabulary), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise BitnetError(f"--top-p must be above 0 and at most 1, got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise BitnetError(f"--max-new-tokens must be a positive whole number, got {self.max_new_tokens}")
+
+
+SHORT_ALPHABET = 64  # a vocabulary of at most this many single characters is named in full
+
+
+def unreadable_prompt(text: str, tokenizer) -> str:
+    """Why a prompt gave no token at all: it is empty, or none of its characters is in the
+    model's vocabulary (a tokenizer without byte fallback drops them)."""
+    if not text.strip():
+        return "the prompt is empty"
+    alphabet = sorted({token for token in tokenizer.get_vocab()
+                       if len(token) == 1 and token.isprintable()})
+    known = (f"; it knows only {''.join(alphabet)!r}"
+             if 0 < len(alphabet) <= SHORT_ALPHABET else "")
+    return f"none of the prompt's characters is in this model's vocabulary{known}"
 
 
 @dataclass
@@ -76,9 +77,7 @@ class ChatSession:
 
     def __post_init__(self):
         self.sampling.validate(self.loaded.config.vocab_size)
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise BitnetError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, "
-                              f"got {self.seed}")
+        check_sampling(seed=self.seed)
         self.task = load_experiment(self.loaded.experiment)
         self.tokenizer = self.loaded.tokenizer
         self.context = self.loaded.config.max_position_embeddings
@@ -145,7 +144,7 @@ class ChatSession:
         model_text = self.task.chat_prompt(text) if hasattr(self.task, "chat_prompt") else text
         ids = self.tokenizer.encode(model_text).ids
         if not ids:
-            raise BitnetError("the prompt is empty")
+            raise BitnetError(unreadable_prompt(text, self.tokenizer))
         if len(ids) >= self.context:
             raise BitnetError(f"the prompt is {len(ids)} tokens, but this model reads at most "
                               f"{self.context}; shorten it")

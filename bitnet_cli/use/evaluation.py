@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from bitnet_cli.data.documents import local_files
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.loading import load_model
@@ -25,6 +26,8 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
     """The metrics of the model a RUN|CKPT selector names, and what was measured. A text model
     is measured on the held-out part of `data` (local text) where given, else of its run's."""
     where = resolve_device(device)
+    if data is not None:  # a missing or empty --data is said before a model loads
+        local_files(data)
     loaded = load_model(selector, where, engine)
     task = load_experiment(loaded.experiment)
     if data is not None and not hasattr(task, "prepare_eval"):
