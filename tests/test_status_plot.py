@@ -239,3 +239,19 @@ def test_status_watch_of_a_run_removed_meanwhile_says_it_is_gone(two_runs, tmp_p
     assert err.strip().splitlines()[-1] == (
         f"error: run twin is gone: its folder {two_runs / 'runs' / 'twin'} was removed")
     assert "None" not in text.split("20/20", 1)[1]
+
+
+def test_a_flat_share_is_drawn_against_zero():
+    """Tic-tac-toe's unbeaten at 1.0 at every evaluation reads 1 at the top of a 0-to-1 axis,
+    not at the bottom of a 1-to-2 one."""
+    from bitnet_cli.ui.charts import terminal_chart
+    text = terminal_chart([("eval unbeaten", [(100, 1.0), (200, 1.0)])], width=20, height=5).plain
+    rows = [line.split("│") for line in text.splitlines() if "│" in line]
+    assert [label.strip() for label, _ in rows] == ["1", "", "0.5", "", "0"]
+    assert "•" in rows[0][1] and "•" not in "".join(cells for _, cells in rows[1:])
+    flat_zero = terminal_chart([("lost", [(1, 0.0), (2, 0.0)])], width=20, height=3).plain
+    assert [line.split("│")[0].strip() for line in flat_zero.splitlines() if "│" in line] == [
+        "1", "0.5", "0"]
+    log_axis = terminal_chart([("loss", [(1, 2.0)])], width=20, height=3, log_y=True).plain
+    assert [line.split("│")[0].strip() for line in log_axis.splitlines() if "│" in line] == [
+        "6.32", "2", "0.632"]

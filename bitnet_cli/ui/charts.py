@@ -19,8 +19,8 @@ def terminal_chart(series: list[tuple[str, list[tuple[float, float]]]], width: i
     xs = [x for x, _ in points]
     ys = [ty(y) for _, y in points]
     x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y0, y1 = _y_range(min(ys), max(ys), log_y)
     grid = [[" "] * width for _ in range(height)]
     colours = ["cyan", "magenta", "yellow", "green", "red", "blue", "white", "bright_black"]
     owner = [[None] * width for _ in range(height)]
@@ -47,6 +47,17 @@ def terminal_chart(series: list[tuple[str, list[tuple[float, float]]]], width: i
         text.append(f"  {CHART_MARKERS[index % len(CHART_MARKERS)]} {name}\n",
                     style=colours[index % len(colours)])
     return text
+
+
+def _y_range(low: float, high: float, log_y: bool) -> tuple[float, float]:
+    """The y-axis for values from `low` to `high`. A flat curve (one evaluation, or a share
+    such as tic-tac-toe's unbeaten at 1.0 every time) gets an axis from zero to its value, so
+    it reads as 1 and not as the bottom of a 1-to-2 axis; on a log axis, a decade around it."""
+    if high > low:
+        return low, high
+    if log_y:
+        return low - 0.5, high + 0.5
+    return (min(low, 0.0), max(high, 0.0)) if low != 0 else (0.0, 1.0)
 
 
 def board_text(board: str) -> Text:
