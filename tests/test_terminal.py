@@ -128,6 +128,16 @@ def test_the_cpu_hint_is_for_long_cpu_runs_of_a_larger_size(info, eta, hinted):
     assert (live.cpu_size_hint({**info, "run_id": "r"}, eta) is not None) == hinted
 
 
+def test_a_fine_tune_says_whose_weights_it_starts_from(bitnet_home):
+    invoke("train", "simple", "--steps", "4", "--no-compile", "--name", "source")
+    out = " ".join(invoke("train", "simple", "--steps", "2", "--no-compile", "--from", "source",
+                          "--name", "tuned").stderr.split())
+    assert "starting from the weights of " in out and "from scratch" not in out
+    assert "runs/source/checkpoints/step_" in out.replace(" ", "")
+    assert live.starting_point({"init_from": "/x", "resumed_from": "/y"}) == "resuming from /y"
+    assert live.starting_point({"init_from": None}) == "from scratch"
+
+
 def commands():
     return [*app.registered_commands,
             *(c for group in app.registered_groups for c in group.typer_instance.registered_commands)]

@@ -68,7 +68,7 @@ class LiveTrainingView:
             self.progress.stop()
         self.info = info
         self.headline = info["headline"]
-        where = f"resuming from {info['resumed_from']}" if info.get("resumed_from") else "from scratch"
+        where = starting_point(info)
         world = info.get("world_size", 1)
         on = f"{world} processes on {info['device'].split(':')[0]}" if world > 1 else info["device"]
         self.console.print(f"[bold]{info['run_id']}[/]: {info['params']} parameters on "
@@ -137,6 +137,15 @@ class LiveTrainingView:
         if self.task is not None:
             self.progress.lines = []
             self.progress.stop()
+
+
+def starting_point(info: dict) -> str:
+    """Where the run's weights start: its checkpoint, the model it fine-tunes, or nothing."""
+    if info.get("resumed_from"):
+        return f"resuming from {info['resumed_from']}"
+    if info.get("init_from"):
+        return f"starting from the weights of {info['init_from']}"
+    return "from scratch"
 
 
 def cpu_size_hint(info: dict, eta_s: float) -> str | None:
