@@ -4,8 +4,8 @@ threads wait, and a background training run kept to the free cores. No torch her
 Every OpenMP parallel region of PyTorch waits at its end for its slowest thread. A CPU
 training run lowers itself to nice 19 (training/setup.py), so beside a program at normal
 priority that keeps one core busy, our thread on that core gets about 1.5% of it, every region
-waits for it, and the thread that waits spins: 394 tokens/s instead of 29k on 2 cores beside
-`yes`. Fewer threads would avoid that, but PyTorch's CPU results depend on the thread count (a
+waits for it, and the thread that waits spins: `train simple` on 2 cores beside `yes` made
+55-400 tokens/s against 50k alone. Fewer threads would avoid that, but PyTorch's CPU results depend on the thread count (a
 reduction is cut into one part per thread), and a seed must give the same weights whatever
 else the machine runs. So the thread count stays as PyTorch chose it (or OMP_NUM_THREADS
 said), and instead:
