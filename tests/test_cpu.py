@@ -197,6 +197,7 @@ def test_the_sharing_line_says_when_a_resume_would_share_better(monkeypatch):
     assert sharing_line(2, 2, "run-1") == "all 2 cores are free again: training on every one"
 
 
+@pytest.mark.slow  # two trainings; the default suite stays within five minutes
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity")
                     else True, reason="needs two cores to keep a run to one")
 def test_a_run_kept_to_one_core_trains_the_same_weights(monkeypatch, bitnet_home):

@@ -60,6 +60,7 @@ def good_cache(tmp_path):
     return cache, name, cache / record["library"]
 
 
+@pytest.mark.slow  # a real compile (~20 s); the default suite stays within five minutes
 def test_a_compile_killed_half_way_is_redone_by_the_next_chat(short_run, tmp_path, answer):
     """kill -9 of a first chat while it compiles leaves torch's own lock file in the build
     folder, which torch alone would wait on forever: the next chat builds anew and answers."""
@@ -182,7 +183,7 @@ def empty_library(folder):
 
 
 @pytest.mark.parametrize("damage", [
-    "cut short",  # loading it as it is: a bus error (exit 135) with no word said
+    pytest.param("cut short", marks=pytest.mark.slow),  # loaded as it is: a bus error (135)
     pytest.param("without its ops", marks=pytest.mark.slow),  # a library, its record matching
     pytest.param("without a record", marks=pytest.mark.slow)])
 def test_a_damaged_build_is_not_loaded_but_built_again(short_run, good_cache, tmp_path, answer,
