@@ -53,7 +53,7 @@ def assert_fused_agrees(ops, two_bit, int8, prompt, tokens):
     (tests/contract.py) with the per-op path along `tokens`."""
     with torch.inference_mode():
         per_op = two_bit.model(torch.tensor([prompt + tokens[:-1]]))[:, len(prompt) - 1:]
-    portable = fused_run(two_bit, prompt, tokens, kernel.PATHS["portable"])
+    portable = fused_run(two_bit, prompt, tokens, kernel.path_numbers(ops)["portable"])
     for path in ops.isas():
         fused = fused_run(two_bit, prompt, tokens, path)
         assert torch.equal(fused, fused_run(int8, prompt, tokens, path)), path

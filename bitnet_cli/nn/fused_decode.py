@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from bitnet_cli.config.settings import ACTIVATIONS
 from bitnet_cli.nn.int8 import HalfHead
 
-GATES = {"relu2": 0, "silu": 1}  # decode_step.cpp's numbering
 
 
 class FusedDecode:
@@ -25,7 +25,7 @@ class FusedDecode:
         config = model.config
         self.vocab = config.vocab_size
         self.heads, self.eps = config.num_attention_heads, config.rms_norm_eps
-        self.gate = GATES[config.activation]
+        self.gate = ACTIVATIONS.index(config.activation)  # decode_step.cpp's numbering
         self.embed = model.model.embed_tokens.weight.detach()
         self.norms, self.weights, self.scales = [], [], []
         for layer in model.model.layers:

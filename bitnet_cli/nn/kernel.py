@@ -2,9 +2,10 @@
 point checked on every code path this CPU has (kernel_check.py), and the fastest path that
 passes used from then on, or the one-line reason there is no kernel (the int8 engine decodes).
 
-A path is offered only where the CPU has every feature it needs (ternary_kernel.cpp's
-`supports`), so no path is ever an illegal instruction. BITNET_KERNEL=vnni|avx2|portable caps
-the paths as another CPU would have them: the tests run this way to prove the other paths.
+A path is offered only where the CPU has every feature it needs (cpu/kernels.h numbers and names
+them: avx512, avxvnni, avx2 on x86, neondot, neon on ARM, portable anywhere), so no path is ever
+an illegal instruction. BITNET_KERNEL=<path> caps the paths at that one, as another CPU would
+have them: the tests run this way to prove the other paths.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import sys
 from bitnet_cli.nn.kernel_build import KernelUnusable, build_kernel
 from bitnet_cli.nn.kernel_check import self_check
 
-PATHS = {"portable": 1, "avx2": 2, "vnni": 3}  # the kernel's own numbering of its code paths
 FORCE = "BITNET_KERNEL"
 _loaded: dict[str, object] = {}  # "ops" -> the module, or "why" -> the reason it is not there
 
 
-def path_name(path: int) -> str:
-    return next(name for name, number in PATHS.items() if number == path)
+def path_numbers(ops) -> dict[str, int]:
+    """The kernel's own numbering of its code paths (cpu/kernels.h), by name."""
+    numbers, path = {}, 1
+    while name := ops.path_name(path):
+        numbers[name] = path
+        path += 1
+    return numbers
 
 
 def ternary_ops(notice=lambda text: print(text, file=sys.stderr)):
@@ -38,12 +43,13 @@ def ternary_ops(notice=lambda text: print(text, file=sys.stderr)):
 
 def _checked(ops, notice):
     """The ops, limited to the fastest path that passes every check (and BITNET_KERNEL)."""
+    paths = path_numbers(ops)
     forced = os.environ.get(FORCE, "").strip().lower()
-    if forced and forced not in PATHS:
+    if forced and forced not in paths:
         raise KernelUnusable(f"{FORCE}={forced} is not a kernel path (one of "
-                             f"{', '.join(PATHS)})")
-    ops.limit_paths(PATHS[forced] if forced else max(PATHS.values()))
-    if forced and PATHS[forced] not in ops.isas():
+                             f"{', '.join(paths)})")
+    ops.limit_paths(paths[forced] if forced else max(paths.values()))
+    if forced and paths[forced] not in ops.isas():
         raise KernelUnusable(f"{FORCE}={forced}: this CPU lacks that path's instructions")
     failed = []
     for path in ops.isas():  # fastest first
@@ -51,7 +57,8 @@ def _checked(ops, notice):
         if wrong is None:
             ops.limit_paths(path)
             if failed:
-                notice(f"note: the 2-bit kernel's {failed[0]}; using its {path_name(path)} path")
+                notice(f"note: the 2-bit kernel's {failed[0]}; using its {ops.path_name(path)} "
+                       "path")
             return ops
         failed.append(wrong)
     raise KernelUnusable(failed[0])

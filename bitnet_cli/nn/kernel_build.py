@@ -46,14 +46,16 @@ import torch
 from bitnet_cli.errors import first_line
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "ternary_kernel.cpp", HERE / "decode_step.cpp"]
-HEADERS = [HERE / "ternary_kernel.h"]
+CPU = HERE / "cpu"  # the arithmetic in plain C++ (kernels.h), and the torch glue beside it
+SOURCES = [CPU / name for name in ("portable.cpp", "x86.cpp", "torch_ops.cpp", "decode_step.cpp")]
+HEADERS = [CPU / name for name in ("kernels.h", "loops.h", "glue.h")]
 # No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
 # does. -fopenmp: at::parallel_for is inlined into the kernel and runs on torch's own OpenMP
 # threads (GNU OpenMP, loaded with torch on Linux) only when compiled with it; elsewhere the
 # kernel runs on one thread rather than bring a second OpenMP runtime into the process.
 FLAGS = ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform == "linux" else [])
-OPS = ("pack", "ternary_mm", "ternary_linear", "isas", "limit_paths", "int8_mm", "half_linear",
+OPS = ("pack", "ternary_mm", "ternary_linear", "isas", "limit_paths", "path_name", "int8_mm",
+       "half_linear", "read_bandwidth", "step_profile",
        "decode_step")  # every op the engines call
 COMPILE_TIME = "about 20 s on a busy 2-core machine"
 

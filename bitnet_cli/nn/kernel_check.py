@@ -24,7 +24,6 @@ from bitnet_cli.nn.fused_decode import FusedDecode
 from bitnet_cli.nn.int8 import HEADS, LOGIT_BOUND, Int8Linear, to_int8
 from bitnet_cli.nn.model import BitNetForCausalLM, KVCache
 
-PORTABLE = 1
 # Hidden 104: a tail of 8 past the float loops' 16 and 40 past the int8 head's 64; vocabulary
 # 70: rows past the int8 head's groups of four.
 SHAPE = dict(vocab_size=70, hidden_size=104, num_hidden_layers=2, num_attention_heads=4,
@@ -92,8 +91,9 @@ def _decode(ops, path: int) -> str | None:
         where = f"decode_step with the {head} head on path {path}"
         if not torch.equal(logits[0], logits[1]):
             return f"{where}: 2-bit and int8 weights disagree"
-        if path != PORTABLE and not torch.equal(logits[0],
-                                                _steps(model, FusedDecode(model, ops, PORTABLE))):
+        portable = min(ops.isas())  # plain C++: every CPU has it
+        if path != portable and not torch.equal(logits[0],
+                                                _steps(model, FusedDecode(model, ops, portable))):
             return f"{where}: not the portable path's floats"
         worst = ((logits[0] - per_op[1:]).abs().amax(-1) / per_op[1:].abs().amax(-1)).max()
         if not worst <= LOGIT_BOUND:

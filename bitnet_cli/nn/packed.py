@@ -17,7 +17,7 @@ from torch import nn
 from bitnet_cli.nn.int8 import Int8Linear, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
 
-KERNEL_PATH = 0  # 0: the fastest path kernel.py allows; kernel.PATHS names the others
+KERNEL_PATH = 0  # the fastest path kernel.py allows (cpu/kernels.h numbers the others)
 
 
 class PackedLinear(Int8Linear):

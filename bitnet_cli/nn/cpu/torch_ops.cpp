@@ -1,0 +1,211 @@
+// The kernel's ops as torch sees them (torch.ops.bitnet_ternary.*): tensors checked and unpacked,
+// the plain arithmetic of kernels.h run on torch's threads (at::parallel_for: the pool that
+// torch.set_num_threads governs). decode_step.cpp adds the fused step.
+//
+// Only ATen's core and the op registry are included (not torch/extension.h): the build takes a
+// few seconds instead of half a minute.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+#include "glue.h"
+
+namespace bitnet {
+
+void check_packed(const at::Tensor& packed, int64_t k) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be contiguous 2-d uint8");
+  TORCH_CHECK(packed.size(1) * 4 == padded(k), "packed rows do not hold ", k, " weights");
+}
+
+Tokens quantize(const Kernels& f, const float* x, int64_t m, int64_t k) {
+  Tokens tokens(m, k);
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      tokens.sums[t] = f.quantize(x + t * k, k, tokens.codes.data() + t * tokens.kp,
+                                  &tokens.scales[t]);
+  });
+  return tokens;
+}
+
+void ternary_sums(const Kernels& f, const Tokens& x, const at::Tensor& packed, int32_t* out) {
+  const int64_t n = packed.size(0);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tile_count(n), 8, [&](int64_t begin, int64_t end) {
+    ternary_tiles(f, x, w, n, begin, end, out);
+  });
+}
+
+}  // namespace bitnet
+
+using namespace bitnet;
+
+// codes: (out, in) int8 in {-1, 0, 1} -> (out, padded(in) / 4) uint8 in portable.cpp's layout.
+at::Tensor pack_codes(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "pack wants 2-d int8 codes");
+  const auto c = codes.contiguous();
+  auto packed = at::zeros({c.size(0), padded(c.size(1)) / 4}, at::kByte);
+  TORCH_CHECK(pack(c.data_ptr<int8_t>(), c.size(0), c.size(1), packed.data_ptr<uint8_t>()),
+              "ternary codes must be -1, 0 or 1");
+  return packed;
+}
+
+// x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
+at::Tensor ternary_mm(const at::Tensor& x, const at::Tensor& packed, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "x must be 2-d int8");
+  const auto xc = x.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
+  check_packed(packed, k);
+  Tokens tokens(m, k);
+  const int8_t* xd = xc.data_ptr<int8_t>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < k; ++i) {
+      tokens.codes[t * tokens.kp + i] = xd[t * k + i];
+      tokens.sums[t] += xd[t * k + i];
+    }
+  auto out = at::empty({m, n}, at::kInt);
+  ternary_sums(kernels_for(resolve_path(path)), tokens, packed, out.data_ptr<int32_t>());
+  return out;
+}
+
+// The whole BitLinear at inference, as the int8 engine computes it, in one call: each token of
+// x (m, in) float32 quantized to int8 codes by absmax (round half to even, as torch.round), the
+// exact sums against the packed rows, then sum / (x_scale * w_scale[row]) in float32. The same
+// float operations in the same order as activation_codes and Int8Linear.forward, so the output
+// is theirs to the bit (built without -ffast-math or FMA contraction).
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
+                          const at::Tensor& w_scale, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-d float32");
+  TORCH_CHECK(w_scale.dim() == 1 && w_scale.scalar_type() == at::kFloat &&
+              w_scale.size(0) == packed.size(0), "one float32 scale per packed row");
+  const auto xc = x.contiguous();
+  const auto ws = w_scale.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
+  check_packed(packed, k);
+  const Kernels& f = kernels_for(resolve_path(path));
+  const Tokens tokens = quantize(f, xc.data_ptr<float>(), m, k);
+  auto out = at::empty({m, n}, at::kFloat);
+  float* od = out.data_ptr<float>();
+  // The int32 sums first, in the output's own memory, then each rescaled in place.
+  static_assert(sizeof(float) == sizeof(int32_t), "sums share the output's memory");
+  int32_t* sums = reinterpret_cast<int32_t*>(od);
+  ternary_sums(f, tokens, packed, sums);
+  const float* sd = ws.data_ptr<float>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t r = 0; r < n; ++r)
+      od[t * n + r] = float(sums[t * n + r]) / (tokens.scales[t] * sd[r]);
+  return out;
+}
+
+// x: (m, in) int8 codes in [-127, 127]; codes: (out, in) int8 -> (m, out) int32, exactly
+// x @ codes.T (the per-op int8 head: torch._int_mm is not exact for full-range int8 codes on
+// every CPU).
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar && codes.dim() == 2 &&
+              codes.scalar_type() == at::kChar && x.size(1) == codes.size(1),
+              "int8_mm wants int8 (m, k) and (n, k)");
+  const Int8Rows rows = kernels_for(resolve_path(path)).int8_rows;
+  const auto xc = x.contiguous(), wc = codes.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
+  const auto w_sums = at::sum(wc, {1}, false, at::kInt);
+  auto out = at::empty({m, n}, at::kInt);
+  for (int64_t t = 0; t < m; ++t)
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      rows(xc.data_ptr<int8_t>() + t * k, wc.data_ptr<int8_t>(), w_sums.data_ptr<int32_t>(), k,
+           b, e, out.data_ptr<int32_t>() + t * n);
+    });
+  return out;
+}
+
+// x: (m, in) float32; w: (out, in) float16 -> (m, out) float32: the float16 head for a few rows
+// (the per-op path's prompt and tokens), summed in float32 exactly as the fused step's head.
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && w.dim() == 2 &&
+              w.scalar_type() == at::kHalf && x.size(1) == w.size(1),
+              "half_linear wants float32 (m, k) and float16 (n, k)");
+  const HalfRows rows = kernels_for(resolve_path(path)).half_rows;
+  const auto xc = x.contiguous(), wc = w.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
+  const auto* bits = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::Half>());
+  auto out = at::empty({m, n}, at::kFloat);
+  for (int64_t t = 0; t < m; ++t)
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      rows(xc.data_ptr<float>() + t * k, bits, k, b, e, out.data_ptr<float>() + t * n);
+    });
+  return out;
+}
+
+// The machine's read bandwidth in bytes/s as the engines could reach it: a buffer of `megabytes`
+// (far past the caches) read with the path's widest loads by every one of torch's threads, each
+// its own contiguous share (first touched by that thread, so its pages are near it), the best
+// of `repeats` passes.
+double read_bandwidth(int64_t megabytes, int64_t repeats, int64_t path) {
+  TORCH_CHECK(megabytes > 0 && repeats > 0, "read_bandwidth wants a size and a count");
+  const Kernels& f = kernels_for(resolve_path(path));
+  constexpr int64_t CHUNK = 1 << 20;
+  const int64_t chunks = megabytes, bytes = chunks * CHUNK;
+  std::unique_ptr<uint8_t, decltype(&std::free)> buffer(
+      static_cast<uint8_t*>(std::aligned_alloc(64, bytes)), &std::free);
+  TORCH_CHECK(buffer, "no memory for a ", megabytes, " MB read");
+  uint8_t* data = buffer.get();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      for (int64_t i = 0; i < CHUNK; ++i) data[c * CHUNK + i] = uint8_t(c * 31 + i);
+  });
+  std::vector<uint64_t> folded(chunks);
+  double best = 0.0;
+  for (int64_t pass = 0; pass < repeats; ++pass) {
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) folded[c] = f.read(data + c * CHUNK, CHUNK);
+    });
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, double(bytes) / seconds);
+  }
+  static volatile uint64_t sink;  // the reads' result is used, so none is optimized away
+  for (uint64_t value : folded) sink = sink ^ value;
+  return best;
+}
+
+std::vector<int64_t> isas() {
+  std::vector<int64_t> found;
+  for (int64_t path = LAST_PATH; path >= PORTABLE; --path)
+    if (supports(path)) found.push_back(path);
+  return found;
+}
+
+void limit_to(int64_t path) {
+  TORCH_CHECK(path >= PORTABLE && path <= LAST_PATH, "no kernel path ", path);
+  limit_paths(path);
+}
+
+std::string name_of(int64_t path) { return path_name(path); }
+
+TORCH_LIBRARY(bitnet_ternary, m) {
+  m.def("pack(Tensor codes) -> Tensor");  // ternary codes -> 2-bit blocks
+  m.def("ternary_mm(Tensor x, Tensor packed, int isa) -> Tensor");  // exact int32 sums
+  m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int isa) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor w, int isa) -> Tensor");  // the float16 head, float32 sums
+  m.def("int8_mm(Tensor x, Tensor codes, int isa) -> Tensor");  // the int8 head's exact sums
+  // The kernel paths this CPU runs, fastest first, up to the limit set by limit_paths
+  // (kernel.py: the best path that passes its checks), and each one's name ("" past the last).
+  m.def("isas() -> int[]", &isas);
+  m.def("limit_paths(int isa) -> ()", &limit_to);
+  m.def("path_name(int isa) -> str", &name_of);
+  m.def("read_bandwidth(int megabytes, int repeats, int isa) -> float", &read_bandwidth);
+}
+
+TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {
+  m.impl("pack", &pack_codes);
+  m.impl("ternary_mm", &ternary_mm);
+  m.impl("ternary_linear", &ternary_linear);
+  m.impl("int8_mm", &int8_mm);
+  m.impl("half_linear", &half_linear);
+}

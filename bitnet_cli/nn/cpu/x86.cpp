@@ -1,0 +1,425 @@
+// The x86 paths: AVX2 (with FMA and F16C), AVX-VNNI and AVX-512 VNNI. Each function carries its
+// own target, so one build serves every x86 CPU and portable.cpp picks what this one has.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include "kernels.h"
+#include "loops.h"
+
+// AVX-VNNI intrinsics arrived in GCC 11 and clang 12: an older compiler builds without that path.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define BITNET_AVX_VNNI 1
+#endif
+
+namespace bitnet {
+namespace {
+
+// A tile's sums are int32 lanes; a lane of _mm256_maddubs_epi16 is (w + 1) * x for two bytes:
+// |.| <= 2 * 2 * 128 = 512. A block adds eight of them to a lane (two halves, four shifts), so
+// eight blocks stay within int16 (8 * 8 * 512 = 32768, reached only by -32768): one token's tile
+// adds them as int16 and widens once per eight blocks, which saves an instruction in four.
+constexpr int64_t INT16_BLOCKS = 8;
+
+__attribute__((target("avx2"))) inline int32_t sum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Four rows' int32 lanes -> their four sums.
+__attribute__((target("avx2"))) inline __m128i sum8_x4(const __m256i* acc) {
+  const __m256i all = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
+                                        _mm256_hadd_epi32(acc[2], acc[3]));
+  return _mm_add_epi32(_mm256_castsi256_si128(all), _mm256_extracti128_si256(all, 1));
+}
+
+template <int T>
+__attribute__((target("avx2"))) void tile_avx2(const uint8_t* const* w, int64_t stride,
+                                                const int8_t* const* x, int64_t blocks,
+                                                int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[ROWS][T];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < blocks; b0 += INT16_BLOCKS) {
+    const int64_t b1 = std::min(blocks, b0 + INT16_BLOCKS);
+    __m256i part[ROWS][T];  // int16 sums of this run of blocks (one token), else unused
+    for (int r = 0; r < ROWS; ++r)
+      for (int t = 0; t < T; ++t) part[r][t] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      // The next blocks' bytes, asked for while these are summed: a tile is one stream.
+      _mm_prefetch((const char*)(w[0] + (b + 4) * stride), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w[0] + (b + 4) * stride + 64), _MM_HINT_T0);
+      for (int half = 0; half < 2; ++half) {
+        __m256i v[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+          v[r] = _mm256_loadu_si256((const __m256i*)(w[r] + b * stride + 32 * half));
+        for (int l = 0; l < 4; ++l) {
+          __m256i xv[T];
+          for (int t = 0; t < T; ++t)
+            xv[t] = _mm256_loadu_si256((const __m256i*)(x[t] + b * BLOCK + 32 * half + 64 * l));
+          for (int r = 0; r < ROWS; ++r) {
+            const __m256i u = _mm256_and_si256(l ? _mm256_srli_epi16(v[r], 2 * l) : v[r], mask);
+            for (int t = 0; t < T; ++t) {
+              const __m256i pairs = _mm256_maddubs_epi16(u, xv[t]);
+              if constexpr (T == 1)
+                part[r][t] = _mm256_add_epi16(part[r][t], pairs);
+              else  // four tokens' int16 sums would not fit the registers: widen each
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+        }
+      }
+    }
+    if constexpr (T == 1)
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(part[r][0], ones));
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum8(acc[r][t]);
+}
+
+#ifdef BITNET_AVX_VNNI
+// AVX2's tile with one vpdpbusd (unsigned (w + 1) by signed x, four bytes into an int32 lane)
+// where AVX2 takes maddubs, madd and add.
+template <int T>
+__attribute__((target("avx2,avxvnni"))) void tile_avx_vnni(const uint8_t* const* w,
+                                                           int64_t stride,
+                                                           const int8_t* const* x,
+                                                           int64_t blocks, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  __m256i acc[ROWS][T];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < blocks; ++b) {
+    _mm_prefetch((const char*)(w[0] + (b + 4) * stride), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w[0] + (b + 4) * stride + 64), _MM_HINT_T0);
+    for (int half = 0; half < 2; ++half) {
+      __m256i v[ROWS];
+      for (int r = 0; r < ROWS; ++r)
+        v[r] = _mm256_loadu_si256((const __m256i*)(w[r] + b * stride + 32 * half));
+      for (int l = 0; l < 4; ++l) {
+        __m256i xv[T];
+        for (int t = 0; t < T; ++t)
+          xv[t] = _mm256_loadu_si256((const __m256i*)(x[t] + b * BLOCK + 32 * half + 64 * l));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i u = _mm256_and_si256(l ? _mm256_srli_epi16(v[r], 2 * l) : v[r], mask);
+          for (int t = 0; t < T; ++t) acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], u, xv[t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum8(acc[r][t]);
+}
+#endif
+
+template <int T>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
+    const uint8_t* const* w, int64_t stride, const int8_t* const* x, int64_t blocks,
+    int32_t* out) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i acc[ROWS][T];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[ROWS];
+    for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * stride));
+    for (int l = 0; l < 4; ++l) {
+      __m512i xv[T];
+      for (int t = 0; t < T; ++t)
+        xv[t] = _mm512_loadu_si512((const void*)(x[t] + b * BLOCK + 64 * l));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i u = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * l), mask);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+
+// The sixteen partials as two halves of eight (lanes j and j + 8), summed pairwise as reduce16.
+__attribute__((target("avx2,f16c"))) inline float reduce_halves(__m256 low, __m256 high) {
+  const __m256 s8 = _mm256_add_ps(low, high);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,f16c"))) inline float finish_halves(const float* x,
+                                                                const uint16_t* row,
+                                                                int64_t whole, int64_t k,
+                                                                __m256 low, __m256 high) {
+  if (whole == k) return reduce_halves(low, high);
+  float partial[16];
+  _mm256_storeu_ps(partial, low);
+  _mm256_storeu_ps(partial + 8, high);
+  return finish_half_row(x, row, whole, k, partial);
+}
+
+// Four rows at a time: each x load serves four rows, and eight independent sums hide the adds'
+// latency (one row's two chains of adds left the loads waiting). Each row's lanes are the fixed
+// order's sixteen partials, so the sums are the same bits as one row at a time.
+__attribute__((target("avx2,f16c"))) void half_rows_avx2(const float* x, const uint16_t* w,
+                                                         int64_t k, int64_t begin, int64_t end,
+                                                         float* out) {
+  const int64_t whole = k / 16 * 16;
+  int64_t v = begin;
+  for (; v + 4 <= end; v += 4) {
+    __m256 low[4], high[4];
+    for (int r = 0; r < 4; ++r) low[r] = high[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      for (int r = 0; r < 4; ++r) {
+        const uint16_t* bits = w + (v + r) * k + i;
+        low[r] = _mm256_add_ps(low[r], _mm256_mul_ps(x0, _mm256_cvtph_ps(
+                                                             _mm_loadu_si128((const __m128i*)bits))));
+        high[r] = _mm256_add_ps(high[r], _mm256_mul_ps(x1, _mm256_cvtph_ps(
+                                                               _mm_loadu_si128((const __m128i*)(bits + 8)))));
+      }
+    }
+    for (int r = 0; r < 4; ++r) out[v + r] = finish_halves(x, w + (v + r) * k, whole, k, low[r], high[r]);
+  }
+  for (; v < end; ++v) {
+    const uint16_t* row = w + v * k;
+    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(x + i),
+                                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i)))));
+      high = _mm256_add_ps(high, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8),
+                                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i + 8)))));
+    }
+    out[v] = finish_halves(x, row, whole, k, low, high);
+  }
+}
+
+__attribute__((target("avx512f,avx2,f16c"))) void half_rows_avx512(const float* x,
+                                                                   const uint16_t* w, int64_t k,
+                                                                   int64_t begin, int64_t end,
+                                                                   float* out) {
+  const int64_t whole = k / 16 * 16;
+  for (int64_t v = begin; v < end; ++v) {
+    const uint16_t* row = w + v * k;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16)
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_cvtph_ps(
+                                                 _mm256_loadu_si256((const __m256i*)(row + i)))));
+    out[v] = finish_halves(x, row, whole, k, _mm512_castps512_ps256(acc),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  }
+}
+
+// AVX2 has no unsigned-by-signed dot product of its own: |w| times x with w's sign. Codes are
+// at most 127 in size, so a pair of products stays within int16.
+__attribute__((target("avx2"))) inline __m256i signed_products(__m256i xv, __m256i wv) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv)),
+                           _mm256_set1_epi16(1));
+}
+
+// x * w past the last whole vector; `bias` is added to each x (the flipped paths' 128).
+BITNET_INLINE int32_t tail_sum(const int8_t* x, const int8_t* row, int64_t from, int64_t k,
+                               int32_t bias) {
+  int32_t sum = 0;
+  for (int64_t i = from; i < k; ++i) sum += (int32_t(x[i]) + bias) * int32_t(row[i]);
+  return sum;
+}
+
+// Four rows share each x load.
+__attribute__((target("avx2"))) void int8_rows_avx2(const int8_t* x, const int8_t* w,
+                                                    const int32_t*, int64_t k, int64_t begin,
+                                                    int64_t end, int32_t* out) {
+  const int64_t whole = k / 32 * 32;
+  int64_t v = begin;
+  for (; v + 4 <= end; v += 4) {
+    __m256i acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < whole; i += 32) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + i));
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm256_add_epi32(acc[r], signed_products(xv, _mm256_loadu_si256(
+                                                                  (const __m256i*)(w + (v + r) * k + i))));
+    }
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i*)sums, sum8_x4(acc));
+    for (int r = 0; r < 4; ++r) out[v + r] = sums[r] + tail_sum(x, w + (v + r) * k, whole, k, 0);
+  }
+  for (; v < end; ++v) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = 0; i < whole; i += 32)
+      acc = _mm256_add_epi32(acc, signed_products(_mm256_loadu_si256((const __m256i*)(x + i)),
+                                                  _mm256_loadu_si256((const __m256i*)(w + v * k + i))));
+    out[v] = sum8(acc) + tail_sum(x, w + v * k, whole, k, 0);
+  }
+}
+
+// dpbusd multiplies unsigned by signed bytes: the input codes go in as x + 128 (flipped once,
+// not per row), and 128 * sum(w) (each row's, computed once at load) is taken off again.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_rows_avx512(
+    const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k, int64_t begin,
+    int64_t end, int32_t* out) {
+  const int64_t whole = k / 64 * 64;
+  const __mmask64 tail = k == whole ? 0 : (~0ULL >> (64 - (k - whole)));
+  std::vector<uint8_t> flipped(whole + 64);
+  for (int64_t i = 0; i < k; ++i) flipped[i] = uint8_t(x[i]) ^ 0x80;
+  const uint8_t* xu = flipped.data();
+  int64_t v = begin;
+  for (; v + 4 <= end; v += 4) {
+    __m512i acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < whole; i += 64) {
+      const __m512i xv = _mm512_loadu_si512(xu + i);
+      for (int r = 0; r < 4; ++r) {
+        // Four rows are four short streams, which the CPU's prefetchers are slow to follow
+        // from memory: ask for the next four rows' bytes while these are summed.
+        _mm_prefetch((const char*)(w + (v + 4 + r) * k + i), _MM_HINT_T0);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_loadu_si512(w + (v + r) * k + i));
+      }
+    }
+    if (tail) {  // bytes past the row are zero weights: they add nothing
+      const __m512i xv = _mm512_loadu_si512(xu + whole);
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm512_dpbusd_epi32(acc[r], xv,
+                                     _mm512_maskz_loadu_epi8(tail, w + (v + r) * k + whole));
+    }
+    __m256i half[4];
+    for (int r = 0; r < 4; ++r)
+      half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]),
+                                 _mm512_extracti64x4_epi64(acc[r], 1));
+    const __m128i offsets = _mm_slli_epi32(_mm_loadu_si128((const __m128i*)(w_sums + v)), 7);
+    _mm_storeu_si128((__m128i*)(out + v), _mm_sub_epi32(sum8_x4(half), offsets));
+  }
+  for (; v < end; ++v) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < whole; i += 64)
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu + i), _mm512_loadu_si512(w + v * k + i));
+    if (tail)
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu + whole),
+                                _mm512_maskz_loadu_epi8(tail, w + v * k + whole));
+    out[v] = _mm512_reduce_add_epi32(acc) - 128 * w_sums[v];
+  }
+}
+
+#ifdef BITNET_AVX_VNNI
+__attribute__((target("avx2,avxvnni"))) void int8_rows_avx_vnni(
+    const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k, int64_t begin,
+    int64_t end, int32_t* out) {
+  const int64_t whole = k / 32 * 32;
+  std::vector<uint8_t> flipped(whole);
+  for (int64_t i = 0; i < whole; ++i) flipped[i] = uint8_t(x[i]) ^ 0x80;
+  const uint8_t* xu = flipped.data();
+  // The tail past the last 32 bytes is summed flipped too: 128 * the whole row's sum of codes
+  // comes off.
+  int64_t v = begin;
+  for (; v + 4 <= end; v += 4) {
+    __m256i acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < whole; i += 32) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xu + i));
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm256_dpbusd_avx_epi32(acc[r], xv, _mm256_loadu_si256(
+                                                         (const __m256i*)(w + (v + r) * k + i)));
+    }
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i*)sums, sum8_x4(acc));
+    for (int r = 0; r < 4; ++r)
+      out[v + r] = sums[r] + tail_sum(x, w + (v + r) * k, whole, k, 128) - 128 * w_sums[v + r];
+  }
+  for (; v < end; ++v) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = 0; i < whole; i += 32)
+      acc = _mm256_dpbusd_avx_epi32(acc, _mm256_loadu_si256((const __m256i*)(xu + i)),
+                                    _mm256_loadu_si256((const __m256i*)(w + v * k + i)));
+    out[v] = sum8(acc) + tail_sum(x, w + v * k, whole, k, 128) - 128 * w_sums[v];
+  }
+}
+#endif
+
+__attribute__((target("avx2"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  return dot_body(a, b, n);
+}
+__attribute__((target("avx2"))) void add_scaled_avx2(float* out, float p, const float* v,
+                                                     int64_t n) {
+  add_scaled_body(out, p, v, n);
+}
+__attribute__((target("avx2"))) int32_t quantize_avx2(const float* row, int64_t k,
+                                                      int8_t* codes, float* scale) {
+  return quantize_body(row, k, codes, scale);
+}
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t n) {
+  return dot_body(a, b, n);
+}
+__attribute__((target("avx512f"))) void add_scaled_avx512(float* out, float p, const float* v,
+                                                          int64_t n) {
+  add_scaled_body(out, p, v, n);
+}
+
+__attribute__((target("avx2"))) uint64_t read_avx2(const uint8_t* data, int64_t n) {
+  __m256i folded[4] = {};
+  for (int64_t i = 0; i < n; i += 128)
+    for (int j = 0; j < 4; ++j)
+      folded[j] = _mm256_xor_si256(folded[j], _mm256_loadu_si256((const __m256i*)(data + i + 32 * j)));
+  const __m256i all = _mm256_xor_si256(_mm256_xor_si256(folded[0], folded[1]),
+                                       _mm256_xor_si256(folded[2], folded[3]));
+  return uint64_t(_mm256_extract_epi64(all, 0) ^ _mm256_extract_epi64(all, 1) ^
+                  _mm256_extract_epi64(all, 2) ^ _mm256_extract_epi64(all, 3));
+}
+__attribute__((target("avx512f"))) uint64_t read_avx512(const uint8_t* data, int64_t n) {
+  __m512i folded[4] = {};
+  for (int64_t i = 0; i < n; i += 256)
+    for (int j = 0; j < 4; ++j)
+      folded[j] = _mm512_xor_si512(folded[j], _mm512_loadu_si512(data + i + 64 * j));
+  const __m512i all = _mm512_xor_si512(_mm512_xor_si512(folded[0], folded[1]),
+                                       _mm512_xor_si512(folded[2], folded[3]));
+  return uint64_t(_mm512_reduce_or_epi64(all));
+}
+
+bool cpuid_avx_vnni() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+}
+
+}  // namespace
+
+// AVX2's loops also use FMA's and F16C's encodings (the float16 head), the others all of
+// AVX2's: a VM may mask any feature, and then the next path runs, never an illegal instruction.
+bool x86_has(int64_t path) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (path) {
+    case AVX2: return avx2;
+#ifdef BITNET_AVX_VNNI
+    case AVX_VNNI: return avx2 && cpuid_avx_vnni();
+#endif
+    case AVX512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+    default: return false;
+  }
+}
+
+const Kernels AVX2_KERNELS = {{tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>},
+                              half_rows_avx2, int8_rows_avx2, dot_avx2, add_scaled_avx2,
+                              quantize_avx2, read_avx2};
+#ifdef BITNET_AVX_VNNI
+const Kernels AVX_VNNI_KERNELS = {
+    {tile_avx_vnni<1>, tile_avx_vnni<2>, tile_avx_vnni<3>, tile_avx_vnni<4>},
+    half_rows_avx2, int8_rows_avx_vnni, dot_avx2, add_scaled_avx2, quantize_avx2, read_avx2};
+#else  // never chosen: x86_has says no
+const Kernels AVX_VNNI_KERNELS = {{tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>},
+                                  half_rows_avx2, int8_rows_avx2, dot_avx2, add_scaled_avx2,
+                                  quantize_avx2, read_avx2};
+#endif
+const Kernels AVX512_KERNELS = {
+    {tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>},
+    half_rows_avx512, int8_rows_avx512, dot_avx512, add_scaled_avx512, quantize_avx2,
+    read_avx512};
+
+}  // namespace bitnet
+
+#endif
