@@ -174,6 +174,13 @@ def test_the_2b4t_shape_decodes_in_a_fraction_of_its_float32_size():
     """2.4B parameters would be 9.6 GB in float32; built from codes, the process stays far below."""
     from bitnet_cli.bench.released_shape import decode_2b4t
     result = decode_2b4t()
-    assert result["engine"] == "2bit, fused" and result["tok_per_s"] > 0
     assert result["llama_cpp"]["tok_per_s"] > 0
-    assert result["peak_rss_bytes"] < 3 * 2**30
+    for name, row in result["engines"].items():
+        assert row["engine"] == "2bit, fused" and row["tok_per_s"] > 0, name
+        assert row["peak_rss_bytes"] < 3 * 2**30, name
+        assert set(row["parts_ms"]) == {*decode_speed.STEP_PARTS, "outside the step"}
+    # ~0.4 GB of 2-bit codes; the head: float16 (2 bytes a weight) or int8 (one and a scale)
+    head = 128256 * 2560
+    float16, int8 = (result["engines"][name]["weight_bytes_per_token"]
+                     for name in ("2bit", "2bit, int8 head"))
+    assert float16 - int8 == head

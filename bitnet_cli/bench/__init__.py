@@ -2,14 +2,16 @@
 asserted by timed tests. Random weights on the presets' shapes: speed and size do not depend
 on what a model has learned.
 
-    machine      memory bandwidth: the limit decoding runs into (it reads every weight per token)
+    machine      the memory's read bandwidth (bitnet's own read loop on every thread): the limit
+                 decoding runs into, since it reads every weight per token
     train_step   BitNet's forward + backward + AdamW step against its --quant none twin, eager
                  and compiled (on CUDA in bf16 autocast, with tokens/s and MFU)
     data         the CPU's time to make one batch, for every experiment and size
     decode       tokens/s with the KV cache: the 2bit and int8 engines (float16 or int8 head,
                  eager or a compiled decode step) against the float engine in fp32 and in bf16
                  autocast, and at 95M llama.cpp on the same weights; bytes of weights read per
-                 token and the GB/s that makes
+                 token, the GB/s that makes and its share of the machine's; where a token's time
+                 goes in the fused step (ternary sums, head, attention, the rest)
     layers       the BitLinear matmuls alone at decode shape (one token), float against int8
                  and 2bit
     size         bytes of the projection weights, fp32 latent against 2-bit packed (hf-packed)
@@ -57,4 +59,8 @@ def run_all(progress=lambda what: None, device: str = "cpu", released: bool = Fa
         progress(name)
         results[name] = fn()
         gc.collect()
+    if "decode" in results:  # each engine's GB/s against what the machine's memory gives
+        read = results["machine"]["read_gb_s"]
+        for engine in (e for d in results["decode"] for e in d["engines"].values()):
+            engine["share_of_read"] = engine["gb_s"] / read if engine["gb_s"] else None
     return results

@@ -48,6 +48,22 @@ def decode_rate(model, prompt: list[int], context, step=None) -> float:
         return count / (time.perf_counter() - start)
 
 
+STEP_PARTS = ("ternary sums", "head", "attention", "rest")  # decode_step.cpp's step_profile
+
+
+def step_parts(model, prompt: list[int], step: DecodeStep) -> dict:
+    """Where a token's time goes in the fused step, in ms per token: the ternary projections
+    (quantizing, sums, rescale), the head, attention (RoPE, the cache, attention itself), the
+    rest (norms, residuals, the gate), and what is spent outside the step (sampling, Python)."""
+    ops = step.forward.ops
+    ops.step_profile()  # from zero
+    rate = decode_rate(model, prompt, contextlib.nullcontext, step)
+    *seconds, steps = ops.step_profile()
+    parts = {name: 1e3 * s / steps for name, s in zip(STEP_PARTS, seconds)}
+    parts["outside the step"] = max(0.0, 1e3 / rate - sum(parts.values()))
+    return parts
+
+
 # The engines decode() times: (name, engine, head, how each token is decoded), the float
 # engine's two precisions added to these. The first is the CPU default. "fused" is the fused
 # step (one call per token, fused_decode.FusedDecode), "per-op" the model's own forward in eager
@@ -98,12 +114,14 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
             rates[name] = max(rates[name], decode_rate(m, prompt, context, step))
     result = {"shape": f"{experiment} {size}", "params": model.num_params(),
               "threads": torch.get_num_threads(), "notes": sorted(set(notes)), "engines": {}}
-    for name, (m, _, _) in engines.items():
+    for name, (m, _, step) in engines.items():
         read = weight_bytes(m)
         result["engines"][name] = {"tok_per_s": rates[name], "ms_per_token": 1e3 / rates[name],
                                    "vs_float32": rates[name] / rates["float32"],
                                    "vs_int8": rates[name] / rates["int8 per-op"],
                                    "weight_bytes_per_token": read, "gb_s": read * rates[name] / 1e9}
+        if step is not None and step.fused:
+            result["engines"][name]["parts_ms"] = step_parts(m, prompt, step)
     # bf16 autocast reads the fp32 weights, then writes and reads a bf16 copy of each: its
     # bytes per token are not the weights' size, so no GB/s is claimed for it.
     result["engines"]["bf16 autocast"]["gb_s"] = None

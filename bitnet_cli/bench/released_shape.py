@@ -23,7 +23,8 @@ from bitnet_cli.config.presets import RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import first_line
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead, to_int8
+from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
 from bitnet_cli.nn.packed import to_packed
 
@@ -36,15 +37,16 @@ def config_2b4t(context: int) -> ModelConfig:
     return ModelConfig(**{**SHAPE_2B4T, "max_position_embeddings": context})
 
 
-def build_2b4t(context: int) -> tuple[BitNetForCausalLM, str]:
+def build_2b4t(context: int, head: str = "float16") -> tuple[BitNetForCausalLM, str]:
     """The 2B4T shape with random weights, and the engine that runs it."""
-    return build_from_codes(config_2b4t(context))
+    return build_from_codes(config_2b4t(context), head)
 
 
-def build_from_codes(config: ModelConfig) -> tuple[BitNetForCausalLM, str]:
+def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNetForCausalLM, str]:
     """A model of `config` made for decoding from random ternary codes, converted by the 2bit
     engine (the int8 engine's without the kernel) as loading converts a checkpoint: one layer
-    group of weights at a time, never the whole model in float32."""
+    group of weights at a time, never the whole model in float32. The output layer is the
+    float16 table, or (head="int8") its rows rounded to int8 a slice at a time."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
@@ -55,36 +57,47 @@ def build_from_codes(config: ModelConfig) -> tuple[BitNetForCausalLM, str]:
     table = torch.randn(config.vocab_size, config.hidden_size, generator=generator,
                         dtype=torch.float16).mul_(0.02)
     model.model.embed_tokens = HalfEmbedding(table)
-    model.lm_head = HalfHead(table)  # the engines keep a float16 head as it is
+    ops = ternary_ops()[0]
+    if head == "int8":
+        rows = [Int8Linear.per_row(part.float(), ops) for part in table.split(HalfHead.SLICE)]
+        model.lm_head = Int8Linear(torch.cat([r.codes for r in rows]),
+                                   torch.cat([r.scale for r in rows]), [len(table)])
+        model.lm_head.ops = ops
+    else:
+        model.lm_head = HalfHead(table, ops)  # the engines keep a float16 head as it is
 
     def random_codes(layer: BitLinear) -> None:
         # Codes of -1, 0 and +1 as the weights: the engine's quantizer gives them back exactly.
         codes = torch.randint(-1, 2, tuple(layer.weight.shape), dtype=torch.int8,
                               generator=generator)
         layer.weight = nn.Parameter(codes.float(), requires_grad=False)
-    engine = "2bit" if to_packed(model, load=random_codes) is None else "int8"
+    # head="float32" leaves the output layer made above as it is
+    engine = "2bit" if to_packed(model, "float32", load=random_codes) is None else "int8"
     if engine == "int8":
-        to_int8(model, load=random_codes)
+        to_int8(model, "float32", load=random_codes)
     return model.eval(), engine
 
 
 _CHILD = """
 import json, sys, torch
 from contextlib import nullcontext
-from bitnet_cli.bench.decode_speed import decode_rate
+from bitnet_cli.bench.decode_speed import decode_rate, step_parts, weight_bytes
 from bitnet_cli.bench.released_shape import build_2b4t
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS
 from bitnet_cli.nn.decoding import DecodeStep
-model, engine = build_2b4t(PROMPT_TOKENS + NEW_TOKENS)
+model, engine = build_2b4t(PROMPT_TOKENS + NEW_TOKENS, sys.argv[1])
 step = DecodeStep(model, compile=False)
 prompt = list(range(1, PROMPT_TOKENS + 1))
 decode_rate(model, prompt, nullcontext, step)
 rate = max(decode_rate(model, prompt, nullcontext, step) for _ in range(2))
+parts = step_parts(model, prompt, step) if step.fused else None
 status = open("/proc/self/status").read() if sys.platform == "linux" else ""
 peak = int(status.split("VmHWM:")[1].split()[0]) * 1024 if "VmHWM:" in status else None
 print(json.dumps({"engine": engine + (", fused" if step.fused else ""), "tok_per_s": rate,
+                  "weight_bytes_per_token": weight_bytes(model), "parts_ms": parts,
                   "peak_rss_bytes": peak}))
 """
+HEADS = {"2bit": "float16", "2bit, int8 head": "int8"}  # the rows, and the head each one has
 
 
 class RandomCodes(Mapping):
@@ -124,21 +137,28 @@ print(json.dumps(llama_cpp_decode(state.model, list(range(1, PROMPT_TOKENS + 1))
 
 
 def decode_2b4t() -> dict:
-    """Tokens/s and ms/token of greedy decoding at the 2B4T shape, in a fresh process; then
-    llama.cpp on a GGUF of the same shape, in another."""
-    result = _child(_CHILD)
-    result.update(shape="BitNet b1.58 2B4T", threads=torch.get_num_threads(),
-                  ms_per_token=1e3 / result["tok_per_s"], reported_ms_per_token=REPORTED_MS_PER_TOKEN,
-                  prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
+    """Tokens/s and ms/token of greedy decoding at the 2B4T shape with each head, each in a
+    fresh process; then llama.cpp on a GGUF of the same shape, in another."""
+    result = {"shape": "BitNet b1.58 2B4T", "threads": torch.get_num_threads(),
+              "reported_ms_per_token": REPORTED_MS_PER_TOKEN, "prompt_tokens": PROMPT_TOKENS,
+              "new_tokens": NEW_TOKENS, "engines": {}}
+    for name, head in HEADS.items():
+        row = _child(_CHILD, head)
+        row.update(ms_per_token=1e3 / row["tok_per_s"],
+                   gb_s=row["weight_bytes_per_token"] * row["tok_per_s"] / 1e9)
+        result["engines"][name] = row
     try:
         result["llama_cpp"] = _child(_LLAMA_CPP_CHILD)
     except subprocess.CalledProcessError as e:  # out of memory or disk for its 1.2 GB GGUF
         lines = (e.stderr or "").strip().splitlines()
         result["llama_cpp"] = {"missing": f"did not run ({lines[-1] if lines else first_line(e)})"}
+    if "tok_per_s" in result["llama_cpp"]:
+        for row in result["engines"].values():
+            row["vs_llama_cpp"] = row["tok_per_s"] / result["llama_cpp"]["tok_per_s"]
     return result
 
 
-def _child(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def _child(code: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -22,28 +22,33 @@ def bench_report(r: dict):
     if "gpu" in r["machine"]:
         return _train_table(r)
     notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
-    released = [_released_table(r["2b4t"])] if "2b4t" in r else []
+    released = _released_tables(r) if "2b4t" in r else []
     return Group(_train_table(r), _data_table(r), *_decode_tables(r), _size_table(r),
                  _memory_table(r), _cache_table(r), *released,
                  *(f"note: {note}" for note in notes))
 
 
-def _released_table(d: dict):
+def _released_tables(r: dict):
+    d, read = r["2b4t"], r["machine"]["read_gb_s"]
     table = _table(f"decode at the shape of {d['shape']} (random weights, {d['threads']} threads;"
                    " llama.cpp on a GGUF of the same shape: TQ2_0 codes, F16 embedding)",
-                   "engine", "ms/token", "tok/s", "/ llama.cpp", "the report's CPU ms/token",
-                   "peak RSS")
+                   "engine", "ms/token", "tok/s", "/ llama.cpp", "weights read", "GB/s",
+                   "share of read", "the report's CPU ms/token", "peak RSS")
+    for name, e in d["engines"].items():
+        table.add_row(f"{name} ({e['engine']})", f"{e['ms_per_token']:.1f}",
+                      f"{e['tok_per_s']:.1f}",
+                      f"{e['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in e else "-",
+                      _mib(e["weight_bytes_per_token"]), f"{e['gb_s']:.1f}",
+                      f"{100 * e['gb_s'] / read:.0f}%", f"{d['reported_ms_per_token']}",
+                      _mib(e["peak_rss_bytes"]) if e["peak_rss_bytes"] else "-")
     theirs = d["llama_cpp"]
-    ratio = (f"{d['tok_per_s'] / theirs['tok_per_s']:.2f}x" if "tok_per_s" in theirs else "-")
-    table.add_row(d["engine"], f"{d['ms_per_token']:.1f}", f"{d['tok_per_s']:.1f}", ratio,
-                  f"{d['reported_ms_per_token']}",
-                  _mib(d["peak_rss_bytes"]) if d["peak_rss_bytes"] else "-")
     if "tok_per_s" in theirs:
         table.add_row("llama.cpp", f"{1e3 / theirs['tok_per_s']:.1f}", f"{theirs['tok_per_s']:.1f}",
-                      "1.00x", "-", "-")
+                      "1.00x", _mib(theirs["gguf_bytes"]) + " file", *["-"] * 4)
     else:
-        table.add_row("llama.cpp", theirs["missing"], *["-"] * 4)
-    return table
+        table.add_row("llama.cpp", theirs["missing"], *["-"] * 7)
+    return table, _parts_table((d["shape"], name, e) for name, e in d["engines"].items()
+                               if e["parts_ms"])
 
 
 def _table(title: str, *columns: str):
@@ -90,7 +95,7 @@ def _decode_tables(r: dict):
     llama.cpp beside them; then the BitLinear layers alone."""
     m = r["machine"]
     decode = _table(f"decode with the KV cache ({m['threads']} threads; this machine reads "
-                    f"{m['read_gb_s']:.1f} GB/s): 2bit is the CPU default, int8 --engine int8, "
+                    f"{m['read_gb_s']:.1f} GB/s, by {m['read_probe']}): 2bit is the CPU default, int8 --engine int8, "
                     "both through the fused step; per-op is the model's forward in eager "
                     "PyTorch (how both decoded before), compiled that forward compiled, int8 "
                     "head --head int8, fp32 and bf16 the float engine; llama.cpp on the same "
@@ -105,7 +110,7 @@ def _decode_tables(r: dict):
                            f"{e['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in e else "-",
                            _mib(e["weight_bytes_per_token"]),
                            f"{gb_s:.1f}" if gb_s else "-",
-                           f"{100 * gb_s / m['read_gb_s']:.0f}%" if gb_s else "-")
+                           f"{100 * e['share_of_read']:.0f}%" if e.get("share_of_read") else "-")
         theirs = d.get("llama_cpp")
         if theirs and "missing" in theirs:
             decode.add_row(d["shape"], "llama.cpp", f"llama-cpp-python {theirs['missing']}",
@@ -124,7 +129,20 @@ def _decode_tables(r: dict):
                        *(f"{c['vs_float']:.2f}x" if c else "-" for c in cells[:2]),
                        *(f"{c['ms']:.2f} ms" if c else "-" for c in cells),
                        *(f"{c['gb_s']:.1f}" if c else "-" for c in cells))
-    return decode, layers
+    return decode, layers, _parts_table(
+        (d["shape"], name, e) for d in r["decode"] for name, e in d["engines"].items())
+
+
+def _parts_table(rows):
+    """Where a token's time goes in the fused step, for each (shape, engine, its row) given."""
+    parts = _table("where a token's time goes in the fused step (ms per token)", "shape",
+                   "engine", "ms/token", "ternary sums", "head", "attention", "rest",
+                   "outside the step")
+    for shape, name, e in rows:
+        if "parts_ms" in e:
+            parts.add_row(shape, name, f"{e['ms_per_token']:.2f}",
+                          *(f"{ms:.2f}" for ms in e["parts_ms"].values()))
+    return parts
 
 
 def _size_table(r: dict):

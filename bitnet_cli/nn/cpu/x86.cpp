@@ -85,16 +85,19 @@ __attribute__((target("avx2"))) void tile_avx2(const uint8_t* const* w, int64_t 
 
 #ifdef BITNET_AVX_VNNI
 // AVX2's tile with one vpdpbusd (unsigned (w + 1) by signed x, four bytes into an int32 lane)
-// where AVX2 takes maddubs, madd and add.
+// where AVX2 takes maddubs, madd and add. vpdpbusd waits on its accumulator (5 cycles): one
+// token's tile keeps a chain per half block, so eight chains run at once, not four.
 template <int T>
 __attribute__((target("avx2,avxvnni"))) void tile_avx_vnni(const uint8_t* const* w,
                                                            int64_t stride,
                                                            const int8_t* const* x,
                                                            int64_t blocks, int32_t* out) {
+  constexpr int CHAINS = T == 1 ? 2 : 1;
   const __m256i mask = _mm256_set1_epi8(3);
-  __m256i acc[ROWS][T];
+  __m256i acc[ROWS][T][CHAINS];
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < CHAINS; ++c) acc[r][t][c] = _mm256_setzero_si256();
   for (int64_t b = 0; b < blocks; ++b) {
     _mm_prefetch((const char*)(w[0] + (b + 4) * stride), _MM_HINT_T0);
     _mm_prefetch((const char*)(w[0] + (b + 4) * stride + 64), _MM_HINT_T0);
@@ -108,24 +111,32 @@ __attribute__((target("avx2,avxvnni"))) void tile_avx_vnni(const uint8_t* const*
           xv[t] = _mm256_loadu_si256((const __m256i*)(x[t] + b * BLOCK + 32 * half + 64 * l));
         for (int r = 0; r < ROWS; ++r) {
           const __m256i u = _mm256_and_si256(l ? _mm256_srli_epi16(v[r], 2 * l) : v[r], mask);
-          for (int t = 0; t < T; ++t) acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], u, xv[t]);
+          for (int t = 0; t < T; ++t) {
+            __m256i& chain = acc[r][t][half % CHAINS];
+            chain = _mm256_dpbusd_avx_epi32(chain, u, xv[t]);
+          }
         }
       }
     }
   }
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = sum8(acc[r][t]);
+    for (int t = 0; t < T; ++t)
+      out[r * TOKENS + t] = sum8(CHAINS == 1 ? acc[r][t][0]
+                                             : _mm256_add_epi32(acc[r][t][0], acc[r][t][CHAINS - 1]));
 }
 #endif
 
+// The same with 64-byte loads; one token's tile keeps two chains per row (even and odd shifts).
 template <int T>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
     const uint8_t* const* w, int64_t stride, const int8_t* const* x, int64_t blocks,
     int32_t* out) {
+  constexpr int CHAINS = T == 1 ? 2 : 1;
   const __m512i mask = _mm512_set1_epi8(3);
-  __m512i acc[ROWS][T];
+  __m512i acc[ROWS][T][CHAINS];
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < CHAINS; ++c) acc[r][t][c] = _mm512_setzero_si512();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i v[ROWS];
     for (int r = 0; r < ROWS; ++r) v[r] = _mm512_loadu_si512((const void*)(w[r] + b * stride));
@@ -135,12 +146,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(
         xv[t] = _mm512_loadu_si512((const void*)(x[t] + b * BLOCK + 64 * l));
       for (int r = 0; r < ROWS; ++r) {
         const __m512i u = _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * l), mask);
-        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
+        for (int t = 0; t < T; ++t) {
+          __m512i& chain = acc[r][t][l % CHAINS];
+          chain = _mm512_dpbusd_epi32(chain, u, xv[t]);
+        }
       }
     }
   }
   for (int r = 0; r < ROWS; ++r)
-    for (int t = 0; t < T; ++t) out[r * TOKENS + t] = _mm512_reduce_add_epi32(acc[r][t]);
+    for (int t = 0; t < T; ++t)
+      out[r * TOKENS + t] = _mm512_reduce_add_epi32(
+          CHAINS == 1 ? acc[r][t][0] : _mm512_add_epi32(acc[r][t][0], acc[r][t][CHAINS - 1]));
 }
 
 // The sixteen partials as two halves of eight (lanes j and j + 8), summed pairwise as reduce16.
@@ -198,19 +214,39 @@ __attribute__((target("avx2,f16c"))) void half_rows_avx2(const float* x, const u
   }
 }
 
+// Four rows at a time, as AVX2's, each row's sixteen partials one 512-bit register.
+__attribute__((target("avx512f,avx2,f16c"))) inline float finish_wide(const float* x,
+                                                                      const uint16_t* row,
+                                                                      int64_t whole, int64_t k,
+                                                                      __m512 acc) {
+  return finish_halves(x, row, whole, k, _mm512_castps512_ps256(acc),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+}
+
 __attribute__((target("avx512f,avx2,f16c"))) void half_rows_avx512(const float* x,
                                                                    const uint16_t* w, int64_t k,
                                                                    int64_t begin, int64_t end,
                                                                    float* out) {
   const int64_t whole = k / 16 * 16;
-  for (int64_t v = begin; v < end; ++v) {
+  int64_t v = begin;
+  for (; v + 4 <= end; v += 4) {
+    __m512 acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + i);
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                             (const __m256i*)(w + (v + r) * k + i)))));
+    }
+    for (int r = 0; r < 4; ++r) out[v + r] = finish_wide(x, w + (v + r) * k, whole, k, acc[r]);
+  }
+  for (; v < end; ++v) {
     const uint16_t* row = w + v * k;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < whole; i += 16)
       acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_cvtph_ps(
                                                  _mm256_loadu_si256((const __m256i*)(row + i)))));
-    out[v] = finish_halves(x, row, whole, k, _mm512_castps512_ps256(acc),
-                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    out[v] = finish_wide(x, row, whole, k, acc);
   }
 }
 
@@ -378,9 +414,14 @@ __attribute__((target("avx512f"))) uint64_t read_avx512(const uint8_t* data, int
   return uint64_t(_mm512_reduce_or_epi64(all));
 }
 
+// Asked once: CPUID traps to the hypervisor in a VM (tens of microseconds), and every op call
+// checks its path.
 bool cpuid_avx_vnni() {
-  unsigned a, b, c, d;
-  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+  }();
+  return has;
 }
 
 }  // namespace
