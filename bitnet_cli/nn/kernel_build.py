@@ -47,7 +47,8 @@ from bitnet_cli.errors import first_line
 
 HERE = Path(__file__).parent
 CPU = HERE / "cpu"  # the arithmetic in plain C++ (kernels.h), and the torch glue beside it
-SOURCES = [CPU / name for name in ("portable.cpp", "x86.cpp", "torch_ops.cpp", "decode_step.cpp")]
+SOURCES = [CPU / name for name in ("portable.cpp", "x86.cpp", "arm.cpp", "torch_ops.cpp",
+                                    "decode_step.cpp")]
 HEADERS = [CPU / name for name in ("kernels.h", "loops.h", "glue.h")]
 # No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
 # does. -fopenmp: at::parallel_for is inlined into the kernel and runs on torch's own OpenMP
