@@ -167,3 +167,24 @@ def test_an_entry_point_that_fails_its_check_is_never_used(ops, short_run, monke
         assert note.startswith("note: the 2-bit kernel's ") and note.endswith(
             f"; using its {ops.path_name(paths[1])} path")
         assert ", 2bit engine" in report
+
+
+def test_the_read_probe_and_the_step_profile(ops):
+    """bench's yardstick and its profile: every path reads a buffer at some speed, and the fused
+    step's clock counts each step and charges every part a time of its own."""
+    from bitnet_cli.config.settings import ModelConfig
+    from bitnet_cli.nn.fused_decode import FusedDecode
+    from bitnet_cli.nn.int8 import to_int8
+    from bitnet_cli.nn.kernel_check import SHAPE
+    from bitnet_cli.nn.model import BitNetForCausalLM, KVCache
+    for path in ops.isas():
+        assert ops.read_bandwidth(8, 1, path) > 0
+    model = BitNetForCausalLM(ModelConfig(**SHAPE)).eval()
+    to_int8(model, ops=ops)
+    step, cache = FusedDecode(model, ops), KVCache(model.config)
+    ops.step_profile()
+    for token in (1, 2, 3):
+        step(torch.tensor([[token]]), cache)
+    *seconds, steps = ops.step_profile()
+    assert steps == 3 and len(seconds) == 4 and all(s >= 0 for s in seconds) and sum(seconds) > 0
+    assert ops.step_profile()[-1] == 0  # asking starts the count again

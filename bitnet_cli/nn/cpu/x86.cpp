@@ -414,14 +414,21 @@ __attribute__((target("avx512f"))) uint64_t read_avx512(const uint8_t* data, int
   return uint64_t(_mm512_reduce_or_epi64(all));
 }
 
-// Asked once: CPUID traps to the hypervisor in a VM (tens of microseconds), and every op call
-// checks its path.
-bool cpuid_avx_vnni() {
-  static const bool has = [] {
+// The features __builtin_cpu_supports does not name on every compiler (clang 14 knows no
+// "f16c"), from CPUID itself: asked once, since CPUID traps to the hypervisor in a VM (tens of
+// microseconds) and every op call checks its path.
+struct CpuidFeatures {
+  bool f16c = false, avx_vnni = false;
+  CpuidFeatures() {
     unsigned a, b, c, d;
-    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
-  }();
-  return has;
+    if (__get_cpuid(1, &a, &b, &c, &d)) f16c = c >> 29 & 1;
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) avx_vnni = a >> 4 & 1;
+  }
+};
+
+const CpuidFeatures& cpuid_features() {
+  static const CpuidFeatures features;
+  return features;
 }
 
 }  // namespace
@@ -431,11 +438,11 @@ bool cpuid_avx_vnni() {
 bool x86_has(int64_t path) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+                    cpuid_features().f16c;
   switch (path) {
     case AVX2: return avx2;
 #ifdef BITNET_AVX_VNNI
-    case AVX_VNNI: return avx2 && cpuid_avx_vnni();
+    case AVX_VNNI: return avx2 && cpuid_features().avx_vnni;
 #endif
     case AVX512:
       return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
