@@ -16,7 +16,7 @@ from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
-from bitnet_cli.nn.packed import PackedLinear, to_packed
+from bitnet_cli.nn.packed import ENGINE_LINEARS, PackedLinear, to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 
 DECODE_SHAPES = [("arithmetic", "5M"), ("tinystories", "12M"), ("baseline", "95M")]
@@ -29,7 +29,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     (norms are too small to count)."""
     config = model.config
     linear = sum(linear_bytes(m) for m in model.modules()
-                 if isinstance(m, (BitLinear, Int8Linear)) and m is not model.lm_head)
+                 if isinstance(m, (BitLinear, *ENGINE_LINEARS)) and m is not model.lm_head)
     head = model.lm_head
     if isinstance(head, Int8Linear):
         head_bytes = linear_bytes(head)
@@ -191,7 +191,7 @@ def layers(model: BitNetForCausalLM, fast: dict[str, BitNetForCausalLM], repeats
     and rescale, in ms and in GB/s of the weights each reads."""
     engines = {"float": [m for m in model.modules() if isinstance(m, BitLinear)]}
     for name, m in fast.items():  # q, k, v stacked; gate, up
-        engines[name] = [layer for layer in m.modules() if isinstance(layer, Int8Linear)]
+        engines[name] = [layer for layer in m.modules() if isinstance(layer, ENGINE_LINEARS)]
 
     def run(modules):
         inputs = [torch.randn(1, 1, m.in_features) for m in modules]

@@ -17,6 +17,7 @@ from bitnet_cli.nn.compiled import compile_failure, compiler_problem, use_bitnet
 from bitnet_cli.nn.fused_decode import FusedDecode
 from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8SharedInput
 from bitnet_cli.nn.kernel import ternary_ops
+from bitnet_cli.nn.packed import ENGINE_LINEARS
 
 def fused_decode(model, path: int = 0) -> FusedDecode | None:
     """The fused step for `model`, or None where it cannot run it: a model not on the CPU, not
@@ -26,8 +27,8 @@ def fused_decode(model, path: int = 0) -> FusedDecode | None:
     layers = model.model.layers
     converted = all(isinstance(layer.self_attn.qkv, Int8SharedInput)
                     and isinstance(layer.mlp.gate_up, Int8SharedInput)
-                    and isinstance(layer.self_attn.o_proj, Int8Linear)
-                    and isinstance(layer.mlp.down_proj, Int8Linear) for layer in layers)
+                    and isinstance(layer.self_attn.o_proj, ENGINE_LINEARS)
+                    and isinstance(layer.mlp.down_proj, ENGINE_LINEARS) for layer in layers)
     if not converted or not isinstance(model.lm_head, (HalfHead, Int8Linear, torch.nn.Linear)):
         return None
     ops, _ = ternary_ops()

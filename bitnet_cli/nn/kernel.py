@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 from bitnet_cli.nn.kernel_build import KernelUnusable, build_kernel
 from bitnet_cli.nn.kernel_check import self_check
 
@@ -51,6 +53,8 @@ def _checked(ops, notice):
     ops.limit_paths(paths[forced] if forced else max(paths.values()))
     if forced and paths[forced] not in ops.isas():
         raise KernelUnusable(f"{FORCE}={forced}: this CPU lacks that path's instructions")
+    if not ops.threaded() and torch.get_num_threads() > 1:
+        notice("note: the 2-bit kernel runs on one thread here (built without OpenMP)")
     failed = []
     for path in ops.isas():  # fastest first
         wrong = self_check(ops, path)

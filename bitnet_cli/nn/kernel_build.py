@@ -50,19 +50,37 @@ CPU = HERE / "cpu"  # the arithmetic in plain C++ (kernels.h), and the torch glu
 SOURCES = [CPU / name for name in ("portable.cpp", "x86.cpp", "arm.cpp", "torch_ops.cpp",
                                     "decode_step.cpp")]
 HEADERS = [CPU / name for name in ("kernels.h", "loops.h", "glue.h")]
+
+
+def _openmp() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags for OpenMP. at::parallel_for is inlined into the kernel and runs
+    on torch's own OpenMP threads only when compiled with OpenMP: on Linux GNU OpenMP, loaded
+    with torch; on macOS the libomp and omp.h that torch's wheels ship (Apple's clang takes
+    -fopenmp through -Xpreprocessor), linked from torch's own folder so that the process keeps
+    one OpenMP runtime. Without them (another build of torch, another OS) the kernel runs on
+    one thread, and kernel.py says so."""
+    if sys.platform == "linux":
+        return ["-fopenmp"], []
+    torch_dir = Path(torch.__file__).parent
+    if sys.platform == "darwin" and (torch_dir / "include" / "omp.h").exists() and (
+            torch_dir / "lib" / "libomp.dylib").exists():
+        return ["-Xpreprocessor", "-fopenmp"], [f"-L{torch_dir / 'lib'}", "-lomp"]
+    return [], []
+
+
 # No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
-# does. -fopenmp: at::parallel_for is inlined into the kernel and runs on torch's own OpenMP
-# threads (GNU OpenMP, loaded with torch on Linux) only when compiled with it; elsewhere the
-# kernel runs on one thread rather than bring a second OpenMP runtime into the process.
-FLAGS = ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform == "linux" else [])
+# does.
+OPENMP_FLAGS, OPENMP_LINK = _openmp()
+FLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
 OPS = ("pack", "ternary_mm", "ternary_linear", "isas", "limit_paths", "path_name", "int8_mm",
-       "half_linear", "read_bandwidth", "step_profile",
+       "half_linear", "read_bandwidth", "step_profile", "threaded",
        "decode_step")  # every op the engines call
 COMPILE_TIME = "about 20 s on a busy 2-core machine"
 
 
 def build_key() -> str:
-    versions = f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS}"
+    versions = (f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {FLAGS} "
+                f"{OPENMP_LINK}")
     text = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + versions.encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
@@ -180,7 +198,8 @@ def _compile(name: str, root: Path) -> Path:
     try:
         with _torch_quiet():
             load(name=build, sources=[str(path) for path in SOURCES], build_directory=str(folder),
-                 extra_cflags=FLAGS, is_python_module=False, verbose=False)
+                 extra_cflags=FLAGS, extra_ldflags=OPENMP_LINK, is_python_module=False,
+                 verbose=False)
     except (RuntimeError, subprocess.CalledProcessError) as e:
         said = _compiler_said(e)
         if said is None:

@@ -2,9 +2,9 @@
 
 Decoding a token reads every weight once, so the bytes read are the time: the int8 engine
 reads 8 bits per ternary weight where 2 hold it. Here the codes are packed four to a byte once
-at load, and the compiled kernel (ternary_kernel.cpp, built and checked by kernel.py) multiplies the
-packed rows by the same int8 input codes, with SIMD on x86 (AVX-512 VNNI, else AVX2) and plain
-C++ elsewhere. Its int32 sums are the exact integers `torch._int_mm` gives, and the one
+at load, and the compiled kernel (nn/cpu/, built and checked by kernel.py) multiplies the packed
+rows by the same int8 input codes, with SIMD on x86 (AVX-512 VNNI, AVX-VNNI or AVX2) and ARM
+(NEON, with sdot where the CPU has it) and plain C++ elsewhere. Its int32 sums are the exact integers `torch._int_mm` gives, and the one
 rescale is the same float32 division, so the outputs equal the int8 engine's bit for bit.
 The output layer is the int8 engine's (a float16 copy, or int8 rows with --head int8).
 """
@@ -20,16 +20,24 @@ from bitnet_cli.nn.kernel import ternary_ops
 KERNEL_PATH = 0  # the fastest path kernel.py allows (cpu/kernels.h numbers the others)
 
 
-class PackedLinear(Int8Linear):
-    """An Int8Linear whose ternary codes are kept packed, 2 bits each, for the kernel."""
+class PackedLinear(nn.Module):
+    """One BitLinear at inference, or several that read the same input (q, k and v; gate and
+    up) stacked as one matrix: its ternary codes packed 2 bits each, each output row's scale,
+    and the kernel (`ops`) that multiplies them, as the int8 engine's Int8Linear would."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, splits: list[int]):
-        nn.Module.__init__(self)
-        self.ops, _ = ternary_ops()
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, splits: list[int], ops):
+        super().__init__()
+        self.ops = ops
         self.out_features, self.in_features = codes.shape
         self.splits = splits
-        self.register_buffer("packed", self.ops.pack(codes.cpu()))
+        self.register_buffer("packed", ops.pack(codes.cpu()))
         self.register_buffer("scale", scale)
+
+    @classmethod
+    def stacking(cls, *layers) -> PackedLinear:
+        """The layers' ternary codes and scales, as the int8 engine takes them, packed."""
+        int8 = Int8Linear.stacking(*layers)
+        return cls(int8.codes, int8.scale, int8.splits, ternary_ops()[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Quantizing, the sums and the rescale in one call: at one token, the dozen small torch
@@ -39,8 +47,15 @@ class PackedLinear(Int8Linear):
                                       KERNEL_PATH)
         return out.reshape(*shape[:-1], self.out_features)
 
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each stacked layer's output, in the order they were given."""
+        return self(x).split(self.splits, dim=-1)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.splits}, 2-bit"
+
+
+ENGINE_LINEARS = (Int8Linear, PackedLinear)  # a BitLinear as the int8 and 2bit engines run it
 
 
 def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None,

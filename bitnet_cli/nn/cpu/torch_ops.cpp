@@ -188,6 +188,16 @@ void limit_to(int64_t path) {
 
 std::string name_of(int64_t path) { return path_name(path); }
 
+// Whether at::parallel_for spreads the kernel over torch's threads: with ATen's OpenMP backend
+// only when this build had OpenMP (kernel_build.py), with its native pool always.
+bool threaded() {
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+  return false;
+#else
+  return true;
+#endif
+}
+
 TORCH_LIBRARY(bitnet_ternary, m) {
   m.def("pack(Tensor codes) -> Tensor");  // ternary codes -> 2-bit blocks
   m.def("ternary_mm(Tensor x, Tensor packed, int isa) -> Tensor");  // exact int32 sums
@@ -200,6 +210,7 @@ TORCH_LIBRARY(bitnet_ternary, m) {
   m.def("limit_paths(int isa) -> ()", &limit_to);
   m.def("path_name(int isa) -> str", &name_of);
   m.def("read_bandwidth(int megabytes, int repeats, int isa) -> float", &read_bandwidth);
+  m.def("threaded() -> bool", &threaded);
 }
 
 TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {
