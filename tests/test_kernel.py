@@ -188,3 +188,21 @@ def test_the_read_probe_and_the_step_profile(ops):
     *seconds, steps = ops.step_profile()
     assert steps == 3 and len(seconds) == 4 and all(s >= 0 for s in seconds) and sum(seconds) > 0
     assert ops.step_profile()[-1] == 0  # asking starts the count again
+
+
+def test_a_kernel_built_without_threads_says_so(ops, restore_paths):
+    """Where the build had no OpenMP (a torch without its libomp on macOS), the kernel runs on
+    one thread: one note says so, and the kernel is still used."""
+    class OneThread:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def threaded(self):
+            return False
+    said, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert kernel._checked(OneThread(), said.append) is not None
+    finally:
+        torch.set_num_threads(threads)
+    assert said == ["note: the 2-bit kernel runs on one thread here (built without OpenMP)"]
