@@ -87,8 +87,9 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
                                                  "step in bf16 autocast, with tokens/s and MFU)."),
           released: bool = flag("--2b4t", help="Also decode at the shape of the released BitNet "
                                                "b1.58 2B4T (2.4B parameters, built from random "
-                                               "2-bit codes: about 2 GB of memory and "
-                                               "half a minute more)."),
+                                               "2-bit codes), with the float16 and the int8 "
+                                               "head, beside llama.cpp: about 2 GB of memory "
+                                               "and two minutes more."),
           ) -> None:
     """Measure speed and size side by side in one process.
 
@@ -101,9 +102,10 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
     data: the CPU's time to make one batch, for every experiment and size.
     decode: tokens/s and ms/token with the KV cache, every engine (2bit, the CPU default, and
     int8, each with a float16 or int8 head, eager or compiled; the float engine in fp32 and bf16
-    autocast) and llama.cpp on the same weights at 95M; the bytes of weights each token reads and
-    the GB/s that makes, beside the machine's own memory bandwidth; the BitLinear layers alone at
-    one token, in GB/s for each engine.
+    autocast) and llama.cpp on the same weights at 95M; the bytes of weights each token reads, the
+    GB/s that makes and its share of the machine's read bandwidth (bitnet's own wide-load loop
+    on every thread, over 1 GiB); where a token's time goes in the fused step (ternary sums,
+    head, attention, the rest); the BitLinear layers alone at one token, in GB/s for each engine.
     size: the projection weights in fp32 (latent) against 2-bit packed (export --format hf-packed).
     memory: peak RSS of fresh processes decoding and training the 95M shape.
     kv cache: decoding with it against re-running the sequence for every token.
