@@ -29,8 +29,9 @@ from bitnet_cli.cli import app
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.decoding import DecodeStep
-from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, int8_unusable,
-                                to_int8)
+from bitnet_cli.nn import int8 as int8_module
+from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, fbgemm_pack,
+                                fbgemm_sums, fbgemm_unusable, int8_unusable, to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from tests.cli import needs_torch_compile, runner
 from tests.contract import assert_greedy_agree, same_continuation, stepped_logits
@@ -106,14 +107,19 @@ def test_to_int8_swaps_every_bitlinear_and_leaves_twins_alone():
     assert sum(isinstance(m, BitLinear) for m in elsewhere.modules()) == 2 * 7
 
 
-@pytest.mark.parametrize("kernel", [False, True])
-def test_half_head_sums_in_float32_for_one_row_as_for_many(ternary_kernel, kernel):
+@pytest.mark.parametrize("few_rows", ["kernel", "fbgemm", "widened"])
+def test_half_head_sums_in_float32_for_one_row_as_for_many(ternary_kernel, few_rows):
     """The float16 table's only rounding is its own: inputs, products and sums are float32
-    whether one row goes through (the kernel's rows, or the table widened where there is no
-    kernel) or several."""
+    whether one row goes through (the kernel's rows; where there is no kernel, fbgemm's float16
+    GEMM, or the table widened where torch has no fbgemm) or several."""
     torch.manual_seed(0)
     weight = torch.randn(5000, 72) * 0.02
-    head = HalfHead(weight, ternary_kernel if kernel else None)
+    head = HalfHead(weight, ternary_kernel if few_rows == "kernel" else None)
+    if few_rows == "fbgemm":
+        needs_fbgemm()
+        assert head.packed is not None
+    if few_rows == "widened":
+        head.packed = None
     x = torch.randn(5, 72)
     stored = weight.half().double()
     exact = x.double() @ stored.T
@@ -307,3 +313,119 @@ def test_the_int8_heads_sums_are_exact_where_int_mm_saturates(ternary_kernel, mo
     assert to_int8(model, "int8").startswith("--head int8 needs exact int8 sums, and torch._int_mm "
                                              "gives wrong results on cpu")
     assert to_int8(BitNetForCausalLM(ModelConfig(**cfg)).eval(), "int8", ops=ternary_kernel) is None
+
+
+def needs_fbgemm() -> None:
+    """Skip where this torch has no fbgemm (an ARM build): the int8 engine sums with _int_mm."""
+    try:
+        fbgemm_pack(torch.zeros(1, 1, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        pytest.skip(f"no fbgemm in this torch ({type(e).__name__})")
+
+
+@pytest.mark.parametrize("in_features, out_features", [(1, 1), (7, 5), (33, 17), (768, 130),
+                                                       (1001, 333), (3071, 96), (5003, 41)])
+def test_fbgemm_sums_are_the_exact_integer_sums(in_features, out_features):
+    """Without the 2-bit kernel the ternary layers sum in fbgemm (Int8Linear.keep_in_fbgemm):
+    its float32 sums are the exact integers, on odd shapes, at the extremes (codes of +-127
+    against rows of all +1 and all -1: the largest sums of either sign) and for one row as for
+    several; so a layer's outputs are _int_mm's bit for bit."""
+    needs_fbgemm()
+    generator = torch.Generator().manual_seed(in_features)
+    codes = torch.randint(-127, 128, (6, in_features), generator=generator).float()
+    codes[0], codes[1], codes[2, ::2] = 127, -127, -127
+    rows = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8, generator=generator)
+    rows[0] = 1
+    rows[-1] = -1
+    packed = fbgemm_pack(rows)
+    for tokens in (codes[:1], codes[1:2], codes):
+        got = fbgemm_sums(tokens, packed)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.double(), (tokens.long() @ rows.long().T).double())
+
+    layer = BitLinear(in_features, out_features)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    x = torch.randn(2, 3, in_features, generator=generator)
+    in_int8, in_fbgemm = Int8Linear.stacking(layer), Int8Linear.stacking(layer)
+    in_fbgemm.keep_in_fbgemm()
+    assert in_fbgemm.codes is None and in_fbgemm.fbgemm_codes is not None
+    with torch.no_grad():
+        for tokens in (x, x[:1, :1]):
+            assert torch.equal(in_fbgemm(tokens), in_int8(tokens))
+
+
+def fbgemm_off(monkeypatch) -> None:
+    """to_int8 as it was before fbgemm: the projections' codes in int8 tensors, summed by
+    torch._int_mm."""
+    monkeypatch.setattr(int8_module, "fbgemm_unusable", lambda shapes: "off")
+
+
+def test_fbgemm_engine_gives_the_int_mm_engines_logits_bit_for_bit(monkeypatch):
+    """A model converted without the kernel keeps its codes in fbgemm's layout, and its logits
+    are exactly those of the same model summed by torch._int_mm: over many positions at once
+    and decoding one token at a time (the head is the same float16 head in both)."""
+    needs_fbgemm()
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=70, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=200, max_position_embeddings=40)
+    fast = BitNetForCausalLM(config).eval()
+    reference = copy.deepcopy(fast)
+    assert to_int8(fast) is None
+    with monkeypatch.context() as patch:
+        fbgemm_off(patch)
+        assert to_int8(reference) is None
+    layers = {name: [m for m in model.modules() if isinstance(m, Int8Linear)]
+              for name, model in (("fast", fast), ("reference", reference))}
+    assert len(layers["fast"]) == len(layers["reference"]) == 2 * 4
+    assert all(m.codes is None and m.fbgemm_codes is not None for m in layers["fast"])
+    assert all(m.codes is not None and m.fbgemm_codes is None for m in layers["reference"])
+
+    ids = torch.randint(0, config.vocab_size, (3, config.max_position_embeddings),
+                        generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fast(ids), reference(ids))
+    prompt = [5, 9, 2]
+    tokens = list(generate(reference, prompt, 30))
+    step = lambda model: lambda ids, cache: model(ids, cache, last_only=True)  # noqa: E731
+    assert torch.equal(stepped_logits(fast, step(fast), prompt, tokens),
+                       stepped_logits(reference, step(reference), prompt, tokens))
+    assert list(generate(fast, prompt, 30)) == tokens
+
+
+def test_without_fbgemm_the_int8_engine_sums_with_int_mm(monkeypatch):
+    """A torch without fbgemm's ops (an older or ARM build, or one that has dropped quantized
+    tensors), or fbgemm sums that fail the one-time check: the engine keeps its int8 codes for
+    torch._int_mm, and the float16 head widens its table; the outputs are the int8 engine's."""
+    cfg = dict(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=16)
+    torch.manual_seed(0)
+    original = BitNetForCausalLM(ModelConfig(**cfg)).eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def converted() -> BitNetForCausalLM:
+        model = copy.deepcopy(original)
+        assert to_int8(model) is None
+        return model
+
+    with monkeypatch.context() as patch:
+        fbgemm_off(patch)
+        with torch.no_grad():
+            expected = converted()(ids)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.ops, "quantized", object())  # none of its ops
+        assert fbgemm_unusable({(64, 32)}) == (
+            "fbgemm's int8 GEMM fails on cpu for a 64x32 layer "
+            "('object' object has no attribute 'linear_prepack')")
+        missing = converted()
+        assert missing.lm_head.packed is None
+    with monkeypatch.context() as patch:
+        patch.setattr(int8_module, "fbgemm_sums", lambda x_codes, packed: x_codes[:, :1] + 0.5)
+        assert fbgemm_unusable({(64, 32)}) == ("fbgemm's int8 GEMM gives wrong results on cpu for "
+                                               "a 64x32 layer")
+        wrong = converted()
+    for model in (missing, wrong):
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert layers and all(m.fbgemm_codes is None and m.codes.dtype == torch.int8
+                              for m in layers)
+        with torch.no_grad():
+            assert torch.equal(model(ids), expected)

@@ -209,8 +209,8 @@ def linear_bytes(layer: nn.Module) -> int:
     """Bytes of one layer's weights as its engine stores them."""
     if isinstance(layer, PackedLinear):
         return layer.packed.numel()
-    if isinstance(layer, Int8Linear):
-        return layer.codes.numel()
+    if isinstance(layer, Int8Linear):  # a byte a code, as an int8 tensor or in fbgemm's layout
+        return layer.out_features * layer.in_features
     return 4 * layer.weight.numel()
 
 

@@ -3,9 +3,10 @@
 Training sees each BitLinear's weights as ternary codes over a scale and its inputs as 8-bit
 codes over a per-token scale, but multiplies the two in floating point. Here the codes stay
 integers: the weights become int8 once at load, each input is quantized to int8 per token,
-`torch._int_mm` sums the products exactly in int32, and one division by both scales gives the
-output. Same maths as BitLinear; the only difference is float rounding (an exact integer sum
-against a float32 one).
+`torch._int_mm` sums the products exactly in int32 (on a CPU without the 2-bit kernel, fbgemm's
+int8 GEMM sums the same integers faster), and one division by both scales gives the output. Same
+maths as BitLinear; the only difference is float rounding (an exact integer sum against a
+float32 one).
 
     y = (x_codes @ w_codes.T) / (x_scale * w_scale)
 
@@ -18,6 +19,8 @@ hold (see loading.py).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = codes.shape
         self.splits = splits
         self.ops = None  # the 2-bit kernel, for the int8 head's full-range sums (per_row)
+        self.fbgemm_codes = None  # the codes in fbgemm's packed layout, where kept so (instead)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
 
@@ -72,21 +76,41 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_codes, x_scale = activation_codes(x.reshape(-1, shape[-1]))
+        return (self.sums(x_codes) / (x_scale * self.scale)).reshape(*shape[:-1],
+                                                                      self.out_features)
+
+    def keep_in_fbgemm(self) -> None:
+        """Keep the ternary codes only in fbgemm's packed layout, and sum them there: the int8
+        engine on a CPU where the 2-bit kernel is not built (no compiler). At one token
+        fbgemm's int8 GEMM is ~3x faster than torch._int_mm's oneDNN kernel on AVX2-only CPUs
+        (1.7x with AVX-512), and it sums the same integers: each token's codes go in as uint8
+        (code + 128, over a scale of 1), are summed against the int8 rows in int32 (AVX2's
+        int16 pairs of products stay within 2 * 255 for ternary rows: no saturation), 128 times
+        each row's sum is taken off again, and that int32 comes out converted to float32 and
+        times scales of 1: the float32 that _int_mm's int32 becomes in forward's division. So
+        the outputs are the same bit for bit."""
+        self.fbgemm_codes = fbgemm_pack(self.codes)
+        self.codes = None
+
+    def sums(self, x_codes: torch.Tensor) -> torch.Tensor:
+        """The exact integer sums of each token's codes (float32 whole numbers) against every
+        row: int32, or fbgemm's float32 of them."""
+        if self.fbgemm_codes is not None:
+            return fbgemm_sums(x_codes, self.fbgemm_codes)
         x_codes = x_codes.to(torch.int8)
         # codes.t() is the (in, out) matrix _int_mm wants, as a view: the oneDNN kernel reads
         # the (out, in) rows directly, ~1.5x faster than from a contiguous (in, out) copy.
-        if self.ops is not None and not x.is_cuda:
-            acc = self.ops.int8_mm(x_codes, self.codes, 0)
-        else:
-            acc = int_mm(x_codes, self.codes.t())
-        return (acc / (x_scale * self.scale)).reshape(*shape[:-1], self.out_features)
+        if self.ops is not None and not x_codes.is_cuda:
+            return self.ops.int8_mm(x_codes, self.codes, 0)
+        return int_mm(x_codes, self.codes.t())
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each stacked layer's output, in the order they were given."""
         return self(x).split(self.splits, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.splits}, int8"
+        held = ", fbgemm" if self.fbgemm_codes is not None else ""
+        return f"in_features={self.in_features}, out_features={self.splits}, int8{held}"
 
 
 class Int8SharedInput(nn.Module):
@@ -113,6 +137,27 @@ class Int8Part(nn.Module):
         return self.whole.parts(x)[self.index]
 
 
+# fbgemm multiplies unsigned 8-bit inputs: the codes (-127 to 127) plus this zero point are 1 to
+# 255, which a scale of 1 quantizes them to exactly.
+FBGEMM_ZERO_POINT = 128
+
+
+def fbgemm_pack(codes: torch.Tensor):
+    """int8 (out, in) codes in fbgemm's packed layout (a torch.classes.quantized object)."""
+    with warnings.catch_warnings():
+        # A qint8 tensor warns that quantized dtypes are deprecated: the day they are gone,
+        # fbgemm_unusable says so before any layer is packed, and torch._int_mm sums instead.
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        weight = torch._make_per_tensor_quantized_tensor(codes.contiguous(), 1.0, 0)
+    return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def fbgemm_sums(x_codes: torch.Tensor, packed) -> torch.Tensor:
+    """Rows of float32 codes against fbgemm_pack's rows: their exact integer sums, in float32."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        x_codes, 1.0, FBGEMM_ZERO_POINT, packed)
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch._int_mm (int8 x int8 -> int32). CPU takes any shape; CUDA wants more than 16 rows,
     so a short batch (decoding one token) is padded with zero rows that are dropped again."""
@@ -128,25 +173,60 @@ class HalfHead(nn.Module):
     for one row as for many (the input is not rounded to float16, nor are the logits: float16
     logits would turn near ties into exact ties, broken differently by each CPU's kernels).
     A few rows (decoding, the prompt's last position) go through the kernel's float16 rows
-    (`ops`, the 2-bit kernel's half_linear) where it is built; otherwise the table is widened to
-    float32 a slice at a time, so no float32 copy of it is ever whole in memory."""
+    (`ops`, the 2-bit kernel's half_linear) where it is built, else through fbgemm's float16
+    GEMM where torch has it (a packed copy of the table: one more float16 table in memory, for
+    one token ~2x faster than widening at 95M's shape, more at 2B4T's); otherwise the table is
+    widened to float32 a slice at a time, so no float32 copy of it is ever whole in memory.
+    Each sums in its own order, so their logits differ by float rounding, as two CPUs' do."""
 
     SLICE = 4096  # rows widened at a time: 40 MB at 2B4T's width
-    FEW = 4  # up to this many input rows, the kernel's rows beat widening
+    FEW = 4  # up to this many input rows, the kernel's rows (or fbgemm's) beat widening
 
     def __init__(self, weight: torch.Tensor, ops=None):
         super().__init__()
         self.register_buffer("weight", weight.detach().half())
         self.ops = ops
+        self.packed = fbgemm_half_pack(self.weight) if ops is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
-        if self.ops is not None and not x.is_cuda and len(rows) <= self.FEW:
+        few = not x.is_cuda and len(rows) <= self.FEW
+        if few and self.ops is not None:
             out = self.ops.half_linear(rows, self.weight, 0)
+        elif few and self.packed is not None:
+            out = torch.cat([torch.ops.quantized.linear_dynamic_fp16(rows, part)
+                             for part in self.packed], dim=-1)
         else:
             out = torch.cat([F.linear(rows, part.float()) for part in self.weight.split(self.SLICE)],
                             dim=-1)
         return out.reshape(*x.shape[:-1], len(self.weight))
+
+
+def fbgemm_half_pack(weight: torch.Tensor) -> list | None:
+    """A float16 table as fbgemm's packed float16 matrices, HalfHead.SLICE rows each (packing
+    widens its input to float32: one slice at a time), or None where fbgemm cannot serve it:
+    not on the CPU, a torch without the ops, or sums outside float32's rounding."""
+    if weight.device.type != "cpu" or not fbgemm_half_sums_in_float32(weight.shape[1]):
+        return None
+    return [torch.ops.quantized.linear_prepack_fp16(part.float(), None)
+            for part in weight.split(HalfHead.SLICE)]
+
+
+def fbgemm_half_sums_in_float32(width: int) -> bool:
+    """Whether fbgemm's float16 GEMM runs here and gives a float16 table's products with
+    float32 inputs within float32's rounding of their exact sums (k * 2**-24 of the sum of their
+    magnitudes): tried once on small random inputs of this width."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(300, width, generator=generator).half()
+    x = torch.randn(2, width, generator=generator)
+    try:
+        got = torch.ops.quantized.linear_dynamic_fp16(
+            x, torch.ops.quantized.linear_prepack_fp16(table.float(), None))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    exact = x.double() @ table.double().T
+    bound = width * 2**-24 * (x.double().abs() @ table.double().abs().T)
+    return got.dtype == torch.float32 and bool(((got.double() - exact).abs() <= bound).all())
 
 
 class HalfEmbedding(nn.Module):
@@ -172,19 +252,46 @@ def exact_in_float16(weight: torch.Tensor) -> bool:
 def int8_unusable(device: torch.device, shapes: set[tuple[int, int]],
                   low: int = -1, high: int = 1) -> str | None:
     """Why torch._int_mm cannot serve these (in, out) shapes, with weights from `low` to `high`
-    (ternary by default), on this device, or None if it can: tried once on small inputs, the
-    result checked against an exact reference."""
+    (ternary by default), on this device, or None if it can."""
+    return inexact_sums("torch._int_mm", device.type,
+                        lambda a, b: int_mm(a.to(device), b.to(device).t()).cpu(),
+                        shapes, low, high)
+
+
+def fbgemm_unusable(shapes: set[tuple[int, int]]) -> str | None:
+    """Why fbgemm cannot sum these (in, out) ternary shapes exactly on this CPU
+    (Int8Linear.keep_in_fbgemm), or None if it can: a torch without its ops, or a CPU whose
+    kernels get them wrong."""
+    return inexact_sums("fbgemm's int8 GEMM", "cpu",
+                        lambda a, b: fbgemm_sums(a.float(), fbgemm_pack(b)), shapes)
+
+
+def inexact_sums(name: str, where: str, sums, shapes: set[tuple[int, int]],
+                 low: int = -1, high: int = 1) -> str | None:
+    """Why `sums(a, b)` does not give the integer sums a @ b.T for int8 inputs `a` (-127 to 127)
+    and int8 rows `b` (`low` to `high`) of these (in, out) shapes, or None where it does: tried
+    once on small inputs, for one row and for several, the largest sums of either sign
+    included, against an exact int64 reference."""
     for k, n in sorted(shapes):
         a = torch.randint(-127, 128, (3, k), dtype=torch.int8)
+        a[0], a[1] = 127, -127
         b = torch.randint(low, high + 1, (n, k), dtype=torch.int8)
-        try:
-            got = int_mm(a.to(device), b.to(device).t()).cpu()
-        except (RuntimeError, NotImplementedError) as e:
-            return (f"torch._int_mm fails on {device.type} for a {k}x{n} layer "
-                    f"({first_line(e)})")
-        if not torch.equal(got, a.long().mm(b.long().t()).int()):
-            return f"torch._int_mm gives wrong results on {device.type} for a {k}x{n} layer"
+        b[0], b[-1] = high, low
+        for rows in (a[:1], a):
+            try:
+                got = sums(rows, b)
+            except (RuntimeError, NotImplementedError, AttributeError) as e:
+                return f"{name} fails on {where} for a {k}x{n} layer ({first_line(e)})"
+            if not torch.equal(got.double(), rows.long().mm(b.long().t()).double()):
+                return f"{name} gives wrong results on {where} for a {k}x{n} layer"
     return None
+
+
+def fbgemm_stacking(*layers: BitLinear) -> Int8Linear:
+    """Int8Linear.stacking, the codes then kept in fbgemm's layout (Int8Linear.keep_in_fbgemm)."""
+    whole = Int8Linear.stacking(*layers)
+    whole.keep_in_fbgemm()
+    return whole
 
 
 HEADS = ("float16", "float32", "int8")
@@ -192,22 +299,24 @@ HEADS = ("float16", "float32", "int8")
 
 def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
             load=lambda layer: None, head_is_half_exact: bool = False, ops=None) -> str | None:
-    """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` subclass
+    """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` class
     given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8),
     or not at all (float32). A float16 head that holds the weights exactly
     (`head_is_half_exact`) and is tied to the embedding serves it too (HalfEmbedding); the head
     goes first, so the float32 table is gone before the layers are converted.
     `load(layer)` gives a layer its weights just before they are converted (a model loaded for
     use keeps them in the file until then); `ops`, the 2-bit kernel where it is built, serves the
-    float16 head's few-row products (HalfHead). Returns why the model was left as it was, or None
-    when it was converted."""
+    float16 head's few-row products (HalfHead). Without it, on a CPU, the Int8Linears keep their
+    codes in fbgemm's layout where fbgemm sums every shape exactly (the same outputs, faster).
+    Returns why the model was left as it was, or None when it was converted."""
     bitlinears = [(parent, name, child) for parent in model.modules()
                   for name, child in parent.named_children() if isinstance(child, BitLinear)]
     if not bitlinears:
         return "it has no ternary layers (trained with --quant none), so it stays in float"
     device = model.lm_head.weight.device
+    shapes = {(c.in_features, c.out_features) for _, _, c in bitlinears}
     if device.type != "cpu":
-        why = int8_unusable(device, {(c.in_features, c.out_features) for _, _, c in bitlinears})
+        why = int8_unusable(device, shapes)
         if why:
             return why
     weight = model.lm_head.weight
@@ -222,13 +331,17 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
     if head == "float16" and head_is_half_exact and embedding.weight is weight:
         model.model.embed_tokens = HalfEmbedding(model.lm_head.weight)
     del weight, embedding
+    stacking = linear.stacking
+    no_kernel = linear is Int8Linear and ops is None and device.type == "cpu"
+    if no_kernel and not fbgemm_unusable(shapes):
+        stacking = fbgemm_stacking  # fbgemm sums the codes fastest without the 2-bit kernel
     stacked = {}  # each BitLinear of a SharedInput -> its place in one stacked matrix
     for parent in list(model.modules()):
         for name, group in list(parent.named_children()):
             if isinstance(group, SharedInput):
                 for layer in group.layers:
                     load(layer)
-                whole = linear.stacking(*group.layers)
+                whole = stacking(*group.layers)
                 for layer in group.layers:  # its float weights are spent: free them now
                     layer.to_empty(device="meta")
                 setattr(parent, name, Int8SharedInput(whole))
@@ -237,7 +350,7 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
     for parent, name, child in bitlinears:
         if id(child) not in stacked:
             load(child)
-            stacked[id(child)] = linear.stacking(child)
+            stacked[id(child)] = stacking(child)
             child.to_empty(device="meta")
         setattr(parent, name, stacked[id(child)])
     return None
