@@ -184,3 +184,20 @@ def test_the_2b4t_shape_decodes_in_a_fraction_of_its_float32_size():
     float16, int8 = (result["engines"][name]["weight_bytes_per_token"]
                      for name in ("2bit", "2bit, int8 head"))
     assert float16 - int8 == head
+
+
+def test_a_model_built_from_codes_with_the_int8_head_decodes_fused():
+    """--2b4t's int8-head row: the float16 table's rows rounded to int8, the fused step."""
+    from bitnet_cli.bench.released_shape import build_from_codes
+    from bitnet_cli.config.settings import ModelConfig
+    from bitnet_cli.nn.decoding import DecodeStep
+    from bitnet_cli.nn.int8 import Int8Linear
+    from bitnet_cli.nn.model import generate
+    config = ModelConfig(vocab_size=300, hidden_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=320,
+                         max_position_embeddings=32)
+    model, engine = build_from_codes(config, "int8")
+    assert engine == "2bit" and isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.codes.shape == (300, 128)
+    step = DecodeStep(model, compile=False)
+    assert step.fused and len(list(generate(model, [1, 2, 3], 8, step=step))) == 8

@@ -72,14 +72,18 @@ ENGINES = [("2bit", "2bit", "float16", "fused"), ("2bit, int8 head", "2bit", "in
            ("2bit per-op", "2bit", "float16", "per-op"),
            ("2bit per-op compiled, int8 head", "2bit", "int8", "compiled"),
            ("int8", "int8", "float16", "fused"), ("int8, int8 head", "int8", "int8", "fused"),
-           ("int8 per-op", "int8", "float16", "per-op")]
+           ("int8 per-op", "int8", "float16", "per-op"),
+           ("int8 per-op, no kernel", "int8", "float16", "no kernel")]
+# "no kernel" is what a machine without a C++ compiler decodes with (fbgemm's sums and head):
+# timed where the kernel is built too, beside the float engine it is measured against.
 
 
-def convert(model: BitNetForCausalLM, engine: str, head: str) -> str | None:
-    """Swap the model's layers for `engine`'s, as loading does; why not, or None."""
+def convert(model: BitNetForCausalLM, engine: str, head: str, kernel: bool = True) -> str | None:
+    """Swap the model's layers for `engine`'s, as loading does (`kernel=False`: as it does
+    where the 2-bit kernel is not built); why not, or None."""
     if engine == "2bit":
         return to_packed(model, head)
-    return to_int8(model, head, ops=ternary_ops()[0])  # as loading.load_model does
+    return to_int8(model, head, ops=ternary_ops()[0] if kernel else None)
 
 
 def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
@@ -93,8 +97,10 @@ def decode(experiment: str, size: str, with_llama_cpp: bool = False) -> dict:
                "bf16 autocast": (model, bf16, None)}
     notes = []
     for name, engine, head, how in ENGINES:
+        if how == "no kernel" and ternary_ops()[0] is None:
+            continue  # the int8 per-op row is that already
         fast = build(experiment, size, PROMPT_TOKENS + NEW_TOKENS).eval()
-        why = convert(fast, engine, head)
+        why = convert(fast, engine, head, kernel=how != "no kernel")
         if why:
             notes.append(f"no {engine} engine: {why}")
             continue

@@ -58,13 +58,7 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
                         dtype=torch.float16).mul_(0.02)
     model.model.embed_tokens = HalfEmbedding(table)
     ops = ternary_ops()[0]
-    if head == "int8":
-        rows = [Int8Linear.per_row(part.float(), ops) for part in table.split(HalfHead.SLICE)]
-        model.lm_head = Int8Linear(torch.cat([r.codes for r in rows]),
-                                   torch.cat([r.scale for r in rows]), [len(table)])
-        model.lm_head.ops = ops
-    else:
-        model.lm_head = HalfHead(table, ops)  # the engines keep a float16 head as it is
+    model.lm_head = HalfHead(table, ops)  # the engines keep a float16 head as it is
 
     def random_codes(layer: BitLinear) -> None:
         # Codes of -1, 0 and +1 as the weights: the engine's quantizer gives them back exactly.
@@ -75,6 +69,11 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     engine = "2bit" if to_packed(model, "float32", load=random_codes) is None else "int8"
     if engine == "int8":
         to_int8(model, "float32", load=random_codes)
+    if head == "int8":  # the table's rows rounded as --head int8 rounds them, a slice at a time
+        rows = [Int8Linear.per_row(part.float(), ops) for part in table.split(HalfHead.SLICE)]
+        model.lm_head = Int8Linear(torch.cat([r.codes for r in rows]),
+                                   torch.cat([r.scale for r in rows]), [len(table)])
+        model.lm_head.ops = ops
     return model.eval(), engine
 
 
