@@ -46,7 +46,7 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     """A model of `config` made for decoding from random ternary codes, converted by the 2bit
     engine (the int8 engine's without the kernel) as loading converts a checkpoint: one layer
     group of weights at a time, never the whole model in float32. The output layer is the
-    float16 table, or (head="int8") its rows rounded to int8 a slice at a time."""
+    float16 table, or (head="int8") random int8 rows of its shape."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
@@ -69,10 +69,11 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     engine = "2bit" if to_packed(model, "float32", load=random_codes) is None else "int8"
     if engine == "int8":
         to_int8(model, "float32", load=random_codes)
-    if head == "int8":  # the table's rows rounded as --head int8 rounds them, a slice at a time
-        rows = [Int8Linear.per_row(part.float(), ops) for part in table.split(HalfHead.SLICE)]
-        model.lm_head = Int8Linear(torch.cat([r.codes for r in rows]),
-                                   torch.cat([r.scale for r in rows]), [len(table)])
+    if head == "int8":  # --head int8's layout: a row of int8 codes and a scale per word
+        codes = torch.cat([torch.randint(-127, 128, tuple(part.shape), dtype=torch.int8,
+                                         generator=generator)
+                           for part in table.split(HalfHead.SLICE)])  # no int64 table at once
+        model.lm_head = Int8Linear(codes, torch.full((len(table),), 127 / 0.05), [len(table)])
         model.lm_head.ops = ops
     return model.eval(), engine
 
