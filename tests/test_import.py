@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnet_cli.nn.bitlinear import ternary_codes_and_scale
-from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead
+from bitnet_cli.nn.half_head import HalfEmbedding, HalfHead
 from bitnet_cli.nn.model import generate
 from tests.contract import assert_greedy_agree, same_continuation
 from bitnet_cli.use.loading import load_model

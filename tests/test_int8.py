@@ -30,8 +30,9 @@ from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.nn.decoding import DecodeStep
 from bitnet_cli.nn import int8 as int8_module
-from bitnet_cli.nn.int8 import (HalfHead, Int8Linear, Int8Part, Int8SharedInput, fbgemm_pack,
-                                fbgemm_sums, fbgemm_unusable, int8_unusable, to_int8)
+from bitnet_cli.nn.half_head import HalfHead
+from bitnet_cli.nn.int8 import (Int8Linear, Int8Part, Int8SharedInput, fbgemm_pack, fbgemm_sums,
+                                fbgemm_unusable, int8_unusable, to_int8)
 from bitnet_cli.nn.model import BitNetForCausalLM, generate
 from tests.cli import needs_torch_compile, runner
 from tests.contract import assert_greedy_agree, same_continuation, stepped_logits

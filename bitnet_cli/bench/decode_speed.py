@@ -14,7 +14,8 @@ from torch import nn
 from bitnet_cli.bench.shapes import NEW_TOKENS, PROMPT_TOKENS, best_of, build
 from bitnet_cli.nn.bitlinear import BitLinear
 from bitnet_cli.nn.decoding import DecodeStep
-from bitnet_cli.nn.int8 import HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.half_head import HalfHead
+from bitnet_cli.nn.int8 import Int8Linear, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import ENGINE_LINEARS, PackedLinear, to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, generate

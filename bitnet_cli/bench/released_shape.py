@@ -23,7 +23,8 @@ from bitnet_cli.config.presets import RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import first_line
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.int8 import HalfEmbedding, HalfHead, Int8Linear, to_int8
+from bitnet_cli.nn.half_head import HalfEmbedding, HalfHead
+from bitnet_cli.nn.int8 import Int8Linear, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.model import BitNetForCausalLM, RMSNorm, rope_tables
 from bitnet_cli.nn.packed import to_packed

@@ -15,7 +15,8 @@ import torch
 
 from bitnet_cli.nn.compiled import compile_failure, compiler_problem, use_bitnet_cache
 from bitnet_cli.nn.fused_decode import FusedDecode
-from bitnet_cli.nn.int8 import HalfHead, Int8Linear, Int8SharedInput
+from bitnet_cli.nn.half_head import HalfHead
+from bitnet_cli.nn.int8 import Int8Linear, Int8SharedInput
 from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import ENGINE_LINEARS
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from bitnet_cli.config.settings import ACTIVATIONS
-from bitnet_cli.nn.int8 import HalfHead
+from bitnet_cli.nn.half_head import HalfHead
 
 
 

@@ -1,10 +1,8 @@
-"""The 2-bit ternary kernel (ternary_kernel.cpp, decode_step.cpp), compiled on first use and then
-reused.
-
-It is a torch C++ extension (ops registered as torch.ops.bitnet_ternary) built with the
-machine's own compiler into bitnet's cache folder (or $TORCH_EXTENSIONS_DIR). Everything there
-is named after `bitnet_ternary_<key>`, the key covering the sources, the torch and Python
-versions and the CPU architecture, so a stale build is never found:
+"""The 2-bit ternary kernel (nn/cpu/), compiled on first use and then reused: a torch C++
+extension (ops registered as torch.ops.bitnet_ternary) built with the machine's own compiler
+into bitnet's cache folder (or $TORCH_EXTENSIONS_DIR). Everything there is named after
+`bitnet_ternary_<key>`, the key covering the sources, the torch and Python versions, the flags
+and the CPU architecture, so a stale build is never found:
 
 - `<name>.json` records the good build: its library's path, size and sha256. A library is loaded
   only when it matches its record (loading a cut-short one can crash the process) and used only
@@ -14,8 +12,7 @@ versions and the CPU architecture, so a stale build is never found:
   folder, so a rebuild is never the library this process already has open under the same path,
   and a build killed half-way (torch's own lock file still in its folder, which torch would
   wait on forever) is only a folder the next build removes.
-- `<name>.lock` lets one process build while the others wait (the OS releases it when a process
-  dies).
+- `<name>.lock` lets one process build while the others wait (released when a process dies).
 - `<name>.failed.json` remembers a failed compile and the compiler it failed with: until either
   changes, later commands give the same one-line reason without running a compiler at all.
   Deleting it tries again.
@@ -53,12 +50,9 @@ HEADERS = [CPU / name for name in ("kernels.h", "loops.h", "glue.h")]
 
 
 def _openmp() -> tuple[list[str], list[str]]:
-    """Compiler and linker flags for OpenMP. at::parallel_for is inlined into the kernel and runs
-    on torch's own OpenMP threads only when compiled with OpenMP: on Linux GNU OpenMP, loaded
-    with torch; on macOS the libomp and omp.h that torch's wheels ship (Apple's clang takes
-    -fopenmp through -Xpreprocessor), linked from torch's own folder so that the process keeps
-    one OpenMP runtime. Without them (another build of torch, another OS) the kernel runs on
-    one thread, and kernel.py says so."""
+    """OpenMP's compiler and linker flags: at::parallel_for, inlined into the kernel, runs on
+    torch's OpenMP threads only so compiled (Linux: GNU OpenMP, loaded with torch; macOS: torch's
+    own libomp and omp.h). Without them the kernel runs on one thread; kernel.py says so."""
     if sys.platform == "linux":
         return ["-fopenmp"], []
     torch_dir = Path(torch.__file__).parent
@@ -68,13 +62,11 @@ def _openmp() -> tuple[list[str], list[str]]:
     return [], []
 
 
-# No -ffast-math or FMA contraction: the sums are integers, but the rescale must round as torch
-# does.
+# No -ffast-math or FMA contraction: the rescale and the float loops round as torch does.
 OPENMP_FLAGS, OPENMP_LINK = _openmp()
 FLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
 OPS = ("pack", "ternary_mm", "ternary_linear", "isas", "limit_paths", "path_name", "int8_mm",
-       "half_linear", "read_bandwidth", "step_profile", "threaded",
-       "decode_step")  # every op the engines call
+       "half_linear", "read_bandwidth", "step_profile", "threaded", "decode_step")  # all used
 COMPILE_TIME = "about 20 s on a busy 2-core machine"
 
 
@@ -108,9 +100,8 @@ def build_kernel(notice):
     if ops is None:
         ops = _build_and_load(name, root, library, notice)
     if hasattr(torch.library, "register_fake"):  # torch 2.4+: the op's shape, for torch.compile
-        torch.library.register_fake("bitnet_ternary::ternary_linear",
-                                    lambda x, packed, scale, path: x.new_empty((x.shape[0],
-                                                                                packed.shape[0])))
+        torch.library.register_fake("bitnet_ternary::ternary_linear", lambda x, packed, scale,
+                                    path: x.new_empty((x.shape[0], packed.shape[0])))
     return ops
 
 
@@ -121,12 +112,9 @@ def _build_and_load(name: str, root: Path, tried: Path | None, notice):
     record = root / f"{name}.json"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if record.exists():
-            notice(f"note: the built 2-bit ternary kernel is damaged; compiling it again "
-                   f"({COMPILE_TIME})")
-        else:
-            notice(f"note: compiling bitnet's 2-bit ternary kernel, once for this machine "
-                   f"({COMPILE_TIME})")
+        what = ("the built 2-bit ternary kernel is damaged; compiling it again" if record.exists()
+                else "compiling bitnet's 2-bit ternary kernel, once for this machine")
+        notice(f"note: {what} ({COMPILE_TIME})")
         with FileLock(str(root / f"{name}.lock")):
             library = _recorded_library(record)
             ops = _load(library) if library and library != tried else None

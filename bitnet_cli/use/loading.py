@@ -20,7 +20,8 @@ from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.bitlinear import BitLinear
-from bitnet_cli.nn.int8 import ENGINES, HEADS, exact_in_float16, to_int8
+from bitnet_cli.nn.half_head import exact_in_float16
+from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import to_packed
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
