@@ -51,4 +51,7 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True)
     (wheel,) = tmp_path.glob("*.whl")
-    assert "bitnet_cli/nn/ternary_kernel.cpp" in zipfile.ZipFile(wheel).namelist()
+    from bitnet_cli.nn.kernel_build import HEADERS, SOURCES
+    inside = set(zipfile.ZipFile(wheel).namelist())
+    for path in SOURCES + HEADERS:
+        assert f"bitnet_cli/nn/cpu/{path.name}" in inside, path.name
