@@ -3,12 +3,11 @@
 // eager PyTorch. nn/fused_decode.py gathers the model's tensors and calls it for every new token.
 //
 // The ternary projections are the exact sums the engines compute anywhere (2-bit packed rows
-// through kernels.h's tiles, or int8 rows through torch._int_mm), rescaled as BitLinear does.
+// through kernels.h's tiles, or int8 rows through its int8 rows), rescaled as BitLinear does.
 // The float work around them (RMSNorm, RoPE, attention, the gate, the head) is computed here in
 // float32 in loops.h's one order, the same on every path: the logits differ from the per-op
 // path's in the last bits, and equal themselves on every CPU and path; the 2bit and int8
 // engines share this code, so theirs equal each other's to the bit.
-#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -52,19 +51,23 @@ void rms_norm(const Kernels& f, const float* x, const float* weight, int64_t n, 
 }
 
 // One BitLinear (or several stacked) at one token: x (k) -> out (n), the int8 engine's maths.
+// The 2bit engine's weights are packed rows; the int8 engine's int8 rows, with each row's sum of
+// codes (`row_sums`, for the paths that add 128 to x), summed by the same int8 rows as the head
+// (oneDNN's int8 GEMM behind torch._int_mm was 5x slower on AVX2 at one token).
 void bit_linear(const Kernels& f, const float* x, int64_t k, const at::Tensor& weight,
-                const at::Tensor& scale, float* out) {
+                const at::Tensor& row_sums, const at::Tensor& scale, float* out) {
   const int64_t n = weight.size(0);
   Tokens tokens(1, k);
   tokens.sums[0] = f.quantize(x, k, tokens.codes.data(), &tokens.scales[0]);
   std::vector<int32_t> sums(n);
   if (weight.scalar_type() == at::kByte) {
     ternary_sums(f, tokens, weight, sums.data());
-  } else {  // the int8 engine: int8 codes, summed by torch._int_mm
-    auto codes = at::empty({1, k}, at::kChar);
-    std::copy_n(tokens.codes.data(), k, codes.data_ptr<int8_t>());
-    const auto acc = at::_int_mm(codes, weight.t());
-    std::copy_n(acc.data_ptr<int32_t>(), n, sums.data());
+  } else {
+    const int8_t* w = weight.data_ptr<int8_t>();
+    const int32_t* w_sums = row_sums.data_ptr<int32_t>();
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      f.int8_rows(tokens.codes.data(), w, w_sums, k, b, e, sums.data());
+    });
   }
   const float* s = scale.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r) out[r] = float(sums[r]) / (tokens.scales[0] * s[r]);
@@ -149,10 +152,12 @@ using namespace bitnet;
 
 // Token `token` at `position` through every layer; its keys and values are written into the
 // caches at `position`. Per layer l: norms[4l..4l+3] (input, attention sub-norm, post-attention,
-// FFN sub-norm), weights/scales[4l..4l+3] (q|k|v stacked, o, gate|up stacked, down); norms[4L]
+// FFN sub-norm), weights/row_sums/scales[4l..4l+3] (q|k|v stacked, o, gate|up stacked, down;
+// row_sums: each int8 row's sum of codes, unused for packed rows); norms[4L]
 // is the final norm. Returns the logits (vocab,) in float32.
 at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
-                       at::TensorList norms, at::TensorList weights, at::TensorList scales,
+                       at::TensorList norms, at::TensorList weights, at::TensorList row_sums,
+                       at::TensorList scales,
                        const at::Tensor& head, const at::Tensor& head_scale,
                        const at::Tensor& head_sums, const at::Tensor& cos, const at::Tensor& sin,
                        at::TensorList keys, at::TensorList values, int64_t heads, double eps,
@@ -160,7 +165,8 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
   const Kernels& f = kernels_for(resolve_path(path));
   const int64_t layers = keys.size(), d = embed.size(1);
   check(layers > 0 && int64_t(values.size()) == layers && int64_t(norms.size()) == 4 * layers + 1 &&
-        int64_t(weights.size()) == 4 * layers && int64_t(scales.size()) == 4 * layers,
+        int64_t(weights.size()) == 4 * layers && int64_t(scales.size()) == 4 * layers &&
+        int64_t(row_sums.size()) == 4 * layers,
         "one set of norms, weights and caches per layer");
   const int64_t kv_heads = keys[0].size(1), ctx = keys[0].size(2), dim = keys[0].size(3);
   check(0 <= token && token < embed.size(0), "token id outside the vocabulary");
@@ -182,7 +188,8 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
   for (int64_t l = 0; l < layers; ++l) {
     rms_norm(f, x.data(), norms[4 * l].data_ptr<float>(), d, feps, normed.data());
     clock.charge(REST);
-    bit_linear(f, normed.data(), d, weights[4 * l], scales[4 * l], qkv.data());
+    bit_linear(f, normed.data(), d, weights[4 * l], row_sums[4 * l], scales[4 * l],
+               qkv.data());
     clock.charge(TERNARY);
     float* q = qkv.data();
     float* k = q + d;
@@ -199,13 +206,15 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
     clock.charge(ATTENTION);
     rms_norm(f, attended.data(), norms[4 * l + 1].data_ptr<float>(), d, feps, normed.data());
     clock.charge(REST);
-    bit_linear(f, normed.data(), d, weights[4 * l + 1], scales[4 * l + 1], projected.data());
+    bit_linear(f, normed.data(), d, weights[4 * l + 1], row_sums[4 * l + 1], scales[4 * l + 1],
+               projected.data());
     clock.charge(TERNARY);
     for (int64_t i = 0; i < d; ++i) x[i] += projected[i];
 
     rms_norm(f, x.data(), norms[4 * l + 2].data_ptr<float>(), d, feps, normed.data());
     clock.charge(REST);
-    bit_linear(f, normed.data(), d, weights[4 * l + 2], scales[4 * l + 2], gate_up.data());
+    bit_linear(f, normed.data(), d, weights[4 * l + 2], row_sums[4 * l + 2], scales[4 * l + 2],
+               gate_up.data());
     clock.charge(TERNARY);
     for (int64_t i = 0; i < ffn; ++i) {
       const float g = gate_up[i];
@@ -215,7 +224,8 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
     }
     rms_norm(f, hidden.data(), norms[4 * l + 3].data_ptr<float>(), ffn, feps, normed.data());
     clock.charge(REST);
-    bit_linear(f, normed.data(), ffn, weights[4 * l + 3], scales[4 * l + 3], projected.data());
+    bit_linear(f, normed.data(), ffn, weights[4 * l + 3], row_sums[4 * l + 3],
+               scales[4 * l + 3], projected.data());
     clock.charge(TERNARY);
     for (int64_t i = 0; i < d; ++i) x[i] += projected[i];
   }
@@ -240,8 +250,8 @@ std::vector<double> step_profile() {
 
 TORCH_LIBRARY_FRAGMENT(bitnet_ternary, m) {
   m.def("decode_step(int token, int position, Tensor embed, Tensor[] norms, Tensor[] weights, "
-        "Tensor[] scales, Tensor head, Tensor head_scale, Tensor head_sums, Tensor cos, "
-        "Tensor sin, Tensor[] keys, Tensor[] values, int heads, float eps, int activation, "
+        "Tensor[] row_sums, Tensor[] scales, Tensor head, Tensor head_scale, Tensor head_sums, "
+        "Tensor cos, Tensor sin, Tensor[] keys, Tensor[] values, int heads, float eps, int activation, "
         "int isa) -> Tensor");
   m.def("step_profile() -> float[]", &step_profile);
 }
