@@ -48,6 +48,7 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     engine (the int8 engine's without the kernel) as loading converts a checkpoint: one layer
     group of weights at a time, never the whole model in float32. The output layer is the
     float16 table, or (head="int8") random int8 rows of its shape."""
+    ops = ternary_ops()[0]  # built and checked before the table exists: its peak stays 1.8 GB
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
@@ -58,7 +59,6 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     table = torch.randn(config.vocab_size, config.hidden_size, generator=generator,
                         dtype=torch.float16).mul_(0.02)
     model.model.embed_tokens = HalfEmbedding(table)
-    ops = ternary_ops()[0]
     model.lm_head = HalfHead(table, ops)  # the engines keep a float16 head as it is
 
     def random_codes(layer: BitLinear) -> None:
