@@ -87,9 +87,6 @@ struct Tokens {
   Tokens(int64_t rows, int64_t k);
 };
 
-// m rows of k floats -> codes by absmax per row, as activation_codes computes them.
-void quantize_tokens(const Kernels& f, const float* x, int64_t k, Tokens& tokens);
-
 // Tiles tile_begin..tile_end (of ROWS packed rows each) of the n-row matrix against every token:
 // out (m, n) = the exact sums of w * x. Threads split the tiles (torch_ops.cpp).
 void ternary_tiles(const Kernels& f, const Tokens& x, const uint8_t* packed, int64_t n,

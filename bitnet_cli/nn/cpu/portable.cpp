@@ -39,12 +39,6 @@ bool pack(const int8_t* codes, int64_t n, int64_t k, uint8_t* out) {
 Tokens::Tokens(int64_t rows, int64_t k)
     : codes(rows * padded(k), 0), sums(rows, 0), scales(rows, 1.0f), m(rows), kp(padded(k)) {}
 
-void quantize_tokens(const Kernels& f, const float* x, int64_t k, Tokens& tokens) {
-  for (int64_t t = 0; t < tokens.m; ++t)
-    tokens.sums[t] = f.quantize(x + t * k, k, tokens.codes.data() + t * tokens.kp,
-                                &tokens.scales[t]);
-}
-
 void ternary_tiles(const Kernels& f, const Tokens& x, const uint8_t* packed, int64_t n,
                    int64_t tile_begin, int64_t tile_end, int32_t* out) {
   const int64_t kp = x.kp, blocks = kp / BLOCK, row_bytes = kp / 4;
