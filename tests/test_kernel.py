@@ -3,6 +3,7 @@ has, the int8 engine's logits to the bit on trained models, and int8 with one no
 kernel cannot be built."""
 
 import os
+import platform
 
 import pytest
 import torch
@@ -37,12 +38,15 @@ def test_each_path_is_offered_where_the_cpu_has_all_it_needs(ops):
     too; AVX-VNNI's and AVX-512's: AVX2's and theirs), up to what BITNET_KERNEL allows; the
     portable path runs anywhere."""
     text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")),
-                     "").split())
+    # x86 lists its features as "flags", AArch64 as "Features" (asimddp: sdot)
+    flags = set(next((line for line in text.splitlines()
+                      if line.startswith(("flags", "Features"))), "").split())
     avx2 = {"avx2", "fma", "f16c"} <= flags
+    arm = platform.machine() in ("aarch64", "arm64")
     offered = {"portable"} | ({"avx2"} if avx2 else set()) | (
         {"avxvnni"} if avx2 and "avx_vnni" in flags else set()) | (
-        {"avx512"} if avx2 and {"avx512f", "avx512bw", "avx512_vnni"} <= flags else set())
+        {"avx512"} if avx2 and {"avx512f", "avx512bw", "avx512_vnni"} <= flags else set()) | (
+        {"neon"} if arm else set()) | ({"neondot"} if arm and "asimddp" in flags else set())
     numbers = kernel.path_numbers(ops)
     forced = os.environ.get(kernel.FORCE)
     expected = {name for name in offered if not forced or numbers[name] <= numbers[forced]}
