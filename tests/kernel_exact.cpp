@@ -87,7 +87,7 @@ std::vector<int8_t> ternary_codes(int64_t n, int64_t k, int mode) {
 void check_ternary(const Kernels& f, int64_t k, int64_t n, int64_t m, int x_mode, int w_mode) {
   const std::vector<int8_t> w = ternary_codes(n, k, w_mode), x = token_codes(m, k, x_mode);
   std::vector<uint8_t> packed(n * padded(k) / 4, 0);
-  if (!pack(w.data(), n, k, packed.data())) mismatch(shape("pack", k, n, m, x_mode, w_mode));
+  if (!pack(w.data(), n, k, 0, n, packed.data())) mismatch(shape("pack", k, n, m, x_mode, w_mode));
   Tokens tokens(m, k);
   for (int64_t t = 0; t < m; ++t)
     for (int64_t i = 0; i < k; ++i) {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitnet_cli.nn import kernel, packed
-from bitnet_cli.nn.bitlinear import BitLinear
+from bitnet_cli.nn.bitlinear import BitLinear, pack_ternary
 from bitnet_cli.nn.int8 import Int8Linear
 from bitnet_cli.nn.model import generate
 from bitnet_cli.store.checkpoint import step_dir_name
@@ -72,6 +72,21 @@ def test_sums_are_exact_on_every_path(ops, rows, k, n):
 def test_pack_refuses_codes_that_are_not_ternary(ops):
     with pytest.raises(RuntimeError, match="ternary codes must be -1, 0 or 1"):
         ops.pack(torch.tensor([[2]], dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="ternary codes must be -1, 0 or 1"):
+        ops.pack(torch.tensor([[0] * 300, [-2] + [0] * 299], dtype=torch.int8))
+
+
+@pytest.mark.parametrize("n,k", [(4, 1), (8, 255), (12, 256), (16, 257), (40, 1000), (4, 513)])
+def test_released_codes_repack_as_packing_their_codes(ops, n, k):
+    """An imported model's 2B4T bytes go straight into the kernel's layout: the same bytes as
+    packing the codes they hold, and a stored 3 (no code) refused."""
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8,
+                          generator=torch.Generator().manual_seed(n * k))
+    released = pack_ternary(codes)
+    assert torch.equal(ops.repack(released), ops.pack(codes))
+    released[-1, -1] |= 3 << 6
+    with pytest.raises(RuntimeError, match="must be 0, 1 or 2"):
+        ops.repack(released)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-6, 1.0, 1e4, 1e30])

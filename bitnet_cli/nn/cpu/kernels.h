@@ -73,9 +73,13 @@ bool arm_has(int64_t path);
 
 int64_t padded(int64_t k);
 
-// codes (n, k) in {-1, 0, 1} -> out (n, padded(k) / 4), zeroed by the caller. Returns false at
-// the first code outside {-1, 0, 1}.
-bool pack(const int8_t* codes, int64_t n, int64_t k, uint8_t* out);
+// Rows begin..end of codes (n, k) in {-1, 0, 1} -> out (n, padded(k) / 4), zeroed by the caller.
+// Returns false if a code is outside {-1, 0, 1}.
+bool pack(const int8_t* codes, int64_t n, int64_t k, int64_t begin, int64_t end, uint8_t* out);
+// The same from the released 2B4T layout (n / 4, k): byte row j holds rows j, j + n/4, j + n/2,
+// j + 3n/4 in bits 0-1, 2-3, 4-5, 6-7, each code + 1. Returns false on a stored 3.
+bool repack(const uint8_t* released, int64_t n, int64_t k, int64_t begin, int64_t end,
+            uint8_t* out);
 
 // Tokens as the tiles read them: int8 codes padded with zeros to whole blocks (a zero input
 // adds nothing), each token's sum of codes (for the + 1 stored with every weight) and scale.

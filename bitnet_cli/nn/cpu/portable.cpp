@@ -19,21 +19,55 @@ namespace bitnet {
 
 int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }
 
-bool pack(const int8_t* codes, int64_t n, int64_t k, uint8_t* out) {
+namespace {
+
+// Lays rows begin..end of an n-row matrix of k codes where the layout puts them (see above),
+// each code read as code + 1 (0, 1 or 2) by stored(row, i). Whole blocks are written with four
+// plain loads a byte (no branch: the compiler vectorizes it); the last, partial block is ORed
+// into zeroed bytes. Returns false if any stored value is past 2.
+template <class Stored>
+bool lay_out(Stored stored, int64_t n, int64_t k, int64_t begin, int64_t end, uint8_t* out) {
   const int64_t row_bytes = padded(k) / 4;
-  for (int64_t row = 0; row < n; ++row) {
+  uint8_t past = 0;
+  for (int64_t row = begin; row < end; ++row) {
     const int64_t group = row / ROWS * ROWS;
     const bool whole = group + ROWS <= n;  // in a whole group of four rows: interleaved
-    for (int64_t i = 0; i < k; ++i) {
-      const int8_t w = codes[row * k + i];
-      if (w < -1 || w > 1) return false;
-      const int64_t block = i / BLOCK, within = i % BLOCK;
-      const int64_t at = whole ? group * row_bytes + (block * ROWS + row - group) * BLOCK_BYTES
-                               : row * row_bytes + block * BLOCK_BYTES;
-      out[at + within % 64] |= uint8_t(w + 1) << (2 * (within / 64));
+    for (int64_t base = 0; base < k; base += BLOCK) {
+      const int64_t block = base / BLOCK;
+      uint8_t* dst = out + (whole ? group * row_bytes + (block * ROWS + row - group) * BLOCK_BYTES
+                                  : row * row_bytes + block * BLOCK_BYTES);
+      if (base + BLOCK <= k) {
+        for (int64_t j = 0; j < BLOCK_BYTES; ++j) {
+          const uint8_t a = stored(row, base + j), b = stored(row, base + 64 + j),
+                        c = stored(row, base + 128 + j), d = stored(row, base + 192 + j);
+          past |= uint8_t((a > 2) | (b > 2) | (c > 2) | (d > 2));
+          dst[j] = uint8_t(a | b << 2 | c << 4 | d << 6);
+        }
+      } else {
+        for (int64_t i = base; i < k; ++i) {
+          const uint8_t v = stored(row, i);
+          past |= uint8_t(v > 2);
+          dst[(i - base) % 64] |= uint8_t(v << (2 * ((i - base) / 64)));
+        }
+      }
     }
   }
-  return true;
+  return past == 0;
+}
+
+}  // namespace
+
+bool pack(const int8_t* codes, int64_t n, int64_t k, int64_t begin, int64_t end, uint8_t* out) {
+  return lay_out([=](int64_t row, int64_t i) { return uint8_t(codes[row * k + i] + 1); },
+                 n, k, begin, end, out);
+}
+
+bool repack(const uint8_t* released, int64_t n, int64_t k, int64_t begin, int64_t end,
+            uint8_t* out) {
+  const int64_t quarter = n / 4;  // row r is in byte row r % quarter, bits 2 * (r / quarter)
+  return lay_out([=](int64_t row, int64_t i) {
+    return uint8_t(released[(row % quarter) * k + i] >> (2 * (row / quarter)) & 3);
+  }, n, k, begin, end, out);
 }
 
 Tokens::Tokens(int64_t rows, int64_t k)

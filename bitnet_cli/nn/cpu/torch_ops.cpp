@@ -8,6 +8,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
@@ -46,14 +47,40 @@ void ternary_sums(const Kernels& f, const Tokens& x, const at::Tensor& packed, i
 
 using namespace bitnet;
 
+// Rows laid out in portable.cpp's layout by `lay` (pack or repack) on torch's threads.
+template <class Lay>
+at::Tensor laid_out(int64_t n, int64_t k, Lay lay, const char* what) {
+  auto packed = at::zeros({n, padded(k) / 4}, at::kByte);
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  std::atomic<bool> fine{true};
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    if (!lay(begin, end, out)) fine = false;
+  });
+  TORCH_CHECK(fine, what);
+  return packed;
+}
+
 // codes: (out, in) int8 in {-1, 0, 1} -> (out, padded(in) / 4) uint8 in portable.cpp's layout.
 at::Tensor pack_codes(const at::Tensor& codes) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "pack wants 2-d int8 codes");
   const auto c = codes.contiguous();
-  auto packed = at::zeros({c.size(0), padded(c.size(1)) / 4}, at::kByte);
-  TORCH_CHECK(pack(c.data_ptr<int8_t>(), c.size(0), c.size(1), packed.data_ptr<uint8_t>()),
-              "ternary codes must be -1, 0 or 1");
-  return packed;
+  const int8_t* from = c.data_ptr<int8_t>();
+  const int64_t n = c.size(0), k = c.size(1);
+  return laid_out(n, k, [&](int64_t b, int64_t e, uint8_t* out) {
+    return pack(from, n, k, b, e, out);
+  }, "ternary codes must be -1, 0 or 1");
+}
+
+// released: (out / 4, in) uint8, the 2B4T checkpoint's packed codes -> the same as pack_codes.
+at::Tensor repack_released(const at::Tensor& released) {
+  TORCH_CHECK(released.dim() == 2 && released.scalar_type() == at::kByte,
+              "repack wants 2-d uint8 packed codes");
+  const auto r = released.contiguous();
+  const uint8_t* from = r.data_ptr<uint8_t>();
+  const int64_t n = 4 * r.size(0), k = r.size(1);
+  return laid_out(n, k, [&](int64_t b, int64_t e, uint8_t* out) {
+    return repack(from, n, k, b, e, out);
+  }, "packed ternary codes must be 0, 1 or 2 (a code + 1)");
 }
 
 // x: (m, in) int8 codes; packed: (out, padded(in) / 4) -> (m, out) int32, exactly x @ codes.T.
@@ -207,6 +234,7 @@ bool threaded() {
 
 TORCH_LIBRARY(bitnet_ternary, m) {
   m.def("pack(Tensor codes) -> Tensor");  // ternary codes -> 2-bit blocks
+  m.def("repack(Tensor released) -> Tensor");  // the 2B4T layout -> 2-bit blocks
   m.def("ternary_mm(Tensor x, Tensor packed, int isa) -> Tensor");  // exact int32 sums
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor scale, int isa) -> Tensor");
   m.def("half_linear(Tensor x, Tensor w, int isa) -> Tensor");  // the float16 head, float32 sums
@@ -222,6 +250,7 @@ TORCH_LIBRARY(bitnet_ternary, m) {
 
 TORCH_LIBRARY_IMPL(bitnet_ternary, CPU, m) {
   m.impl("pack", &pack_codes);
+  m.impl("repack", &repack_released);
   m.impl("ternary_mm", &ternary_mm);
   m.impl("ternary_linear", &ternary_linear);
   m.impl("int8_mm", &int8_mm);
