@@ -69,7 +69,7 @@ def test_transformers_computes_what_bitnet_computes(trained_run, tmp_path, fmt):
 def test_packed_file_holds_exact_ternary_weights_in_a_tenth_of_the_bytes(trained_run, tmp_path):
     invoke("export", trained_run, "--format", "hf-packed", "--out", tmp_path / "packed")
     tensors = load_file(tmp_path / "packed" / "model.safetensors")
-    model = load_model(str(trained_run), engine="float").model
+    model = load_model(str(trained_run), engine="float", latent=True).model
     stored = 0
     for i, layer in enumerate(model.model.layers):
         for projection in PROJECTIONS:

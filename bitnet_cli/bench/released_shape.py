@@ -61,15 +61,13 @@ def build_from_codes(config: ModelConfig, head: str = "float16") -> tuple[BitNet
     model.model.embed_tokens = HalfEmbedding(table)
     model.lm_head = HalfHead(table, ops)  # the engines keep a float16 head as it is
 
-    def random_codes(layer: BitLinear) -> None:
-        # Codes of -1, 0 and +1 as the weights: the engine's quantizer gives them back exactly.
-        codes = torch.randint(-1, 2, tuple(layer.weight.shape), dtype=torch.int8,
-                              generator=generator)
-        layer.weight = nn.Parameter(codes.float(), requires_grad=False)
+    def random_codes(layer: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(-1, 2, tuple(layer.weight.shape), dtype=torch.int8,
+                              generator=generator), torch.ones(()))
     # head="float32" leaves the output layer made above as it is
-    engine = "2bit" if to_packed(model, "float32", load=random_codes) is None else "int8"
+    engine = "2bit" if to_packed(model, "float32", weights_of=random_codes) is None else "int8"
     if engine == "int8":
-        to_int8(model, "float32", load=random_codes)
+        to_int8(model, "float32", weights_of=random_codes)
     if head == "int8":  # --head int8's layout: a row of int8 codes and a scale per word
         codes = torch.cat([torch.randint(-127, 128, tuple(part.shape), dtype=torch.int8,
                                          generator=generator)

@@ -111,6 +111,20 @@ class BitLinear(nn.Linear):
                         straight_through(self.weight.float(), self.training_weight()))
 
 
+class QuantizedLinear(nn.Module):
+    """A BitLinear for inference alone (the float engine of a loaded model): only its quantized
+    weights, codes / s in float32, as frozen_weight makes them, so the model holds one copy of
+    each layer instead of the latent weights and that copy."""
+
+    def __init__(self, codes: torch.Tensor, s: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("weight", codes.float().div_(s))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(activation_quant(x), self.weight)
+
+
 class SharedInput(nn.Module):
     """Layers that read one input (q, k and v; gate and up), applied to it together: the
     contract an inference engine swaps whole (int8.to_int8 puts one stacked integer matrix in

@@ -29,6 +29,7 @@ from torch import nn
 from bitnet_cli.errors import first_line
 from bitnet_cli.nn.bitlinear import BitLinear, SharedInput, activation_codes, ternary_codes
 from bitnet_cli.nn.half_head import HalfEmbedding, HalfHead
+from bitnet_cli.nn.packed_weights import as_codes
 
 ENGINES = ("2bit", "int8", "float")  # 2bit: nn/packed.py
 # The engines' contract (README, "Three engines, the same model"): their logits agree within this
@@ -37,6 +38,14 @@ ENGINES = ("2bit", "int8", "float")  # 2bit: nn/packed.py
 # identical everywhere; the floats around them differ by rounding, and an activation that lands
 # within rounding of a quantization boundary may take either code (~1% of the largest logit).
 LOGIT_BOUND = 0.03
+
+
+def quantized(layer: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's ternary weights as the engines take them, from its latent weights: int8 codes
+    and the quantizer's multiplier s. (A loaded model may give packed bytes instead:
+    packed_weights.ModelWeights.ternary.)"""
+    codes, s = ternary_codes(layer.weight.detach())
+    return codes.to(torch.int8), s
 
 
 class Int8Linear(nn.Module):
@@ -56,11 +65,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def stacking(cls, *layers: BitLinear) -> Int8Linear:
-        quantized = [ternary_codes(layer.weight.detach()) for layer in layers]
-        return cls(torch.cat([codes for codes, _ in quantized]).to(torch.int8),
-                   torch.cat([s.expand(len(codes)) for codes, s in quantized]),
-                   [len(codes) for codes, _ in quantized])
+    def stacking(cls, *layers: BitLinear, weights_of=None) -> Int8Linear:
+        """The layers' codes stacked, each from `weights_of(layer)` (see `quantized`)."""
+        parts = [(as_codes(weights), s) for weights, s in map(weights_of or quantized, layers)]
+        return cls(torch.cat([codes for codes, _ in parts]),
+                   torch.cat([s.expand(len(codes)) for codes, s in parts]),
+                   [len(codes) for codes, _ in parts])
 
     @classmethod
     def per_row(cls, weight: torch.Tensor, ops=None) -> Int8Linear:
@@ -69,8 +79,10 @@ class Int8Linear(nn.Module):
         all of int8, which torch._int_mm does not sum exactly everywhere (oneDNN's AVX2 and
         SSE4.1 kernels saturate a pair of products at int16), so the kernel's int8_mm (`ops`)
         sums it where it is built."""
-        codes, scale = activation_codes(weight.detach())  # absmax per row, as for activations
-        head = cls(codes.to(torch.int8), scale.squeeze(1), [len(codes)])
+        # absmax per row, as for activations; a slice of rows at a time: no float32 table
+        rows = [activation_codes(part.detach()) for part in weight.split(4096)]
+        head = cls(torch.cat([codes.to(torch.int8) for codes, _ in rows]),
+                   torch.cat([scale.squeeze(1) for _, scale in rows]), [len(weight)])
         head.ops = ops
         return head
 
@@ -206,9 +218,9 @@ def inexact_sums(name: str, where: str, sums, shapes: set[tuple[int, int]],
     return None
 
 
-def fbgemm_stacking(*layers: BitLinear) -> Int8Linear:
+def fbgemm_stacking(*layers: BitLinear, weights_of=None) -> Int8Linear:
     """Int8Linear.stacking, the codes then kept in fbgemm's layout (Int8Linear.keep_in_fbgemm)."""
-    whole = Int8Linear.stacking(*layers)
+    whole = Int8Linear.stacking(*layers, weights_of=weights_of)
     whole.keep_in_fbgemm()
     return whole
 
@@ -217,14 +229,14 @@ HEADS = ("float16", "float32", "int8")
 
 
 def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
-            load=lambda layer: None, head_is_half_exact: bool = False, ops=None) -> str | None:
+            weights_of=quantized, head_is_half_exact: bool = False, ops=None) -> str | None:
     """Swap every BitLinear of `model` (in place) for an Int8Linear (or the `linear` class
     given), and the output projection for a HalfHead (float16) or a per-row Int8Linear (int8),
     or not at all (float32). A float16 head that holds the weights exactly
     (`head_is_half_exact`) and is tied to the embedding serves it too (HalfEmbedding); the head
     goes first, so the float32 table is gone before the layers are converted.
-    `load(layer)` gives a layer its weights just before they are converted (a model loaded for
-    use keeps them in the file until then); `ops`, the 2-bit kernel where it is built, serves the
+    `weights_of(layer)` gives a layer's codes and scale (`quantized`: from its latent weights; a
+    model loaded for use reads them from the file a group at a time instead); `ops`, the 2-bit kernel where it is built, serves the
     float16 head's few-row products (HalfHead). Without it, on a CPU, the Int8Linears keep their
     codes in fbgemm's layout where fbgemm sums every shape exactly (the same outputs, faster).
     Returns why the model was left as it was, or None when it was converted."""
@@ -258,9 +270,7 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
     for parent in list(model.modules()):
         for name, group in list(parent.named_children()):
             if isinstance(group, SharedInput):
-                for layer in group.layers:
-                    load(layer)
-                whole = stacking(*group.layers)
+                whole = stacking(*group.layers, weights_of=weights_of)
                 for layer in group.layers:  # its float weights are spent: free them now
                     layer.to_empty(device="meta")
                 setattr(parent, name, Int8SharedInput(whole))
@@ -268,8 +278,7 @@ def to_int8(model: nn.Module, head: str = "float16", linear=Int8Linear,
                     stacked[id(layer)] = Int8Part(whole, index)
     for parent, name, child in bitlinears:
         if id(child) not in stacked:
-            load(child)
-            stacked[id(child)] = stacking(child)
+            stacked[id(child)] = stacking(child, weights_of=weights_of)
             child.to_empty(device="meta")
         setattr(parent, name, stacked[id(child)])
     return None

@@ -14,30 +14,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitnet_cli.nn.int8 import Int8Linear, to_int8
+from bitnet_cli.nn.bitlinear import CODES_PER_BYTE
+from bitnet_cli.nn.int8 import Int8Linear, quantized, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
+from bitnet_cli.nn.packed_weights import as_codes
 
 KERNEL_PATH = 0  # the fastest path kernel.py allows (cpu/kernels.h numbers the others)
 
 
 class PackedLinear(nn.Module):
     """One BitLinear at inference, or several that read the same input (q, k and v; gate and
-    up) stacked as one matrix: its ternary codes packed 2 bits each, each output row's scale,
-    and the kernel (`ops`) that multiplies them, as the int8 engine's Int8Linear would."""
+    up) stacked as one matrix: its ternary codes packed 2 bits each in the kernel's layout, each
+    output row's scale, and the kernel (`ops`) that multiplies them, as the int8 engine's
+    Int8Linear would."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, splits: list[int], ops):
+    def __init__(self, packed: torch.Tensor, in_features: int, scale: torch.Tensor,
+                 splits: list[int], ops):
         super().__init__()
         self.ops = ops
-        self.out_features, self.in_features = codes.shape
+        self.out_features, self.in_features = sum(splits), in_features
         self.splits = splits
-        self.register_buffer("packed", ops.pack(codes.cpu()))
+        self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
 
     @classmethod
-    def stacking(cls, *layers) -> PackedLinear:
-        """The layers' ternary codes and scales, as the int8 engine takes them, packed."""
-        int8 = Int8Linear.stacking(*layers)
-        return cls(int8.codes, int8.scale, int8.splits, ternary_ops()[0])
+    def stacking(cls, *layers, weights_of=None) -> PackedLinear:
+        """The layers' codes and scales as the int8 engine takes them (`weights_of`), packed:
+        bytes in the released layout go into the kernel's straight (each holds whole groups of
+        four rows, so their packs stack), codes are packed."""
+        parts = list(map(weights_of or quantized, layers))
+        ops = ternary_ops()[0]
+        released = all(weights.dtype == torch.uint8 for weights, _ in parts)
+        splits = [CODES_PER_BYTE * len(w) if released else len(w) for w, _ in parts]
+        if released:
+            packed = torch.cat([ops.repack(weights) for weights, _ in parts])
+        else:
+            packed = ops.pack(torch.cat([as_codes(weights) for weights, _ in parts]))
+        scale = torch.cat([s.expand(rows) for (_, s), rows in zip(parts, splits)])
+        return cls(packed, parts[0][0].shape[1], scale, splits, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Quantizing, the sums and the rescale in one call: at one token, the dozen small torch
@@ -58,15 +72,15 @@ class PackedLinear(nn.Module):
 ENGINE_LINEARS = (Int8Linear, PackedLinear)  # a BitLinear as the int8 and 2bit engines run it
 
 
-def to_packed(model: nn.Module, head: str = "float16", load=lambda layer: None,
+def to_packed(model: nn.Module, head: str = "float16", weights_of=quantized,
               head_is_half_exact: bool = False) -> str | None:
     """Swap every BitLinear of a CPU model (in place) for a PackedLinear, and the output layer as
-    the int8 engine does (`load` and `head_is_half_exact` as there). Returns why it was not
+    the int8 engine does (`weights_of` and `head_is_half_exact` as there). Returns why it was not
     converted (then the model is unchanged), or None."""
     if model.lm_head.weight.device.type != "cpu":
         return "it runs on CPUs only"
     ops, why = ternary_ops()
     if ops is None:
         return why
-    return to_int8(model, head, linear=PackedLinear, load=load,
+    return to_int8(model, head, linear=PackedLinear, weights_of=weights_of,
                    head_is_half_exact=head_is_half_exact, ops=ops)

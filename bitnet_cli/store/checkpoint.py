@@ -50,20 +50,24 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
-                       assign: bool = False) -> None:
+def load_model_tensors(model: torch.nn.Module, tensors: Mapping, assign: bool = False) -> None:
     """The tensors into the model (copied, or with `assign` taken as its parameters), or one
-    line saying how they do not fit it."""
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=assign)
-    except RuntimeError as e:  # a tensor of the wrong shape
-        why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise BitnetError(f"checkpoint does not fit the model: {why[:200]}") from None
+    line saying how they do not fit it. They are asked for one at a time: a mapping that makes
+    them when asked (a packed checkpoint's latent weights) is never whole beside the model."""
+    expected = set(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
-        missing = [k for k in missing if k != "lm_head.weight"]
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected - {"lm_head.weight"})
     if missing or unexpected:
         raise BitnetError(f"checkpoint does not fit the model: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
+    for name in tensors:
+        try:
+            model.load_state_dict({name: tensors[name]}, strict=False, assign=assign)
+        except RuntimeError as e:  # a tensor of the wrong shape
+            why = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            raise BitnetError(f"checkpoint does not fit the model: {why[:200]}") from None
 
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -201,7 +205,7 @@ class StoredTensors(Mapping):
 
     def __init__(self, file: Path):
         self.file = file
-        self.shapes = _read(file, lambda f: _shapes(f))
+        self.shapes, self.dtypes = _read(file, lambda f: _header(f))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.shapes:
@@ -218,9 +222,12 @@ class StoredTensors(Mapping):
         return sum(math.prod(shape) for shape in self.shapes.values())
 
 
-def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def _header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Each tensor's shape and dtype, as safetensors names them (F32, BF16, U8, ...)."""
     with safe_open(str(file), "pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        slices = {name: f.get_slice(name) for name in f.keys()}
+        return ({name: tuple(s.get_shape()) for name, s in slices.items()},
+                {name: s.get_dtype() for name, s in slices.items()})
 
 
 def _tensor(file: Path, name: str) -> torch.Tensor:

@@ -7,7 +7,8 @@ training a BPE, and an experiment with a fixed vocabulary must have the source's
 schedule is the chosen size's, with the peak learning rate a tenth of it unless --lr says
 otherwise (the weights are already trained: a from-scratch peak would undo much of that). The
 optimizer starts fresh. The latent weights are the source's; from packed codes (an imported
-2B4T) they are codes x scale, so training starts at the quantized point.
+model) they are made when training starts, codes x scale (nn/packed_weights.py), so training
+starts at the quantized point, and the run says so.
 
 The checkpoint folder is recorded in the run's config (init_from): until the run's first save,
 a resume starts from it again, so the run is as reproducible as any other.
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer
 from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.nn.packed_weights import ModelWeights
 from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors, read_checkpoint
 from bitnet_cli.store.runs import TOKENIZER_FILE
 
@@ -66,11 +68,14 @@ def check_tokenizer(source_tokenizer: Tokenizer, task_tokenizer: Tokenizer, expe
                           "experiment's fixed one; fine-tune it on a text experiment with --data")
 
 
-def start_from(model: torch.nn.Module, checkpoint: str) -> None:
-    """The source's weights into a fresh model (a run with no checkpoint of its own yet)."""
+def start_from(model: torch.nn.Module, checkpoint: str) -> bool:
+    """The source's weights into a fresh model (a run with no checkpoint of its own yet);
+    whether any was stored as packed codes (then its latent weights are made of them here)."""
     try:
         tensors, _, _ = read_checkpoint(Path(checkpoint), with_optimizer=False)
+        weights = ModelWeights(tensors)
+        load_model_tensors(model, weights)  # a tensor at a time, cast as it is copied
     except BitnetError as e:
         raise BitnetError(f"this run starts from {checkpoint}, which cannot be read now ({e}); "
                           "restore it, or start a new run") from None
-    load_model_tensors(model, {name: tensors[name].float() for name in tensors})
+    return bool(weights.packed)

@@ -92,7 +92,10 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     torch.manual_seed(cfg.seed)
     model = BitNetForCausalLM(model_cfg)
     if cfg.init_from and not checkpoints_newest_first(run_dir / "checkpoints"):
-        start_from(model, cfg.init_from)  # a fine-tune before its first save
+        # a fine-tune before its first save
+        if start_from(model, cfg.init_from):
+            reporter.notice("the model --from stores its layers as 2-bit codes: training starts "
+                            "from latent float32 weights made of them (codes x scale)")
     model.to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
     stream = DeviceBatches(task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank,

@@ -56,7 +56,7 @@ def export_model(selector: str, fmt: str, out: Path) -> tuple[Path, list[str]]:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise BitnetError(f"{out} already exists and is not an empty folder; choose a new --out "
                           "(nothing was written)")
-    loaded = load_model(selector, engine="float")  # the latent weights, as training left them
+    loaded = load_model(selector, engine="float", latent=True)  # as training left them
     check_exportable(loaded, fmt)
     writer = {"hf": write_hf, "hf-packed": write_hf_packed, "gguf": write_gguf}[fmt]
     if not out.parent.is_dir():

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.use.chat_template import ChatTemplate, source_template
-from bitnet_cli.use.import_weights import LatentTensors
+from bitnet_cli.use.import_weights import RunTensors
 
 LAYOUTS = {"BitNetForCausalLM": "bitnet", "BitnetForCausalLM": "1bitllm"}
 
@@ -23,7 +23,7 @@ LAYOUTS = {"BitNetForCausalLM": "bitnet", "BitnetForCausalLM": "1bitllm"}
 @dataclass
 class Imported:
     config: ModelConfig
-    tensors: LatentTensors  # ours, float32, named as the model's state dict, made when read
+    tensors: RunTensors  # as the run stores them (packed projections), made when read
     tokenizer: Tokenizer
     stop_ids: list[int]
     chat: ChatTemplate | None  # the source's chat template, if it has one
@@ -61,7 +61,7 @@ def read_source(folder: Path) -> Imported:
                           f"it reads {' and '.join(LAYOUTS)} (transformers' bitnet and 1bitLLM)")
     config = _model_config(hf, layout, folder)
     mode, divisor = _quantization(hf, layout, folder)
-    tensors = LatentTensors(folder, config, layout, divisor)
+    tensors = RunTensors(folder, config, layout, None if mode == "online" else divisor)
     tokenizer, stop_ids = _tokenizer(folder, hf, config)
     chat = _chat_template(folder)
     about = {"source": str(folder), "layout": layout, "quantization": mode}

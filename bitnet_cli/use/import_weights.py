@@ -1,7 +1,8 @@
-"""A released checkpoint's tensors as bitnet's model holds them: renamed to its state dict,
-checked against the shapes the config declares, and float32 latent weights for the ternary
-projections, packed codes included (see importing.py). Read from safetensors only, a tensor at
-a time."""
+"""A released checkpoint's tensors as an imported run stores them (nn/packed_weights.py):
+renamed to bitnet's state dict, checked against the shapes the config declares, every ternary
+projection as 2-bit packed codes and its weight_scale (packed sources' bytes as they are,
+latent weights quantized and packed), every other tensor in the source's dtype. Read from
+safetensors only, a tensor at a time."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from safetensors import SafetensorError, safe_open
 
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError, first_line
-from bitnet_cli.nn.bitlinear import CODES_PER_BYTE
+from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, pack_ternary, ternary_codes_and_scale
 from bitnet_cli.nn.model import BitNetForCausalLM
+from bitnet_cli.nn.packed_weights import SCALE_SUFFIX
 
 RENAMED = {"1bitllm": {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
                        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}}
@@ -23,28 +25,36 @@ IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a cache some exports keep: r
 FLOAT_NAMES = ("F32", "F16", "BF16")  # as safetensors headers name them
 
 
-class LatentTensors(Mapping):
-    """Every tensor the model needs, by its name in bitnet's model: float32, made when asked
-    (one at a time, so a 2B model is never whole in memory). The names, shapes and dtypes are
-    checked when this is made, from the files' headers; `divisor`: a packed weight_scale is
-    1/mean|W| (transformers' bitlinear) rather than mean|W|."""
+class RunTensors(Mapping):
+    """Every tensor the imported run stores, by its name there, made when asked (one at a
+    time, so a 2B model is never whole in memory); `shapes` and `dtypes` say what each will be.
+    The source's names, shapes and dtypes are checked when this is made, from the files'
+    headers. `divisor`: how a packed source's weight_scale reads (True: 1/mean|W|,
+    transformers' bitlinear; False: mean|W|; None: the config declares no packed weights)."""
 
-    def __init__(self, folder: Path, config: ModelConfig, layout: str, divisor: bool):
+    def __init__(self, folder: Path, config: ModelConfig, layout: str, divisor: bool | None):
         self.folder, self.divisor = folder, divisor
         self.raw = _safetensors(folder)
         with torch.device("meta"):
             model = BitNetForCausalLM(config)
-        self.shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        self.model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         if config.tie_word_embeddings:
-            self.shapes.pop("lm_head.weight")
+            self.model_shapes.pop("lm_head.weight")
         self.sources = _sources(self.raw, layout, config.tie_word_embeddings)
-        unexpected = sorted(set(self.sources) - set(self.shapes)
+        unexpected = sorted(set(self.sources) - set(self.model_shapes)
                             - {n for n in self.sources if n.endswith(".weight_scale")})
         if unexpected:
             raise BitnetError(f"{folder}: unexpected tensor {self.sources[unexpected[0]]!r} for "
                               "the architecture config.json declares")
-        for name, shape in self.shapes.items():
+        self.shapes, self.dtypes = {}, {}
+        for name, shape in self.model_shapes.items():
             self._check(name, shape)
+            if name.endswith("_proj.weight") and shape[0] % CODES_PER_BYTE == 0:
+                self.shapes[name] = (shape[0] // CODES_PER_BYTE, shape[1])
+                self.dtypes[name] = "U8"
+                self.shapes[name + SCALE_SUFFIX], self.dtypes[name + SCALE_SUFFIX] = (1,), "F32"
+            else:  # a projection whose rows the packed layout cannot group stays latent
+                self.shapes[name], self.dtypes[name] = shape, self.raw[self.sources[name]][1]
 
     def _check(self, name: str, shape: tuple) -> None:
         if name not in self.sources:
@@ -53,6 +63,10 @@ class LatentTensors(Mapping):
         _, dtype, stored = self.raw[theirs]
         if dtype == "U8":  # packed ternary codes
             out_features, in_features = shape if len(shape) == 2 else (0, 0)
+            if self.divisor is None:
+                raise BitnetError(f"{self.folder}: tensor {theirs!r} holds packed uint8 codes, "
+                                  "but config.json has no quantization_config saying how its "
+                                  "weight_scale reads (quantization_mode offline)")
             if not name.endswith("_proj.weight") or stored != (out_features // CODES_PER_BYTE,
                                                                in_features):
                 raise BitnetError(f"{self.folder}: tensor {theirs!r} is uint8 of shape "
@@ -70,14 +84,33 @@ class LatentTensors(Mapping):
         if dtype not in FLOAT_NAMES:
             raise BitnetError(f"{self.folder}: tensor {theirs!r} is {dtype}; weights must be "
                               "F32, F16 or BF16 (or U8 packed codes)")
+        if self.sources.get(name + SCALE_SUFFIX):
+            raise BitnetError(f"{self.folder}: {theirs!r} is a float weight with a weight_scale "
+                              "beside it, which bitnet does not apply; import the packed or the "
+                              "latent (-bf16) release instead")
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name.endswith(SCALE_SUFFIX):
+            return self._packed(name[:-len(SCALE_SUFFIX)])[1]
+        if self.dtypes[name] == "U8":
+            return self._packed(name)[0]
+        return self._float(name)
+
+    def _float(self, name: str) -> torch.Tensor:
         theirs = self.sources[name]
-        file, dtype, _ = self.raw[theirs]
-        if dtype == "U8":
-            return _from_packed(name, self.sources, self.raw, self.shapes[name], self.divisor,
-                                self.folder)
-        return _load(file, theirs).float()
+        tensor = _load(self.raw[theirs][0], theirs)
+        if not bool(torch.isfinite(tensor).all()):
+            raise BitnetError(f"{self.folder}: tensor {theirs!r} holds NaN or infinite values; "
+                              "the source is damaged")
+        return tensor
+
+    def _packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A projection's packed codes and weight_scale (mean|W|, float32 of shape (1,)):
+        a packed source's bytes as they are, latent weights quantized as BitNet does."""
+        if self.raw[self.sources[name]][1] != "U8":
+            codes, scale = ternary_codes_and_scale(self._float(name).float())
+            return pack_ternary(codes), scale.reshape(1)
+        return _checked_packed(name, self.sources, self.raw, self.divisor, self.folder)
 
     def __iter__(self):
         return iter(self.shapes)
@@ -128,10 +161,9 @@ def _load(file: Path, name: str) -> torch.Tensor:
         raise BitnetError(f"{file}: tensor {name} cannot be read ({first_line(e, 120)})") from None
 
 
-def _from_packed(name: str, sources: dict, raw: dict, shape: tuple, divisor: bool,
-                 folder: Path) -> torch.Tensor:
-    """A packed projection's latent weights: codes * s / p (see importing.py), its shapes
-    already checked (LatentTensors._check)."""
+def _checked_packed(name: str, sources: dict, raw: dict, divisor: bool,
+                    folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed source's codes, checked (no code 3), and its scale as mean|W|."""
     scale_name = sources[name[:-len("weight")] + "weight_scale"]
     scale = _load(raw[scale_name][0], scale_name).float()
     s = float(scale.reshape(-1)[0]) if scale.numel() == 1 else float("nan")
@@ -139,10 +171,7 @@ def _from_packed(name: str, sources: dict, raw: dict, shape: tuple, divisor: boo
     if not (0 < s < float("inf")):
         raise BitnetError(f"{folder}: {scale_name!r} is {scale.tolist()}, not one positive scale")
     packed = _load(raw[sources[name]][0], sources[name])
-    stored_codes = torch.stack([(packed >> (2 * b)) & 3 for b in range(CODES_PER_BYTE)])
-    if (stored_codes == 3).any():
+    if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of a pair set: a 3
         raise BitnetError(f"{folder}: {sources[name]!r} holds a code of 3; packed ternary codes "
                           "are 0, 1 and 2 (-1, 0, +1 stored as code + 1)")
-    codes = stored_codes.reshape(shape).float() - 1
-    nonzero = codes.abs().mean()
-    return codes * (s / nonzero) if nonzero > 0 else codes
+    return packed, torch.tensor([s], dtype=torch.float32)

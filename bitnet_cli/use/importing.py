@@ -11,10 +11,11 @@ SOURCE is a folder, or a Hugging Face hub id fetched with huggingface_hub. The l
     1bitllm   1bitLLM's BitnetForCausalLM (model_type llama): latent weights, the sub-norms named
               self_attn.inner_attn_ln and mlp.ffn_layernorm, SiLU, RoPE theta 10000 by default.
 
-The model becomes an ordinary run (runs/NAME, one checkpoint at step 0, the source's
-tokenizer.json) that chat, eval, export and status take. Packed codes become latent weights
-that BitNet's quantizer maps back to exactly those codes and that scale: W = codes * s / p,
-p the layer's share of nonzero codes, so mean|W| = s.
+The model becomes a run (runs/NAME, one checkpoint at step 0, the source's tokenizer.json)
+that chat, eval, export, status and `train --from` take, at its 2-bit size: each ternary
+projection is stored as packed codes and a weight_scale (nn/packed_weights.py's layout, the
+2B4T release's own), latent weights quantized as BitNet does, the other tensors in the source's
+dtype. 2B4T's run is about as big as its download.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import json
 import math
 import re
 from pathlib import Path
+
+import torch
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.use.import_source import find_source, read_source
@@ -40,14 +43,20 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
     from bitnet_cli.tasks import load_experiment
     from bitnet_cli.training.setup import run_config
 
+    def train_config(run_name: str) -> TrainConfig:
+        # The run's text experiment: FineWeb-Edu text, or --data when it is evaluated or
+        # trained on.
+        train = TrainConfig(experiment=IMPORT_EXPERIMENT, size=IMPORTED_SIZE,
+                            **{**PRESETS[IMPORT_EXPERIMENT].sizes["95M"].train, "steps": 1},
+                            name=run_name)
+        train.validate()
+        return train
+    if name is not None:
+        train_config(name)  # a bad --name is refused before the source is read
     folder = find_source(source)
+    train = train_config(name or _run_name(source, folder))
     imported = read_source(folder)
     config = imported.config
-    # The run's text experiment: FineWeb-Edu text, or --data when it is evaluated or trained on.
-    train = TrainConfig(experiment=IMPORT_EXPERIMENT, size=IMPORTED_SIZE,
-                        **{**PRESETS[IMPORT_EXPERIMENT].sizes["95M"].train, "steps": 1},
-                        name=name or _run_name(source, folder))
-    train.validate()
     trainer = {"step": 0, "experiment": IMPORT_EXPERIMENT, "model": to_dict(config),
                "stop_ids": imported.stop_ids, "imported": imported.about,
                **({"chat": imported.chat.to_dict()} if imported.chat else {})}
@@ -56,11 +65,11 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
         checkpoint.mkdir(parents=True)
         try:
             write_streamed(checkpoint / MODEL_FILE, imported.tensors)
+            (checkpoint / TRAINER_FILE).write_text(to_json(trainer) + "\n")
+            for folder_ in (checkpoint, run):
+                (folder_ / TOKENIZER_FILE).write_text(imported.tokenizer.to_str())
         except OSError as e:
             raise BitnetError(f"cannot write the run: {write_error(e)}; nothing was written") from None
-        (checkpoint / TRAINER_FILE).write_text(to_json(trainer) + "\n")
-        imported.tokenizer.save(str(checkpoint / TOKENIZER_FILE))
-        imported.tokenizer.save(str(run / TOKENIZER_FILE))
         (run / "checkpoints" / LATEST).write_text(checkpoint.name + "\n")
         StateFile(run).update(status="imported", step=0, total_steps=0)
         run_dir_config = run_config(run_dir.name, IMPORT_EXPERIMENT,
@@ -80,16 +89,20 @@ def _run_name(source: str, folder: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
 
 
+SAFETENSORS_DTYPES = {torch_name: name for name, torch_name in
+                      (("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("U8", "uint8"))}
+
+
 def write_streamed(path: Path, tensors) -> None:
-    """A safetensors file of float32 tensors written one at a time, as `tensors` (a mapping
-    with `shapes`) makes them: safetensors' own writer wants them all in memory at once, 9.6 GB
-    for 2B4T. The format: the header's length (8 bytes, little-endian), the JSON header with
-    each tensor's dtype, shape and byte range, then the bytes in that order."""
+    """A safetensors file written a tensor at a time, as `tensors` (a mapping with `shapes` and
+    `dtypes`, safetensors' names) makes them: safetensors' own writer wants them all in memory
+    at once. The format: the header's length (8 bytes, little-endian), the JSON header with each
+    tensor's dtype, shape and byte range, then the bytes in that order."""
     names = sorted(tensors.shapes)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
-        size = 4 * math.prod(tensors.shapes[name])
-        header[name] = {"dtype": "F32", "shape": list(tensors.shapes[name]),
+        size = DTYPE_BYTES[tensors.dtypes[name]] * math.prod(tensors.shapes[name])
+        header[name] = {"dtype": tensors.dtypes[name], "shape": list(tensors.shapes[name]),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -97,5 +110,10 @@ def write_streamed(path: Path, tensors) -> None:
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for name in names:
-            tensor = tensors[name].float().contiguous()
-            f.write(memoryview(tensor.numpy()).cast("B"))
+            tensor = tensors[name].contiguous()
+            if SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")] != tensors.dtypes[name]:
+                raise ValueError(f"{name} is {tensor.dtype}, not {tensors.dtypes[name]}")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}

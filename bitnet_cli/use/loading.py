@@ -19,11 +19,12 @@ from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors
 from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.nn.bitlinear import BitLinear
+from bitnet_cli.nn.bitlinear import BitLinear, QuantizedLinear, SharedInput
 from bitnet_cli.nn.half_head import exact_in_float16
 from bitnet_cli.nn.int8 import ENGINES, HEADS, to_int8
 from bitnet_cli.nn.kernel import ternary_ops
 from bitnet_cli.nn.packed import to_packed
+from bitnet_cli.nn.packed_weights import ModelWeights, as_codes
 from bitnet_cli.nn.model import BitNetForCausalLM, rope_tables
 from bitnet_cli.store.runs import TOKENIZER_FILE
 from bitnet_cli.store.selector import find_checkpoint
@@ -58,13 +59,17 @@ class LoadedModel:
 
 
 def load_model(selector: str, device: str | torch.device = "cpu",
-               engine: str | None = None, head: str | None = None) -> LoadedModel:
+               engine: str | None = None, head: str | None = None,
+               latent: bool = False) -> LoadedModel:
     """The model a RUN|CKPT selector names, on `device`, run by `engine` ("2bit", "int8" or
     "float"; None picks 2bit on CPU and float elsewhere, where bf16 autocast already has fast
     kernels), the 2bit and int8 engines with the output layer in `head` precision (int8.HEADS;
     None: float16, or float32 for an imported model whose output layer float16 cannot hold, so
     that it computes its source's logits). Where 2bit cannot run (no C++ compiler, say), the
-    int8 engine does, and the note says why."""
+    int8 engine does, and the note says why. With `latent`, the float engine's BitLinears hold
+    latent weights, as training does (export writes them); otherwise each engine takes the
+    ternary codes from the file a layer group at a time (nn/packed_weights.py), packed ones
+    as they are."""
     device = torch.device(device)
     if engine is None:
         engine = "2bit" if device.type == "cpu" else "float"
@@ -76,54 +81,81 @@ def load_model(selector: str, device: str | torch.device = "cpu",
         raise BitnetError(f"--head {head} is the 2bit and int8 engines' option; the float "
                           "engine keeps the trained float32 output layer")
     # Every file of the checkpoint, its tokenizer.json included, is checked there.
-    checkpoint, (tensors, _, trainer), skipped = find_checkpoint(selector)
+    checkpoint, (stored, _, trainer), skipped = find_checkpoint(selector)
     tokenizer_path = checkpoint / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     config = model_config_from_dict(trainer["model"], checkpoint / TRAINER_FILE)
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise BitnetError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens, more than "
                           f"the model's {config.vocab_size}; it is not this model's tokenizer")
+    weights = ModelWeights(stored)
     # A model config far bigger than its tensors is damaged: say so before allocating it.
-    if config.num_params() > tensors.numel():
+    if config.num_params() > weights.numel():
         raise BitnetError(f"checkpoint {checkpoint} does not fit its trainer.json: the model "
                           f"config has {config.num_params():,} parameters, the tensors fewer")
-    # On a CPU the ternary weights stay in the file until an engine converts them, one layer at
-    # a time: the whole float32 model is never in memory (its peak halves at 95M).
-    deferred = device.type == "cpu" and engine != "float"
-    model = model_from_tensors(config, tensors, deferred)
-    names = {id(module): name for name, module in model.named_modules()}
-
-    def load(layer: nn.Module) -> None:
-        if layer.weight.is_meta:
-            layer.weight = nn.Parameter(as_float32(tensors[names[id(layer)] + ".weight"]))
-    if not deferred:
-        model.to(device)
+    # The CPU engines keep the output table as stored until they convert it (a bfloat16 one
+    # becomes float16 without a float32 copy: 2B4T's would be 1.3 GB).
+    cpu_engine = device.type == "cpu" and engine != "float"
+    model = model_from_tensors(config, weights, defer_ternary=not latent,
+                               table_as_stored=cpu_engine)
     model.eval()
-    note = None
-    # Only a float16 head asks (trained float32 weights fail at their first rows; a bf16
-    # source's pass): an explicit float32 or int8 head skips the pass over 2B4T's 1.3 GB table.
-    half_exact = (engine != "float" and head in (None, "float16")
+    if device.type != "cpu":  # what is loaded goes now; the engine converts the rest on the CPU
+        model._apply(lambda t: t if t.is_meta else t.to(device))
+    names = {id(module): name + ".weight" for name, module in model.named_modules()}
+
+    def weights_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return weights.ternary(names[id(layer)])
+    half_exact = (cpu_engine and head in (None, "float16")
                   and exact_in_float16(model.lm_head.weight))
     if head is None:
         head = "float32" if "imported" in trainer and not half_exact else "float16"
+    note = None
     if engine == "2bit":
-        why = to_packed(model, head, load, half_exact)
+        why = to_packed(model, head, weights_of, half_exact)
         if why is not None:
             engine, note = "int8", f"2bit engine not used: {why}; decoding with the int8 engine"
     if engine == "int8":
-        why = to_int8(model, head, load=load, head_is_half_exact=half_exact,
+        why = to_int8(model, head, weights_of=weights_of, head_is_half_exact=half_exact,
                       ops=ternary_ops()[0] if model.lm_head.weight.device.type == "cpu" else None)
         if why is not None:
             engine, note = "float", f"int8 engine not used: {why}"
-    for module in model.modules():  # what no engine took runs in float: its weights, too
-        if isinstance(module, BitLinear):
-            load(module)
+    if engine == "float":
+        to_float(model, None if latent else weights_of)
+    float32_tables(model)
+    model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer,
                        config=config, experiment=trainer["experiment"], checkpoint=checkpoint,
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
                        stop_ids=_stop_ids(trainer, config, checkpoint),
                        chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE))
+
+
+def to_float(model: nn.Module, weights_of) -> None:
+    """What no engine took runs in float: each BitLinear as its quantized weights alone
+    (QuantizedLinear) from `weights_of(layer)`, or, with None, as its latent weights."""
+    replaced = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear) and weights_of is not None:
+                codes, s = weights_of(child)
+                replaced[id(child)] = QuantizedLinear(as_codes(codes), s)
+                setattr(parent, name, replaced[id(child)])
+    for group in model.modules():  # a SharedInput holds its layers without registering them
+        if isinstance(group, SharedInput):
+            group.layers = [replaced.get(id(layer), layer) for layer in group.layers]
+
+
+def float32_tables(model: nn.Module) -> None:
+    """The embedding and output layer that no engine converted, in float32 (they were kept as
+    stored for one that would)."""
+    head, embedding = model.lm_head, model.model.embed_tokens
+    for module in (head, embedding):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype != torch.float32:
+            module.weight = nn.Parameter(module.weight.float(), requires_grad=False)
+    if model.config.tie_word_embeddings and isinstance(head, nn.Linear) \
+            and isinstance(embedding, nn.Embedding):
+        head.weight = embedding.weight
 
 
 def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
@@ -135,19 +167,22 @@ def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int
     return tuple(ids)
 
 
-def model_from_tensors(config: ModelConfig, tensors, defer_ternary: bool = False
-                       ) -> BitNetForCausalLM:
+def model_from_tensors(config: ModelConfig, tensors, defer_ternary: bool = False,
+                       table_as_stored: bool = False) -> BitNetForCausalLM:
     """The model with a checkpoint's tensors as its own parameters: built on the meta device and
-    handed them, so the float32 weights are in memory once, not twice (and never initialised).
-    With `defer_ternary`, the BitLinear weights are left on the meta device (shapes checked) for
-    an engine to load one layer at a time."""
+    handed them, so the weights are in memory once, not twice (and never initialised), in
+    float32. With `defer_ternary`, the BitLinear weights are left on the meta device (shapes
+    checked) for an engine to load one layer group at a time; with `table_as_stored`, the
+    embedding and output tables keep the file's dtype until an engine converts them."""
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     model.rope_cos, model.rope_sin = rope_tables(config, config.max_position_embeddings)
     later = {f"{name}.weight" for name, module in model.named_modules()
              if defer_ternary and isinstance(module, BitLinear)}
+    tables = {"model.embed_tokens.weight", "lm_head.weight"} if table_as_stored else set()
     tensors = {name: (torch.empty(_shape(tensors, name), device="meta") if name in later
-                      else as_float32(tensors[name])) for name in tensors}
+                      else tensors[name] if name in tables else as_float32(tensors[name]))
+               for name in tensors}
     load_model_tensors(model, tensors, assign=True)
     if config.tie_word_embeddings:  # assigning replaced the embedding the head was tied to
         model.lm_head.weight = model.model.embed_tokens.weight
