@@ -81,6 +81,8 @@ class DecodeStep:
             self(torch.zeros(1, 1, dtype=torch.long, device=device), cache)
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        # Growing inside a compiled forward would break its graph: make room out here.
+        cache.ensure(cache.length + ids.shape[1])
         try:
             logits = self.forward(ids, cache, last_only=True)
         except Exception as e:  # whatever the compiler raised: go on without it

@@ -50,6 +50,7 @@ class FusedDecode:
 
     def __call__(self, ids: torch.Tensor, cache, last_only: bool = True) -> torch.Tensor:
         position = cache.length
+        cache.ensure(position + 1)  # the C++ writes position in place: room first
         keys = [k for k, _ in cache.layers]
         values = [v for _, v in cache.layers]
         logits = self.ops.decode_step(int(ids[0, -1]), position, self.embed, self.norms,

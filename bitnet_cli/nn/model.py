@@ -24,6 +24,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 from bitnet_cli.nn.bitlinear import BitLinear, SharedInput
+from bitnet_cli.nn.kv_cache import KVCache, LayerCache
 from bitnet_cli.config.settings import ModelConfig
 
 
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         self.o_proj = make_linear(config, d, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+                cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -101,7 +102,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:  # keep this step's keys and values, attend over all so far
-            k_all, v_all = cache
+            k_all, v_all = cache.ensure(start + T)  # grown here unless the caller made room
             k_all[:, :, start:start + T] = k
             v_all[:, :, start:start + T] = v
             k, v = k_all[:, :, :start + T], v_all[:, :, :start + T]
@@ -216,20 +217,6 @@ class BitNetForCausalLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated to the model's context, so that each new
-    token costs one token's worth of work instead of re-running the whole sequence."""
-
-    def __init__(self, config: ModelConfig, batch_size: int = 1, device=None,
-                 dtype: torch.dtype = torch.float32):
-        shape = (batch_size, config.num_key_value_heads, config.max_position_embeddings,
-                 config.head_dim)
-        self.layers = [(torch.zeros(shape, device=device, dtype=dtype),
-                        torch.zeros(shape, device=device, dtype=dtype))
-                       for _ in range(config.num_hidden_layers)]
-        self.length = 0
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -88,7 +88,8 @@ void rope(float* heads, int64_t count, int64_t dim, const float* cos, const floa
 }
 
 // Causal attention of one query token over positions 0..length-1 of the cache, every query head
-// reading its group's key/value head (grouped-query attention). cache: (kv_heads, ctx, dim).
+// reading its group's key/value head (grouped-query attention). cache: (kv_heads, ctx, dim), ctx
+// its room (positions past length are never read).
 void attend(const Kernels& f, const float* q, const float* keys, const float* values,
             int64_t heads, int64_t kv_heads, int64_t ctx, int64_t dim, int64_t length,
             float* out) {
@@ -168,9 +169,20 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
         int64_t(weights.size()) == 4 * layers && int64_t(scales.size()) == 4 * layers &&
         int64_t(row_sums.size()) == 4 * layers,
         "one set of norms, weights and caches per layer");
-  const int64_t kv_heads = keys[0].size(1), ctx = keys[0].size(2), dim = keys[0].size(3);
+  const int64_t kv_heads = keys[0].size(1), dim = keys[0].size(3);
   check(0 <= token && token < embed.size(0), "token id outside the vocabulary");
-  check(0 <= position && position < ctx && position < cos.size(0), "position past the context");
+  check(0 <= position && position < cos.size(0), "position past the context");
+  // The caches grow (nn/kv_cache.py): each layer's room is its own size(2), checked before
+  // anything is written, so that a cache without room is an error, not a write past its end.
+  for (int64_t l = 0; l < layers; ++l) {
+    check(keys[l].dim() == 4 && keys[l].size(0) == 1 && keys[l].size(1) == kv_heads &&
+              keys[l].size(3) == dim && keys[l].sizes() == values[l].sizes(),
+          "caches of one sequence, (1, kv_heads, room, head_dim) in every layer");
+    check(keys[l].scalar_type() == at::kFloat && values[l].scalar_type() == at::kFloat &&
+              keys[l].is_contiguous() && values[l].is_contiguous(),
+          "contiguous float32 caches");
+    check(position < keys[l].size(2), "no room in the cache for the position");
+  }
   check(heads * dim == d && heads % kv_heads == 0, "heads do not divide the hidden size");
   const int64_t kv = kv_heads * dim, ffn = norms[3].size(0);
   const float feps = float(eps);
@@ -196,6 +208,7 @@ at::Tensor decode_step(int64_t token, int64_t position, const at::Tensor& embed,
     float* v = k + kv;
     rope(q, heads, dim, cos_row, sin_row);
     rope(k, kv_heads, dim, cos_row, sin_row);
+    const int64_t ctx = keys[l].size(2);
     float* key_cache = keys[l].data_ptr<float>();
     float* value_cache = values[l].data_ptr<float>();
     for (int64_t h = 0; h < kv_heads; ++h) {
