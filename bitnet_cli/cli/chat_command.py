@@ -29,11 +29,14 @@ def chat(
                                                     "on stdout, and exit."),
     temperature: Optional[float] = typer.Option(
         None, help="Sampling temperature; 0 is greedy. Default: 0 for the problem solvers "
-                   "(simple, arithmetic: one answer is right), 0.8 for text models.",
+                   "(simple, arithmetic: one answer is right); an imported model's own, from its "
+                   "generation_config.json, where it has one; 0.8 for other text models.",
         show_default=False),
-    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the K most likely tokens "
+                                                   "(default: an imported model's own)."),
     top_p: Optional[float] = typer.Option(None, help="Sample among the smallest set of tokens whose "
-                                                     "probability adds up to P."),
+                                                     "probability adds up to P (default: an "
+                                                     "imported model's own)."),
     max_new_tokens: Optional[int] = typer.Option(
         None, help="Longest reply, in tokens (default 256); a reply also stops when the "
                    "context is full.", show_default=False),
@@ -73,9 +76,7 @@ def chat(
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens, seed)  # before a model loads
     from bitnet_cli.nn.devices import resolve_device
-    from bitnet_cli.tasks import load_experiment
-    from bitnet_cli.tasks.problems import ProblemTask
-    from bitnet_cli.use.conversation import ChatSession, Sampling
+    from bitnet_cli.use.conversation import ChatSession
     from bitnet_cli.use.loading import load_model
 
     loaded = load_model(model, resolve_device(device), engine, head)
@@ -84,9 +85,7 @@ def chat(
     if loaded.experiment == "tictactoe":
         raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
                           f"`bitnet play {model}`")
-    if temperature is None:
-        temperature = 0.0 if isinstance(load_experiment(loaded.experiment), ProblemTask) else 0.8
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = _sampling(loaded, temperature, top_k, top_p)
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens
     session = ChatSession(loaded, sampling, seed, compile,
@@ -100,6 +99,33 @@ def chat(
     typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens, "
                f"{loaded.engine} engine. /help lists the commands.", err=True)
     _converse(session)
+
+
+def _sampling(loaded, temperature: float | None, top_k: int | None, top_p: float | None):
+    """The flags given, each; for those not given, an imported model's stored defaults (its
+    source's generation_config.json), said in one stderr line; else the experiment's."""
+    from bitnet_cli.tasks import load_experiment
+    from bitnet_cli.tasks.problems import ProblemTask
+    from bitnet_cli.use.conversation import Sampling
+
+    stored = getattr(loaded, "sampling", None) or {}
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    from_model = {key: value for key, value in stored.items() if given.get(key, 0) is None}
+    values = {**given, **from_model}
+    if values["temperature"] is None:
+        problem = isinstance(load_experiment(loaded.experiment), ProblemTask)
+        values["temperature"] = 0.0 if problem else 0.8
+    if from_model and values["temperature"] > 0:  # greedy by --temperature 0: the rest is moot
+        names = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p"}
+        parts = [f"{names[key]} {values[key]:g}" for key in names if values[key] is not None]
+        model_parts = [names[key] for key in names if key in from_model]
+        whose = "the model's defaults" if len(model_parts) == len(parts) else \
+            f"{' and '.join(model_parts)} from the model"
+        typer.echo(f"sampling: {', '.join(parts)} ({whose}; --temperature 0 for greedy)", err=True)
+    elif "temperature" in from_model:
+        typer.echo("sampling: greedy (the model's default)", err=True)
+    return Sampling(values["temperature"], values["top_k"], values["top_p"])
+
 
 def _stream(session, prompt: str) -> None:
     """One reply, streamed to stdout as it is decoded, then its report on stderr."""
