@@ -142,14 +142,14 @@ def _free_memory(device: torch.device) -> int | None:
 
 def read_run_config(run_dir: Path):
     """(config.json, its model config, its train config), each checked; one line naming the
-    file when anything in it is wrong."""
+    file when anything in it is wrong. An imported run has no train config: None."""
     path = run_dir / CONFIG_FILE
     try:
         config = read_json(path)
     except FileNotFoundError:
         raise BitnetError(f"{run_dir} has no {CONFIG_FILE}: it is not a bitnet run") from None
     return (config, model_config_from_dict(config.get("model"), path),
-            train_config_from_dict(config.get("train"), path))
+            None if "imported" in config else train_config_from_dict(config.get("train"), path))
 
 
 def run_tokenizer(run_dir: Path) -> Tokenizer:
