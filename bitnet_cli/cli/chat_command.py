@@ -96,7 +96,8 @@ def chat(
     if prompt is not None:
         _stream(session, prompt)
         return
-    typer.echo(f"{loaded.experiment} model, step {loaded.step}, context {session.context} tokens, "
+    from bitnet_cli.report.summary import model_label  # an imported model by name and source
+    typer.echo(f"{model_label(loaded)}, context {session.context} tokens, "
                f"{loaded.engine} engine. /help lists the commands.", err=True)
     _converse(session)
 

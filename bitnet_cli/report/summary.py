@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitnet_cli.config.numbers import real
+from bitnet_cli.config.numbers import format_count, real
 from bitnet_cli.config.reading import check_fields, model_config_from_dict, train_config_from_dict
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
@@ -16,7 +16,12 @@ from bitnet_cli.store.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_r
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train": "object",
                  "num_params": "count?", "headline": "text?", "argv": "texts?",
-                 "created_at": "text?", "imported": "object?"}
+                 "created_at": "text?", "imported": "object?", "kind": "text?"}
+# An imported run (`bitnet import`) has no experiment, size or training of its own; one imported
+# before config.json said "kind" has a stand-in training section, never shown.
+IMPORTED_FIELDS = {**CONFIG_FIELDS, "experiment": "text?", "size": "text?", "train": "object?",
+                   "imported": "object"}
+ABOUT_FIELDS = {"source": "text?", "layout": "text?", "quantization": "text?"}
 STATE_FIELDS = {"status": "text?", "step": "count?", "total_steps": "count?", "pid": "pid?",
                 "host": "text?", "device": "text?", "error": "text?", "updated_at": "text?",
                 "updated_unix": "number?", "world_size": "count?", "tok_per_s": "number?",
@@ -27,10 +32,15 @@ def read_run(run_dir: Path) -> tuple[dict, dict, str | None]:
     """(config.json, state.json, None), each checked field by field; ({}, {}, why) when either
     is damaged, so that one broken run never breaks the others' rows."""
     try:
-        config = read_json(run_dir / CONFIG_FILE)
-        check_fields(config, CONFIG_FIELDS, run_dir / CONFIG_FILE)
-        model_config_from_dict(config["model"], run_dir / CONFIG_FILE)
-        train_config_from_dict(config["train"], run_dir / CONFIG_FILE)
+        path = run_dir / CONFIG_FILE
+        config = read_json(path)
+        imported = "imported" in config
+        check_fields(config, IMPORTED_FIELDS if imported else CONFIG_FIELDS, path)
+        model_config_from_dict(config["model"], path)
+        if imported:
+            check_fields(config["imported"], ABOUT_FIELDS, path)
+        else:
+            train_config_from_dict(config["train"], path)
         try:
             state = read_json(run_dir / STATE_FILE)
         except FileNotFoundError:
@@ -52,7 +62,8 @@ def summarize(run_dir: Path) -> dict:
 
 
 def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
-    train = config.get("train", {})
+    imported = config.get("imported")
+    train = {} if imported else config.get("train", {})
     rows = read_metrics_tail(run_dir / METRICS_FILE)
     last_train = next((r for r in reversed(rows) if r.get("split") == "train"), {})
     last_eval = next((r for r in reversed(rows) if r.get("split") == "eval"), {})
@@ -60,6 +71,8 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
     status = "damaged" if problem else run_status(state, run_dir) if state else "unknown"
     step = max(state.get("step") or 0, last_train.get("step") or 0)
     total = state.get("total_steps") or train.get("steps")
+    if imported:  # trained elsewhere: no steps here to count
+        step = total = None
     tok_per_s = last_train.get("tok_per_s")
     # The ETA goes by the session's average, evaluations and checkpoints included: the last
     # interval's speed alone would promise too early an end.
@@ -72,8 +85,10 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
     return {
         "run_id": run_dir.name,
         "path": str(run_dir),
-        "experiment": config.get("experiment"),
-        "size": config.get("size"),
+        "kind": "imported" if imported else "trained" if config else None,
+        "experiment": None if imported else config.get("experiment"),
+        "size": None if imported else config.get("size"),
+        "imported": imported,
         "quant": config.get("model", {}).get("quant"),
         "params": config.get("num_params"),
         "status": status,
@@ -98,6 +113,60 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
     }
 
 
+def imported_about(checkpoint: Path) -> dict | None:
+    """An imported model's {source, layout, quantization}, from its checkpoint's trainer.json;
+    None for a model trained here (or a trainer.json that does not say)."""
+    try:
+        about = read_json(checkpoint / "trainer.json").get("imported")
+    except (OSError, BitnetError):
+        return None
+    return about if isinstance(about, dict) else None
+
+
+def source_line(about: dict) -> str:
+    """'from /models/2B4T, bitnet layout, packed weights': where an imported model came from."""
+    return (f"from {about.get('source') or '?'}, {about.get('layout') or '?'} layout, "
+            f"{weights_word(about)} weights")
+
+
+def source_name(about: dict) -> str:
+    """The source's own name: a folder's, or a hub id's last part."""
+    return str(about.get("source") or "?").rstrip("/").split("/")[-1]
+
+
+def weights_word(about: dict) -> str:
+    """'packed' (2-bit codes and a scale) or 'latent' (weights quantized as they are read)."""
+    quantization = about.get("quantization")
+    if quantization == "online":
+        return "latent"
+    return "packed" if isinstance(quantization, str) and quantization.startswith("offline") \
+        else str(quantization or "?")
+
+
+def shape_line(model: dict, params) -> str:
+    """'2.41B params, 30 layers x 2560, 20/5 heads, context 4096, vocab 128256, relu2'."""
+    return (f"{format_count(params) if real(params) else '?'} params, "
+            f"{model.get('num_hidden_layers')} layers x {model.get('hidden_size')}, "
+            f"{model.get('num_attention_heads')}/{model.get('num_key_value_heads')} heads, "
+            f"context {model.get('max_position_embeddings')}, vocab {model.get('vocab_size')}, "
+            f"{model.get('activation', 'relu2')}")
+
+
+def model_label(loaded) -> str:
+    """How chat and eval name a loaded model: 'arithmetic model, step 5000', or an imported one
+    by name and source (its step 0 is no training of bitnet's)."""
+    about = imported_about(loaded.checkpoint)
+    if about is None:
+        return f"{loaded.experiment} model, step {loaded.step}"
+    return f"imported model {imported_name(loaded.checkpoint, about)} ({source_line(about)})"
+
+
+def imported_name(checkpoint: Path, about: dict) -> str:
+    """Its run's name; a checkpoint folder outside a run goes by its source's."""
+    in_run = checkpoint.parent.name == "checkpoints"
+    return checkpoint.parent.parent.name if in_run else source_name(about)
+
+
 def summarize_all() -> list[dict]:
     return [summarize(run_dir) for run_dir in list_run_dirs()]
 
@@ -113,9 +182,8 @@ def detail(run_dir: Path, recent: int = 8) -> dict:
     return {
         **_row(run_dir, config, state, problem),
         "model": config.get("model", {}),
-        "train": config.get("train", {}),
+        "train": {} if "imported" in config else config.get("train", {}),
         "argv": config.get("argv"),
-        "imported": config.get("imported"),
         "created_at": config.get("created_at"),
         "recent_train": train_rows[-recent:],
         "recent_eval": eval_rows[-recent:],

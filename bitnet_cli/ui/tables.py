@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
+from bitnet_cli.report.summary import shape_line, source_line, source_name, weights_word
 from bitnet_cli.ui import count, format_duration, format_eval, format_rate, number
 
 
@@ -62,15 +63,18 @@ def runs_table(summaries: list[dict], width: int = 200):
 def _run_cells(s: dict) -> dict:
     world = f" ({s['world_size']} procs)" if (s.get("world_size") or 1) > 1 else ""
     speed = s.get("avg_tok_per_s") or s.get("tok_per_s")
+    about = s.get("imported")
     return {
         "run": s["run_id"],
         "state": Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
-        "step": f"{s['step']}/{s['total_steps'] or '?'}",
+        "step": "-" if about else f"{s['step']}/{s['total_steps'] or '?'}",
         "eval": _eval_cell(s),
         "train loss": number(s["loss"], ".4f"),
         "avg tok/s": (format_rate(speed) + world) if speed else "-",
         "ETA": format_duration(s["eta_s"]) if s.get("eta_s") is not None else "-",
-        "experiment": (f"{s['experiment'] or '-'} {s['size'] or ''}"
+        "experiment": (f"imported {source_name(about)} ({about.get('layout') or '?'}, "
+                       f"{weights_word(about)})" if about else
+                       f"{s['experiment'] or '-'} {s['size'] or ''}"
                        + (" fp" if s.get("quant") == "none" else "")),
         "time": format_duration(s["elapsed_s"]) if s.get("elapsed_s") is not None else "-",
         "params": count(s["params"]),
@@ -89,23 +93,20 @@ def run_detail(d: dict):
     head.add_row("run", Text.assemble(d["run_id"], "  ",
                                       (d["status"], STATUS_STYLE.get(d["status"], ""))))
     head.add_row("folder", d["path"])
+    if d.get("imported"):  # a released model brought in by `bitnet import`: never trained here
+        return _imported_detail(d, head)
     head.add_row("model", f"{d['experiment'] or '-'} {d['size'] or ''}, {count(d['params'])} parameters, "
                           f"{model.get('quant', '?')} {model.get('activation', 'relu2')}: "
                           f"{model.get('num_hidden_layers')} layers x "
                           f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
                           f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
                           f"vocab {model.get('vocab_size')}")
-    if d.get("imported"):  # a released model brought in by `bitnet import`: never trained here
-        about = d["imported"]
-        head.add_row("imported", f"from {about.get('source', '?')} ({about.get('layout', '?')} "
-                                 f"layout, {about.get('quantization', '?')} weights)")
-    else:
-        if train.get("init_from"):
-            head.add_row("fine-tuned", f"from {train['init_from']}")
-        head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch "
-                                 f"{train.get('batch_size')} x seq {train.get('seq_len')} x accum "
-                                 f"{train.get('grad_accum')}, peak lr {train.get('lr')}, seed "
-                                 f"{train.get('seed')}")
+    if train.get("init_from"):
+        head.add_row("fine-tuned", f"from {train['init_from']}")
+    head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch "
+                             f"{train.get('batch_size')} x seq {train.get('seq_len')} x accum "
+                             f"{train.get('grad_accum')}, peak lr {train.get('lr')}, seed "
+                             f"{train.get('seed')}")
     head.add_row("speed", _speed(d))
     head.add_row("time", (f"{format_duration(d['elapsed_s'])} training"
                           + (" so far" if d["status"] == "running" else " in all")
@@ -132,14 +133,33 @@ def run_detail(d: dict):
     evals.add_column("result")
     for r in d["recent_eval"]:
         evals.add_row(str(r.get("step")), format_eval(r, d["eval_metric"]))
-    parts = [head, recent, evals, *ternary_tables(d)]
+    return Group(head, recent, evals, *ternary_tables(d), _checkpoints(d))
+
+
+def _imported_detail(d: dict, head):
+    """An imported run: its model, where it came from, its checkpoint; no training to show."""
+    from rich.console import Group
+    model = d["model"]
+    head.add_row("model", f"imported, {shape_line(model, d['params'])}; FFN "
+                          f"{model.get('intermediate_size')}, {model.get('quant', '?')}")
+    head.add_row("imported", source_line(d["imported"]))
+    head.add_row("created", (d.get("created_at") or "-").replace("T", " ")[:19])
+    if d.get("error"):
+        head.add_row("error", Text(d["error"], style="red"))
+    if d.get("argv"):
+        head.add_row("command", " ".join(d["argv"]))
+    return Group(head, _checkpoints(d))
+
+
+def _checkpoints(d: dict):
+    from rich.table import Table
     ckpts = Table(title="checkpoints", header_style="bold", title_justify="left")
     for column in ("name", "size", "saved", ""):
         ckpts.add_column(column)
     for c in d["checkpoints"]:
         ckpts.add_row(c["name"], f"{c['bytes'] / 2**20:.1f} MiB", (c.get("saved_at") or "-")[:19],
                       "latest" if c["latest"] else ("" if c["complete"] else "incomplete"))
-    return Group(*parts, ckpts)
+    return ckpts
 
 
 def _speed(d: dict) -> str:
@@ -191,8 +211,7 @@ def eval_report(report: dict):
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("model", f"{report['experiment']}, {count(report['params'])} parameters, "
-                          f"step {report['step']}")
+    head.add_row("model", f"{report['model']}, {count(report['params'])} parameters")
     head.add_row("checkpoint", report["checkpoint"])
     note = report.get("engine_note")
     head.add_row("engine", report["engine"] + (f" ({note})" if note else ""))

@@ -12,6 +12,7 @@ import math
 
 from bitnet_cli.data.documents import local_files
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.report.summary import imported_about, imported_name, model_label
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.use.loading import load_model
 from bitnet_cli.store.runs import CONFIG_FILE
@@ -29,6 +30,7 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
     if data is not None:  # a missing or empty --data is said before a model loads
         local_files(data)
     loaded = load_model(selector, where, engine)
+    about, label = imported_about(loaded.checkpoint), model_label(loaded)
     task = load_experiment(loaded.experiment)
     if data is not None and not hasattr(task, "prepare_eval"):
         raise BitnetError(f"--data is for text models; {loaded.checkpoint} is a "
@@ -39,6 +41,10 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
         task.prepare_eval(data, loaded.config.vocab_size, EVAL_TOKENS, loaded.tokenizer,
                           loaded.config.max_position_embeddings)
     elif hasattr(task, "prepare_eval"):
+        if about is not None:  # said first: its config.json has no training data to read
+            raise BitnetError(f"{imported_name(loaded.checkpoint, about)} is an imported model: "
+                              "it has no held-out text of its own; measure it on yours with "
+                              "--data PATH")
         # Text experiments hold out part of the data the run trained on: find it again from the
         # run's config, next to its checkpoints folder.
         config = loaded.checkpoint.parent.parent / CONFIG_FILE
@@ -46,16 +52,14 @@ def evaluate_model(selector: str, device: str = "auto", engine: str | None = Non
             raise BitnetError(f"{loaded.checkpoint} is outside its run folder; evaluating a "
                               f"{loaded.experiment} model needs the run's config.json to find "
                               "its held-out text")
-        run_config, _, cfg = read_run_config(config.parent)
-        if "imported" in run_config:
-            raise BitnetError(f"run {config.parent.name} was imported: it has no held-out text "
-                              "of its own; measure it on yours with --data PATH")
+        _, _, cfg = read_run_config(config.parent)
         task.prepare_eval(cfg.data, cfg.text_vocab_size, cfg.data_budget,
                           loaded.tokenizer, loaded.config.max_position_embeddings)
     metrics = task.evaluate(loaded.model, where, autocast_for(where))
     metrics["ppl"] = math.exp(min(metrics["loss"], 50.0))
-    return {"checkpoint": str(loaded.checkpoint), "experiment": loaded.experiment,
-            "step": loaded.step, "params": loaded.config.num_params(), "device": str(where),
+    return {"checkpoint": str(loaded.checkpoint), "model": label, "imported": about,
+            "experiment": None if about else loaded.experiment, "step": loaded.step,
+            "params": loaded.config.num_params(), "device": str(where),
             "engine": loaded.engine, "engine_note": loaded.engine_note,
             "skipped_checkpoints": loaded.skipped,
             "headline": task.headline, "metrics": metrics}
