@@ -40,27 +40,26 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
     from bitnet_cli.store.checkpoint import LATEST, MODEL_FILE, TRAINER_FILE, step_dir_name
     from bitnet_cli.store.files import to_json, write_error
     from bitnet_cli.store.runs import CONFIG_FILE, TOKENIZER_FILE, StateFile, new_run_dir
-    from bitnet_cli.tasks import load_experiment
-    from bitnet_cli.training.setup import run_config
 
-    def train_config(run_name: str) -> TrainConfig:
-        # The run's text experiment: FineWeb-Edu text, or --data when it is evaluated or
-        # trained on.
-        train = TrainConfig(experiment=IMPORT_EXPERIMENT, size=IMPORTED_SIZE,
-                            **{**PRESETS[IMPORT_EXPERIMENT].sizes["95M"].train, "steps": 1},
-                            name=run_name)
-        train.validate()
-        return train
+    def check_name(run_name: str) -> str:
+        # A run id as `train --name` takes it; the TrainConfig only checks it, nothing keeps it.
+        TrainConfig(experiment=IMPORT_EXPERIMENT, size=IMPORTED_SIZE,
+                    **PRESETS[IMPORT_EXPERIMENT].sizes["95M"].train, name=run_name).validate()
+        return run_name
     if name is not None:
-        train_config(name)  # a bad --name is refused before the source is read
+        check_name(name)  # a bad --name is refused before the source is read
     folder = find_source(source)
-    train = train_config(name or _run_name(source, folder))
+    run_name = check_name(name or _run_name(source, folder))
     imported = read_source(folder)
     config = imported.config
+    # Where it came from as the user can fetch it again: the folder, or the hub id (not the
+    # hub's cache folder).
+    about = {**imported.about, **({} if Path(source).expanduser().is_dir() else {"source": source})}
+    # trainer.json keeps the text experiment: chat, eval and train --from read text with it.
     trainer = {"step": 0, "experiment": IMPORT_EXPERIMENT, "model": to_dict(config),
-               "stop_ids": imported.stop_ids, "imported": imported.about,
+               "stop_ids": imported.stop_ids, "imported": about,
                **({"chat": imported.chat.to_dict()} if imported.chat else {})}
-    with new_run_dir(IMPORT_EXPERIMENT, IMPORTED_SIZE, train.name) as (run_dir, run):
+    with new_run_dir(IMPORT_EXPERIMENT, IMPORTED_SIZE, run_name) as (run_dir, run):
         checkpoint = run / "checkpoints" / step_dir_name(0)
         checkpoint.mkdir(parents=True)
         try:
@@ -71,15 +70,28 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
         except OSError as e:
             raise BitnetError(f"cannot write the run: {write_error(e)}; nothing was written") from None
         (run / "checkpoints" / LATEST).write_text(checkpoint.name + "\n")
-        StateFile(run).update(status="imported", step=0, total_steps=0)
-        run_dir_config = run_config(run_dir.name, IMPORT_EXPERIMENT,
-                                    load_experiment(IMPORT_EXPERIMENT), config, train, argv)
-        (run / CONFIG_FILE).write_text(to_json({**run_dir_config,
-                                                "imported": imported.about}) + "\n")
+        StateFile(run).update(status="imported")
+        (run / CONFIG_FILE).write_text(to_json(imported_config(run_dir.name, config, about, argv))
+                                       + "\n")
     return run_dir
 
 
 IMPORT_EXPERIMENT, IMPORTED_SIZE = "baseline", "imported"
+
+
+def imported_config(run_id: str, config, about: dict, argv: list[str] | None) -> dict:
+    """An imported run's config.json: its own kind, where it came from and its model, with no
+    training section (it was never trained here; status, cost and resume go by "kind")."""
+    import platform
+
+    from bitnet_cli import __version__
+    from bitnet_cli.config.reading import to_dict
+    from bitnet_cli.store.runs import now_iso
+    return {"run_id": run_id, "kind": "imported", "imported": about,
+            "num_params": config.num_params(), "model": to_dict(config),
+            "versions": {"bitnet": __version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "argv": argv or [], "created_at": now_iso()}
 
 
 def _run_name(source: str, folder: Path) -> str:
