@@ -23,10 +23,11 @@ def _option(help: str, metavar: str | None = None):
 Say what to train with one of --params (a size), --preset (a built-in experiment, including
 baseline: the original project's 95M run of 400k steps × 16 × 256 × 2 = 3.28B tokens; or 2b4t:
 the released BitNet b1.58 2B4T, fine-tuned 1,000 steps of 16 × 4096 by default) or
---from-run (a run of yours, whose measured tokens/s also projects the rest of it). The horizon
-is --tokens, or --steps × --batch-size × --seq-len × --grad-accum, or else the preset's or
-run's own steps; for --params alone it is the compute-optimal 20 tokens per parameter
-(Chinchilla).
+--from-run (a run of yours, whose measured tokens/s also projects the rest of it; an imported
+run, never trained here, is priced as a fine-tune of it: 1,000 steps of 16 × its context). The
+horizon is --tokens, or --steps × --batch-size × --seq-len × --grad-accum, or else the preset's
+or run's own steps; for --params alone it is the compute-optimal 20 tokens per parameter
+(Chinchilla). A run's --seq-len is at most its context.
 
 [bold]Compute[/]: FLOPs = 6·N·D + 12·L·d·T·D, for N parameters (embeddings included, a tied
 head counted once), D tokens, L layers, width d and sequence length T: the weight matmuls
@@ -112,6 +113,20 @@ def render(report: dict) -> None:
     if "run" in report:
         for line in _run_lines(report["run"], report["num_gpus"]):
             console.print(line)
+    if "fine_tune_of" in report:
+        console.print(_fine_tune_line(report["fine_tune_of"], report["horizon"]))
+
+
+def _fine_tune_line(run: dict, h: dict) -> str:
+    """What an imported run's price is of: it has no training of its own to finish."""
+    from rich.markup import escape
+
+    name = escape(run["run_id"])
+    length = (f"{format_count(h['steps'])} steps" if h["steps"] is not None
+              else f"{format_count(h['tokens'])} tokens")
+    return (f"[bold]Run {name}[/] was imported, not trained here: this prices fine-tuning it "
+            f"(`train --from {name}`) for {length} at {h['seq_len']:,} tokens a sequence "
+            f"(its context: {run['context']:,}); --steps, --tokens and --seq-len change that.")
 
 
 def _summary(report: dict):

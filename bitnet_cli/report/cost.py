@@ -23,18 +23,14 @@ table is also the output projection, so every one of those weights is multiplied
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bitnet_cli.config.numbers import format_count, parse_size
 from bitnet_cli.config.presets import PRESETS, RELEASED_SHAPES
-from bitnet_cli.config.reading import model_config_from_dict
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.store.metrics import read_metrics
-from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
-from bitnet_cli.report.gpus import GPU, choose_gpus
+from bitnet_cli.report.gpus import choose_gpus
+from bitnet_cli.report.run_cost import project_rest, read_run
 from bitnet_cli.store.selector import resolve_run
 
 DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 is 27% of its peak
@@ -59,6 +55,7 @@ class Shape:
     vocab: int
     ternary_params: int  # BitLinear weights; the rest (embeddings, norms) stay full precision
     source: str
+    context: int | None = None  # the longest sequence it takes, where known
 
 
 @dataclass
@@ -84,7 +81,7 @@ def shape_of(cfg: ModelConfig, source: str) -> Shape:
     d, f = cfg.hidden_size, cfg.intermediate_size
     linear = cfg.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * f)  # q,o  k,v  gate,up,down
     return Shape(cfg.num_params(), cfg.num_hidden_layers, d, cfg.num_attention_heads,
-                 cfg.vocab_size, linear, source)
+                 cfg.vocab_size, linear, source, cfg.max_position_embeddings)
 
 
 def estimate_shape(params: int, layers: int | None = None, hidden: int | None = None,
@@ -127,36 +124,6 @@ def preset(name: str) -> tuple[Shape, dict]:
     train["grad_accum"] = chosen.train.get("grad_accum", 1)
     cfg = ModelConfig(max_position_embeddings=train["seq_len"], **model)
     return shape_of(cfg, source), train
-
-
-def read_run(run: Path) -> tuple[Shape, dict, dict]:
-    """The run's shape, its training batch/steps, and what it has measured so far."""
-    try:
-        config = read_json(run / CONFIG_FILE)
-        cfg = model_config_from_dict(config["model"])
-        train = {k: config["train"][k] for k in ("steps", "batch_size", "seq_len", "grad_accum")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BitnetError(f"cannot read {run / CONFIG_FILE}: {e}") from None
-    try:
-        state = read_json(run / STATE_FILE)
-    except (OSError, ValueError):  # not written yet: the run has only just been created
-        state = {}
-    logged = [r for r in read_metrics(run / METRICS_FILE) if r.get("split") == "train"]
-    # The median of recent windows: the first one holds compilation, and any one can hiccup.
-    rates = [r["tok_per_s"] for r in logged[-20:] if r.get("tok_per_s")]
-    step = max([state.get("step") or 0] + [r.get("step", 0) for r in logged])
-    measured = {
-        "run_id": config.get("run_id", run.name),
-        "path": str(run),
-        "status": state.get("status"),
-        "step": step,
-        "tokens_done": logged[-1]["tokens"] if logged and "tokens" in logged[-1]
-                       else step * train["batch_size"] * train["seq_len"] * train["grad_accum"],
-        "tok_per_s": statistics.median(rates) if rates else state.get("tok_per_s"),
-        "device": state.get("device") if isinstance(state.get("device"), str) else None,
-    }
-    train["steps"] = state.get("total_steps") or train["steps"]  # `resume --steps` may extend it
-    return shape_of(cfg, f"run {measured['run_id']}"), train, measured
 
 
 def _check_positive(flag: str, value, noun: str = "a positive whole number") -> None:
@@ -210,10 +177,17 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
     elif preset_name is not None:
         shape, train = preset(preset_name)
     else:
-        shape, train, measured = read_run(resolve_run(from_run))
+        run = resolve_run(from_run)
+        cfg, train, measured = read_run(run)
+        shape = shape_of(cfg, f"run {measured['run_id']}" if measured
+                         else f"imported run {run.name}")
     given = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum}
     train.update({k: v for k, v in given.items() if v is not None})
-    own_steps = None if params is not None else "preset" if preset_name is not None else "run"
+    if from_run is not None and train["seq_len"] > shape.context:  # as train --from refuses
+        raise BitnetError(f"--seq-len {train['seq_len']} is longer than the context of "
+                          f"{shape.source} ({shape.context} tokens); give at most that")
+    own_steps = (None if params is not None else "preset" if preset_name is not None
+                 else "run" if measured else "fine-tune")
     horizon = _horizon(shape, train, n_tokens, n_steps, own_steps)
 
     per_token = training_flops_per_token(shape, horizon.seq_len)
@@ -237,7 +211,9 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
         "gpus": rows,
     }
     if measured is not None:
-        report["run"] = _projection(measured, horizon, per_token, hardware if gpu else [], gpus)
+        report["run"] = project_rest(measured, horizon, per_token, hardware if gpu else [], gpus)
+    elif from_run is not None:  # imported: nothing trained here to project
+        report["fine_tune_of"] = {"run_id": run.name, "path": str(run), "context": shape.context}
     return report
 
 
@@ -282,19 +258,3 @@ def training_bytes(model: ModelConfig, batch_size: int, seq_len: int,
 def training_flops_per_token(shape: Shape, seq_len: int) -> int:
     """6N for the weight matmuls forward and backward, 12·L·d·T for attention (see the top)."""
     return 6 * shape.params + 12 * shape.layers * shape.hidden * seq_len
-
-
-def _projection(measured: dict, horizon: Horizon, per_token: int, hardware: list[GPU],
-                gpus: int) -> dict:
-    """The rest of a run at the speed it has measured so far."""
-    rate = measured["tok_per_s"]
-    remaining = max(0, horizon.tokens - measured["tokens_done"])
-    projection = {**measured, "tokens_total": horizon.tokens, "tokens_remaining": remaining,
-                  "remaining_hours": remaining / rate / 3600 if rate else None}
-    on_gpu = (measured.get("device") or "").startswith("cuda")
-    if hardware and rate and on_gpu:  # a CPU's speed says nothing of a GPU's MFU or price
-        g = hardware[0]
-        projection["gpu"] = g.name
-        projection["measured_mfu"] = rate * per_token / (g.peak_tflops * 1e12 * gpus)
-        projection["remaining_dollars"] = projection["remaining_hours"] * gpus * g.price
-    return projection
