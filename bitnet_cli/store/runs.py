@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError, first_line
-from bitnet_cli.store.files import atomic_folder, write_json_atomic
+from bitnet_cli.store.files import atomic_folder, remove_abandoned, write_json_atomic
 
 try:
     import fcntl
@@ -49,12 +49,14 @@ def runs_dir() -> Path:
 def new_run_dir(experiment: str, size: str, name: str | None = None):
     """Yields (the path the new run will have, a temporary folder to fill). When the block
     succeeds the folder appears at that path whole, so no reader ever sees a half-made run and a
-    crash leaves no run behind. Never reuses an existing run."""
+    crash leaves no run behind. Never reuses an existing run. What runs killed while being made
+    (kill -9, a power cut) left in the runs folder is removed first (files.remove_abandoned)."""
     parent = runs_dir()
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BitnetError(f"cannot create the runs folder {parent}: {e.strerror}") from None
+    remove_abandoned(parent)
     base = name or f"{experiment}-{size}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     candidates = (parent / (base if n == 1 else f"{base}-{n}") for n in range(1, 1000))
     final = next((c for c in candidates if not os.path.lexists(c)), None)
