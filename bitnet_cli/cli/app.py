@@ -1,5 +1,6 @@
 """The Typer app every command module registers on, and what they share: the help strings,
-`flag`, run-id completion, and `friendly` (a BitnetError becomes one line and exit 1)."""
+`flag`, run-id completion, `friendly` (a BitnetError becomes one line and exit 1) and
+`stoppable` (SIGTERM and SIGHUP stop a command as Ctrl-C does, cleanup included)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Optional
@@ -115,11 +118,60 @@ def friendly(command):
         except OSError as e:  # the machine, not bitnet: a full disk, a permission, a lost mount
             where = f" ({e.filename})" if e.filename else ""
             fail(f"{e.strerror or e}{where}; nothing half-written was left behind")
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as e:
+            typer.echo(stopped_by(e), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP), raised where the process was as Ctrl-C's
+    KeyboardInterrupt is: every cleanup on the way out runs (a half-written folder goes)."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
+def stopped_by(e: KeyboardInterrupt) -> str:
+    return f"stopped by {e.signame}" if isinstance(e, Stopped) else "interrupted"
+
+
+@contextlib.contextmanager
+def stoppable(outcome: str):
+    """SIGTERM and SIGHUP in the block raise Stopped, so the block's cleanup runs (their default
+    ends the process on the spot, silently); that, or Ctrl-C, ends the command with one line, how
+    it stopped and then `outcome`, and exit 130, as an interrupted training does. Each signal
+    raises again (one swallowed by a C extension must not leave the process unstoppable), so a
+    second may cut the cleanup short: what that leaves, the next command removes (see
+    store.files). A signal the process ignores (nohup) stays ignored."""
+    got = []
+
+    def stop(signum, frame):
+        got.append(signal.Signals(signum).name)
+        raise Stopped(got[0])
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):  # (Windows has no SIGHUP)
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    except BaseException as e:
+        # After a signal, whatever comes out is the stop: raised inside a C extension's call
+        # back into Python (torch's, safetensors'), Stopped may come out as that one's own error.
+        if not got and not isinstance(e, KeyboardInterrupt):
+            raise
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            typer.echo(f"{f'stopped by {got[0]}' if got else stopped_by(e)}; {outcome}",
+                       err=True)
+        raise typer.Exit(130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _version(value: bool) -> None:

@@ -8,8 +8,12 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli.app import MODEL_HELP, app, complete_run, flag, friendly
+from bitnet_cli.cli.app import MODEL_HELP, app, complete_run, flag, friendly, stoppable
 from bitnet_cli.errors import BitnetError
+
+
+# A stop signal or Ctrl-C during an import or export: the half-written folder was removed.
+NOTHING_LEFT = "nothing half-written was left behind"
 
 
 @app.command("import", rich_help_panel="Shipping")
@@ -37,7 +41,8 @@ def import_(
 
     from bitnet_cli.use.importing import import_model
 
-    run = import_model(source, name, argv=sys.argv[1:])
+    with stoppable(NOTHING_LEFT):
+        run = import_model(source, name, argv=sys.argv[1:])
     typer.echo(f"imported {source} as run {run.name} ({run}); talk to it with: "
                f"bitnet chat {run.name}")
 
@@ -69,7 +74,8 @@ def export(
     from bitnet_cli.use.export import export_model
     from bitnet_cli.use.gguf_writer import GGUF_FILE
 
-    written, notes = export_model(model, format, out)
+    with stoppable(NOTHING_LEFT):
+        written, notes = export_model(model, format, out)
     for note in notes:
         typer.echo(note, err=True)
     size = sum(f.stat().st_size for f in written.iterdir())
