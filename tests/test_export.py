@@ -122,7 +122,7 @@ def test_gguf_reads_back_with_exact_ternary_weights(tmp_path, experiment, activa
     else:
         assert caveat == [], result.stderr
     reader = gguf.GGUFReader(tmp_path / "gguf" / "model.gguf")
-    loaded = load_model(str(checkpoint), engine="float")
+    loaded = load_model(str(checkpoint), engine="float", latent=True)
     model, config = loaded.model, loaded.config
 
     def field(key):

@@ -203,3 +203,9 @@ def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
     shifts = shifts.view(CODES_PER_BYTE, *[1] * packed.dim())
     stored = (packed.unsqueeze(0) >> shifts) & 3
     return stored.flatten(0, 1).to(torch.int8) - 1
+
+
+def holds_a_three(packed: torch.Tensor) -> bool:
+    """Whether pack_ternary's bytes hold a 2-bit value of 3 anywhere, which is no code (a damaged
+    file): a pair with both bits set, found in place of the pair's low bit."""
+    return bool((packed & (packed >> 1) & 0x55).any())

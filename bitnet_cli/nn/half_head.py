@@ -87,5 +87,13 @@ class HalfEmbedding(nn.Module):
 def exact_in_float16(weight: torch.Tensor) -> bool:
     """Whether float16 holds these weights to its finest step, 2**-24 (a bfloat16 or float16
     source: 2B4T's; bfloat16 values below float16's normal range lose bits, not accuracy)."""
+    if weight.dtype == torch.float16:
+        return True
+    if weight.dtype == torch.bfloat16:  # its 8 bits of mantissa fit float16's 10: only range
+        low, high = torch.aminmax(weight)
+        return bool(-HALF_MAX <= low) and bool(high <= HALF_MAX)
     return all(float((rows.half().float() - rows).abs().max()) <= 2 ** -25
                for rows in weight.detach().split(4096))
+
+
+HALF_MAX = 65504.0  # float16's largest finite value

@@ -190,7 +190,8 @@ class BitNetForCausalLM(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        # a model built on the meta device is given its weights: drawing them is slow there
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None,

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, ternary_codes, unpack_ternary
+from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, holds_a_three, ternary_codes, unpack_ternary
 
 SCALE_SUFFIX = "_scale"  # <projection>.weight_scale beside <projection>.weight
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -89,8 +89,7 @@ class ModelWeights(Mapping):
             codes, s = ternary_codes(self.stored[name].float())
             return codes.to(torch.int8), s
         packed = self.stored[name]
-        # a byte with both bits of a pair set holds a 3, which is no code
-        if bool((packed & (packed >> 1) & 0x55).any()):
+        if holds_a_three(packed):
             self._damaged(f"{name} holds a code of 3 (codes are stored as 0, 1, 2)")
         scale = float(self.stored[name + SCALE_SUFFIX].reshape(()))
         if not 0 < scale < math.inf:

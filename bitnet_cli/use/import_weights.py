@@ -6,6 +6,7 @@ safetensors only, a tensor at a time."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError, first_line
-from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, pack_ternary, ternary_codes_and_scale
+from bitnet_cli.nn.bitlinear import (CODES_PER_BYTE, holds_a_three, pack_ternary,
+                                     ternary_codes_and_scale)
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.nn.packed_weights import SCALE_SUFFIX
 
@@ -23,6 +25,7 @@ RENAMED = {"1bitllm": {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
                        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}}
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a cache some exports keep: recomputed here
 FLOAT_NAMES = ("F32", "F16", "BF16")  # as safetensors headers name them
+PIECE_ELEMENTS = 1 << 23  # a piece of a float tensor read at a time: 16-32 MB
 
 
 class RunTensors(Mapping):
@@ -90,25 +93,35 @@ class RunTensors(Mapping):
                               "latent (-bf16) release instead")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name.endswith(SCALE_SUFFIX):
-            return self._packed(name[:-len(SCALE_SUFFIX)])[1]
-        if self.dtypes[name] == "U8":
-            return self._packed(name)[0]
-        return self._float(name)
+        return torch.cat(list(self.pieces(name)))
 
-    def _float(self, name: str) -> torch.Tensor:
+    def pieces(self, name: str):
+        """The tensor `name` in pieces of rows that make it whole in order, a few tens of MB
+        each: 2B4T's bf16 embedding (656 MB) is never whole in memory while it is copied."""
+        if name.endswith(SCALE_SUFFIX):
+            yield self._packed(name[:-len(SCALE_SUFFIX)])[1]
+        elif self.dtypes[name] == "U8":
+            yield self._packed(name)[0]
+        else:
+            yield from self._read(name)
+
+    def _read(self, name: str):
+        """The source's float tensor `name` in pieces of rows, each checked to be finite."""
         theirs = self.sources[name]
-        tensor = _load(self.raw[theirs][0], theirs)
-        if not bool(torch.isfinite(tensor).all()):
-            raise BitnetError(f"{self.folder}: tensor {theirs!r} holds NaN or infinite values; "
-                              "the source is damaged")
-        return tensor
+        file, _, shape = self.raw[theirs]
+        rows = max(1, PIECE_ELEMENTS // max(1, math.prod(shape[1:])))
+        for start in range(0, max(shape[0], 1), rows) if shape else [None]:
+            piece = _load(file, theirs, None if start is None else (start, start + rows))
+            if not bool(torch.isfinite(piece).all()):
+                raise BitnetError(f"{self.folder}: tensor {theirs!r} holds NaN or infinite "
+                                  "values; the source is damaged")
+            yield piece
 
     def _packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A projection's packed codes and weight_scale (mean|W|, float32 of shape (1,)):
         a packed source's bytes as they are, latent weights quantized as BitNet does."""
         if self.raw[self.sources[name]][1] != "U8":
-            codes, scale = ternary_codes_and_scale(self._float(name).float())
+            codes, scale = ternary_codes_and_scale(torch.cat(list(self._read(name))).float())
             return pack_ternary(codes), scale.reshape(1)
         return _checked_packed(name, self.sources, self.raw, self.divisor, self.folder)
 
@@ -153,10 +166,11 @@ def _safetensors(folder: Path) -> dict:
     return found
 
 
-def _load(file: Path, name: str) -> torch.Tensor:
+def _load(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A tensor, or its rows start:stop, read from the file (the mapping closed again)."""
     try:
         with safe_open(str(file), "pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BitnetError(f"{file}: tensor {name} cannot be read ({first_line(e, 120)})") from None
 
@@ -171,7 +185,7 @@ def _checked_packed(name: str, sources: dict, raw: dict, divisor: bool,
     if not (0 < s < float("inf")):
         raise BitnetError(f"{folder}: {scale_name!r} is {scale.tolist()}, not one positive scale")
     packed = _load(raw[sources[name]][0], sources[name])
-    if bool((packed & (packed >> 1) & 0x55).any()):  # both bits of a pair set: a 3
+    if holds_a_three(packed):
         raise BitnetError(f"{folder}: {sources[name]!r} holds a code of 3; packed ternary codes "
                           "are 0, 1 and 2 (-1, 0, +1 stored as code + 1)")
     return packed, torch.tensor([s], dtype=torch.float32)

@@ -106,10 +106,11 @@ SAFETENSORS_DTYPES = {torch_name: name for name, torch_name in
 
 
 def write_streamed(path: Path, tensors) -> None:
-    """A safetensors file written a tensor at a time, as `tensors` (a mapping with `shapes` and
-    `dtypes`, safetensors' names) makes them: safetensors' own writer wants them all in memory
-    at once. The format: the header's length (8 bytes, little-endian), the JSON header with each
-    tensor's dtype, shape and byte range, then the bytes in that order."""
+    """A safetensors file written a piece at a time, as `tensors` makes them (`shapes` and
+    `dtypes`, safetensors' names, and `pieces(name)`: the tensor's rows in order): safetensors'
+    own writer wants them all in memory at once. The format: the header's length (8 bytes,
+    little-endian), the JSON header with each tensor's dtype, shape and byte range, then the
+    bytes in that order."""
     names = sorted(tensors.shapes)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
@@ -122,10 +123,12 @@ def write_streamed(path: Path, tensors) -> None:
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for name in names:
-            tensor = tensors[name].contiguous()
-            if SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")] != tensors.dtypes[name]:
-                raise ValueError(f"{name} is {tensor.dtype}, not {tensors.dtypes[name]}")
-            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            for piece in tensors.pieces(name):
+                piece = piece.contiguous()
+                dtype = SAFETENSORS_DTYPES[str(piece.dtype).removeprefix("torch.")]
+                if dtype != tensors.dtypes[name]:
+                    raise ValueError(f"{name} is {dtype}, not {tensors.dtypes[name]}")
+                f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
 
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
