@@ -336,7 +336,8 @@ def test_fine_tuning_an_imported_model(sources, bitnet_home, tmp_path):
     invoke("stories", tmp_path / "stories", "--stories", "600")
     data = ["--data", tmp_path / "stories"]
     before = json.loads(invoke("eval", "base", *data, "--json").stdout)["metrics"]["loss"]
-    invoke("train", *FINE_TUNE, *data, "--name", "tuned")
+    result = invoke("train", *FINE_TUNE, *data, "--name", "tuned")
+    assert "stores its layers as 2-bit codes" in " ".join((result.output + result.stderr).split())
     config = json.loads((bitnet_home / "runs" / "tuned" / "config.json").read_text())
     assert config["train"]["lr"] == pytest.approx(3e-4) and config["model"]["vocab_size"] == 512
     assert config["train"]["init_from"].endswith(step_dir_name(0))

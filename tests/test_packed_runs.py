@@ -130,8 +130,9 @@ def damage(path, how):
     save_file(tensors, str(path))
 
 
-@pytest.mark.parametrize("how", ["code 3", "zero scale", "nan scale", "no scale", "uint8 norm"])
-@pytest.mark.parametrize("engine", ["2bit", "int8", "float"])
+@pytest.mark.parametrize("how,engine", [("code 3", "2bit"), ("code 3", "int8"), ("code 3", "float"),
+                                        ("zero scale", "2bit"), ("nan scale", "int8"),
+                                        ("no scale", "2bit"), ("uint8 norm", "float")])
 def test_a_damaged_packed_checkpoint_is_one_line(sources, bitnet_home, how, engine):  # noqa: F811
     invoke("import", sources["2b4t-packed"][0], "--name", "packed")
     damage(checkpoint_file(bitnet_home, "packed"), how)
