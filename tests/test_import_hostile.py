@@ -373,31 +373,14 @@ def test_stored_sampling_is_checked():
             stored_sampling(bad, "t")
 
 
-def with_stored_sampling(monkeypatch):
-    """Until loading.py reads trainer.json's "sampling" into LoadedModel.sampling itself, the
-    chat test reads it the same way."""
-    from bitnet_cli.use import loading
-    if "sampling" in loading.LoadedModel.__dataclass_fields__:
-        return
-    real = loading.load_model
-
-    def load(*args, **kwargs):
-        loaded = real(*args, **kwargs)
-        trainer = json.loads((loaded.checkpoint / "trainer.json").read_text())
-        loaded.sampling = stored_sampling(trainer.get("sampling"), "trainer.json")
-        return loaded
-    monkeypatch.setattr(loading, "load_model", load)
-
-
 def test_chat_samples_as_the_model_says_unless_told(good, bitnet_home, monkeypatch):
     from bitnet_cli.use.conversation import Sampling
     invoke("import", good, "--name", "sampled")
     trainer = next((bitnet_home / "runs" / "sampled" / "checkpoints").glob("step_*")) \
         / "trainer.json"
-    data = json.loads(trainer.read_text())
-    trainer.write_text(json.dumps({**data, "sampling": {"temperature": 0.6, "top_k": 50,
-                                                        "top_p": 0.9}}))
-    with_stored_sampling(monkeypatch)
+    # the import stored the source's sampling, as transformers' generate() reads it
+    assert json.loads(trainer.read_text())["sampling"] == {"temperature": 0.6, "top_k": 50,
+                                                           "top_p": 0.9}
     used = []
     real_validate = Sampling.validate
     monkeypatch.setattr(Sampling, "validate", lambda self, vocab: used.append(
@@ -413,7 +396,7 @@ def test_chat_samples_as_the_model_says_unless_told(good, bitnet_home, monkeypat
     assert used[-1] == (0.3, 50, 0.5)
     result = invoke(*chat, "--temperature", "0")
     assert "sampling:" not in result.stderr and used[-1][0] == 0
-    data["sampling"] = {"temperature": "hot"}
+    data = {**json.loads(trainer.read_text()), "sampling": {"temperature": "hot"}}
     trainer.write_text(json.dumps(data))
     result = invoke(*chat, code=1)
     assert "sampling must hold temperature" in result.output

@@ -58,7 +58,8 @@ def import_model(source: str, name: str | None = None, argv: list[str] | None = 
     # trainer.json keeps the text experiment: chat, eval and train --from read text with it.
     trainer = {"step": 0, "experiment": IMPORT_EXPERIMENT, "model": to_dict(config),
                "stop_ids": imported.stop_ids, "imported": about,
-               **({"chat": imported.chat.to_dict()} if imported.chat else {})}
+               **({"chat": imported.chat.to_dict()} if imported.chat else {}),
+               **({"sampling": imported.sampling} if imported.sampling else {})}
     with new_run_dir(IMPORT_EXPERIMENT, IMPORTED_SIZE, run_name) as (run_dir, run):
         checkpoint = run / "checkpoints" / step_dir_name(0)
         checkpoint.mkdir(parents=True)

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from bitnet_cli.store.checkpoint import TRAINER_FILE, load_model_tensors
 from bitnet_cli.config.reading import model_config_from_dict
+from bitnet_cli.config.sampling import stored_sampling
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.bitlinear import BitLinear, QuantizedLinear, SharedInput
@@ -51,6 +52,7 @@ class LoadedModel:
     skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be read
     stop_ids: tuple[int, ...] = ()  # an imported model's end-of-sequence ids (else the task's)
     chat: ChatTemplate | None = None  # an imported chat model's prompt format
+    sampling: dict = field(default_factory=dict)  # an imported model's sampling defaults
 
     @property
     def notes(self) -> list[str]:
@@ -128,7 +130,8 @@ def load_model(selector: str, device: str | torch.device = "cpu",
                        step=trainer.get("step", 0), engine=engine, engine_note=note,
                        skipped=[f"skipped a damaged checkpoint: {why}" for why in skipped],
                        stop_ids=_stop_ids(trainer, config, checkpoint),
-                       chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE))
+                       chat=ChatTemplate.from_dict(trainer.get("chat"), checkpoint / TRAINER_FILE),
+                       sampling=stored_sampling(trainer.get("sampling"), checkpoint / TRAINER_FILE))
 
 
 def to_float(model: nn.Module, weights_of) -> None:
