@@ -58,7 +58,7 @@ def packed(state, divide=False):
     return tensors
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # test_packed_runs takes them too: built once
 def sources(tmp_path_factory):
     """name -> (source folder, the model transformers loads from it in float32)."""
     transformers = optional("transformers")

@@ -120,6 +120,7 @@ def test_the_fused_step_refuses_a_cache_without_room():
     assert cache.length == 4
 
 
+@pytest.mark.slow  # a compile: 9 s of the default suite's 5 minutes
 def test_a_compiled_step_gives_the_preallocated_caches_logits():
     """`chat --compile`: room is made outside the compiled forward, whose one dynamic graph
     serves every capacity."""

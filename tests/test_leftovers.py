@@ -101,7 +101,8 @@ def test_import_killed_mid_write_leaves_a_folder_that_the_next_import_removes(so
     assert invoke("runs", "list").stdout.split() == ["small"]
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+# SIGHUP takes SIGTERM's path: the default suite sends one, -m slow both
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
 def test_a_stop_signal_during_import_is_one_line_and_leaves_nothing(sources, bitnet_home, name):
     sig = signal.Signals[name]
     runs = bitnet_home / "runs"
@@ -145,7 +146,7 @@ def test_export_killed_mid_write_leaves_a_folder_that_the_next_export_removes(bi
     assert (tmp_path / "elsewhere/kept/mine").read_text() == "outside"
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_a_stop_signal_during_export_is_one_line_and_leaves_nothing(big_run, tmp_path, name):
     sig = signal.Signals[name]
     folder = tmp_path / "exports"
