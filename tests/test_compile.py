@@ -24,6 +24,7 @@ def weights(home, name, step=STEPS):
             "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a compiled run killed and resumed: 14-26 s, kept out of the default suite's 5 minutes
 def test_a_killed_compiled_run_resumes_onto_the_same_bytes(bitnet_home):
     """The same seed compiled twice, in two processes, gives the same bytes; and the second,
     killed with SIGKILL mid-run and resumed (compiled again), lands on them too."""

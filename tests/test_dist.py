@@ -192,6 +192,7 @@ def test_two_processes_follow_the_single_process_trajectory(bitnet_home, quant, 
     assert "over 2 processes" in invoke("status", "two").stdout
 
 
+@pytest.mark.slow  # torchrun end to end: 17 s, kept out of the default suite's 5 minutes
 def test_torchrun_runs_the_cli_and_an_interrupted_two_process_run_resumes_exactly(bitnet_home):
     # torchrun itself, as a multi-node job would start it: the reference trajectory.
     direct = torchrun("train", *LONG, "--name", "reference")
