@@ -19,18 +19,18 @@ exactly those codes with mean|W| = scale, so the model they compute is the store
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, holds_a_three, ternary_codes, unpack_ternary
+from bitnet_cli.store.checkpoint import ShapedTensors
 
 SCALE_SUFFIX = "_scale"  # <projection>.weight_scale beside <projection>.weight
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-class ModelWeights(Mapping):
+class ModelWeights(ShapedTensors):
     """The model's tensors by their state-dict names (a stored weight_scale folded into its
     layer), over `stored` (store.checkpoint.StoredTensors: shapes, dtypes, tensors read when
     asked). Shapes are the model's: a packed projection's (out, in), not its bytes'."""
@@ -71,15 +71,6 @@ class ModelWeights(Mapping):
         nonzero = codes.abs().mean()
         # codes / s are the weights; over p their mean magnitude is 1 / s again
         return codes.div_(s * nonzero) if nonzero > 0 else codes
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def numel(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
 
     def ternary(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, s) of a projection for the engines: its packed bytes (uint8, the layout

@@ -198,7 +198,23 @@ def newest_loadable(checkpoints: Path, for_resume: bool = True
     return None, None, []
 
 
-class StoredTensors(Mapping):
+class ShapedTensors(Mapping):
+    """Tensors made when asked for, named and counted by `shapes` (name -> shape), which a
+    subclass sets: a loader reads their sizes without reading them."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+
+class StoredTensors(ShapedTensors):
     """A model.safetensors whose tensors are read one at a time, when asked for: a model loaded
     for use never holds the whole float32 file in memory beside what it makes of it. The
     header (names, shapes, offsets, the file's length) is checked when this is made."""
@@ -211,15 +227,6 @@ class StoredTensors(Mapping):
         if name not in self.shapes:
             raise KeyError(name)
         return _read(self.file, lambda f: _tensor(f, name))
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def numel(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
 
 
 def _header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

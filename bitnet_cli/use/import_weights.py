@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from bitnet_cli.nn.bitlinear import (CODES_PER_BYTE, holds_a_three, pack_ternary
                                      ternary_codes_and_scale)
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.nn.packed_weights import SCALE_SUFFIX
+from bitnet_cli.store.checkpoint import ShapedTensors
 
 RENAMED = {"1bitllm": {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
                        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}}
@@ -28,7 +28,7 @@ FLOAT_NAMES = ("F32", "F16", "BF16")  # as safetensors headers name them
 PIECE_ELEMENTS = 1 << 23  # a piece of a float tensor read at a time: 16-32 MB
 
 
-class RunTensors(Mapping):
+class RunTensors(ShapedTensors):
     """Every tensor the imported run stores, by its name there, made when asked (one at a
     time, so a 2B model is never whole in memory); `shapes` and `dtypes` say what each will be.
     The source's names, shapes and dtypes are checked when this is made, from the files'
@@ -124,12 +124,6 @@ class RunTensors(Mapping):
             codes, scale = ternary_codes_and_scale(torch.cat(list(self._read(name))).float())
             return pack_ternary(codes), scale.reshape(1)
         return _checked_packed(name, self.sources, self.raw, self.divisor, self.folder)
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
 
 
 def _sources(raw: dict, layout: str, tied: bool) -> dict[str, str]:
