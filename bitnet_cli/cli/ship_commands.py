@@ -31,8 +31,11 @@ def import_(
     only: a pickle (.bin) checkpoint is refused, never loaded. The tokenizer.json
     comes along, and a reply stops at the source's end-of-sequence tokens.
 
-    Packed codes become latent weights that quantize back to exactly those codes
-    and scales. Nothing is written unless every check passes:
+    The run keeps the model at its 2-bit size: each ternary layer as packed codes
+    and one scale (the release's layout, in the README), the rest in the source's
+    dtype; chat, eval and export read the codes as they are, and train --from makes
+    latent weights of them. What bitnet does not compute (scaled RoPE, use_rms_norm,
+    ...) is refused in one line. Nothing is written unless every check passes:
 
       bitnet import microsoft/bitnet-b1.58-2B-4T
       bitnet chat bitnet-b1.58-2B-4T
