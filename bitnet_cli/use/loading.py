@@ -137,10 +137,12 @@ def load_model(selector: str, device: str | torch.device = "cpu",
 def to_float(model: nn.Module, weights_of) -> None:
     """What no engine took runs in float: each BitLinear as its quantized weights alone
     (QuantizedLinear) from `weights_of(layer)`, or, with None, as its latent weights."""
+    if weights_of is None:
+        return
     replaced = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, BitLinear) and weights_of is not None:
+            if isinstance(child, BitLinear):
                 codes, s = weights_of(child)
                 replaced[id(child)] = QuantizedLinear(as_codes(codes), s)
                 setattr(parent, name, replaced[id(child)])
@@ -151,14 +153,14 @@ def to_float(model: nn.Module, weights_of) -> None:
 
 def float32_tables(model: nn.Module) -> None:
     """The embedding and output layer that no engine converted, in float32 (they were kept as
-    stored for one that would)."""
-    head, embedding = model.lm_head, model.model.embed_tokens
-    for module in (head, embedding):
+    stored for one that would); a tied table once, for both."""
+    widened = {}
+    for module in (model.lm_head, model.model.embed_tokens):
         if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype != torch.float32:
-            module.weight = nn.Parameter(module.weight.float(), requires_grad=False)
-    if model.config.tie_word_embeddings and isinstance(head, nn.Linear) \
-            and isinstance(embedding, nn.Embedding):
-        head.weight = embedding.weight
+            table = module.weight
+            if id(table) not in widened:
+                widened[id(table)] = nn.Parameter(table.float(), requires_grad=False)
+            module.weight = widened[id(table)]
 
 
 def _stop_ids(trainer: dict, config: ModelConfig, checkpoint: Path) -> tuple[int, ...]:
