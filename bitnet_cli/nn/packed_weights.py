@@ -27,7 +27,7 @@ from bitnet_cli.nn.bitlinear import CODES_PER_BYTE, holds_a_three, ternary_codes
 from bitnet_cli.store.checkpoint import ShapedTensors
 
 SCALE_SUFFIX = "_scale"  # <projection>.weight_scale beside <projection>.weight
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # as safetensors headers name them
 
 
 class ModelWeights(ShapedTensors):

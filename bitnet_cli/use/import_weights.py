@@ -18,13 +18,12 @@ from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.nn.bitlinear import (CODES_PER_BYTE, holds_a_three, pack_ternary,
                                      ternary_codes_and_scale)
 from bitnet_cli.nn.model import BitNetForCausalLM
-from bitnet_cli.nn.packed_weights import SCALE_SUFFIX
+from bitnet_cli.nn.packed_weights import FLOAT_DTYPES, SCALE_SUFFIX
 from bitnet_cli.store.checkpoint import ShapedTensors
 
 RENAMED = {"1bitllm": {".self_attn.inner_attn_ln.": ".self_attn.attn_sub_norm.",
                        ".mlp.ffn_layernorm.": ".mlp.ffn_sub_norm."}}
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a cache some exports keep: recomputed here
-FLOAT_NAMES = ("F32", "F16", "BF16")  # as safetensors headers name them
 PIECE_ELEMENTS = 1 << 23  # a piece of a float tensor read at a time: 16-32 MB
 
 
@@ -78,13 +77,13 @@ class RunTensors(ShapedTensors):
             scale = name[:-len("weight")] + "weight_scale"
             if scale not in self.sources:
                 raise BitnetError(f"{self.folder}: packed {theirs!r} has no {scale!r}")
-            if self.raw[self.sources[scale]][1] not in FLOAT_NAMES:
+            if self.raw[self.sources[scale]][1] not in FLOAT_DTYPES:
                 raise BitnetError(f"{self.folder}: {self.sources[scale]!r} must be a float")
             return
         if stored != shape:
             raise BitnetError(f"{self.folder}: tensor {theirs!r} has shape {list(stored)}, the "
                               f"config says {list(shape)}")
-        if dtype not in FLOAT_NAMES:
+        if dtype not in FLOAT_DTYPES:
             raise BitnetError(f"{self.folder}: tensor {theirs!r} is {dtype}; weights must be "
                               "F32, F16 or BF16 (or U8 packed codes)")
         if self.sources.get(name + SCALE_SUFFIX):

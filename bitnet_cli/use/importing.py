@@ -102,8 +102,8 @@ def _run_name(source: str, folder: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
 
 
-SAFETENSORS_DTYPES = {torch_name: name for name, torch_name in
-                      (("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("U8", "uint8"))}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "U8": torch.uint8}  # the names safetensors' headers give the dtypes written
 
 
 def write_streamed(path: Path, tensors) -> None:
@@ -115,7 +115,8 @@ def write_streamed(path: Path, tensors) -> None:
     names = sorted(tensors.shapes)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
-        size = DTYPE_BYTES[tensors.dtypes[name]] * math.prod(tensors.shapes[name])
+        itemsize = SAFETENSORS_DTYPES[tensors.dtypes[name]].itemsize
+        size = itemsize * math.prod(tensors.shapes[name])
         header[name] = {"dtype": tensors.dtypes[name], "shape": list(tensors.shapes[name]),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -126,10 +127,7 @@ def write_streamed(path: Path, tensors) -> None:
         for name in names:
             for piece in tensors.pieces(name):
                 piece = piece.contiguous()
-                dtype = SAFETENSORS_DTYPES[str(piece.dtype).removeprefix("torch.")]
-                if dtype != tensors.dtypes[name]:
-                    raise ValueError(f"{name} is {dtype}, not {tensors.dtypes[name]}")
+                if piece.dtype != SAFETENSORS_DTYPES[tensors.dtypes[name]]:
+                    raise ValueError(f"{name} is {piece.dtype}, not {tensors.dtypes[name]}")
                 f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
 
-
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
