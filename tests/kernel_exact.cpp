@@ -110,35 +110,40 @@ void check_ternary(const Kernels& f, int64_t k, int64_t n, int64_t m, int x_mode
   ++cases;
 }
 
-// int8_rows (codes in [-127, 127], as the API takes them; weights any int8) against the int64
-// sums, in two calls split at a row: x 0 random, 1 all 127, 2 all -127, 3 all zero; w 0 random,
-// 1 all 127, 2 all -128, 3 each 127 or -128.
-void check_int8(const Kernels& f, int64_t k, int64_t n, int x_mode, int w_mode) {
-  std::vector<int8_t> x(k), w(n * k);
-  for (auto& value : x)
-    value = int8_t(x_mode == 0   ? random_int(-127, 127)
-                   : x_mode == 1 ? 127
-                   : x_mode == 2 ? -127
-                                 : 0);
+// int8_rows of m tokens (codes in [-127, 127], as the API takes them; weights any int8) against
+// the int64 sums, in two calls split at a row: x 0 random, 1 all 127, 2 all -127, 3 all zero;
+// w 0 random, 1 all 127, 2 all -128, 3 each 127 or -128. The tokens sit a padded row apart, as
+// the decode step's do.
+void check_int8(const Kernels& f, int64_t k, int64_t n, int64_t m, int x_mode, int w_mode) {
+  const int64_t x_stride = padded(k);
+  std::vector<int8_t> x(m * x_stride, 0), w(n * k);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < k; ++i)
+      x[t * x_stride + i] = int8_t(x_mode == 0   ? random_int(-127, 127)
+                                   : x_mode == 1 ? 127
+                                   : x_mode == 2 ? -127
+                                                 : 0);
   for (auto& value : w)
     value = int8_t(w_mode == 0   ? random_int(-128, 127)
                    : w_mode == 1 ? 127
                    : w_mode == 2 ? -128
                    : random_int(0, 1) ? 127
                                       : -128);
-  std::vector<int32_t> w_sums(n, 0), out(n, 0);
+  std::vector<int32_t> w_sums(n, 0), out(m * n, 0);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = 0; i < k; ++i) w_sums[r] += w[r * k + i];
   const int64_t split = n / 2;
-  f.int8_rows(x.data(), w.data(), w_sums.data(), k, 0, split, out.data());
-  f.int8_rows(x.data(), w.data(), w_sums.data(), k, split, n, out.data());
-  for (int64_t r = 0; r < n; ++r) {
-    int64_t exact = 0;
-    for (int64_t i = 0; i < k; ++i) exact += int64_t(x[i]) * w[r * k + i];
-    if (out[r] != exact)
-      mismatch(shape("int8_rows", k, n, 1, x_mode, w_mode) + " row " + std::to_string(r) + ": " +
-               std::to_string(out[r]) + ", exact " + std::to_string(exact));
-  }
+  f.int8_rows(x.data(), m, x_stride, w.data(), w_sums.data(), k, 0, split, out.data(), n);
+  f.int8_rows(x.data(), m, x_stride, w.data(), w_sums.data(), k, split, n, out.data(), n);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t r = 0; r < n; ++r) {
+      int64_t exact = 0;
+      for (int64_t i = 0; i < k; ++i) exact += int64_t(x[t * x_stride + i]) * w[r * k + i];
+      if (out[t * n + r] != exact)
+        mismatch(shape("int8_rows", k, n, m, x_mode, w_mode) + " token " + std::to_string(t) +
+                 " row " + std::to_string(r) + ": " + std::to_string(out[t * n + r]) +
+                 ", exact " + std::to_string(exact));
+    }
   ++cases;
 }
 
@@ -150,35 +155,40 @@ uint16_t random_half(int mode) {
   return uint16_t(sign | exponent << 10 | mantissa);
 }
 
-// half_rows bit for bit as the portable path's (the fixed order), and near the double sums:
-// within 1e-5 of the sum of the products' sizes (a sum that cancels has no relative accuracy
-// to speak of). x 0 normal, 1 up to +-1000; w as random_half's modes.
-void check_half(const Kernels& f, int64_t k, int64_t n, int x_mode, int w_mode) {
+// half_rows of m tokens bit for bit as the portable path's for each token alone (the fixed
+// order, whatever the batch), and near the double sums: within 1e-5 of the sum of the products'
+// sizes (a sum that cancels has no relative accuracy to speak of). x 0 normal, 1 up to +-1000;
+// w as random_half's modes.
+void check_half(const Kernels& f, int64_t k, int64_t n, int64_t m, int x_mode, int w_mode) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(k);
+  std::vector<float> x(m * k);
   for (auto& value : x)
     value = x_mode == 0 ? normal(rng) : std::uniform_real_distribution<float>(-1000, 1000)(rng);
   std::vector<uint16_t> w(n * k);
   for (auto& bits : w) bits = random_half(w_mode);
-  std::vector<float> out(n, 0.0f), portable(n, 0.0f);
+  std::vector<float> out(m * n, 0.0f), portable(n, 0.0f);
   const int64_t split = n / 2;
-  f.half_rows(x.data(), w.data(), k, 0, split, out.data());
-  f.half_rows(x.data(), w.data(), k, split, n, out.data());
-  PORTABLE_KERNELS.half_rows(x.data(), w.data(), k, 0, n, portable.data());
-  const std::string where = shape("half_rows", k, n, 1, x_mode, w_mode);
-  for (int64_t r = 0; r < n; ++r) {
-    if (std::memcmp(&out[r], &portable[r], sizeof(float)) != 0)
-      mismatch(where + " row " + std::to_string(r) + ": " + text(out[r]) +
-               ", portable " + text(portable[r]) + " (bits differ)");
-    double exact = 0, size = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const double product = double(x[i]) * half_to_float(w[r * k + i]);
-      exact += product;
-      size += std::fabs(product);
+  f.half_rows(x.data(), m, w.data(), k, 0, split, out.data(), n);
+  f.half_rows(x.data(), m, w.data(), k, split, n, out.data(), n);
+  const std::string where = shape("half_rows", k, n, m, x_mode, w_mode);
+  for (int64_t t = 0; t < m; ++t) {
+    const float* xt = x.data() + t * k;
+    PORTABLE_KERNELS.half_rows(xt, 1, w.data(), k, 0, n, portable.data(), n);
+    for (int64_t r = 0; r < n; ++r) {
+      const float got = out[t * n + r];
+      const std::string at = where + " token " + std::to_string(t) + " row " + std::to_string(r);
+      if (std::memcmp(&got, &portable[r], sizeof(float)) != 0)
+        mismatch(at + ": " + text(got) + ", portable alone " + text(portable[r]) +
+                 " (bits differ)");
+      double exact = 0, size = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        const double product = double(xt[i]) * half_to_float(w[r * k + i]);
+        exact += product;
+        size += std::fabs(product);
+      }
+      if (std::fabs(got - exact) > 1e-5 * size + 1e-30)
+        mismatch(at + ": " + text(got) + ", double sum " + text(exact));
     }
-    if (std::fabs(out[r] - exact) > 1e-5 * size + 1e-30)
-      mismatch(where + " row " + std::to_string(r) + ": " + text(out[r]) +
-               ", double sum " + text(exact));
   }
   ++cases;
 }
@@ -227,8 +237,8 @@ void check_path(int64_t path) {
   for (int64_t k : WIDTHS) {
     for (int64_t n : ROW_COUNTS) {
       check_ternary(f, k, n, 1 + index % 6, index % 5, index / 5 % 3);
-      check_int8(f, k, n, index % 4, index / 4 % 4);
-      check_half(f, k, n, index % 2, index / 2 % 3);
+      check_int8(f, k, n, 1 + index % 7, index % 4, index / 4 % 4);
+      check_half(f, k, n, 1 + index % 9, index % 2, index / 2 % 3);
       ++index;
     }
     for (int mode = 0; mode < 5; ++mode) check_quantize(f, k, mode);
@@ -242,7 +252,8 @@ void check_path(int64_t path) {
         for (int x_mode = 1; x_mode <= 4; ++x_mode)
           for (int w_mode = 1; w_mode <= 2; ++w_mode) check_ternary(f, k, n, m, x_mode, w_mode);
   for (int x_mode = 1; x_mode <= 2; ++x_mode)
-    for (int w_mode = 1; w_mode <= 3; ++w_mode) check_int8(f, 3000, 9, x_mode, w_mode);
+    for (int w_mode = 1; w_mode <= 3; ++w_mode)
+      for (int64_t m : {1, 5}) check_int8(f, 3000, 9, m, x_mode, w_mode);
 }
 
 }  // namespace

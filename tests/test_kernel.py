@@ -162,7 +162,7 @@ def restore_paths(ops):
 
 
 @pytest.mark.parametrize("entry", ["ternary_mm", "int8_mm", "ternary_linear", "half_linear",
-                                   "decode_step"])
+                                   "decode_step", "decode_batch"])
 def test_an_entry_point_that_fails_its_check_is_never_used(ops, short_run, monkeypatch,
                                                             restore_paths, entry):
     """Wrong on every path: the int8 engine decodes, after one line naming the entry point and

@@ -93,3 +93,15 @@ class DecodeStep:
             logits = self.forward(ids, cache, last_only=True)
         self.settled = True
         return logits
+
+    def batch(self, tokens: list[int], caches: list) -> torch.Tensor:
+        """One new token of each of several sequences, each with its own cache: the logits
+        (len(tokens), vocab), row s those of sequence s decoded alone. Fused: one call for the
+        batch (FusedDecode.batch); otherwise each sequence's own step, one after another."""
+        if self.fused:
+            return self.forward.batch(tokens, caches)
+        if len(tokens) != len(caches):
+            raise ValueError(f"{len(tokens)} tokens for {len(caches)} caches")
+        device = self.model.rope_cos.device
+        return torch.cat([self(torch.tensor([[token]], device=device), cache)[0]
+                          for token, cache in zip(tokens, caches)])

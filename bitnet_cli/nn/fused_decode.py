@@ -4,7 +4,10 @@ extension (decode_step.cpp), for a model whose projections the 2bit or int8 engi
 Its projections are the engines' exact integer sums; the float work around them (norms, RoPE,
 attention, the head) is float32 C++ in one fixed order, the same on every kernel path, so its
 logits are the same on every CPU (and the 2bit engine's equal the int8 engine's), and they agree
-with the per-op path to float rounding (the engines' contract, in the README).
+with the per-op path to float rounding (the engines' contract, in the README). A batch of
+sequences (a server's, each with its own cache) decodes in one call too, each sequence's logits
+those of its step alone, to the bit: the batch shares the reading of the weights, which is what a
+lone token waits on.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from bitnet_cli.config.settings import ACTIVATIONS
 from bitnet_cli.nn.half_head import HalfHead
 
 
-
 class FusedDecode:
     """`step(ids, cache)` for one new token (ids of shape (1, 1)), as the model would compute
-    it with last_only=True: the logits (1, 1, vocab), the cache extended by one position."""
+    it with last_only=True: the logits (1, 1, vocab), the cache extended by one position;
+    `step.batch(tokens, caches)` for one new token of each of several sequences."""
 
     def __init__(self, model, ops, path: int = 0):
         self.ops, self.path = ops, path
@@ -53,12 +56,39 @@ class FusedDecode:
         cache.ensure(position + 1)  # the C++ writes position in place: room first
         keys = [k for k, _ in cache.layers]
         values = [v for _, v in cache.layers]
-        logits = self.ops.decode_step(int(ids[0, -1]), position, self.embed, self.norms,
-                                      self.weights, self.row_sums, self.scales, self.head,
-                                      self.head_scale, self.head_sums, self.cos, self.sin, keys,
-                                      values, self.heads, self.eps, self.gate, self.path)
+        logits = self.ops.decode_step(int(ids[0, -1]), position, *self._model(), keys, values,
+                                      *self._settings())
         cache.length += 1
         return logits.view(1, 1, self.vocab)
+
+    def batch(self, tokens: list[int], caches: list) -> torch.Tensor:
+        """One new token of each of several sequences, each with its own cache (its own length,
+        its own room), in one call that reads the weights once for all of them: the logits
+        (len(tokens), vocab), row s what the step gives sequence s alone, to the bit; every cache
+        extended by one position."""
+        if len(tokens) != len(caches):
+            raise ValueError(f"{len(tokens)} tokens for {len(caches)} caches")
+        if len({id(cache) for cache in caches}) != len(caches):
+            # Its two tokens would write the same position, each read by the other's attention.
+            raise ValueError("one cache twice in a batch")
+        positions = [cache.length for cache in caches]
+        for cache in caches:
+            cache.ensure(cache.length + 1)  # every cache's room before the C++ writes any
+        keys = [layer.keys for cache in caches for layer in cache.layers]
+        values = [layer.values for cache in caches for layer in cache.layers]
+        logits = self.ops.decode_batch([int(token) for token in tokens], positions,
+                                       *self._model(), keys, values, *self._settings())
+        for cache in caches:
+            cache.length += 1
+        return logits
+
+    def _model(self) -> tuple:
+        """The model's tensors, in the order of the C++ ops' arguments."""
+        return (self.embed, self.norms, self.weights, self.row_sums, self.scales, self.head,
+                self.head_scale, self.head_sums, self.cos, self.sin)
+
+    def _settings(self) -> tuple:
+        return self.heads, self.eps, self.gate, self.path
 
 
 def row_sums(codes: torch.Tensor) -> torch.Tensor:

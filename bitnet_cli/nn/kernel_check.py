@@ -7,7 +7,9 @@ What is checked, and against what:
 - the float16 head for a few rows (half_linear): float32 sums, against float64;
 - the fused decode step (decode_step) with each head (float16, float32, int8) and both kinds of
   weights (2-bit packed, int8): 2-bit and int8 bit for bit alike, the same bits as the portable
-  path's, and the per-op model's logits within the engines' bound (int8.LOGIT_BOUND).
+  path's, and the per-op model's logits within the engines' bound (int8.LOGIT_BOUND);
+- the batched step (decode_batch): five sequences at different positions decoded together, each
+  one's logits those of its lone step, bit for bit.
 Odd shapes throughout (rows past whole tiles, a hidden size with a tail past every SIMD width),
 so each loop's edges run. A wrong answer anywhere is a reason in one line; a crash of the check
 itself (a kernel that raises) is one too.
@@ -98,7 +100,24 @@ def _decode(ops, path: int) -> str | None:
         worst = ((logits[0] - per_op[1:]).abs().amax(-1) / per_op[1:].abs().amax(-1)).max()
         if not worst <= LOGIT_BOUND:
             return f"{where}: {float(worst):.2g} from the per-op model's logits"
+        if not _batch_is_alone(model, two_bit):
+            return f"decode_batch with the {head} head on path {path}: not the lone steps' logits"
     return None
+
+
+def _batch_is_alone(model, step) -> bool:
+    """Five sequences at different positions (a tile of four tokens and one more), one new token
+    each, decoded together: whether each one's logits are those of its lone step."""
+    prompts, tokens = [[3], [1, 4], [1, 5, 9], [2, 6], [5, 3, 5]], [8, 9, 7, 9, 3]
+
+    def prompted() -> list[KVCache]:
+        caches = [KVCache(model.config) for _ in prompts]
+        for prompt, cache in zip(prompts, caches):
+            model(torch.tensor([prompt]), cache, last_only=True)
+        return caches
+
+    alone = torch.cat([step(torch.tensor([[t]]), c)[0] for t, c in zip(tokens, prompted())])
+    return torch.equal(step.batch(tokens, prompted()), alone)
 
 
 def _steps(model, step) -> torch.Tensor:

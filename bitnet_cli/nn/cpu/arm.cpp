@@ -104,16 +104,13 @@ BITNET_DOTPROD void tile_neon_dot(const uint8_t* const* w, int64_t stride,
 }
 #endif
 
-// Sixteen float16 weights widened (exactly) and times x, added to the sixteen partials: lane j
-// of p[q] is partial 4q + j. A multiply, then an add: never fused (-ffp-contract=off).
-BITNET_INLINE void add_half_products(const float32x4_t* xv, const uint16_t* bits,
-                                     float32x4_t* p) {
+// Sixteen float16 weights, widened (exactly): lane j of wv[q] is weight 4q + j.
+BITNET_INLINE void widen_halves(const uint16_t* bits, float32x4_t* wv) {
   const uint16x8_t low = vld1q_u16(bits), high = vld1q_u16(bits + 8);
-  const float32x4_t wv[4] = {vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(low))),
-                             vcvt_high_f32_f16(vreinterpretq_f16_u16(low)),
-                             vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(high))),
-                             vcvt_high_f32_f16(vreinterpretq_f16_u16(high))};
-  for (int q = 0; q < 4; ++q) p[q] = vaddq_f32(p[q], vmulq_f32(xv[q], wv[q]));
+  wv[0] = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(low)));
+  wv[1] = vcvt_high_f32_f16(vreinterpretq_f16_u16(low));
+  wv[2] = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(high)));
+  wv[3] = vcvt_high_f32_f16(vreinterpretq_f16_u16(high));
 }
 
 // The tail, if any, then the partials summed pairwise as reduce16 (j + 8 is p[q + 2], j + 4 is
@@ -130,34 +127,50 @@ BITNET_INLINE float finish_quarters(const float* x, const uint16_t* row, int64_t
   return vget_lane_f32(pair, 0) + vget_lane_f32(pair, 1);
 }
 
-// Four rows at a time: each x load serves four rows, and sixteen independent sums hide the adds'
-// latency. Each row's lanes are the fixed order's partials: the same bits as one row at a time.
-void half_rows_neon(const float* x, const uint16_t* w, int64_t k, int64_t begin, int64_t end,
-                    float* out) {
-  const int64_t whole = k / 16 * 16;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    float32x4_t p[4][4];
-    for (int r = 0; r < 4; ++r)
-      for (int q = 0; q < 4; ++q) p[r][q] = vdupq_n_f32(0.0f);
+// R rows by T tokens: each x load serves R rows, each widened row T tokens, and the sums' many
+// chains hide the adds' latency. Each (row, token)'s lanes are the fixed order's partials (lane j
+// of p[q]: partial 4q + j; a multiply, then an add, never fused: -ffp-contract=off), so its sum
+// is the same bits in any tile. The 32 registers hold four rows of one token, or one row of four
+// tokens.
+struct HalfTileNeon {
+  const float* x;
+  int64_t k;
+  const uint16_t* w;
+  float* out;
+  int64_t stride;
+
+  template <int R, int T>
+  void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 16 * 16;
+    float32x4_t p[R][T][4];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        for (int q = 0; q < 4; ++q) p[r][t][q] = vdupq_n_f32(0.0f);
     for (int64_t i = 0; i < whole; i += 16) {
-      float32x4_t xv[4];
-      for (int q = 0; q < 4; ++q) xv[q] = vld1q_f32(x + i + 4 * q);
-      for (int r = 0; r < 4; ++r) add_half_products(xv, w + (v + r) * k + i, p[r]);
+      float32x4_t wv[R][4];
+      for (int r = 0; r < R; ++r) widen_halves(w + (v + r) * k + i, wv[r]);
+      for (int t = 0; t < T; ++t) {
+        float32x4_t xv[4];
+        for (int q = 0; q < 4; ++q) xv[q] = vld1q_f32(x + (t0 + t) * k + i + 4 * q);
+        for (int r = 0; r < R; ++r)
+          for (int q = 0; q < 4; ++q)
+            p[r][t][q] = vaddq_f32(p[r][t][q], vmulq_f32(xv[q], wv[r][q]));
+      }
     }
-    for (int r = 0; r < 4; ++r) out[v + r] = finish_quarters(x, w + (v + r) * k, whole, k, p[r]);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        out[(t0 + t) * stride + v + r] =
+            finish_quarters(x + (t0 + t) * k, w + (v + r) * k, whole, k, p[r][t]);
   }
-  for (; v < end; ++v) {
-    const uint16_t* row = w + v * k;
-    float32x4_t p[4];
-    for (int q = 0; q < 4; ++q) p[q] = vdupq_n_f32(0.0f);
-    for (int64_t i = 0; i < whole; i += 16) {
-      float32x4_t xv[4];
-      for (int q = 0; q < 4; ++q) xv[q] = vld1q_f32(x + i + 4 * q);
-      add_half_products(xv, row + i, p);
-    }
-    out[v] = finish_quarters(x, row, whole, k, p);
-  }
+};
+
+void half_rows_neon(const float* x, int64_t m, const uint16_t* w, int64_t k, int64_t begin,
+                    int64_t end, float* out, int64_t stride) {
+  const HalfTileNeon tile{x, k, w, out, stride};
+  if (m == 1)
+    row_tiles<4, 1>(tile, m, begin, end);
+  else
+    row_tiles<1, 4>(tile, m, begin, end);
 }
 
 // x * w past the last whole sixteen bytes.
@@ -173,52 +186,78 @@ BITNET_INLINE int32x4_t add_products(int32x4_t acc, int8x16_t xv, int8x16_t wv) 
   return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(xv), vget_low_s8(wv)), xv, wv));
 }
 
-// Four rows share each x load. Signed by signed bytes: no flip of x, so w_sums is not needed.
-void int8_rows_neon(const int8_t* x, const int8_t* w, const int32_t*, int64_t k, int64_t begin,
-                    int64_t end, int32_t* out) {
-  const int64_t whole = k / 16 * 16;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    int32x4_t acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = vdupq_n_s32(0);
+// The int8 rows' tiles of R rows by T tokens (loops.h's row_tiles): out[t * stride + v], exact.
+// Each x load serves R rows, each row load T tokens; the 32 registers hold four rows by four
+// tokens. Signed by signed bytes: no flip of x, so w_sums is not needed. The dot-product tile
+// (sdot: four products straight into an int32 lane) is a struct of its own, since its intrinsic
+// is usable only inside a function of the dotprod target.
+struct Int8Tile {
+  const int8_t* x;
+  int64_t x_stride;
+  const int8_t* w;
+  int64_t k;
+  int32_t* out;
+  int64_t stride;
+
+  const int8_t* token(int64_t t) const { return x + t * x_stride; }
+  int32_t& at(int64_t t, int64_t v) const { return out[t * stride + v]; }
+};
+
+struct Int8TileNeon : Int8Tile {
+  template <int R, int T>
+  void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 16 * 16;
+    int32x4_t acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = vdupq_n_s32(0);
     for (int64_t i = 0; i < whole; i += 16) {
-      const int8x16_t xv = vld1q_s8(x + i);
-      for (int r = 0; r < 4; ++r) acc[r] = add_products(acc[r], xv, vld1q_s8(w + (v + r) * k + i));
+      int8x16_t wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = vld1q_s8(w + (v + r) * k + i);
+      for (int t = 0; t < T; ++t) {
+        const int8x16_t xv = vld1q_s8(token(t0 + t) + i);
+        for (int r = 0; r < R; ++r) acc[r][t] = add_products(acc[r][t], xv, wv[r]);
+      }
     }
-    for (int r = 0; r < 4; ++r)
-      out[v + r] = vaddvq_s32(acc[r]) + tail_sum(x, w + (v + r) * k, whole, k);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        at(t0 + t, v + r) =
+            vaddvq_s32(acc[r][t]) + tail_sum(token(t0 + t), w + (v + r) * k, whole, k);
   }
-  for (; v < end; ++v) {
-    int32x4_t acc = vdupq_n_s32(0);
-    for (int64_t i = 0; i < whole; i += 16)
-      acc = add_products(acc, vld1q_s8(x + i), vld1q_s8(w + v * k + i));
-    out[v] = vaddvq_s32(acc) + tail_sum(x, w + v * k, whole, k);
-  }
+};
+
+void int8_rows_neon(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                    const int32_t*, int64_t k, int64_t begin, int64_t end, int32_t* out,
+                    int64_t stride) {
+  row_tiles<4, 4>(Int8TileNeon{{x, x_stride, w, k, out, stride}}, m, begin, end);
 }
 
 #ifdef BITNET_DOTPROD
-// int8_rows_neon with sdot (four products straight into an int32 lane) for add_products: its
-// intrinsic is usable only inside a function of the dotprod target, so the loop is its own.
-BITNET_DOTPROD void int8_rows_neon_dot(const int8_t* x, const int8_t* w, const int32_t*,
-                                       int64_t k, int64_t begin, int64_t end, int32_t* out) {
-  const int64_t whole = k / 16 * 16;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    int32x4_t acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = vdupq_n_s32(0);
+struct Int8TileNeonDot : Int8Tile {
+  template <int R, int T>
+  BITNET_DOTPROD void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 16 * 16;
+    int32x4_t acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = vdupq_n_s32(0);
     for (int64_t i = 0; i < whole; i += 16) {
-      const int8x16_t xv = vld1q_s8(x + i);
-      for (int r = 0; r < 4; ++r) acc[r] = vdotq_s32(acc[r], xv, vld1q_s8(w + (v + r) * k + i));
+      int8x16_t wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = vld1q_s8(w + (v + r) * k + i);
+      for (int t = 0; t < T; ++t) {
+        const int8x16_t xv = vld1q_s8(token(t0 + t) + i);
+        for (int r = 0; r < R; ++r) acc[r][t] = vdotq_s32(acc[r][t], xv, wv[r]);
+      }
     }
-    for (int r = 0; r < 4; ++r)
-      out[v + r] = vaddvq_s32(acc[r]) + tail_sum(x, w + (v + r) * k, whole, k);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        at(t0 + t, v + r) =
+            vaddvq_s32(acc[r][t]) + tail_sum(token(t0 + t), w + (v + r) * k, whole, k);
   }
-  for (; v < end; ++v) {
-    int32x4_t acc = vdupq_n_s32(0);
-    for (int64_t i = 0; i < whole; i += 16)
-      acc = vdotq_s32(acc, vld1q_s8(x + i), vld1q_s8(w + v * k + i));
-    out[v] = vaddvq_s32(acc) + tail_sum(x, w + v * k, whole, k);
-  }
+};
+
+void int8_rows_neon_dot(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                        const int32_t*, int64_t k, int64_t begin, int64_t end, int32_t* out,
+                        int64_t stride) {
+  row_tiles<4, 4>(Int8TileNeonDot{{x, x_stride, w, k, out, stride}}, m, begin, end);
 }
 #endif
 

@@ -32,14 +32,17 @@ const char* path_name(int64_t path);  // "portable", "avx2", ...; "" for no such
 // of int8 codes: out[r * TOKENS + t] = the sum over the row of (w + 1) * x[t].
 using Tile = void (*)(const uint8_t* const* w, int64_t stride, const int8_t* const* x,
                       int64_t blocks, int32_t* out);
-// Float16 rows begin..end of w (k wide, IEEE half bits) times float32 x, summed in float32 in
-// the fixed order of loops.h: out[v] for each row v.
-using HalfRows = void (*)(const float* x, const uint16_t* w, int64_t k, int64_t begin,
-                          int64_t end, float* out);
-// Int8 rows begin..end of w (k wide) times int8 codes x in [-127, 127], exactly; w_sums[v] is
-// row v's sum of codes (paths that add 128 to x take 128 * w_sums[v] off again).
-using Int8Rows = void (*)(const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k,
-                          int64_t begin, int64_t end, int32_t* out);
+// Float16 rows begin..end of w (k wide, IEEE half bits) times each of m float32 tokens (token t
+// at x + t * k), summed in float32 in the fixed order of loops.h: out[t * stride + v] for each
+// row v and token t, the same bits for any m (a row is widened once for all the tokens).
+using HalfRows = void (*)(const float* x, int64_t m, const uint16_t* w, int64_t k,
+                          int64_t begin, int64_t end, float* out, int64_t stride);
+// Int8 rows begin..end of w (k wide) times each of m tokens' int8 codes in [-127, 127] (token t
+// at x + t * x_stride), exactly: out[t * stride + v]; w_sums[v] is row v's sum of codes (paths
+// that add 128 to x take 128 * w_sums[v] off again). A row is loaded once for all the tokens.
+using Int8Rows = void (*)(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                          const int32_t* w_sums, int64_t k, int64_t begin, int64_t end,
+                          int32_t* out, int64_t stride);
 
 // One path's loops. Every path gives the same integers, and the same floats bit for bit.
 struct Kernels {

@@ -63,24 +63,43 @@ BITNET_INLINE float finish_half_row(const float* x, const uint16_t* row, int64_t
   return reduce16(partial);
 }
 
-BITNET_INLINE float dot_half_body(const float* x, const uint16_t* w, int64_t k) {
-  float partial[16] = {};
-  const int64_t whole = k / 16 * 16;
-  for (int64_t i = 0; i < whole; i += 16)
-    for (int j = 0; j < 16; ++j) partial[j] += x[i + j] * half_to_float(w[i + j]);
-  return finish_half_row(x, w, whole, k, partial);
+// Rows begin..end of a weight against m tokens (the float16 head's and the int8 rows'), in tiles
+// of R rows by T tokens (T a power of two), each `tile.template run<R, T>(v, t)` for rows v.. and
+// tokens t..: a tile's rows are loaded once for all its tokens, and stay in L1 while the next
+// tokens read them. Fewer than T tokens left take tiles of half as many; fewer than R rows left,
+// tiles of one row. Each (row, token)'s sum has one order whatever tile it is in: the same bits
+// as alone.
+template <int R, int T, class Tile>
+BITNET_INLINE void token_tiles(const Tile& tile, int64_t v, int64_t t, int64_t m) {
+  for (; t + T <= m; t += T) tile.template run<R, T>(v, t);
+  if constexpr (T > 1) token_tiles<R, T / 2>(tile, v, t, m);
+}
+
+template <int R, int T, class Tile>
+BITNET_INLINE void row_tiles(const Tile& tile, int64_t m, int64_t begin, int64_t end) {
+  int64_t v = begin;
+  for (; v + R <= end; v += R) token_tiles<R, T>(tile, v, 0, m);
+  for (; v < end; ++v) token_tiles<1, T>(tile, v, 0, m);
 }
 
 // One token's activations as int8 codes, as activation_codes makes them: the absmax scale
 // (torch evaluates its 127.0 / amax as amax.reciprocal() * 127.0), each value times the scale
 // rounded half to even (nearbyint in the default rounding mode). Returns the sum of the codes.
 BITNET_INLINE int32_t quantize_body(const float* row, int64_t k, int8_t* codes, float* scale_out) {
+  // The largest |x| over sixteen lanes, then over the lanes: a max is exact in any order (a NaN
+  // skipped as the one running max skipped it), and one running max was a chain of k dependent
+  // maxss, 4 cycles each (a fifth of a batch's projections).
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16)
+    for (int j = 0; j < 16; ++j) lanes[j] = std::max(lanes[j], std::fabs(row[i + j]));
+  for (; i < k; ++i) lanes[0] = std::max(lanes[0], std::fabs(row[i]));
   float amax = 0.0f;
-  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+  for (int j = 0; j < 16; ++j) amax = std::max(amax, lanes[j]);
   const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
   *scale_out = scale;
   int32_t sum = 0;
-  for (int64_t i = 0; i < k; ++i) {
+  for (i = 0; i < k; ++i) {
     codes[i] = int8_t(std::nearbyint(row[i] * scale));
     sum += codes[i];
   }

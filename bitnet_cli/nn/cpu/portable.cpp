@@ -118,18 +118,26 @@ void tile_portable(const uint8_t* const* w, int64_t stride, const int8_t* const*
     }
 }
 
-void half_rows_portable(const float* x, const uint16_t* w, int64_t k, int64_t begin,
-                        int64_t end, float* out) {
-  for (int64_t v = begin; v < end; ++v) out[v] = dot_half_body(x, w + v * k, k);
+// Each row widened to float32 once, then summed with every token in dot's order, which is the
+// float16 head's (a product x * w into partial i % 16, the tail into partial 0, reduce16).
+void half_rows_portable(const float* x, int64_t m, const uint16_t* w, int64_t k, int64_t begin,
+                        int64_t end, float* out, int64_t stride) {
+  std::vector<float> row(k);
+  for (int64_t v = begin; v < end; ++v) {
+    for (int64_t i = 0; i < k; ++i) row[i] = half_to_float(w[v * k + i]);
+    for (int64_t t = 0; t < m; ++t) out[t * stride + v] = dot_body(x + t * k, row.data(), k);
+  }
 }
 
-void int8_rows_portable(const int8_t* x, const int8_t* w, const int32_t*, int64_t k,
-                        int64_t begin, int64_t end, int32_t* out) {
-  for (int64_t v = begin; v < end; ++v) {
-    int32_t sum = 0;
-    for (int64_t i = 0; i < k; ++i) sum += int32_t(x[i]) * int32_t(w[v * k + i]);
-    out[v] = sum;
-  }
+void int8_rows_portable(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                        const int32_t*, int64_t k, int64_t begin, int64_t end, int32_t* out,
+                        int64_t stride) {
+  for (int64_t v = begin; v < end; ++v)
+    for (int64_t t = 0; t < m; ++t) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < k; ++i) sum += int32_t(x[t * x_stride + i]) * int32_t(w[v * k + i]);
+      out[t * stride + v] = sum;
+    }
 }
 
 float dot_portable(const float* a, const float* b, int64_t n) { return dot_body(a, b, n); }

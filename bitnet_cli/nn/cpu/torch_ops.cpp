@@ -35,11 +35,40 @@ Tokens quantize(const Kernels& f, const float* x, int64_t m, int64_t k) {
   return tokens;
 }
 
-void ternary_sums(const Kernels& f, const Tokens& x, const at::Tensor& packed, int32_t* out) {
-  const int64_t n = packed.size(0);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, tile_count(n), 8, [&](int64_t begin, int64_t end) {
-    ternary_tiles(f, x, w, n, begin, end, out);
+namespace {
+
+// Rows begin..end of the int32 sums (m, n), which sit in out's own memory, rescaled in place.
+void rescale(const Tokens& x, const float* scale, int64_t n, int64_t begin, int64_t end,
+             float* out) {
+  static_assert(sizeof(float) == sizeof(int32_t), "sums share the output's memory");
+  const int32_t* sums = reinterpret_cast<const int32_t*>(out);
+  for (int64_t t = 0; t < x.m; ++t)
+    for (int64_t r = begin; r < end; ++r)
+      out[t * n + r] = float(sums[t * n + r]) / (x.scales[t] * scale[r]);
+}
+
+}  // namespace
+
+// The int32 sums first, in the output's own memory, then each rescaled in place by the thread
+// that summed it (rescaling a batch's outputs on one thread took a third of its projections'
+// time on two). The int8 engine's rows go through the same int8 rows as the head (oneDNN's int8
+// GEMM behind torch._int_mm was 5x slower on AVX2 at one token).
+void bit_linear(const Kernels& f, const float* x, int64_t m, int64_t k, const at::Tensor& weight,
+                const at::Tensor& row_sums, const float* scale, float* out) {
+  const int64_t n = weight.size(0);
+  const Tokens tokens = quantize(f, x, m, k);
+  int32_t* sums = reinterpret_cast<int32_t*>(out);
+  if (weight.scalar_type() == at::kByte) {
+    ternary_sums(f, tokens, weight, sums, [&](int64_t begin, int64_t end) {
+      rescale(tokens, scale, n, begin, end, out);
+    });
+    return;
+  }
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const int32_t* w_sums = row_sums.data_ptr<int32_t>();
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+    f.int8_rows(tokens.codes.data(), m, tokens.kp, w, w_sums, k, begin, end, sums, n);
+    rescale(tokens, scale, n, begin, end, out);
   });
 }
 
@@ -97,15 +126,14 @@ at::Tensor ternary_mm(const at::Tensor& x, const at::Tensor& packed, int64_t pat
       tokens.sums[t] += xd[t * k + i];
     }
   auto out = at::empty({m, n}, at::kInt);
-  ternary_sums(kernels_for(resolve_path(path)), tokens, packed, out.data_ptr<int32_t>());
+  ternary_sums(kernels_for(resolve_path(path)), tokens, packed, out.data_ptr<int32_t>(),
+               [](int64_t, int64_t) {});
   return out;
 }
 
-// The whole BitLinear at inference, as the int8 engine computes it, in one call: each token of
-// x (m, in) float32 quantized to int8 codes by absmax (round half to even, as torch.round), the
-// exact sums against the packed rows, then sum / (x_scale * w_scale[row]) in float32. The same
-// float operations in the same order as activation_codes and Int8Linear.forward, so the output
-// is theirs to the bit (built without -ffast-math or FMA contraction).
+// The whole BitLinear at inference in one call (bit_linear, glue.h): x (m, in) float32 against
+// the packed rows -> (m, out) float32, the int8 engine's outputs to the bit (built without
+// -ffast-math or FMA contraction).
 at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
                           const at::Tensor& w_scale, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be 2-d float32");
@@ -115,18 +143,9 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed,
   const auto ws = w_scale.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
   check_packed(packed, k);
-  const Kernels& f = kernels_for(resolve_path(path));
-  const Tokens tokens = quantize(f, xc.data_ptr<float>(), m, k);
   auto out = at::empty({m, n}, at::kFloat);
-  float* od = out.data_ptr<float>();
-  // The int32 sums first, in the output's own memory, then each rescaled in place.
-  static_assert(sizeof(float) == sizeof(int32_t), "sums share the output's memory");
-  int32_t* sums = reinterpret_cast<int32_t*>(od);
-  ternary_sums(f, tokens, packed, sums);
-  const float* sd = ws.data_ptr<float>();
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t r = 0; r < n; ++r)
-      od[t * n + r] = float(sums[t * n + r]) / (tokens.scales[t] * sd[r]);
+  bit_linear(kernels_for(resolve_path(path)), xc.data_ptr<float>(), m, k, packed, at::Tensor(),
+             ws.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
@@ -149,16 +168,15 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, int64_t path) {
       w_sums[v] = std::accumulate(w + v * k, w + (v + 1) * k, int32_t(0));
   });
   auto out = at::empty({m, n}, at::kInt);
-  for (int64_t t = 0; t < m; ++t)
-    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
-      rows(xc.data_ptr<int8_t>() + t * k, w, w_sums.data(), k, b, e,
-           out.data_ptr<int32_t>() + t * n);
-    });
+  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+    rows(xc.data_ptr<int8_t>(), m, k, w, w_sums.data(), k, b, e, out.data_ptr<int32_t>(), n);
+  });
   return out;
 }
 
 // x: (m, in) float32; w: (out, in) float16 -> (m, out) float32: the float16 head for a few rows
-// (the per-op path's prompt and tokens), summed in float32 exactly as the fused step's head.
+// (the per-op path's prompt and tokens), summed in float32 exactly as the fused step's head,
+// each row read from memory once for all of them.
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && w.dim() == 2 &&
               w.scalar_type() == at::kHalf && x.size(1) == w.size(1),
@@ -168,10 +186,9 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w, int64_t path) {
   const int64_t m = xc.size(0), k = xc.size(1), n = wc.size(0);
   const auto* bits = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::Half>());
   auto out = at::empty({m, n}, at::kFloat);
-  for (int64_t t = 0; t < m; ++t)
-    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
-      rows(xc.data_ptr<float>() + t * k, bits, k, b, e, out.data_ptr<float>() + t * n);
-    });
+  at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+    rows(xc.data_ptr<float>(), m, bits, k, b, e, out.data_ptr<float>(), n);
+  });
   return out;
 }
 

@@ -42,13 +42,6 @@ __attribute__((target("avx2"))) inline int32_t sum8(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Four rows' int32 lanes -> their four sums.
-__attribute__((target("avx2"))) inline __m128i sum8_x4(const __m256i* acc) {
-  const __m256i all = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
-                                        _mm256_hadd_epi32(acc[2], acc[3]));
-  return _mm_add_epi32(_mm256_castsi256_si128(all), _mm256_extracti128_si256(all, 1));
-}
-
 template <int T>
 __attribute__((target("avx2"))) void tile_avx2(const uint8_t* const* w, int64_t stride,
                                                 const int8_t* const* x, int64_t blocks,
@@ -189,43 +182,69 @@ __attribute__((target("avx2,f16c"))) inline float finish_halves(const float* x,
   return finish_half_row(x, row, whole, k, partial);
 }
 
-// Four rows at a time: each x load serves four rows, and eight independent sums hide the adds'
-// latency (one row's two chains of adds left the loads waiting). Each row's lanes are the fixed
-// order's sixteen partials, so the sums are the same bits as one row at a time.
-__attribute__((target("avx2,f16c"))) void half_rows_avx2(const float* x, const uint16_t* w,
-                                                         int64_t k, int64_t begin, int64_t end,
-                                                         float* out) {
-  const int64_t whole = k / 16 * 16;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    __m256 low[4], high[4];
-    for (int r = 0; r < 4; ++r) low[r] = high[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-      for (int r = 0; r < 4; ++r) {
-        const uint16_t* bits = w + (v + r) * k + i;
-        low[r] = _mm256_add_ps(low[r], _mm256_mul_ps(x0, _mm256_cvtph_ps(
-                                                             _mm_loadu_si128((const __m128i*)bits))));
-        high[r] = _mm256_add_ps(high[r], _mm256_mul_ps(x1, _mm256_cvtph_ps(
-                                                               _mm_loadu_si128((const __m128i*)(bits + 8)))));
-      }
-    }
-    for (int r = 0; r < 4; ++r) out[v + r] = finish_halves(x, w + (v + r) * k, whole, k, low[r], high[r]);
-  }
-  for (; v < end; ++v) {
-    const uint16_t* row = w + v * k;
-    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 16) {
-      low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(x + i),
-                                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i)))));
-      high = _mm256_add_ps(high, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8),
-                                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i + 8)))));
-    }
-    out[v] = finish_halves(x, row, whole, k, low, high);
-  }
+// A tile's R rows (consecutive, so one stream through memory) at the step that reads `bytes` of
+// them from `offset` in the stream: ask, into L2, for the lines PREFETCH_BLOCKS blocks' bytes
+// ahead. With the hardware prefetchers alone the 95M shape's float16 head at one token took 7.8
+// ms on one thread of a machine that reads it in 1.9.
+BITNET_INLINE void prefetch_tile(const void* rows, int64_t offset, int64_t bytes) {
+  const char* ahead = (const char*)rows + offset + PREFETCH_BLOCKS * 256;
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
 }
 
-// Four rows at a time, as AVX2's, each row's sixteen partials one 512-bit register.
+// R rows by T tokens: each x load serves R rows, each widened row T tokens, and R * T pairs of
+// sums hide the adds' latency (one row's two chains of adds left the loads waiting). Each
+// (row, token)'s lanes are the fixed order's sixteen partials (low: 0-7, high: 8-15), so its sum
+// is the same bits in any tile. The sixteen ymm registers hold four rows of one token, or one row
+// of four tokens.
+struct HalfTileAvx2 {
+  const float* x;
+  int64_t k;
+  const uint16_t* w;
+  float* out;
+  int64_t stride;
+
+  template <int R, int T>
+  __attribute__((target("avx2,f16c"))) void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 16 * 16;
+    __m256 low[R][T], high[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) low[r][t] = high[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      prefetch_tile(w + v * k, 2 * R * i, 32 * R);
+      __m256 w0[R], w1[R];
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* bits = w + (v + r) * k + i;
+        w0[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)bits));
+        w1[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(bits + 8)));
+      }
+      for (int t = 0; t < T; ++t) {
+        const float* xt = x + (t0 + t) * k + i;
+        const __m256 x0 = _mm256_loadu_ps(xt), x1 = _mm256_loadu_ps(xt + 8);
+        for (int r = 0; r < R; ++r) {
+          low[r][t] = _mm256_add_ps(low[r][t], _mm256_mul_ps(x0, w0[r]));
+          high[r][t] = _mm256_add_ps(high[r][t], _mm256_mul_ps(x1, w1[r]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        out[(t0 + t) * stride + v + r] =
+            finish_halves(x + (t0 + t) * k, w + (v + r) * k, whole, k, low[r][t], high[r][t]);
+  }
+};
+
+__attribute__((target("avx2,f16c"))) void half_rows_avx2(const float* x, int64_t m,
+                                                         const uint16_t* w, int64_t k,
+                                                         int64_t begin, int64_t end, float* out,
+                                                         int64_t stride) {
+  const HalfTileAvx2 tile{x, k, w, out, stride};
+  if (m == 1)
+    row_tiles<4, 1>(tile, m, begin, end);
+  else
+    row_tiles<1, 4>(tile, m, begin, end);
+}
+
+// As AVX2's, each (row, token)'s sixteen partials one 512-bit register: four rows by four tokens.
 __attribute__((target("avx512f,avx2,f16c"))) inline float finish_wide(const float* x,
                                                                       const uint16_t* row,
                                                                       int64_t whole, int64_t k,
@@ -234,31 +253,41 @@ __attribute__((target("avx512f,avx2,f16c"))) inline float finish_wide(const floa
                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
 }
 
-__attribute__((target("avx512f,avx2,f16c"))) void half_rows_avx512(const float* x,
+struct HalfTileAvx512 {
+  const float* x;
+  int64_t k;
+  const uint16_t* w;
+  float* out;
+  int64_t stride;
+
+  template <int R, int T>
+  __attribute__((target("avx512f,avx2,f16c"))) void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 16 * 16;
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 16) {
+      prefetch_tile(w + v * k, 2 * R * i, 32 * R);
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r)
+        wv[r] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + (v + r) * k + i)));
+      for (int t = 0; t < T; ++t) {
+        const __m512 xv = _mm512_loadu_ps(x + (t0 + t) * k + i);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_mul_ps(xv, wv[r]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        out[(t0 + t) * stride + v + r] =
+            finish_wide(x + (t0 + t) * k, w + (v + r) * k, whole, k, acc[r][t]);
+  }
+};
+
+__attribute__((target("avx512f,avx2,f16c"))) void half_rows_avx512(const float* x, int64_t m,
                                                                    const uint16_t* w, int64_t k,
                                                                    int64_t begin, int64_t end,
-                                                                   float* out) {
-  const int64_t whole = k / 16 * 16;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    __m512 acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      for (int r = 0; r < 4; ++r)
-        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(xv, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                                             (const __m256i*)(w + (v + r) * k + i)))));
-    }
-    for (int r = 0; r < 4; ++r) out[v + r] = finish_wide(x, w + (v + r) * k, whole, k, acc[r]);
-  }
-  for (; v < end; ++v) {
-    const uint16_t* row = w + v * k;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < whole; i += 16)
-      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_cvtph_ps(
-                                                 _mm256_loadu_si256((const __m256i*)(row + i)))));
-    out[v] = finish_wide(x, row, whole, k, acc);
-  }
+                                                                   float* out, int64_t stride) {
+  row_tiles<4, 4>(HalfTileAvx512{x, k, w, out, stride}, m, begin, end);
 }
 
 // AVX2 has no unsigned-by-signed dot product of its own: |w| times x with w's sign. Codes are
@@ -276,128 +305,163 @@ BITNET_INLINE int32_t tail_sum(const int8_t* x, const int8_t* row, int64_t from,
   return sum;
 }
 
-// The int8 head's four rows at a time are one stream of 4k bytes: each step of 32 bytes a row
-// asks, into L2, for the matching two lines of the stream PREFETCH_BLOCKS blocks' bytes ahead.
-BITNET_INLINE void prefetch_rows(const int8_t* w, int64_t v, int64_t k, int64_t i) {
-  const char* ahead = (const char*)(w + v * k) + 4 * i + PREFETCH_BLOCKS * 256;
-  _mm_prefetch(ahead, _MM_HINT_T1);
-  _mm_prefetch(ahead + 64, _MM_HINT_T1);
-}
+// m tokens' codes as x + 128, in rows of `width` bytes (zeros past k): the unsigned side of
+// vpdpbusd, flipped once per call, not per row. The rows' sums take 128 * sum(w) off again
+// (each row's, computed once at load).
+struct Flipped {
+  std::vector<uint8_t> codes;
+  int64_t width;
+  Flipped(const int8_t* x, int64_t m, int64_t x_stride, int64_t k, int64_t width)
+      : codes(m * width), width(width) {
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t i = 0; i < std::min(k, width); ++i)
+        codes[t * width + i] = uint8_t(x[t * x_stride + i]) ^ 0x80;
+  }
+  const uint8_t* token(int64_t t) const { return codes.data() + t * width; }
+};
 
-// Four rows share each x load.
-__attribute__((target("avx2"))) void int8_rows_avx2(const int8_t* x, const int8_t* w,
-                                                    const int32_t*, int64_t k, int64_t begin,
-                                                    int64_t end, int32_t* out) {
-  const int64_t whole = k / 32 * 32;
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    __m256i acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_si256();
+// The int8 rows' tiles of R rows by T tokens (loops.h's row_tiles): out[t * stride + v], exact.
+// Each x load serves R rows, each row load T tokens.
+struct Int8Tile {
+  const int8_t* x;
+  int64_t x_stride;
+  const int8_t* w;
+  const int32_t* w_sums;
+  int64_t k;
+  int32_t* out;
+  int64_t stride;
+
+  const int8_t* token(int64_t t) const { return x + t * x_stride; }
+  int32_t& at(int64_t t, int64_t v) const { return out[t * stride + v]; }
+};
+
+struct Int8TileAvx2 : Int8Tile {
+  template <int R, int T>
+  __attribute__((target("avx2"))) void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 32 * 32;
+    __m256i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     for (int64_t i = 0; i < whole; i += 32) {
-      prefetch_rows(w, v, k, i);
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + i));
-      for (int r = 0; r < 4; ++r)
-        acc[r] = _mm256_add_epi32(acc[r], signed_products(xv, _mm256_loadu_si256(
-                                                                  (const __m256i*)(w + (v + r) * k + i))));
-    }
-    int32_t sums[4];
-    _mm_storeu_si128((__m128i*)sums, sum8_x4(acc));
-    for (int r = 0; r < 4; ++r) out[v + r] = sums[r] + tail_sum(x, w + (v + r) * k, whole, k, 0);
-  }
-  for (; v < end; ++v) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = 0; i < whole; i += 32)
-      acc = _mm256_add_epi32(acc, signed_products(_mm256_loadu_si256((const __m256i*)(x + i)),
-                                                  _mm256_loadu_si256((const __m256i*)(w + v * k + i))));
-    out[v] = sum8(acc) + tail_sum(x, w + v * k, whole, k, 0);
-  }
-}
-
-// dpbusd multiplies unsigned by signed bytes: the input codes go in as x + 128 (flipped once,
-// not per row), and 128 * sum(w) (each row's, computed once at load) is taken off again.
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_rows_avx512(
-    const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k, int64_t begin,
-    int64_t end, int32_t* out) {
-  const int64_t whole = k / 64 * 64;
-  const __mmask64 tail = k == whole ? 0 : (~0ULL >> (64 - (k - whole)));
-  std::vector<uint8_t> flipped(whole + 64);
-  for (int64_t i = 0; i < k; ++i) flipped[i] = uint8_t(x[i]) ^ 0x80;
-  const uint8_t* xu = flipped.data();
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    __m512i acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_si512();
-    for (int64_t i = 0; i < whole; i += 64) {
-      const __m512i xv = _mm512_loadu_si512(xu + i);
-      for (int r = 0; r < 4; ++r) {
-        // Four rows are four short streams, which the CPU's prefetchers are slow to follow
-        // from memory: ask for the next four rows' bytes while these are summed.
-        _mm_prefetch((const char*)(w + (v + 4 + r) * k + i), _MM_HINT_T0);
-        acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_loadu_si512(w + (v + r) * k + i));
+      prefetch_tile(w + v * k, R * i, 32 * R);
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_si256((const __m256i*)(w + (v + r) * k + i));
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(token(t0 + t) + i));
+        for (int r = 0; r < R; ++r)
+          acc[r][t] = _mm256_add_epi32(acc[r][t], signed_products(xv, wv[r]));
       }
     }
-    if (tail) {  // bytes past the row are zero weights: they add nothing
-      const __m512i xv = _mm512_loadu_si512(xu + whole);
-      for (int r = 0; r < 4; ++r)
-        acc[r] = _mm512_dpbusd_epi32(acc[r], xv,
-                                     _mm512_maskz_loadu_epi8(tail, w + (v + r) * k + whole));
-    }
-    __m256i half[4];
-    for (int r = 0; r < 4; ++r)
-      half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]),
-                                 _mm512_extracti64x4_epi64(acc[r], 1));
-    const __m128i offsets = _mm_slli_epi32(_mm_loadu_si128((const __m128i*)(w_sums + v)), 7);
-    _mm_storeu_si128((__m128i*)(out + v), _mm_sub_epi32(sum8_x4(half), offsets));
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        at(t0 + t, v + r) = sum8(acc[r][t]) + tail_sum(token(t0 + t), w + (v + r) * k, whole, k, 0);
   }
-  for (; v < end; ++v) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t i = 0; i < whole; i += 64)
-      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu + i), _mm512_loadu_si512(w + v * k + i));
-    if (tail)
-      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu + whole),
-                                _mm512_maskz_loadu_epi8(tail, w + v * k + whole));
-    out[v] = _mm512_reduce_add_epi32(acc) - 128 * w_sums[v];
-  }
+};
+
+// AVX2 and AVX-VNNI: the sixteen ymm registers hold four rows by two tokens.
+void int8_rows_avx2(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                    const int32_t* w_sums, int64_t k, int64_t begin, int64_t end, int32_t* out,
+                    int64_t stride) {
+  row_tiles<4, 2>(Int8TileAvx2{{x, x_stride, w, w_sums, k, out, stride}}, m, begin, end);
 }
 
 #ifdef BITNET_AVX_VNNI
-__attribute__((target("avx2,avxvnni"))) void int8_rows_avx_vnni(
-    const int8_t* x, const int8_t* w, const int32_t* w_sums, int64_t k, int64_t begin,
-    int64_t end, int32_t* out) {
-  const int64_t whole = k / 32 * 32;
-  std::vector<uint8_t> flipped(whole);
-  for (int64_t i = 0; i < whole; ++i) flipped[i] = uint8_t(x[i]) ^ 0x80;
-  const uint8_t* xu = flipped.data();
-  // The tail past the last 32 bytes is summed flipped too: 128 * the whole row's sum of codes
-  // comes off.
-  int64_t v = begin;
-  for (; v + 4 <= end; v += 4) {
-    __m256i acc[4];
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_si256();
+struct Int8TileAvxVnni : Int8Tile {
+  const Flipped& flipped;
+
+  template <int R, int T>
+  __attribute__((target("avx2,avxvnni"))) void run(int64_t v, int64_t t0) const {
+    const int64_t whole = k / 32 * 32;  // the tail past it is summed flipped too
+    __m256i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
     for (int64_t i = 0; i < whole; i += 32) {
-      prefetch_rows(w, v, k, i);
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xu + i));
-      for (int r = 0; r < 4; ++r)
-        acc[r] = _mm256_dpbusd_avx_epi32(acc[r], xv, _mm256_loadu_si256(
-                                                         (const __m256i*)(w + (v + r) * k + i)));
+      prefetch_tile(w + v * k, R * i, 32 * R);
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_si256((const __m256i*)(w + (v + r) * k + i));
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(flipped.token(t0 + t) + i));
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], xv, wv[r]);
+      }
     }
-    int32_t sums[4];
-    _mm_storeu_si128((__m128i*)sums, sum8_x4(acc));
-    for (int r = 0; r < 4; ++r)
-      out[v + r] = sums[r] + tail_sum(x, w + (v + r) * k, whole, k, 128) - 128 * w_sums[v + r];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        at(t0 + t, v + r) = sum8(acc[r][t]) +
+                            tail_sum(token(t0 + t), w + (v + r) * k, whole, k, 128) -
+                            128 * w_sums[v + r];
   }
-  for (; v < end; ++v) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = 0; i < whole; i += 32)
-      acc = _mm256_dpbusd_avx_epi32(acc, _mm256_loadu_si256((const __m256i*)(xu + i)),
-                                    _mm256_loadu_si256((const __m256i*)(w + v * k + i)));
-    out[v] = sum8(acc) + tail_sum(x, w + v * k, whole, k, 128) - 128 * w_sums[v];
-  }
+};
+
+void int8_rows_avx_vnni(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                        const int32_t* w_sums, int64_t k, int64_t begin, int64_t end,
+                        int32_t* out, int64_t stride) {
+  const Flipped flipped(x, m, x_stride, k, k / 32 * 32);
+  row_tiles<4, 2>(Int8TileAvxVnni{{x, x_stride, w, w_sums, k, out, stride}, flipped}, m, begin,
+                  end);
 }
 #endif
 
-__attribute__((target("avx2"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  return dot_body(a, b, n);
+// R rows are R short streams, which the CPU's prefetchers are slow to follow from memory: each
+// step asks for the next R rows' bytes while these are summed. The last step's bytes past a row
+// are zero weights (a masked load): they add nothing.
+struct Int8TileAvx512 : Int8Tile {
+  const Flipped& flipped;
+
+  template <int R, int T>
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) void run(int64_t v, int64_t t0) const {
+    __m512i acc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; i += 64) {
+      const __mmask64 mask = k - i >= 64 ? ~0ULL : ~0ULL >> (64 - (k - i));
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch((const char*)(w + (v + R + r) * k + i), _MM_HINT_T0);
+        wv[r] = _mm512_maskz_loadu_epi8(mask, w + (v + r) * k + i);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_loadu_si512(flipped.token(t0 + t) + i);
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xv, wv[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        at(t0 + t, v + r) = _mm512_reduce_add_epi32(acc[r][t]) - 128 * w_sums[v + r];
+  }
+};
+
+// Four rows by four tokens.
+void int8_rows_avx512(const int8_t* x, int64_t m, int64_t x_stride, const int8_t* w,
+                      const int32_t* w_sums, int64_t k, int64_t begin, int64_t end, int32_t* out,
+                      int64_t stride) {
+  const Flipped flipped(x, m, x_stride, k, (k + 63) / 64 * 64);
+  row_tiles<4, 4>(Int8TileAvx512{{x, x_stride, w, w_sums, k, out, stride}, flipped}, m, begin,
+                  end);
+}
+
+// dot's sixteen partials as SIMD lanes, summed pairwise as reduce_halves: the generic body's
+// reduction was compiled to sixteen dependent scalar adds, the most of a 64-wide dot's time
+// (attention's, every position of every head).
+__attribute__((target("avx2,f16c"))) inline float finish_dot(const float* a, const float* b,
+                                                             int64_t i, int64_t n, __m256 low,
+                                                             __m256 high) {
+  if (i == n) return reduce_halves(low, high);
+  float partial[16];
+  _mm256_storeu_ps(partial, low);
+  _mm256_storeu_ps(partial + 8, high);
+  for (; i < n; ++i) partial[0] += a[i] * b[i];
+  return reduce16(partial);
+}
+
+__attribute__((target("avx2,f16c"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    low = _mm256_add_ps(low, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    high = _mm256_add_ps(high, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8),
+                                             _mm256_loadu_ps(b + i + 8)));
+  }
+  return finish_dot(a, b, i, n, low, high);
 }
 __attribute__((target("avx2"))) void add_scaled_avx2(float* out, float p, const float* v,
                                                      int64_t n) {
@@ -407,8 +471,14 @@ __attribute__((target("avx2"))) int32_t quantize_avx2(const float* row, int64_t 
                                                       int8_t* codes, float* scale) {
   return quantize_body(row, k, codes, scale);
 }
-__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t n) {
-  return dot_body(a, b, n);
+__attribute__((target("avx512f,avx2,f16c"))) float dot_avx512(const float* a, const float* b,
+                                                               int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+  return finish_dot(a, b, i, n, _mm512_castps512_ps256(acc),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
 }
 __attribute__((target("avx512f"))) void add_scaled_avx512(float* out, float p, const float* v,
                                                           int64_t n) {
