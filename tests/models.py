@@ -16,14 +16,18 @@ from bitnet_cli.tasks import load_experiment
 from tests.cli import home_at, invoke
 
 
-def random_checkpoint(folder, experiment="simple", tokenizer=None, **shape):
-    """A checkpoint with random weights (init std 0.02), written by the real checkpoint code."""
+def random_checkpoint(folder, experiment="simple", tokenizer=None, tweak=None, **shape):
+    """A checkpoint with random weights (init std 0.02), written by the real checkpoint code;
+    `tweak(model)` changes them first."""
     tokenizer = tokenizer or load_experiment(experiment).tokenizer()
     model_shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=192, max_position_embeddings=32)
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), **{**model_shape, **shape})
     torch.manual_seed(0)
     model = BitNetForCausalLM(config)
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
     folder.mkdir(parents=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     trainer = {"step": 1, "experiment": experiment, "model": to_dict(config)}

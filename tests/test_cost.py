@@ -281,6 +281,6 @@ def test_a_cpu_step_is_checked_against_float32_activations(monkeypatch):
     half = training_bytes(model, train.batch_size, train.seq_len, activation_bytes=2)
     full = training_bytes(model, train.batch_size, train.seq_len, activation_bytes=4)
     assert half < full < 2 * half  # the layers' activations double; weights and logits do not
-    monkeypatch.setattr(setup, "_free_memory", lambda device: (half + full) // 2)
+    monkeypatch.setattr(setup, "free_memory", lambda device: (half + full) // 2)
     with pytest.raises(BitnetError, match="lower --batch-size"):
         setup.check_memory(model, train, torch.device("cpu"), 1)

@@ -310,6 +310,26 @@ def test_a_chat_models_tokenizer_and_template_are_transformers(chat_source, bitn
     assert raw.template is None
 
 
+def test_serve_reads_a_chat_models_messages_through_its_template(chat_source, bitnet_home):
+    """What `bitnet serve` feeds the model for /v1/chat/completions is transformers'
+    apply_chat_template of the whole conversation, and its reply stops at the model's eot."""
+    from bitnet_cli.serve.prompts import Prompts
+    from bitnet_cli.serve.schema import ChatRequest
+    from bitnet_cli.tasks import load_experiment
+    folder, eot = chat_source
+    theirs = optional("transformers").AutoTokenizer.from_pretrained(folder)
+    invoke("import", folder, "--name", "served")
+    loaded = load_model("served")
+    prompts = Prompts(loaded, load_experiment(loaded.experiment))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "A cat?"}]
+    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert prompts.chat(ChatRequest.model_validate({"messages": messages})) == list(expected)
+    from bitnet_cli.serve.engine import Engine
+    assert Engine(loaded, max_streams=1).stop_ids == (eot,)
+
+
 def test_a_template_that_does_not_compile_is_one_line(chat_source, bitnet_home, tmp_path):
     folder = shutil.copytree(chat_source[0], tmp_path / "source")
     config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -10,7 +10,7 @@ import bitnet_cli
 PACKAGE = Path(bitnet_cli.__file__).parent
 # Lowest first: a module may import its own folder and the folders before it, never after.
 LAYERS = ["errors", "config", "store", "report", "data", "nn", "tasks", "training", "use",
-          "bench", "ui", "cli"]
+          "serve", "bench", "ui", "cli"]
 TOP = {"bitnet_cli.__main__"}  # the entry point sits above everything
 
 

@@ -45,7 +45,8 @@ def test_the_hf_extra_installs_a_transformers_that_loads_both_export_formats():
 
 
 def test_the_wheel_carries_the_kernel_source(tmp_path):
-    """pipx installs a wheel: the 2-bit kernel's C++ source must be in it, to build on first use."""
+    """pipx installs a wheel: the 2-bit kernel's C++ source must be in it, to build on first use,
+    and the chat page `bitnet serve` sends."""
     import subprocess
     import zipfile
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
@@ -55,3 +56,4 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
     inside = set(zipfile.ZipFile(wheel).namelist())
     for path in SOURCES + HEADERS:
         assert f"bitnet_cli/nn/cpu/{path.name}" in inside, path.name
+    assert "bitnet_cli/serve/page.html" in inside  # bitnet serve's chat page

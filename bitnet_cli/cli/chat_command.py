@@ -106,16 +106,14 @@ def _sampling(loaded, temperature: float | None, top_k: int | None, top_p: float
     """The flags given, each; for those not given, an imported model's stored defaults (its
     source's generation_config.json), said in one stderr line; else the experiment's."""
     from bitnet_cli.tasks import load_experiment
-    from bitnet_cli.tasks.problems import ProblemTask
-    from bitnet_cli.use.conversation import Sampling
+    from bitnet_cli.use.conversation import Sampling, default_temperature
 
     stored = getattr(loaded, "sampling", None) or {}
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     from_model = {key: value for key, value in stored.items() if given.get(key, 0) is None}
     values = {**given, **from_model}
     if values["temperature"] is None:
-        problem = isinstance(load_experiment(loaded.experiment), ProblemTask)
-        values["temperature"] = 0.0 if problem else 0.8
+        values["temperature"] = default_temperature(load_experiment(loaded.experiment))
     if from_model and values["temperature"] > 0:  # greedy by --temperature 0: the rest is moot
         names = {"temperature": "temperature", "top_k": "top-k", "top_p": "top-p"}
         parts = [f"{names[key]} {values[key]:g}" for key in names if values[key] is not None]

@@ -33,3 +33,17 @@ def autocast_for(device: torch.device):
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None where that cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(line for line in f if line.startswith("MemAvailable:"))
+            return int(available.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None

@@ -24,7 +24,7 @@ from bitnet_cli.tasks import load_experiment
 from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
-from bitnet_cli.nn.devices import resolve_device
+from bitnet_cli.nn.devices import free_memory, resolve_device
 from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, checkpoint_source,
                                            fine_tune_model)
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
@@ -118,26 +118,13 @@ def check_memory(model_cfg, cfg, device: torch.device, world_size: int) -> None:
     # bf16 autocast on CUDA (nn/devices.py); float32 activations everywhere else.
     needed = training_bytes(model_cfg, micro_batch, cfg.seq_len,
                             activation_bytes=2 if device.type == "cuda" else 4)
-    free = _free_memory(device)
+    free = free_memory(device)
     if free is not None and needed > free:
         raise BitnetError(
             f"a training step of {micro_batch} x {cfg.seq_len} tokens through "
             f"{format_count(model_cfg.num_params())} parameters needs about {needed / 2**30:.1f} "
             f"GiB, but {device} has {free / 2**30:.1f} GiB free; lower --batch-size "
             "(--grad-accum keeps the effective batch) or --seq-len")
-
-
-def _free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                available = next(line for line in f if line.startswith("MemAvailable:"))
-            return int(available.split()[1]) * 1024
-        except (OSError, StopIteration, ValueError):
-            return None
-    return None
 
 
 def read_run_config(run_dir: Path):

@@ -34,6 +34,13 @@ class Sampling:
                               f"model's vocabulary), got {self.top_k}")
 
 
+def default_temperature(task) -> float:
+    """A reply's temperature where nothing sets it: greedy for the problem solvers (one answer
+    is right), 0.8 for text models."""
+    from bitnet_cli.tasks.problems import ProblemTask
+    return 0.0 if isinstance(task, ProblemTask) else 0.8
+
+
 SHORT_ALPHABET = 64  # a vocabulary of at most this many single characters is named in full
 
 
