@@ -10,6 +10,7 @@ import typer
 
 from bitnet_cli.cli.app import ENGINE_HELP, MODEL_HELP, app, complete_run, friendly
 from bitnet_cli.config.settings import DEVICE_HELP
+from bitnet_cli.nn.cores import choose_wait_policy
 from bitnet_cli.errors import BitnetError
 
 
@@ -53,6 +54,7 @@ def serve(
       curl -N http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "Once upon a time", "max_tokens": 40, "stream": true}'
     """
+    choose_wait_policy(shared=True)  # before torch is imported (nn/cores.py)
     from bitnet_cli.serve.server import check_exposure
     if max_streams is not None and not 1 <= max_streams <= 256:
         raise BitnetError(f"--max-streams must be from 1 to 256, got {max_streams}")

@@ -96,11 +96,16 @@ def idle_cores(sample_s: float = SAMPLE_S, read=_read_stat) -> float | None:
     return None if shares is None else sum(shares.values())
 
 
-def choose_wait_policy(environ=os.environ, sample=sample_idle) -> None:
+def choose_wait_policy(environ=os.environ, sample=sample_idle, shared: bool = False) -> None:
     """Before PyTorch is first imported: where another program (niced ones too, our equals at
-    nice 19) keeps a core busy, OpenMP's waiting threads sleep (OMP_WAIT_POLICY=PASSIVE).
-    Nothing changes where the user chose how they wait, or once PyTorch is loaded."""
+    nice 19) keeps a core busy, or `shared` says the process's own other threads need the
+    cores between PyTorch's regions (`bitnet serve`'s web side, and its clients, mostly on the
+    same machine), OpenMP's waiting threads sleep (OMP_WAIT_POLICY=PASSIVE). Nothing changes
+    where the user chose how they wait, or once PyTorch is loaded."""
     if "torch" in sys.modules or any(name in environ for name in WAIT_SETTINGS):
+        return
+    if shared:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
         return
     shares = sample(niced_idle=False)
     if shares and min(shares.values()) < FREE_SHARE:
