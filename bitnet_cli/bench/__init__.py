@@ -18,6 +18,12 @@ on what a model has learned.
     memory       peak RSS of a fresh process that decodes, or that trains, on the 95M shape
     kv_cache     decoding with the KV cache against re-running the whole sequence per token
     2b4t         (--2b4t) decoding at the released BitNet b1.58 2B4T's shape, random 2-bit codes
+    serve        (--serve) `bitnet serve` against llama-cpp-python's server on the same 95M
+                 weights, 1, 4 and 8 concurrent streamed requests from the same clients:
+                 aggregate tokens/s, time to the first token, each stream's tokens/s
+
+`--only NAMES` runs just those sections (the machine's is always measured: the others' tables
+name its threads and bandwidth).
 
 Each timing is the best of a few runs after a warm-up run, and the alternatives take turns, so
 a background hiccup hits both sides alike.
@@ -33,12 +39,19 @@ from bitnet_cli.bench.released_shape import decode_2b4t
 from bitnet_cli.bench.shapes import machine
 from bitnet_cli.bench.decode_speed import (DECODE_SHAPES, LLAMA_CPP_SHAPE, checkpoint_size, decode,
                                        kv_cache)
+from bitnet_cli.bench.serve_speed import serving
 from bitnet_cli.bench.train_speed import CUDA_TRAIN_SHAPE, TRAIN_SHAPES, data, memory, train_step
 
+# Every section's name, as --only and --json name it; 2b4t and serve run only when asked for.
+SECTIONS = ("machine", "train_step", "data", "decode", "size", "memory", "kv_cache", "2b4t",
+            "serve")
 
-def run_all(progress=lambda what: None, device: str = "cpu", released: bool = False) -> dict:
-    """Every section on the CPU (and with `released`, decoding at the 2B4T shape); on CUDA, the
-    machine and the 95M training step (decoding on a GPU is not measured here yet)."""
+
+def run_all(progress=lambda what: None, device: str = "cpu", released: bool = False,
+            serve: bool = False, only: set[str] | None = None) -> dict:
+    """Every section on the CPU (with `released`, decoding at the 2B4T shape too; with `serve`,
+    serving); on CUDA, the machine and the 95M training step (decoding on a GPU is not measured
+    here yet). `only`: just those sections of SECTIONS, and the machine."""
     results = {}
     if device == "cuda":
         steps = [("machine", lambda: {"gpu": torch.cuda.get_device_name(),
@@ -53,8 +66,10 @@ def run_all(progress=lambda what: None, device: str = "cpu", released: bool = Fa
                  ("size", lambda: [checkpoint_size(*s) for s in DECODE_SHAPES]),
                  ("memory", memory),
                  ("kv_cache", kv_cache)]
-        if released:
-            steps.append(("2b4t", decode_2b4t))
+        steps += [("2b4t", decode_2b4t), ("serve", lambda: serving(progress))]
+        wanted = {"2b4t": released, "serve": serve}
+        steps = [(name, fn) for name, fn in steps
+                 if ((name == "machine" or name in only) if only else wanted.get(name, True))]
     for name, fn in steps:
         progress(name)
         results[name] = fn()

@@ -99,6 +99,17 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
                                                "2-bit codes), with the float16 and the int8 "
                                                "head, beside llama.cpp: about 2 GB of memory "
                                                "and two minutes more."),
+          serve: bool = flag("--serve", help="Also serve the 95M shape with `bitnet serve` and "
+                                            "with llama-cpp-python's server on the same "
+                                            "weights, and time 1, 4 and 8 concurrent streamed "
+                                            "requests from the same clients: about two "
+                                            "minutes more (the comparison needs "
+                                            "llama-cpp-python with its server extra)."),
+          only: Optional[str] = typer.Option(None, show_default=False, metavar="NAMES",
+                                             help="Run just these sections, comma-separated "
+                                                  "(machine, train_step, data, decode, size, "
+                                                  "memory, kv_cache, 2b4t, serve): --only serve "
+                                                  "measures serving alone."),
           ) -> None:
     """Measure speed and size side by side in one process.
 
@@ -118,18 +129,36 @@ def bench(json: bool = flag("--json", help="Print JSON on stdout."),
     size: the projection weights in fp32 (latent) against 2-bit packed (export --format hf-packed).
     memory: peak RSS of fresh processes decoding and training the 95M shape.
     kv cache: decoding with it against re-running the sequence for every token.
+    serve (--serve): `bitnet serve` and llama-cpp-python's server (one request at a time) on the
+    same 95M weights, each a process on a loopback port with the same context and threads, 1, 4
+    and 8 concurrent streams of greedy /v1/completions requests from the same clients: tokens/s
+    of all streams together, against one stream and against llama-cpp-python's; time to the
+    first token (p50, p95); each stream's own tokens/s. The servers and their temporary folder
+    are removed however the bench ends.
     """
     from bitnet_cli import ui
     from bitnet_cli.ui.bench_tables import bench_report
-    from bitnet_cli.bench import run_all
+    from bitnet_cli.bench import SECTIONS, run_all
     from bitnet_cli.store.files import to_json
     from bitnet_cli.nn.devices import resolve_device
 
     if device not in ("cpu", "cuda"):
         raise BitnetError(f"--device must be cpu or cuda, not {device!r}")
+    sections = None
+    if only is not None:
+        sections = {name.strip().replace("-", "_") for name in only.split(",") if name.strip()}
+        unknown = sorted(sections - set(SECTIONS))
+        if unknown or not sections:
+            raise BitnetError(f"--only takes section names, comma-separated ({', '.join(SECTIONS)})"
+                              f"{', not ' + ', '.join(unknown) if unknown else ''}")
+        sections |= {name for name, asked in (("2b4t", released), ("serve", serve)) if asked}
+    if device == "cuda" and (serve or sections):
+        raise BitnetError("--serve and --only measure the CPU; leave out --device cuda")
     resolve_device(device)  # one line where there is no CUDA
-    with ui.stderr.status("measuring...") as status:
-        results = run_all(lambda what: status.update(f"measuring: {what}..."), device, released)
+    with stoppable("nothing it started or wrote is left"), \
+            ui.stderr.status("measuring...") as status:
+        results = run_all(lambda what: status.update(f"measuring: {what}..."), device, released,
+                          serve, sections)
     if json:
         typer.echo(to_json(results))
     else:

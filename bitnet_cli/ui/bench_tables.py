@@ -21,11 +21,61 @@ def bench_report(r: dict):
 
     if "gpu" in r["machine"]:
         return _train_table(r)
-    notes = sorted({note for d in r["decode"] for note in d.get("notes", [])})
-    released = _released_tables(r) if "2b4t" in r else []
-    return Group(_train_table(r), _data_table(r), *_decode_tables(r), _size_table(r),
-                 _memory_table(r), _cache_table(r), *released,
-                 *(f"note: {note}" for note in notes))
+    notes = sorted({note for d in r.get("decode", []) for note in d.get("notes", [])})
+    sections = [("train_step", lambda: [_train_table(r)]), ("data", lambda: [_data_table(r)]),
+                ("decode", lambda: _decode_tables(r)), ("size", lambda: [_size_table(r)]),
+                ("memory", lambda: [_memory_table(r)]), ("kv_cache", lambda: [_cache_table(r)]),
+                ("2b4t", lambda: _released_tables(r)), ("serve", lambda: _serve_tables(r))]
+    tables = [table for name, render in sections if name in r for table in render()]
+    return Group(*tables, *(f"note: {note}" for note in notes))
+
+
+def _serve_tables(r: dict):
+    """bitnet serve and llama-cpp-python's server at each concurrency, bitnet's ratios first."""
+    s = r["serve"]
+    mine, theirs = s["bitnet"], s["llama_cpp"]
+    threads = ""
+    if "settings" in theirs:
+        ran = theirs["settings"]["n_threads"]
+        probe = theirs.get("thread_probe", {})
+        threads = f", {ran} thread{'s' if ran > 1 else ''}"
+        if len(probe) > 1:
+            threads += " (a lone request: " + ", ".join(
+                f"{rate:,.1f} tok/s with {n}" for n, rate in probe.items()) + ")"
+    table = _table(f"serving the {s['shape']} shape (random weights, context {s['context']}): "
+                   f"each stream {s['requests_per_stream']} streamed /v1/completions requests "
+                   f"in a row, greedy, {s['max_tokens']} new tokens; bitnet serve "
+                   f"({mine['engine']} engine, {s['threads']} threads, up to "
+                   f"{mine['max_streams']} streams decoded together) against llama-cpp-python's "
+                   f"server on the same weights (GGUF: TQ2_0 codes, F16 embedding; one request "
+                   f"at a time{threads}), the same clients",
+                   "streams", "server", "tok/s, all streams", "/ 1 stream", "/ llama.cpp server",
+                   "first token p50", "first token p95", "tok/s per stream", "requests")
+    rows = {"bitnet serve": mine["levels"]}
+    if "levels" in theirs:
+        rows["llama.cpp server"] = theirs["levels"]
+    for index, level in enumerate(mine["levels"]):
+        for name, levels in rows.items():
+            row = levels[index]
+            first = [row["first_token_p50_s"], row["first_token_p95_s"]]
+            table.add_row(str(row["streams"]), name, f"{row['tok_per_s']:,.1f}",
+                          f"{row['vs_one_stream']:.2f}x" if row.get("vs_one_stream") else "-",
+                          f"{row['vs_llama_cpp']:.2f}x" if row.get("vs_llama_cpp") else "-",
+                          *(_ms(t) if t is not None else "-" for t in first),
+                          f"{row['stream_tok_per_s']:,.1f}" if row["stream_tok_per_s"] else "-",
+                          _requests(row))
+    if "missing" in theirs:
+        table.add_row("-", "llama.cpp server", f"llama-cpp-python {theirs['missing']}",
+                      *["-"] * 6)
+    return [table]
+
+
+def _requests(row: dict) -> str:
+    """How many requests, and any that failed or stopped before their max_tokens."""
+    early = sum(n for reason, n in row["finish"].items() if reason != "length")
+    notes = ([f"{row['failed']} failed: {row['failure']}"] if row["failed"] else []) + \
+        ([f"{early} stopped early"] if early else [])
+    return f"{row['requests']}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _released_tables(r: dict):
