@@ -185,25 +185,17 @@ def long_run(tmp_path):
                              max_position_embeddings=4096)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stop_signal_ends_open_streams_and_exits_0(long_run, sig):
-    with ServerProcess(long_run.parent.parent, str(long_run)) as server:
-        connection, lines = open_stream(server.url, {"prompt": PROMPT, "max_tokens": 4000,
-                                                     "temperature": 0})
-        assert next(line for line in lines if line.startswith("data: {"))
-        server.process.send_signal(sig)
-        rest = [line for line in lines if line]
-        connection.close()
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
-        assert server.stop(sig) == 0
+def long_stream(server):
+    """A streamed reply of thousands of tokens, begun: (connection, its lines from now on)."""
+    connection, lines = open_stream(server.url, {"prompt": PROMPT, "max_tokens": 4000,
+                                                 "temperature": 0})
+    assert next(line for line in lines if line.startswith("data: {"))
+    return connection, lines
 
 
-def test_a_client_that_hangs_up_frees_its_sequence(long_run):
+def test_a_hang_up_frees_its_sequence_and_sigterm_ends_open_streams_and_exits_0(long_run):
     with ServerProcess(long_run.parent.parent, str(long_run)) as server:
-        connection, lines = open_stream(server.url, {"prompt": PROMPT, "max_tokens": 4000,
-                                                     "temperature": 0})
-        assert next(line for line in lines if line.startswith("data: {"))
+        connection, lines = long_stream(server)
         assert call(server.url, "GET", "/health")[1]["streams"] == 1
         connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
@@ -213,6 +205,23 @@ def test_a_client_that_hangs_up_frees_its_sequence(long_run):
             time.sleep(0.02)
         assert call(server.url, "GET", "/health")[1] == {"status": "ok", "streams": 0,
                                                          "waiting": 0}
+        assert_a_signal_ends_the_stream(server, signal.SIGTERM)
+
+
+@pytest.mark.slow  # the default suite sends SIGTERM (above)
+def test_ctrl_c_ends_open_streams_and_exits_0(long_run):
+    with ServerProcess(long_run.parent.parent, str(long_run)) as server:
+        assert_a_signal_ends_the_stream(server, signal.SIGINT)
+
+
+def assert_a_signal_ends_the_stream(server, sig) -> None:
+    connection, lines = long_stream(server)
+    server.process.send_signal(sig)
+    rest = [line for line in lines if line]
+    connection.close()
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert server.stop(sig) == 0
 
 
 def test_an_api_key_guards_the_api_not_the_page(long_run, monkeypatch):

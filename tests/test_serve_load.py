@@ -116,6 +116,7 @@ def rss(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+@pytest.mark.slow  # the default suite checks the same in-process: tests/test_serve_engine.py
 def test_concurrent_greedy_replies_are_the_lone_ones(short_run):
     run = short_run("tinystories")
     with ServerProcess(run.parent.parent, "tinystories", "--max-streams", "4") as server:
