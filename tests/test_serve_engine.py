@@ -2,6 +2,7 @@
 alone, a cancelled sequence leaves the batch before the next step, and stop strings cut the
 text as OpenAI's `stop` does."""
 
+import contextlib
 import queue
 import threading
 
@@ -20,6 +21,18 @@ def loaded(tmp_path_factory):
     checkpoint = random_checkpoint(tmp_path_factory.mktemp("engine") / "run", "tinystories",
                                    story_tokenizer(), max_position_embeddings=256)
     return load_model(str(checkpoint))
+
+
+@contextlib.contextmanager
+def running(engine: Engine):
+    """The engine's loop on a thread of its own for the block, stopped after it."""
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        thread.join()
 
 
 def decode(engine: Engine, jobs: list[Job]) -> list[list[tuple]]:
@@ -53,14 +66,10 @@ def test_sequences_decoded_together_get_what_they_get_alone(tmp_path, engine_nam
                                    max_position_embeddings=256)
     model = load_model(str(checkpoint), engine=engine_name)
     prompts = [[5, 6, 7], [9] * 20, [30, 31], list(range(40, 100)), [3]]
-    engine = Engine(model, max_streams=3)  # five requests, three streams: two wait their turn
-    engine.start()
-    try:
+    # five requests, three streams: two wait their turn
+    with running(Engine(model, max_streams=3)) as engine:
         alone = [tokens_of(decode(engine, [job(p, 24)])[0]) for p in prompts]
         together = decode(engine, [job(p, 24 - i) for i, p in enumerate(prompts)])
-    finally:
-        engine.stop()
-        engine.join()
     for i, events in enumerate(together):
         assert tokens_of(events) == alone[i][:24 - i]  # a stop token ends both alike
         assert events[-1][0] == "done"
@@ -68,9 +77,7 @@ def test_sequences_decoded_together_get_what_they_get_alone(tmp_path, engine_nam
 
 
 def test_a_cancelled_sequence_leaves_before_the_next_step(loaded):
-    engine = Engine(loaded, max_streams=4)
-    engine.start()
-    try:
+    with running(Engine(loaded, max_streams=4)) as engine:
         long = job([5, 6, 7], 200)
         steady = job([8, 9], 60)
         events = []
@@ -90,9 +97,6 @@ def test_a_cancelled_sequence_leaves_before_the_next_step(loaded):
         assert events[-1][1] == "cancelled"
         assert events[-1][2].completion_tokens == len(tokens_of(events))
         assert tokens_of(other.get(timeout=120))  # the other went on
-    finally:
-        engine.stop()
-        engine.join()
 
 
 def decode_in_background(engine, one: Job) -> queue.Queue:
@@ -115,14 +119,9 @@ def test_stop_ends_every_open_and_waiting_job_with_length(loaded):
 
 
 def test_prompt_scores_and_max_tokens_0(loaded):
-    engine = Engine(loaded, max_streams=2)
-    engine.start()
-    try:
+    with running(Engine(loaded, max_streams=2)) as engine:
         events = decode(engine, [Job(prompt=[5, 6, 7, 8], max_tokens=0, deliver=None,
                                      prompt_logprobs=True, logprobs=2)])[0]
-    finally:
-        engine.stop()
-        engine.join()
     kinds = [e[0] for e in events]
     assert kinds == ["prompt", "done"]
     scores = events[0][1]

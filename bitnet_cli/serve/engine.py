@@ -91,8 +91,9 @@ class Sequence:
 
 
 class Engine:
-    """`submit(job)` from any thread; `run()` is the engine thread's loop (`start()` starts it);
-    `stop()` ends every open job with finish reason "length" and the loop with them."""
+    """`submit(job)` from any thread; `run()` is the loop of the one thread that decodes (the
+    server's main thread); `stop()` ends every open job with finish reason "length" and the
+    loop with them."""
 
     def __init__(self, loaded: LoadedModel, max_streams: int, max_waiting: int = 256,
                  notice=lambda line: None):
@@ -108,10 +109,6 @@ class Engine:
         self.active: list[Sequence] = []
         self.lock = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="bitnet-engine", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full (the web side answers 429)."""
@@ -126,9 +123,6 @@ class Engine:
         with self.lock:
             self.stopping = True
             self.lock.notify()
-
-    def join(self, timeout: float | None = None) -> None:
-        self.thread.join(timeout)
 
     @property
     def load(self) -> tuple[int, int]:
