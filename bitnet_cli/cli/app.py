@@ -206,3 +206,18 @@ def unwrap_help(text: str) -> str:
         else:
             out.append(line)
     return "\n".join(out)
+
+
+def load_text_model(model: str, device: str, engine: str | None, head: str | None):
+    """The model chat and serve talk to: loaded, its notes said on stderr, a tic-tac-toe model
+    sent to `bitnet play`."""
+    from bitnet_cli.nn.devices import resolve_device
+    from bitnet_cli.use.loading import load_model
+
+    loaded = load_model(model, resolve_device(device), engine, head)
+    for note in loaded.notes:
+        typer.echo(note, err=True)
+    if loaded.experiment == "tictactoe":
+        raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
+                          f"`bitnet play {model}`")
+    return loaded

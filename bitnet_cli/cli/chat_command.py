@@ -11,7 +11,7 @@ import typer
 from bitnet_cli.config.sampling import check_sampling
 from bitnet_cli.config.settings import DEVICE_HELP
 from bitnet_cli.cli.app import (ENGINE_HELP, MODEL_HELP, app, complete_run, flag,
-                                friendly, line_editing)
+                                friendly, line_editing, load_text_model)
 from bitnet_cli.errors import BitnetError
 
 COMMANDS = """/help      this list
@@ -75,16 +75,9 @@ def chat(
     no `> ` prompt: stdout holds the replies alone.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens, seed)  # before a model loads
-    from bitnet_cli.nn.devices import resolve_device
     from bitnet_cli.use.conversation import ChatSession
-    from bitnet_cli.use.loading import load_model
 
-    loaded = load_model(model, resolve_device(device), engine, head)
-    for note in loaded.notes:
-        typer.echo(note, err=True)
-    if loaded.experiment == "tictactoe":
-        raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
-                          f"`bitnet play {model}`")
+    loaded = load_text_model(model, device, engine, head)
     sampling = _sampling(loaded, temperature, top_k, top_p)
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from bitnet_cli.cli.app import ENGINE_HELP, MODEL_HELP, app, complete_run, friendly
+from bitnet_cli.cli.app import (ENGINE_HELP, MODEL_HELP, app, complete_run, friendly,
+                                load_text_model)
 from bitnet_cli.config.settings import DEVICE_HELP
 from bitnet_cli.nn.cores import choose_wait_policy
 from bitnet_cli.errors import BitnetError
@@ -63,16 +64,9 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise BitnetError("--api-key is empty; give a key, or leave the option out")
     check_exposure(host, api_key)  # before a model loads
-    from bitnet_cli.nn.devices import resolve_device
     from bitnet_cli.serve.server import serve as run_server
-    from bitnet_cli.use.loading import load_model
 
-    loaded = load_model(model, resolve_device(device), engine, head)
-    for note in loaded.notes:
-        typer.echo(note, err=True)
-    if loaded.experiment == "tictactoe":
-        raise BitnetError(f"{loaded.checkpoint} is a tic-tac-toe model; play it with "
-                          f"`bitnet play {model}`")
+    loaded = load_text_model(model, device, engine, head)
     run_server(loaded, host, port, api_key, max_streams, log=_log,
                notice=lambda line: typer.echo(line, err=True))
 
