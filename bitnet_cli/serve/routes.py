@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,7 +43,7 @@ class Served:
     task: object  # the experiment: a problem solver formats its chat answers (chat_reply)
     api_key: str | None = None
     page: str = ""
-    log: object = print
+    log: Callable[[str], None] = print
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -135,7 +136,7 @@ class Api:
     def _too_big() -> ApiError:
         return ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB")
 
-    def _request(self, request: Request, kind, body: dict):
+    def _parsed(self, kind, body: dict):
         parsed = parse(kind, body)
         self._check_model(parsed.model)
         check_sampling(parsed, self.served.prompts.vocab)
@@ -151,7 +152,9 @@ class Api:
 
     def _log(self, request: Request, status: int, replies: Replies | None = None,
              note: str = "") -> None:
-        parts = [f"{request.method} {request.url.path} {status}"]
+        """One line: the route and status, then the tokens, time to the first token, tok/s
+        and finish reasons of what was generated, and a note."""
+        parts = []
         if replies is not None:
             usage = replies.usage()
             parts.append(f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens")
@@ -164,13 +167,13 @@ class Api:
             parts.append(",".join(f or "cancelled" for f in replies.finish))
         if note:
             parts.append(note)
-        self.served.log(" ".join(parts[:1]) + " " + ", ".join(parts[1:]) if parts[1:] else
-                        parts[0])
+        self.served.log(f"{request.method} {request.url.path} {status} {', '.join(parts)}"
+                        .rstrip())
 
     # --- the two generating routes ---
     async def completions(self, request: Request):
         self._authorize(request)
-        parsed = self._request(request, CompletionRequest, await self._body(request))
+        parsed = self._parsed(CompletionRequest, await self._body(request))
         check_logprobs(parsed.logprobs, "logprobs")
         prompts = self.served.prompts.completion(parsed)
         scoring = bool(parsed.echo) and parsed.logprobs is not None
@@ -184,7 +187,7 @@ class Api:
 
     async def chat(self, request: Request):
         self._authorize(request)
-        parsed = self._request(request, ChatRequest, await self._body(request))
+        parsed = self._parsed(ChatRequest, await self._body(request))
         check_logprobs(parsed.top_logprobs, "top_logprobs")
         limit, param = ((parsed.max_completion_tokens, "max_completion_tokens")
                         if parsed.max_completion_tokens is not None else
