@@ -13,7 +13,8 @@ import threading
 import time
 import urllib.parse
 
-READY = re.compile(r"serving (\S+) .* at (http://\S+) ")
+from bitnet_cli.bench.serve_processes import READY_BITNET
+
 START_S = 180  # a cold first build of the 2-bit kernel takes about a minute on 2 cores
 
 
@@ -26,8 +27,8 @@ class ServerProcess:
             [sys.executable, "-m", "bitnet_cli", "serve", model, "--port", "0", *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
         threading.Thread(target=self._read, daemon=True).start()
-        match = self.wait_for(READY, START_S)
-        self.name, self.url = match.group(1), match.group(2)
+        match = self.wait_for(READY_BITNET, START_S)
+        self.name, self.url = match.group(1), match.group(3)
 
     def _read(self) -> None:
         for line in self.process.stderr:
@@ -86,6 +87,16 @@ def call(url: str, method: str, path: str, body=None, headers: dict | None = Non
         return response.status, json.loads(text)
     except ValueError:
         return response.status, text
+
+
+def past_a_step(url: str) -> None:
+    """Return once the engine has dropped every sequence cancelled before this call: two
+    one-token requests, one after the other. The second is admitted only after the engine's loop
+    has passed, at least once since the first was sent, the point where cancelled sequences
+    leave the batch (engine.run: admit, then drop the cancelled, then decode)."""
+    for _ in range(2):
+        status, reply = call(url, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 1})
+        assert status == 200, reply
 
 
 def connect(url: str, timeout: float = 60) -> http.client.HTTPConnection:

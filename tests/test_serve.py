@@ -5,14 +5,13 @@ import json
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
 from bitnet_cli.data.shards import EOT
 from tests.cli import invoke, optional
 from tests.models import random_checkpoint, story_tokenizer
-from tests.serving import ServerProcess, call, open_stream
+from tests.serving import ServerProcess, call, open_stream, past_a_step
 
 PROMPT = "Once upon a time"
 
@@ -200,9 +199,7 @@ def test_a_hang_up_frees_its_sequence_and_sigterm_ends_open_streams_and_exits_0(
         connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
         server.wait_for(r"POST /v1/completions 200 .*(cancelled|hung up)", 30)
-        deadline = time.monotonic() + 30  # the engine drops it before its next step
-        while call(server.url, "GET", "/health")[1]["streams"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        past_a_step(server.url)  # the engine drops it before its next step
         assert call(server.url, "GET", "/health")[1] == {"status": "ok", "streams": 0,
                                                          "waiting": 0}
         assert_a_signal_ends_the_stream(server, signal.SIGTERM)

@@ -10,13 +10,12 @@ import json
 import os
 import re
 import shutil
-import time
 import urllib.request
 
 import pytest
 
 from tests.cli import optional
-from tests.serving import ServerProcess
+from tests.serving import ServerProcess, past_a_step
 
 pytestmark = pytest.mark.browser
 sync_api = optional("playwright.sync_api", whole_file=True)
@@ -130,15 +129,6 @@ def api(server, path: str, body: dict | None = None, key: str | None = None) -> 
         return json.loads(response.read())
 
 
-def poll(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
-    return result
-
-
 def chat_lines(server) -> list[str]:
     return [line for line in server.lines if "POST /v1/chat/completions" in line]
 
@@ -186,11 +176,11 @@ def test_stop_ends_a_long_reply_and_the_server_drops_it(open_page, server):
     expect(page.locator("#send")).to_be_enabled()
     expect(page.locator("#stop")).to_be_disabled()
     shown = reply.text_content()
-    poll(lambda: api(server, "/health")["streams"] == 0, DROPPED_S,
-         "the server dropping the stopped reply's sequence")
+    server.wait_for(r"POST /v1/chat/completions 200 .*(cancelled|hung up)", DROPPED_S)
+    past_a_step(server.url)  # the server has dropped the stopped reply's sequence
+    assert api(server, "/health")["streams"] == 0
     assert reply.text_content() == shown  # nothing came in after Stop
     assert page.locator("#error").text_content() == ""
-    poll(lambda: len(chat_lines(server)) > logged, DROPPED_S, "the stopped request's log line")
     line = chat_lines(server)[logged]
     assert "length" not in line, f"the stopped reply ran to its end: {line}"
 
