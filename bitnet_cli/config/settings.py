@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bitnet_cli.config.numbers import check_whole, real, show
 from bitnet_cli.config.presets import PRESETS, check_experiment
+from bitnet_cli.config.rope import check_rope_scaling
 from bitnet_cli.errors import BitnetError
 
 QUANT_MODES = ("ternary", "none")
@@ -77,6 +78,8 @@ class ModelConfig:
     activation: str = option("The FFN gate: relu2, relu(gate)^2 * up as in BitNet b1.58 2B4T, or "
                              "silu, silu(gate) * up, which every llama.cpp computes (relu2 only "
                              "a 2026 one: see `bitnet export --help`).", default="relu2")
+    sub_norms: bool = True  # RMSNorms before o_proj, down_proj; false: an imported Llama's
+    rope_scaling: dict | None = None  # Llama 3's RoPE scaling (config/rope.py), or None
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +116,11 @@ class ModelConfig:
                 f"{self.num_attention_heads} attention heads are not a multiple of "
                 f"{self.num_key_value_heads} key/value heads"
             )
+        if self.sub_norms is not True and (self.sub_norms is not False or self.quant == "ternary"):
+            raise BitnetError(f"sub_norms must be true (false: a full-precision Llama's), got "
+                              f"{show(self.sub_norms)}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.head_dim % 2:
             raise BitnetError(f"head dimension {self.head_dim} must be even for rotary embeddings")
 
@@ -122,7 +130,7 @@ class ModelConfig:
         kv = self.num_key_value_heads * self.head_dim
         attn = 2 * d * d + 2 * d * kv
         mlp = 3 * d * f
-        norms = 2 * d + d + f  # input/post norms, attn_sub_norm, ffn_sub_norm
+        norms = 2 * d + (d + f if self.sub_norms else 0)  # input/post norms, attn/ffn sub-norms
         per_layer = attn + mlp + norms
         head = 0 if self.tie_word_embeddings else v * d
         return v * d + self.num_hidden_layers * per_layer + d + head

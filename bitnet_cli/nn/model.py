@@ -6,9 +6,8 @@ Parameter names follow transformers' BitNetForCausalLM, so exporting is a plain 
     -> o_proj) -> post_attention_layernorm -> mlp (relu(gate)^2 * up -> ffn_sub_norm -> down_proj)]
     -> model.norm -> lm_head (tied to embed_tokens unless configured otherwise)
 
-The FFN's gate is relu(gate)^2 as in 2B4T, or silu(gate) with activation="silu" (the FFN that
-llama.cpp's `bitnet` graph computes).
-
+The FFN's gate is relu(gate)^2 as in 2B4T, or silu(gate) with activation="silu" (llama.cpp's
+`bitnet` graph's; a Llama's). An imported full-precision Llama has no sub-norms (sub_norms false).
 Every projection is a BitLinear (ternary weights, 8-bit activations); with quant="none" they are
 plain nn.Linear, which makes the full-precision twin with identical names and shapes.
 The model knows nothing about devices, precision policy or distribution: the trainer decides.
@@ -17,6 +16,7 @@ The model knows nothing about devices, precision policy or distribution: the tra
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +57,32 @@ def make_linear(config: ModelConfig, in_features: int, out_features: int) -> nn.
     return nn.Linear(in_features, out_features, bias=False)
 
 
+def sub_norm(config: ModelConfig, dim: int) -> nn.Module:  # nothing in a model without them
+    return RMSNorm(dim, config.rms_norm_eps) if config.sub_norms else nn.Identity()
+
+
 def rope_tables(config: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim), half-split layout: cat(freqs, freqs)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    if config.rope_scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, config.rope_scaling)
     positions = torch.arange(seq_len, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3's RoPE (transformers' llama3 type): wavelengths over context / low_freq_factor
+    slowed by `factor`, under context / high_freq_factor kept, the ones between blended."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed    between = ~(wavelength < context / high) & ~(wavelength > context / low)
+    return torch.where(between, blended, slowed)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +105,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(config, d, kv)
         self.v_proj = make_linear(config, d, kv)
         self.qkv = SharedInput(self.q_proj, self.k_proj, self.v_proj)
-        self.attn_sub_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn_sub_norm = sub_norm(config, d)
         self.o_proj = make_linear(config, d, d)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -142,7 +158,7 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(config, d, f)
         self.up_proj = make_linear(config, d, f)
         self.gate_up = SharedInput(self.gate_proj, self.up_proj)
-        self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
+        self.ffn_sub_norm = sub_norm(config, f)
         self.down_proj = make_linear(config, f, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
