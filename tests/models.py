@@ -22,7 +22,7 @@ def random_checkpoint(folder, experiment="simple", tokenizer=None, tweak=None, *
     tokenizer = tokenizer or load_experiment(experiment).tokenizer()
     model_shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=192, max_position_embeddings=32)
-    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), **{**model_shape, **shape})
+    config = ModelConfig(**{"vocab_size": tokenizer.get_vocab_size(), **model_shape, **shape})
     torch.manual_seed(0)
     model = BitNetForCausalLM(config)
     if tweak is not None:

@@ -273,7 +273,7 @@ def test_a_cpu_step_is_checked_against_float32_activations(monkeypatch):
     a step that fits in bf16 but not in float32 is refused on a CPU before it starts."""
     import torch
 
-    from bitnet_cli.config.settings import build_configs
+    from bitnet_cli.config.building import build_configs
     from bitnet_cli.errors import BitnetError
     from bitnet_cli.report.cost import training_bytes
     from bitnet_cli.training import setup

@@ -10,7 +10,7 @@ import torch
 
 from bitnet_cli.store.checkpoint import step_dir_name
 from bitnet_cli.cli import app
-from bitnet_cli.config.settings import build_configs
+from bitnet_cli.config.building import build_configs
 from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.tictactoe import CELLS, ModelPlayer, play_matches
 from bitnet_cli.use.loading import load_player

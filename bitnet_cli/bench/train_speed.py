@@ -106,7 +106,7 @@ def data(repeats: int = 10) -> list[dict]:
     """Milliseconds the CPU takes to make one batch, for every experiment and size at the
     preset's batch shape: work the training loop does between steps. Text experiments cut
     windows from a token array (random tokens here, as the shard cache holds them)."""
-    from bitnet_cli.config.settings import build_configs
+    from bitnet_cli.config.building import build_configs
     from bitnet_cli.tasks import load_experiment
     from bitnet_cli.tasks.text import WindowStream
     rows = []

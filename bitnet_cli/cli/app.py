@@ -71,7 +71,8 @@ def with_train_options(command):
             names = (f"{name}/--no-{name[2:]}",) if field.default is None else (name,)
             default = flag(*names, default=None, show_default=False, help=help)
         else:
-            default = typer.Option(preset_default(field), name, help=help)
+            default = typer.Option(preset_default(field), name, help=help,
+                                   rich_help_panel=field.metadata["panel"])
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                         annotation=Optional[kind], default=default))
     params += [p for p in given if p not in params]

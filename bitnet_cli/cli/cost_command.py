@@ -31,7 +31,9 @@ or run's own steps; for --params alone it is the compute-optimal 20 tokens per p
 
 [bold]Compute[/]: FLOPs = 6·N·D + 12·L·d·T·D, for N parameters (embeddings included, a tied
 head counted once), D tokens, L layers, width d and sequence length T: the weight matmuls
-forward and backward plus the attention scores, as PaLM counts model FLOPs.
+forward and backward plus the attention scores, as PaLM counts model FLOPs. A distillation
+teacher (--teacher, or a --from-run run's own) adds its forward pass, 2·N·D + 4·L·d·T·D of its
+shape, and its memory: fp32 weights, one layer's activations and three fp32 logit tensors.
 GPU-hours = FLOPs / (peak × MFU); wall-clock = GPU-hours / --gpus (perfect data-parallel
 scaling); dollars = GPU-hours × price.
 
@@ -65,6 +67,9 @@ def cost(
     params: Optional[str] = _option("Model size, like 500k, 95M, 1.3B or 7B.", "SIZE"),
     preset: Optional[str] = _option(f"A built-in experiment: {', '.join(preset_names())}.", "NAME"),
     from_run: Optional[str] = _option(RUN_HELP, "RUN"),
+    teacher: Optional[str] = _option("Price distilling from this run or checkpoint folder "
+                                     "(train --teacher); --from-run uses the run's own.",
+                                     "RUN|CKPT"),
     tokens: Optional[str] = _option("Training tokens, like 2B.", "SIZE"),
     steps: Optional[str] = _option("Optimizer steps, like 400k (tokens = steps × batch × seq × "
                                    "grad-accum).", "SIZE"),
@@ -91,7 +96,7 @@ def cost(
     report = estimate(params=params, tokens=tokens, steps=steps, batch_size=batch_size,
                       seq_len=seq_len, grad_accum=grad_accum, preset_name=preset,
                       from_run=from_run, layers=layers, hidden=hidden, vocab=vocab, gpu=gpu,
-                      gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
+                      gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops, teacher=teacher)
     if json:
         typer.echo(to_json(report))
     else:
@@ -150,16 +155,32 @@ def _summary(report: dict):
     else:
         horizon = f"{h['basis']} (micro-batch {h['batch_size']} × {h['seq_len']})"
     summary.add_row("Tokens", f"{format_count(h['tokens'])} = {horizon}")
+    teacher = report.get("teacher")
+    if teacher:
+        summary.add_row("Teacher", _teacher_line(teacher))
     summary.add_row("FLOPs", f"{_sci(f['total'])} = 6·N·D {_sci(f['dense_6nd'])} + attention "
-                             f"12·L·d·T·D {_sci(f['attention'])}")
+                             f"12·L·d·T·D {_sci(f['attention'])}"
+                    + (f" + teacher forward 2·N·D {_sci(f['teacher_2nd'])} + 4·L·d·T·D "
+                       f"{_sci(f['teacher_attention'])}" if f["teacher_2nd"] else ""))
     summary.add_row("Training", f"{_bytes(train['total'])} per GPU = fp32 weights "
                                 f"{_bytes(train['weights'])} + gradients "
                                 f"{_bytes(train['gradients'])} + AdamW {_bytes(train['adamw'])} "
-                                f"+ activations {_bytes(train['activations'])}")
+                                f"+ activations {_bytes(train['activations'])}"
+                    + (f" + teacher {_bytes(train['teacher'])}" if "teacher" in train else ""))
     packed = inference["ternary_packed"]
     summary.add_row("Inference", f"weights fp16 {_bytes(inference['fp16'])}, ternary 2-bit packed "
                                  f"{_bytes(packed)} ({inference['fp16'] / packed:.2f}× smaller)")
     return summary
+
+
+def _teacher_line(teacher: dict) -> str:
+    """The teacher distilled from, or why it is left out."""
+    from rich.markup import escape
+
+    if "missing" in teacher:
+        return f"[red]unreadable, costed without it[/]: {escape(teacher['missing'])}"
+    return (f"{format_count(teacher['params'])} parameters, {_plural(teacher['layers'], 'layer')} "
+            f"× {teacher['hidden']}, {escape(teacher['path'])} (its forward pass on every token)")
 
 
 def _gpu_table(report: dict):

@@ -23,19 +23,22 @@ def import_(
                                            "(owner/name) to download.", show_default=False),
     name: Optional[str] = typer.Option(None, help="Run id (default: the source's name)."),
 ) -> None:
-    """Bring in a released BitNet model as a run: chat, eval, export and status take it.
+    """Bring in a released BitNet model, or a full-precision Llama, as a run: chat, eval,
+    export and status take it.
 
     Reads transformers' BitNetForCausalLM (BitNet b1.58 2B4T: 2-bit packed codes with
-    weight_scale, or its -bf16 master weights; bitnet's own hf and hf-packed exports)
-    and 1bitLLM's BitnetForCausalLM (bitnet_b1_58-large, -3B), from safetensors
-    only: a pickle (.bin) checkpoint is refused, never loaded. The tokenizer.json
-    comes along, and a reply stops at the source's end-of-sequence tokens.
+    weight_scale, or its -bf16 master weights; bitnet's own hf and hf-packed exports),
+    1bitLLM's BitnetForCausalLM (bitnet_b1_58-large, -3B) and LlamaForCausalLM (Llama 2
+    and 3, TinyLlama, SmolLM: a --quant none run, the float engine computes it), from
+    safetensors only: a pickle (.bin) checkpoint is refused, never loaded. The
+    tokenizer.json comes along, and a reply stops at the source's end-of-sequence tokens.
 
     The run keeps the model at its 2-bit size: each ternary layer as packed codes
     and one scale (the release's layout, in the README), the rest in the source's
     dtype; chat, eval and export read the codes as they are, and train --from makes
-    latent weights of them. What bitnet does not compute (scaled RoPE, use_rms_norm,
-    ...) is refused in one line. Nothing is written unless every check passes:
+    latent weights of them. What bitnet does not compute (RoPE scaled other than Llama
+    3's, use_rms_norm, biases, ...) is refused in one line. Nothing is written unless
+    every check passes:
 
       bitnet import microsoft/bitnet-b1.58-2B-4T
       bitnet chat bitnet-b1.58-2B-4T

@@ -12,7 +12,6 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 from bitnet_cli.config.numbers import check_whole, real, show
 from bitnet_cli.config.presets import PRESETS, check_experiment
@@ -29,18 +28,19 @@ MAX_STEPS = 999_999_999  # checkpoint folder names hold nine digits
 # numpy's default_rng takes any int >= 0 and torch.manual_seed up to 2**64 - 1: 32 bits suit both
 MAX_SEED = 2**32 - 1
 MAX_NAME = 100
+DISTILLATION = "Distillation"  # the --help panel of --teacher and its settings
 RESERVED_NAMES = ("latest",)  # a selector, never a run id
 
 
-def option(help: str, flag: str | None = None, **field_options):
+def option(help: str, flag: str | None = None, panel: str | None = None, **field_options):
     """A field that `bitnet train` offers as a flag (see train_options): --field-name, or
-    `flag` where the field's name cannot be it."""
-    return dataclasses.field(metadata={"help": help, **({"flag": flag} if flag else {})},
+    `flag` where the field's name cannot be it; listed in its own `panel` of --help if given."""
+    return dataclasses.field(metadata={"help": help, "flag": flag, "panel": panel},
                              **field_options)
 
 
 def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
 
 
 def train_options() -> list[tuple[dataclasses.Field, type]]:
@@ -191,6 +191,22 @@ class TrainConfig:
     tensorboard: bool = option("Also write the metrics as TensorBoard event files in "
                                "RUN/tensorboard (tensorboard --logdir RUN); needs pip install "
                                "'bitnet-cli[tensorboard]'.", default=False)
+    teacher: str | None = option(
+        "Distil: also learn the soft targets (logits) of this run or checkpoint folder on the "
+        "same batches, as BitNet Distillation does (its vocabulary and tokenizer must be the "
+        "run's). With --from a full-precision run and --quant ternary: a ternary model that "
+        "keeps what its source knew.", default=None, panel=DISTILLATION)
+    distill_weight: float = option("With --teacher: the weight of KL(teacher || student) "
+                                   "beside cross-entropy; BitDistill's 10.",
+                                   default=10.0, panel=DISTILLATION)
+    distill_temperature: float = option("With --teacher: the softmax temperature T of both "
+                                        "models' logits; BitDistill's 5.", default=5.0,
+                                        panel=DISTILLATION)
+    distill_layer: int | None = option("With --teacher: also match the attention relations of "
+                                       "this layer (0-based; -1 the last), BitDistill's "
+                                       "MiniLM term. Off by default.", default=None,
+                                       panel=DISTILLATION)
+    distill_attention_weight: float = 1.0  # the relation term's weight (per-row KL, mean)
     # Text experiments: the training tokens the run's data was prepared for, fixed when the run
     # is made, so that changing --steps later keeps its data, its window order and its cursor.
     data_tokens: int | None = None
@@ -243,6 +259,15 @@ class TrainConfig:
             raise BitnetError(f"foreground must be true or false, got {show(self.foreground)}")
         if not isinstance(self.tensorboard, bool):
             raise BitnetError(f"tensorboard must be true or false, got {show(self.tensorboard)}")
+        if self.teacher is not None and not isinstance(self.teacher, str):
+            raise BitnetError(f"teacher must be a checkpoint folder, got {show(self.teacher)}")
+        for flag, value in (("--distill-weight", self.distill_weight), ("--distill-temperature",
+                            self.distill_temperature), ("distill_attention_weight",
+                                                        self.distill_attention_weight)):
+            if not real(value) or value <= 0:
+                raise BitnetError(f"{flag} must be a positive finite number, got {show(value)}")
+        if self.distill_layer is not None:
+            check_whole("--distill-layer", self.distill_layer, -1024, 1023)
         if self.data is not None and not isinstance(self.data, str):
             raise BitnetError(f"--data must be a path, got {show(self.data)}")
         if self.name is not None:
@@ -270,30 +295,3 @@ class TrainConfig:
     def text_vocab_size(self) -> int:
         """Text experiments: the size of the BPE trained on the data (--vocab-size or the preset's)."""
         return self.vocab_size or PRESETS[self.experiment].vocab_size
-
-
-def build_configs(experiment: str, size: str | None, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """The preset for (experiment, size) with every non-None override applied on top. The
-    model's vocab_size is left 0: it is the tokenizer's, known once the data is prepared."""
-    preset = check_experiment(experiment)
-    size = size or preset.default_size
-    if size not in preset.sizes:
-        raise BitnetError(f"unknown size {size!r} for {experiment}; choose one of: "
-                          f"{', '.join(preset.sizes)}")
-    chosen = preset.sizes[size]
-    # Model options given (not None) override ModelConfig's defaults; the rest are training's.
-    model_options = {name: value for name in MODEL_OPTIONS
-                     if (value := overrides.pop(name, None)) is not None}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(overrides) - train_fields
-    if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
-    train_kwargs = {**chosen.train, **{k: v for k, v in overrides.items() if v is not None}}
-    if train_kwargs.get("data") is not None:  # resume and eval may run from another folder
-        train_kwargs["data"] = str(Path(train_kwargs["data"]).expanduser().resolve())
-    train = TrainConfig(experiment=experiment, size=size, **train_kwargs)
-    train.validate()
-    model = ModelConfig(vocab_size=0, max_position_embeddings=train.seq_len,
-                        **model_options, **chosen.model)
-    model.validate()
-    return model, train

@@ -81,8 +81,8 @@ def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     wavelength = 2 * math.pi / inv_freq
     slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
     smooth = (context / wavelength - low) / (high - low)
-    blended = (1 - smooth) * slowed / factor + smooth * slowed    between = ~(wavelength < context / high) & ~(wavelength > context / low)
-    return torch.where(between, blended, slowed)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    return torch.where((wavelength >= context / high) & (wavelength <= context / low), blended, slowed)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics
 from bitnet_cli.store.runs import METRICS_FILE
-from bitnet_cli.report.summary import read_run
+from bitnet_cli.report.summary import distillation, read_run
 
 # Fields of an eval row that are bookkeeping, not results.
 NOT_RESULTS = {"step", "split", "tokens", "time", "eval_s"}
@@ -49,9 +49,12 @@ def _run(run_dir: Path) -> dict:
                           f"evaluated (every {config['train'].get('eval_every', '?')} steps)")
     headline = config.get("headline") or "loss"
     last = evals[-1]
+    train = config.get("train") or {}  # an imported run may have none
     return {
         "run_id": run_dir.name, "experiment": config["experiment"], "size": config["size"],
         "quant": config["model"].get("quant", "ternary"), "params": config.get("num_params"),
+        "init_from": train.get("init_from"), "converted": config.get("converted"),
+        "teacher": distillation(train),
         "headline": headline, "step": last["step"], "tokens": last.get("tokens"),
         "final": {k: v for k, v in last.items() if k not in NOT_RESULTS},
         "curve": [{"step": r["step"], "tokens": r.get("tokens"), headline: r.get(headline),

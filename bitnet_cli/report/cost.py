@@ -6,7 +6,8 @@ h heads, vocabulary V, sequence length T and micro-batch b:
 
   training FLOPs   6·N·D + 12·L·d·T·D  (PaLM appendix B, nanoGPT's estimate_mfu): 6N per token
                    for the weight matmuls forward and backward, 12·L·d·T for the attention scores
-                   QKᵀ and their product with V, with no discount for the causal mask
+                   QKᵀ and their product with V, with no discount for the causal mask; a
+                   distillation teacher adds its forward pass, 2·N·D + 4·L·d·T·D of its own shape
   GPU-hours        FLOPs / (peak FLOP/s · MFU) / 3600, so MFU means what PaLM defined it to mean
   training memory  16 B/param (fp32 latent weights 4, gradients 4, AdamW moments 8) + activations
   activations      L·T·b·d·(34 + 5·h·T/d) + 4·T·b·(d + V) bytes (Korthikanti et al. 2022,
@@ -30,7 +31,7 @@ from bitnet_cli.config.presets import PRESETS, RELEASED_SHAPES
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.report.gpus import choose_gpus
-from bitnet_cli.report.run_cost import project_rest, read_run
+from bitnet_cli.report.run_cost import project_rest, read_run, read_teacher
 from bitnet_cli.store.selector import resolve_run
 
 DEFAULT_MFU = 0.30  # the original project's 11.8k tok/s for 95M on an RTX 3060 is 27% of its peak
@@ -146,7 +147,7 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
              from_run: str | None = None, layers: int | None = None, hidden: int | None = None,
              vocab: int | None = None, gpu: str | None = None, gpus: int = 1,
              mfu: float = DEFAULT_MFU, price: float | None = None,
-             peak_tflops: float | None = None) -> dict:
+             peak_tflops: float | None = None, teacher: str | None = None) -> dict:
     """The whole answer of `bitnet cost` as plain JSON-ready data."""
     for flag, value in [("--batch-size", batch_size), ("--seq-len", seq_len),
                         ("--grad-accum", grad_accum), ("--layers", layers), ("--hidden", hidden),
@@ -170,17 +171,7 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
     n_tokens, n_steps = _size("--tokens", tokens), _size("--steps", steps)
     hardware = choose_gpus(gpu, peak_tflops, price)
 
-    measured = None
-    if params is not None:
-        shape = estimate_shape(_size("--params", params), layers, hidden, vocab)
-        train = dict(DEFAULT_BATCH)
-    elif preset_name is not None:
-        shape, train = preset(preset_name)
-    else:
-        run = resolve_run(from_run)
-        cfg, train, measured = read_run(run)
-        shape = shape_of(cfg, f"run {measured['run_id']}" if measured
-                         else f"imported run {run.name}")
+    shape, train, run, measured = _source(params, preset_name, from_run, layers, hidden, vocab)
     given = {"batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum}
     train.update({k: v for k, v in given.items() if v is not None})
     if from_run is not None and train["seq_len"] > shape.context:  # as train --from refuses
@@ -190,9 +181,11 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
                  else "run" if measured else "fine-tune")
     horizon = _horizon(shape, train, n_tokens, n_steps, own_steps)
 
-    per_token = training_flops_per_token(shape, horizon.seq_len)
+    teacher_cfg, about = read_teacher(teacher, train.get("teacher"))
+    dense, attention = teacher_flops_per_token(teacher_cfg, horizon.seq_len)
+    per_token = training_flops_per_token(shape, horizon.seq_len) + dense + attention
     flops = horizon.tokens * per_token
-    memory = _memory(shape, horizon)
+    memory = _memory(shape, horizon, teacher=teacher_cfg)
     rows = []
     for g in hardware:
         gpu_hours = flops / (g.peak_tflops * 1e12 * mfu) / 3600
@@ -204,17 +197,34 @@ def estimate(params: str | None = None, tokens: str | None = None, steps: str | 
         "horizon": asdict(horizon),
         "flops": {"dense_6nd": 6 * shape.params * horizon.tokens,
                   "attention": 12 * shape.layers * shape.hidden * horizon.seq_len * horizon.tokens,
+                  "teacher_2nd": dense * horizon.tokens,
+                  "teacher_attention": attention * horizon.tokens,
                   "total": flops, "per_token": per_token},
         "mfu": mfu,
         "num_gpus": gpus,
         "memory": memory,
         "gpus": rows,
     }
+    if about is not None:
+        report["teacher"] = about
     if measured is not None:
         report["run"] = project_rest(measured, horizon, per_token, hardware if gpu else [], gpus)
     elif from_run is not None:  # imported: nothing trained here to project
         report["fine_tune_of"] = {"run_id": run.name, "path": str(run), "context": shape.context}
     return report
+
+
+def _source(params, preset_name, from_run, layers, hidden, vocab):
+    """What is costed: (shape, training batch/steps, run folder, what the run measured)."""
+    if params is not None:
+        shape = estimate_shape(_size("--params", params), layers, hidden, vocab)
+        return shape, dict(DEFAULT_BATCH), None, None
+    if preset_name is not None:
+        return *preset(preset_name), None, None
+    run = resolve_run(from_run)
+    cfg, train, measured = read_run(run)
+    return (shape_of(cfg, f"run {measured['run_id']}" if measured else f"imported run {run.name}"),
+            train, run, measured)
 
 
 def _horizon(shape: Shape, train: dict, tokens: int | None, steps: int | None,
@@ -231,15 +241,18 @@ def _horizon(shape: Shape, train: dict, tokens: int | None, steps: int | None,
                    basis=f"{CHINCHILLA_TOKENS_PER_PARAM} tokens per parameter", **batch)
 
 
-def _memory(shape: Shape, horizon: Horizon, activation_bytes: int = 2) -> dict:
+def _memory(shape: Shape, horizon: Horizon, activation_bytes: int = 2,
+            teacher: ModelConfig | None = None) -> dict:
     """Bytes per GPU for training (data parallel: every GPU holds it all) and for inference.
     The layers' activations are the formula's 16-bit ones, scaled for `activation_bytes`: 4 on
-    a CPU, which trains in float32."""
+    a CPU, which trains in float32. A distillation `teacher` adds its teacher_bytes."""
     s, b, d, h = horizon.seq_len, horizon.batch_size, shape.hidden, shape.heads
     layers = shape.layers * s * b * (34 * d + 5 * h * s) * activation_bytes // 2
     activations = layers + 4 * s * b * (d + shape.vocab)
     training = {"weights": 4 * shape.params, "gradients": 4 * shape.params,
                 "adamw": 8 * shape.params, "activations": activations}
+    if teacher is not None:
+        training["teacher"] = teacher_bytes(teacher, b, s)
     training["total"] = sum(training.values())
     full_precision = shape.params - shape.ternary_params
     return {"training": training,
@@ -253,6 +266,23 @@ def training_bytes(model: ModelConfig, batch_size: int, seq_len: int,
     with activations of `activation_bytes` each (2 in bf16 autocast, 4 in float32)."""
     horizon = Horizon(0, batch_size, seq_len, 1, None, "")
     return _memory(shape_of(model, "run"), horizon, activation_bytes)["training"]["total"]
+
+
+def teacher_bytes(teacher: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """What a distillation teacher adds to a step (train --teacher): its float32 weights, and,
+    with no gradients kept, one layer's activations and three float32 logit tensors (its own and
+    the two log-softmaxes the KL compares)."""
+    tokens = batch_size * seq_len
+    layer = 4 * tokens * (4 * teacher.hidden_size + 2 * teacher.intermediate_size)
+    return 4 * teacher.num_params() + layer + 3 * 4 * tokens * teacher.vocab_size
+
+
+def teacher_flops_per_token(teacher: ModelConfig | None, seq_len: int) -> tuple[int, int]:
+    """A teacher's forward pass per token: 2N for its weight matmuls and 4·L·d·T, the forward
+    third of the attention term; (0, 0) without a teacher."""
+    if teacher is None:
+        return 0, 0
+    return 2 * teacher.num_params(), 4 * teacher.num_hidden_layers * teacher.hidden_size * seq_len
 
 
 def training_flops_per_token(shape: Shape, seq_len: int) -> int:

@@ -1,6 +1,6 @@
 """`bitnet cost --from-run`: a run's model, its steps and the speed it has measured, and the
 rest of it projected at that speed. An imported run, never trained here, is priced as a
-fine-tune of it. No torch here."""
+fine-tune of it; a distilled one with its teacher's model. No torch here."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import read_metrics
 from bitnet_cli.store.runs import CONFIG_FILE, METRICS_FILE, STATE_FILE, read_json
+from bitnet_cli.store.selector import resolve_run
 
 
 def read_run(run: Path) -> tuple[ModelConfig, dict, dict | None]:
@@ -26,6 +27,7 @@ def read_run(run: Path) -> tuple[ModelConfig, dict, dict | None]:
             fine_tune = RELEASED_SHAPES["2b4t"]["fine_tune"]
             return cfg, dict(fine_tune, seq_len=cfg.max_position_embeddings), None
         train = {k: config["train"][k] for k in ("steps", "batch_size", "seq_len", "grad_accum")}
+        train["teacher"] = config["train"].get("teacher")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BitnetError(f"cannot read {run / CONFIG_FILE}: {e}") from None
     try:
@@ -63,3 +65,30 @@ def project_rest(measured: dict, horizon, per_token: int, hardware: list, gpus: 
         projection["measured_mfu"] = rate * per_token / (g.peak_tflops * 1e12 * gpus)
         projection["remaining_dollars"] = projection["remaining_hours"] * gpus * g.price
     return projection
+
+
+def read_teacher(named: str | None, recorded: str | None) -> tuple[ModelConfig | None, dict | None]:
+    """The teacher --teacher names (one that cannot be read is refused), else the run's own (one
+    gone is noted and left out): its model, and what the report says of it."""
+    where = named or recorded
+    if not where:
+        return None, None
+    try:
+        model = teacher_model(where)
+    except BitnetError as e:
+        if named:
+            raise BitnetError(f"--teacher {named}: {e}") from None
+        return None, {"path": recorded, "missing": str(e)}
+    return model, {"path": where, "params": model.num_params(), "layers": model.num_hidden_layers,
+                   "hidden": model.hidden_size, "vocab": model.vocab_size}
+
+
+def teacher_model(where: str) -> ModelConfig:
+    """A teacher's model, read without torch: a checkpoint folder's trainer.json, or else the
+    config.json of the run `where` names (as --from-run takes it)."""
+    try:
+        trainer = Path(where).expanduser() / "trainer.json"
+        path = trainer if trainer.is_file() else resolve_run(where) / CONFIG_FILE
+        return model_config_from_dict(read_json(path)["model"], path)
+    except (OSError, KeyError, TypeError) as e:
+        raise BitnetError(f"cannot read the teacher's model at {where}: {e}") from None

@@ -10,13 +10,14 @@ from bitnet_cli.config.reading import check_fields, model_config_from_dict, trai
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.store.metrics import (TERNARY_METRICS, TERNARY_SPLIT, per_layer, read_metrics,
                                read_metrics_tail)
-from bitnet_cli.store.runs import (CONFIG_FILE, METRICS_FILE, STATE_FILE, list_run_dirs, read_json,
-                             run_status)
+from bitnet_cli.store.runs import (CHECKPOINTS_FOLDER, CONFIG_FILE, METRICS_FILE, STATE_FILE,
+                                  list_run_dirs, read_json, run_status)
 
 SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 CONFIG_FIELDS = {"experiment": "text", "size": "text", "model": "object", "train": "object",
                  "num_params": "count?", "headline": "text?", "argv": "texts?",
-                 "created_at": "text?", "imported": "object?", "kind": "text?"}
+                 "created_at": "text?", "imported": "object?", "kind": "text?",
+                 "converted": "object?"}
 # An imported run (`bitnet import`) has no experiment, size or training of its own; one imported
 # before config.json said "kind" has a stand-in training section, never shown.
 IMPORTED_FIELDS = {**CONFIG_FIELDS, "experiment": "text?", "size": "text?", "train": "object?",
@@ -90,6 +91,9 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
         "size": None if imported else config.get("size"),
         "imported": imported,
         "quant": config.get("model", {}).get("quant"),
+        "init_from": train.get("init_from"),
+        "converted": config.get("converted"),
+        "teacher": distillation(train),
         "params": config.get("num_params"),
         "status": status,
         "step": step,
@@ -111,6 +115,43 @@ def _row(run_dir: Path, config: dict, state: dict, problem: str | None) -> dict:
         "pid": state.get("pid"),
         "error": problem or state.get("error"),
     }
+
+
+def distillation(train: dict) -> dict | None:
+    """A distilled run's teacher (its checkpoint folder) and settings; None without one."""
+    if not train.get("teacher"):
+        return None
+    return {"path": train["teacher"], "weight": train.get("distill_weight"),
+            "temperature": train.get("distill_temperature"), "layer": train.get("distill_layer"),
+            "attention_weight": train.get("distill_attention_weight")}
+
+
+def teacher_settings(teacher: dict) -> str:
+    """'weight 10, temperature 5, layer -1 relations at weight 1': how a run distils."""
+    def shown(key: str) -> str:
+        return f"{teacher[key]:g}" if real(teacher.get(key)) else "?"
+    return (f"weight {shown('weight')}, temperature {shown('temperature')}"
+            + (f", layer {teacher['layer']} relations at weight {shown('attention_weight')}"
+               if teacher.get("layer") is not None else ""))
+
+
+def origin_line(row: dict) -> str | None:
+    """'converted to ternary from PATH (sub-norms inserted)' or 'fine-tuned from PATH'; None for
+    a run trained from scratch."""
+    if not row.get("init_from"):
+        return None
+    converted = row.get("converted")
+    if not isinstance(converted, dict):
+        return f"fine-tuned from {row['init_from']}"
+    inserted = " (sub-norms inserted)" if converted.get("sub_norms_inserted") else ""
+    return f"converted to ternary from {row['init_from']}{inserted}"
+
+
+def checkpoint_label(path: str) -> str:
+    """A checkpoint folder by its run and step ('tiny-fp/step_000100'), else its own name."""
+    folder = Path(path)
+    in_run = folder.parent.name == CHECKPOINTS_FOLDER
+    return f"{folder.parent.parent.name}/{folder.name}" if in_run else folder.name
 
 
 def imported_about(checkpoint: Path) -> dict | None:
@@ -135,10 +176,13 @@ def source_name(about: dict) -> str:
 
 
 def weights_word(about: dict) -> str:
-    """'packed' (2-bit codes and a scale) or 'latent' (weights quantized as they are read)."""
+    """'packed' (2-bit codes and a scale), 'latent' (weights quantized as they are read) or
+    'full-precision' (a Llama's, never quantized)."""
     quantization = about.get("quantization")
     if quantization == "online":
         return "latent"
+    if quantization == "none":
+        return "full-precision"
     return "packed" if isinstance(quantization, str) and quantization.startswith("offline") \
         else str(quantization or "?")
 

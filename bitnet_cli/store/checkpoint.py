@@ -50,11 +50,13 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def load_model_tensors(model: torch.nn.Module, tensors: Mapping, assign: bool = False) -> None:
-    """The tensors into the model (copied, or with `assign` taken as its parameters), or one
-    line saying how they do not fit it. They are asked for one at a time: a mapping that makes
-    them when asked (a packed checkpoint's latent weights) is never whole beside the model."""
-    expected = set(model.state_dict())
+def load_model_tensors(model: torch.nn.Module, tensors: Mapping, assign: bool = False,
+                       may_lack: tuple[str, ...] = ()) -> None:
+    """The tensors into the model one at a time (copied, or with `assign` taken as its own), so a
+    mapping that makes them when asked (packed latent weights) is never whole beside the model;
+    names ending in `may_lack` may be absent. One line when they do not fit."""
+    expected = {name for name in model.state_dict()
+                if not (name.endswith(may_lack) and name not in tensors)}
     if getattr(model.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(tensors))

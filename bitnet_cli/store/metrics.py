@@ -138,8 +138,9 @@ def read_metrics_tail(path: Path, max_bytes: int = 256 * 1024) -> list[dict]:
     return _parse(lines)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the complete rows up to `step` (rewritten atomically; untouched if already so)."""
+def truncate_metrics(path: Path, step: int | None) -> None:
+    """Keep only the complete rows up to `step`, or none (rewritten atomically; untouched if
+    already so)."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
@@ -149,7 +150,8 @@ def truncate_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        if (step is not None and isinstance(row, dict) and isinstance(row.get("step"), int)
+                and row["step"] <= step):
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         write_bytes_atomic(path, "".join(kept).encode())

@@ -10,6 +10,13 @@ optimizer starts fresh. The latent weights are the source's; from packed codes (
 model) they are made when training starts, codes x scale (nn/packed_weights.py), so training
 starts at the quantized point, and the run says so.
 
+Conversion: `--quant ternary` from a full-precision source (a `--quant none` run, an imported
+Llama) makes its ternary model from the same latent weights, BitLinear quantizing them from the
+first step, with BitNet's sub-norms inserted as ones where the source has none (BitNet
+Distillation's SubLN). Its peak learning rate is the size's own, the ternary recipe's, not a
+tenth: the latent weights must move far enough to change their ternary codes, which is
+training a ternary model, not fine-tuning one.
+
 The checkpoint folder is recorded in the run's config (init_from): until the run's first save,
 a resume starts from it again, so the run is as reproducible as any other.
 """
@@ -40,16 +47,24 @@ class Source:
     tokenizer: Tokenizer
 
 
-def checkpoint_source(selector: str) -> Source:
-    """The checkpoint `--from` names, with its model config and tokenizer, checked."""
+def checkpoint_source(selector: str, role: str = "--from") -> Source:
+    """The checkpoint `--from` (or `--teacher`, the `role`) names, with its model config and
+    tokenizer, checked."""
     from bitnet_cli.store.selector import find_checkpoint
-    path, (_, _, trainer), _ = find_checkpoint(selector)
+    try:
+        path, (_, _, trainer), _ = find_checkpoint(selector)
+    except BitnetError as e:
+        raise BitnetError(f"{role} {selector}: {e}") from None
     model = model_config_from_dict(trainer["model"], path / TRAINER_FILE)
     return Source(path.resolve(), model, Tokenizer.from_file(str(path / TOKENIZER_FILE)))
 
 
 def fine_tune_model(source: Source, given: dict, seq_len: int) -> ModelConfig:
-    """The run's model: the source's. Model flags that contradict it are refused, in one line."""
+    """The run's model: the source's, or with --quant ternary from a full-precision source, its
+    ternary conversion (with BitNet's sub-norms, inserted where the source has none). Other
+    model flags that contradict it are refused, in one line."""
+    if converts(source.model, given.get("quant")):
+        return dataclasses.replace(source.model, quant="ternary", sub_norms=True)
     for name, value in given.items():
         theirs = getattr(source.model, name)
         if value is not None and value != theirs:
@@ -62,20 +77,36 @@ def fine_tune_model(source: Source, given: dict, seq_len: int) -> ModelConfig:
     return dataclasses.replace(source.model)
 
 
+def converts(source: ModelConfig, quant: str | None) -> bool:
+    """Whether a run --from this source with this --quant makes a ternary model of a
+    full-precision one (the other way, latent weights are no full-precision model: refused)."""
+    if quant == "none" and source.quant == "ternary":
+        raise BitnetError("--quant none: the model --from is ternary, and its latent weights are "
+                          "not a full-precision model; fine-tune it as it is (leave --quant out)")
+    return quant == "ternary" and source.quant == "none"
+
+
 def check_tokenizer(source_tokenizer: Tokenizer, task_tokenizer: Tokenizer, experiment: str) -> None:
     if source_tokenizer.to_str() != task_tokenizer.to_str():
         raise BitnetError(f"the model --from has another tokenizer than the {experiment} "
                           "experiment's fixed one; fine-tune it on a text experiment with --data")
 
 
-def start_from(model: torch.nn.Module, checkpoint: str) -> bool:
-    """The source's weights into a fresh model (a run with no checkpoint of its own yet);
-    whether any was stored as packed codes (then its latent weights are made of them here)."""
+def load_source_weights(model: torch.nn.Module, checkpoint: str,
+                        role: str = "this run starts from") -> bool:
+    """A source's weights into a fresh model (a run with no checkpoint of its own yet, or a
+    teacher); whether any was stored as packed codes (then its latent weights are made of them
+    here). Sub-norms a full-precision source has none of stay as the model made them: ones, as
+    BitNet Distillation inserts them."""
     try:
-        tensors, _, _ = read_checkpoint(Path(checkpoint), with_optimizer=False)
+        tensors, _, trainer = read_checkpoint(Path(checkpoint), with_optimizer=False)
         weights = ModelWeights(tensors)
-        load_model_tensors(model, weights)  # a tensor at a time, cast as it is copied
+        inserted = () if trainer["model"].get("sub_norms", True) else SUB_NORMS
+        load_model_tensors(model, weights, may_lack=inserted)  # a tensor at a time, cast as copied
     except BitnetError as e:
-        raise BitnetError(f"this run starts from {checkpoint}, which cannot be read now ({e}); "
-                          "restore it, or start a new run") from None
+        raise BitnetError(f"{role} {checkpoint}, which cannot be read now ({e}); restore it, or "
+                          "start a new run") from None
     return bool(weights.packed)
+
+
+SUB_NORMS = (".self_attn.attn_sub_norm.weight", ".mlp.ffn_sub_norm.weight")

@@ -29,7 +29,8 @@ from bitnet_cli.tasks import load_experiment
 from bitnet_cli.tasks.problems import IGNORE
 from bitnet_cli.tasks.rows import DeviceBatches
 from bitnet_cli.training import dist
-from bitnet_cli.training.fine_tune import start_from
+from bitnet_cli.training.distill import Teacher
+from bitnet_cli.training.fine_tune import load_source_weights
 from bitnet_cli.training.optim import apply_schedule, build_optimizer
 from bitnet_cli.training.session import RunSession, stop_signals
 from bitnet_cli.training.setup import (check_memory, prepare_task, read_run_config, run_in_background,
@@ -66,7 +67,8 @@ def run_training(run_dir: Path, reporter=None) -> dict:
     dist.check_world(share, cfg.batch_size, device)
     # Before joining the process group, so that no collective waits on it: every process finds
     # or builds the data (one per machine builds it; the others wait on the cache's file lock).
-    prepare_task(task, cfg, reporter.preparing, run_tokenizer(run_dir) if cfg.init_from else None)
+    prepare_task(task, cfg, reporter.preparing,
+                 run_tokenizer(run_dir) if cfg.init_from or cfg.teacher else None)
     with run_lock(run_dir) if share.is_main else contextlib.nullcontext():
         return _train_in_group(run_dir, config, model_cfg, cfg, task, share, device, reporter)
 
@@ -91,20 +93,26 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)
     model = BitNetForCausalLM(model_cfg)
-    if cfg.init_from and not checkpoints_newest_first(run_dir / "checkpoints"):
-        # a fine-tune before its first save
-        if start_from(model, cfg.init_from):
-            reporter.notice("the model --from stores its layers as 2-bit codes: training starts "
-                            "from latent float32 weights made of them (codes x scale)")
+    starting = bool(cfg.init_from) and not checkpoints_newest_first(run_dir / "checkpoints")
+    if starting and load_source_weights(model, cfg.init_from):  # a fine-tune before its first save
+        reporter.notice("the model --from stores its layers as 2-bit codes: training starts "
+                        "from latent float32 weights made of them (codes x scale)")
     model.to(device)
+    teacher = Teacher(cfg, model_cfg, device) if cfg.teacher else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
     stream = DeviceBatches(task.stream(cfg.seed, cfg.batch_size, cfg.seq_len, share.rank,
                                        share.world_size), device)
     session, resumed = _resume(run_dir, config, cfg, task, share, device, reporter, model,
                                optimizer, stream)
     trained = dist.wrap(model, share, device)
+    if teacher:
+        teacher.watch(model)
     forward = training_forward(trained, wants_compile(cfg, device), device, reporter.notice)
     session.start({"compile": forward.compiled, **resumed})
+    if starting and session.step == 0:  # what the source's weights score before any step
+        session.evaluate(autocast)
+        session.restart_window()
+    step_fn = teacher.micro_step if teacher else micro_step
     # DDP averages gradients over ranks; each rank's loss is its share of the sum, so its
     # gradient is scaled back up by the world size (and down by the micro-steps).
     grad_scale = share.world_size / cfg.grad_accum
@@ -116,6 +124,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
             lr, wd = apply_schedule(optimizer, session.step, cfg.steps, cfg.lr, cfg.warmup_steps,
                                     cfg.weight_decay, cfg.extended_at)
             loss_sum = torch.zeros((), device=device)
+            if teacher:
+                teacher.new_step()
             with quantized_for_step(model):
                 for micro in range(cfg.grad_accum):
                     inputs, labels = stream.next_batch()
@@ -123,14 +133,15 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                     # rows may hold more or fewer answer tokens than another's.
                     targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
                     with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
-                        loss_sum += forward.run(micro_step, inputs, labels, targets,
+                        loss_sum += forward.run(step_fn, inputs, labels, targets,
                                                 autocast, grad_scale)
                     stream.prefetch()  # while a GPU still works on this micro-step
             # A non-finite loss makes a non-finite gradient norm: that step is skipped.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             session.advance(grad_norm)
             if session.due(cfg.log_every):
-                session.log(loss_sum, lr, wd, grad_norm)
+                session.log(loss_sum, lr, wd, grad_norm, teacher.log_columns(
+                    cfg.grad_accum, dist.all_sum) if teacher else {})
             if session.due(cfg.eval_every):
                 session.evaluate(autocast)
             if session.due(cfg.save_every):
@@ -165,7 +176,8 @@ def _resume(run_dir, config, cfg, task, share, device, reporter, model, optimize
         remove_partial_saves(run_dir / "checkpoints")
         # Rows logged after the checkpoint are about to be trained again: drop them so the
         # file holds each step once, as an uninterrupted run's would.
-        truncate_metrics(run_dir / METRICS_FILE, step)
+        # (None: the rows of a start that saved nothing, a fine-tune's first evaluation too.)
+        truncate_metrics(run_dir / METRICS_FILE, step if resumed_from is not None else None)
     session = RunSession(run_dir, config, cfg, task, share, device, reporter, model, optimizer,
                          stream, step, tokens, trainer)
     return session, {"resumed_from": str(resumed_from) if resumed_from else None,

@@ -67,7 +67,8 @@ class RunSession:
             "total_steps": cfg.steps, "device": str(self.device), "experiment": cfg.experiment,
             "size": self.config.get("size"), "world_size": share.world_size,
             "num_params": self.model.num_params(), "params": format_count(self.model.num_params()),
-            "init_from": cfg.init_from, "headline": self.task.headline, **info})
+            "init_from": cfg.init_from, "teacher": cfg.teacher, "headline": self.task.headline,
+            **info})
         self._share_cores(cores)
         self.restart_window()
 
@@ -104,14 +105,16 @@ class RunSession:
     def due(self, every: int) -> bool:
         return self.step % every == 0 or self.step == self.cfg.steps
 
-    def log(self, loss_sum: torch.Tensor, lr: float, wd: float, grad_norm: torch.Tensor) -> None:
+    def log(self, loss_sum: torch.Tensor, lr: float, wd: float, grad_norm: torch.Tensor,
+            columns: dict) -> None:
         loss_sum = dist.all_sum(loss_sum)
         elapsed = time.perf_counter() - self.window_start
         if self.share.is_main:  # tokens are the whole batch's: tok/s is global
             row = {"step": self.step, "split": "train",
                    "loss": loss_sum.item() / self.cfg.grad_accum, "lr": lr, "wd": wd,
                    "grad_norm": grad_norm.item(), "tokens": self.tokens,
-                   "tok_per_s": self.window_tokens / max(elapsed, 1e-9), "time": time.time()}
+                   "tok_per_s": self.window_tokens / max(elapsed, 1e-9), "time": time.time(),
+                   **columns}
             if self.nonfinite["total"]:
                 row["skipped_steps"] = self.nonfinite["total"]
             self.metrics.write(row)

@@ -17,7 +17,8 @@ from bitnet_cli import __version__
 from bitnet_cli.training import dist
 from bitnet_cli.store.checkpoint import newest_loadable
 from bitnet_cli.config.reading import model_config_from_dict, to_dict, train_config_from_dict
-from bitnet_cli.config.settings import MODEL_OPTIONS, build_configs
+from bitnet_cli.config.building import build_configs
+from bitnet_cli.config.settings import MODEL_OPTIONS
 from bitnet_cli.config.numbers import format_count
 from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.tasks import load_experiment
@@ -25,8 +26,9 @@ from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
 from bitnet_cli.nn.devices import free_memory, resolve_device
+from bitnet_cli.training.distill import check_teacher
 from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, checkpoint_source,
-                                           fine_tune_model)
+                                           converts, fine_tune_model)
 from bitnet_cli.store.runs import (CONFIG_FILE, TOKENIZER_FILE, StateFile, heartbeat_fresh,
                              new_run_dir, now_iso, on_other_host, read_json, run_status)
 
@@ -54,7 +56,7 @@ def create_run(experiment: str, size: str | None = None, argv: list[str] | None 
     processes will train it (in all, and on this machine)."""
     task, model_cfg, train_cfg = prepare_data(experiment, size, quant, progress, share,
                                               **overrides)
-    if train_cfg.init_from is None:  # a fine-tune keeps its model's vocabulary
+    if not model_cfg.vocab_size:  # a fine-tune's is its model's, a distilled model's its teacher's
         model_cfg.vocab_size = task.tokenizer().get_vocab_size()
     if hasattr(task, "prepare"):  # the text it was prepared for stays the run's data
         train_cfg.data_tokens = train_cfg.data_budget
@@ -74,26 +76,37 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
     another's data preparation (they share it through the cache's file lock)."""
     preset = check_experiment(experiment)
     task = load_experiment(experiment)
-    source = None
+    source = teacher = None
     if overrides.get("init_from") is not None:  # fine-tuning: the model and tokenizer are its
         source = checkpoint_source(overrides["init_from"])
         overrides["init_from"] = str(source.checkpoint)
-        if overrides.get("lr") is None:
+        if overrides.get("lr") is None:  # a conversion trains at the recipe's (fine_tune.py)
             overrides["lr"] = (preset.sizes[size or preset.default_size].train["lr"]
-                               / FINE_TUNE_LR_DIVISOR)
+                               / (1 if converts(source.model, quant) else FINE_TUNE_LR_DIVISOR))
         # A model flag given that contradicts the source is refused (fine_tune_model).
         given = {"quant": quant, **{name: overrides.get(name) for name in MODEL_OPTIONS
                                     if name != "quant"}}
+    if overrides.get("teacher") is not None:
+        teacher = checkpoint_source(overrides["teacher"], role="--teacher")
+        overrides["teacher"] = str(teacher.checkpoint)
     model_cfg, train_cfg = build_configs(experiment, size, quant=quant, **overrides)
     if source is not None:
         model_cfg = fine_tune_model(source, given, train_cfg.seq_len)
     dist.check_world(share, train_cfg.batch_size, resolve_device(train_cfg.device))
-    prepare_task(task, train_cfg, progress, source.tokenizer if source else None)
+    # A text run without --from reads its data with its teacher's tokenizer, as a fine-tune does.
+    reader = source or (teacher if hasattr(task, "prepare") else None)
+    prepare_task(task, train_cfg, progress, reader.tokenizer if reader else None)
+    if teacher is not None:
+        if source is None:  # a model of its own speaks its teacher's vocabulary
+            model_cfg.vocab_size = teacher.model.vocab_size
+        check_teacher(teacher, model_cfg, task.tokenizer(), train_cfg)
     return task, model_cfg, train_cfg
 
 
 def run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
-    """What a new run's config.json holds."""
+    """What a new run's config.json holds; a conversion (fine_tune.py) says so."""
+    source = checkpoint_source(train_cfg.init_from).model if train_cfg.init_from else None
+    converted = source is not None and converts(source, model_cfg.quant)
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -106,23 +119,28 @@ def run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
                      "python": platform.python_version()},
         "argv": argv or [],
         "created_at": now_iso(),
+        **({"converted": {"from_quant": source.quant, "sub_norms_inserted": not source.sub_norms}}
+           if converted else {}),
     }
 
 
 def check_memory(model_cfg, cfg, device: torch.device, world_size: int) -> None:
     """Refuse, in one line, a step that cannot fit: on a CPU the kernel would kill the process
     mid-step with no word of why. The estimate is bitnet cost's (activations kept for backward)."""
-    from bitnet_cli.report.cost import training_bytes
+    from bitnet_cli.report.cost import teacher_bytes, training_bytes
 
     micro_batch = max(cfg.batch_size // world_size, 1)
     # bf16 autocast on CUDA (nn/devices.py); float32 activations everywhere else.
     needed = training_bytes(model_cfg, micro_batch, cfg.seq_len,
                             activation_bytes=2 if device.type == "cuda" else 4)
+    if cfg.teacher is not None:
+        needed += teacher_bytes(checkpoint_source(cfg.teacher, "--teacher").model, micro_batch,
+                                cfg.seq_len)
     free = free_memory(device)
     if free is not None and needed > free:
         raise BitnetError(
             f"a training step of {micro_batch} x {cfg.seq_len} tokens through "
-            f"{format_count(model_cfg.num_params())} parameters needs about {needed / 2**30:.1f} "
+            f"{format_count(model_cfg.num_params())} parameters{' and its teacher' if cfg.teacher else ''} needs about {needed / 2**30:.1f} "
             f"GiB, but {device} has {free / 2**30:.1f} GiB free; lower --batch-size "
             "(--grad-accum keeps the effective batch) or --seq-len")
 

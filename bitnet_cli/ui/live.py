@@ -140,12 +140,14 @@ class LiveTrainingView:
 
 
 def starting_point(info: dict) -> str:
-    """Where the run's weights start: its checkpoint, the model it fine-tunes, or nothing."""
+    """Where the run's weights start: its checkpoint, the model it fine-tunes, or nothing; and
+    the teacher it distils from, if any."""
+    distilling = f", distilling from {info['teacher']}" if info.get("teacher") else ""
     if info.get("resumed_from"):
-        return f"resuming from {info['resumed_from']}"
+        return f"resuming from {info['resumed_from']}{distilling}"
     if info.get("init_from"):
-        return f"starting from the weights of {info['init_from']}"
-    return "from scratch"
+        return f"starting from the weights of {info['init_from']}{distilling}"
+    return f"from scratch{distilling}"
 
 
 def cpu_size_hint(info: dict, eta_s: float) -> str | None:

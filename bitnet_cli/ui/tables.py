@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
-from bitnet_cli.report.summary import shape_line, source_line, source_name, weights_word
+from bitnet_cli.report.summary import (checkpoint_label, origin_line, shape_line, source_line,
+                                       source_name, teacher_settings, weights_word)
 from bitnet_cli.ui import count, format_duration, format_eval, format_rate, number
 
 
@@ -101,8 +102,10 @@ def run_detail(d: dict):
                           f"{model.get('hidden_size')}, {model.get('num_attention_heads')}/"
                           f"{model.get('num_key_value_heads')} heads, FFN {model.get('intermediate_size')}, "
                           f"vocab {model.get('vocab_size')}")
-    if train.get("init_from"):
-        head.add_row("fine-tuned", f"from {train['init_from']}")
+    if origin_line(d):
+        head.add_row("source", origin_line(d))
+    if d.get("teacher"):
+        head.add_row("teacher", f"{d['teacher']['path']}, {teacher_settings(d['teacher'])}")
     head.add_row("training", f"step {d['step']}/{d['total_steps'] or '?'}, batch "
                              f"{train.get('batch_size')} x seq {train.get('seq_len')} x accum "
                              f"{train.get('grad_accum')}, peak lr {train.get('lr')}, seed "
@@ -246,6 +249,15 @@ def comparison_table(c: dict):
         table.add_column(f"{run['run_id']}\n{run['quant']} {run['size']}", justify="right")
     table.add_row("step", *(str(run["step"]) for run in c["runs"]))
     table.add_row("tokens", *(count(run.get("tokens")) for run in c["runs"]))
+    if any(run.get("init_from") for run in c["runs"]):
+        table.add_row("from", *(checkpoint_label(run["init_from"])
+                                + (" (converted)" if run.get("converted") else "")
+                                if run.get("init_from") else "-" for run in c["runs"]))
+    if any(run.get("teacher") for run in c["runs"]):
+        table.add_row("teacher", *(checkpoint_label(run["teacher"]["path"]) if run.get("teacher")
+                                   else "-" for run in c["runs"]))
+        table.add_row("distill", *(teacher_settings(run["teacher"]) if run.get("teacher")
+                                   else "-" for run in c["runs"]))
     for metric in c["metrics"]:
         fmt = ".4f" if metric in ("loss", "ppl") or "loss" in metric else ".1%"
         cells = []

@@ -14,7 +14,8 @@
                for the tensor types).
 
 A `--quant none` run (the full-precision twin) has no ternary weights: it exports as `hf` only,
-without quantization_config, so transformers builds plain linear layers.
+without quantization_config, so transformers builds plain linear layers; one without sub-norms
+(an imported Llama) as LlamaForCausalLM.
 Every export is written into a fresh hidden folder beside OUT and renamed to OUT once complete
 (files.atomic_folder), so a failure leaves nothing half-written; an OUT that exists and is not
 empty is never touched, and neither is anything else beside it.
@@ -81,8 +82,9 @@ ARITHMETIC_FORMAT = ("note: the export reads raw text in the format it was train
 def check_exportable(loaded: LoadedModel, fmt: str) -> None:
     config = loaded.config
     if config.quant != "ternary" and fmt != "hf":
-        raise BitnetError(f"{loaded.checkpoint} was trained with --quant none: it has no ternary "
-                          f"weights to store as {fmt}; --format hf exports it in full precision")
+        raise BitnetError(f"{loaded.checkpoint} is a --quant none (full-precision) model: it has "
+                          f"no ternary weights to store as {fmt}; --format hf exports it in full "
+                          "precision")
     if fmt == "hf-packed":
         for name, module in projections(loaded.model):
             if module.out_features % CODES_PER_BYTE:
@@ -128,29 +130,7 @@ def write_hf_folder(loaded: LoadedModel, folder: Path, tensors: dict[str, torch.
     special = special_tokens(loaded)
     ids = {f"{role}_token_id": token_id for role, (_, token_id) in special.items()
            if role in ("bos", "eos", "pad")}  # the ids transformers' configs know
-    hf_config = {
-        "architectures": ["BitNetForCausalLM"],
-        "model_type": "bitnet",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "hidden_act": config.activation,  # transformers' ACT2FN knows both
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "initializer_range": config.initializer_range,
-        # transformers' defaults (theta 500000, untied) need not be ours: always say both.
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "dtype": "float32",
-        **ids,
-    }
+    hf_config = {**hf_model_fields(config), "use_cache": True, "dtype": "float32", **ids}
     if config.quant == "ternary":
         hf_config["quantization_config"] = {
             "quant_method": "bitnet", "linear_class": "autobitlinear",
@@ -171,6 +151,36 @@ def write_hf_folder(loaded: LoadedModel, folder: Path, tensors: dict[str, torch.
     write_json(folder / "generation_config.json", generation)
     write_json(folder / "tokenizer_config.json", tokenizer_config)
     shutil.copyfile(loaded.checkpoint / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+
+
+def hf_model_fields(config) -> dict:
+    """config.json's model: BitNetForCausalLM, or LlamaForCausalLM for a model without sub-norms
+    (an imported Llama), which transformers computes as bitnet does."""
+    llama = not config.sub_norms
+    rope = {**(config.rope_scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta}
+    return {
+        "architectures": ["LlamaForCausalLM" if llama else "BitNetForCausalLM"],
+        "model_type": "llama" if llama else "bitnet",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "hidden_act": config.activation,  # transformers' ACT2FN knows both
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "initializer_range": config.initializer_range,
+        # transformers' defaults (theta 500000 or 10000, untied) need not be ours: always say
+        # them; rope_scaling for transformers 4, which reads no rope_parameters.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        **({"rope_scaling": config.rope_scaling} if config.rope_scaling else {}),
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": False,
+        **({"mlp_bias": False, "head_dim": config.head_dim} if llama else {}),
+        "attention_dropout": 0.0,
+    }
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,9 +1,8 @@
 """What a source folder of `bitnet import` says about its model, read and checked: config.json
-(the layout, the shape, RoPE, the quantization), the tokenizer, the stop ids, the sampling
-defaults and the chat template. Nothing here writes; importing.py makes the run from it.
+(its model as import_config.py reads it), the tokenizer, the stop ids, the sampling defaults
+and the chat template. Nothing here writes; importing.py makes the run from it.
 A source may be hostile: a file is read only if it is a regular file (a FIFO would block, a
-link to /dev/zero never end) of a bounded size, every field's JSON type is checked, and what
-bitnet's model does not compute (scaled RoPE, a per-layer input RMSNorm) is refused.
+link to /dev/zero never end) of a bounded size, and every field's JSON type is checked.
 """
 
 from __future__ import annotations
@@ -22,14 +21,9 @@ from bitnet_cli.config.sampling import source_sampling
 from bitnet_cli.config.settings import ModelConfig
 from bitnet_cli.errors import BitnetError, first_line
 from bitnet_cli.use.chat_template import ChatTemplate, source_template
+from bitnet_cli.use.import_config import model_config, quantization, source_layout
 from bitnet_cli.use.import_weights import RunTensors
 
-LAYOUTS = {"BitNetForCausalLM": "bitnet", "BitnetForCausalLM": "1bitllm"}
-# What a field config.json leaves out (or null) is: BitNetConfig's default, or LlamaConfig's.
-DEFAULTS = {"bitnet": {"hidden_act": "relu2", "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-                       "max_position_embeddings": 2048, "tie_word_embeddings": False},
-            "1bitllm": {"hidden_act": "silu", "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-                        "max_position_embeddings": 2048, "tie_word_embeddings": False}}
 JSON_LIMIT = 16 << 20  # bytes; configs are kilobytes, a tokenizer_config.json a megabyte or two
 TOKENIZER_LIMIT = 100 << 20  # Llama 3's and 2B4T's tokenizer.json are 9 MB, the largest ~35 MB
 # The files an import reads (the tokenizer converter the last two JSON ones), with their bound.
@@ -80,14 +74,10 @@ def read_source(folder: Path) -> Imported:
     """Everything the run needs from a source folder, checked, or one line on what is wrong."""
     _check_files(folder)
     hf = _read_json(folder / "config.json", required=True)
-    names = hf.get("architectures") or [hf.get("model_type")]
-    layout = isinstance(names, list) and isinstance(names[0], str) and LAYOUTS.get(names[0])
-    if not layout:
-        raise BitnetError(f"{folder}: architecture {show(names)} is not one bitnet imports; "
-                          f"it reads {' and '.join(LAYOUTS)} (transformers' bitnet and 1bitLLM)")
-    config = _model_config(hf, layout, folder)
-    mode, divisor = _quantization(hf, layout, folder)
-    tensors = RunTensors(folder, config, layout, None if mode == "online" else divisor)
+    layout = source_layout(hf, folder)
+    config = model_config(hf, layout, folder)
+    mode, divisor = quantization(hf, layout, folder)
+    tensors = RunTensors(folder, config, layout, divisor)
     tokenizer = _tokenizer(folder, config)
     generation = _read_json(folder / "generation_config.json")
     stop_ids = _stop_ids(folder, hf, generation, config)
@@ -144,94 +134,6 @@ def _read_json(path: Path, required: bool = False) -> dict:
     if not isinstance(data, dict):
         raise BitnetError(f"{path} is not a JSON object")
     return data
-
-
-def _model_config(hf: dict, layout: str, folder: Path) -> ModelConfig:
-    where, defaults = f"{folder}/config.json", DEFAULTS[layout]
-
-    def get(name):
-        return hf[name] if hf.get(name) is not None else defaults.get(name)
-
-    act = get("hidden_act")
-    if act not in ("relu2", "silu"):
-        raise BitnetError(f"{where}: hidden_act {show(act)}; bitnet's models compute relu2 or silu")
-    heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-    fields = dict(vocab_size=hf.get("vocab_size"), hidden_size=hf.get("hidden_size"),
-                  num_hidden_layers=hf.get("num_hidden_layers"), num_attention_heads=heads,
-                  num_key_value_heads=heads if kv_heads is None else kv_heads,
-                  intermediate_size=hf.get("intermediate_size"),
-                  max_position_embeddings=get("max_position_embeddings"),
-                  rope_theta=_rope_theta(hf, defaults["rope_theta"], where),
-                  rms_norm_eps=get("rms_norm_eps"),
-                  tie_word_embeddings=get("tie_word_embeddings"), activation=act, quant="ternary")
-    missing = [name for name, value in fields.items() if value is None]
-    if missing:
-        raise BitnetError(f"{where} has no {missing[0]}")
-    try:  # validate checks every field's type and range
-        config = ModelConfig(**fields)
-        config.validate()
-    except (BitnetError, TypeError, ValueError) as e:
-        raise BitnetError(f"{where}: {e}") from None
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and not (whole(head_dim) and head_dim == config.head_dim):
-        raise BitnetError(f"{where}: head_dim {show(head_dim)} is not hidden_size / "
-                          f"num_attention_heads ({config.head_dim}), which bitnet's models use")
-    return config
-
-
-def _rope_theta(hf: dict, default: float, where: str):
-    """RoPE's base as transformers reads it; any RoPE but the plain one is refused."""
-    theta, factor = hf.get("rope_theta"), hf.get("partial_rotary_factor")
-    for key in ("rope_parameters", "rope_scaling"):  # the later one wins, as in transformers
-        rope = hf.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise BitnetError(f"{where}: {key} must be an object (or null), got {show(rope)}")
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind not in (None, "default"):
-            raise BitnetError(f"{where}: {key} has rope_type {show(kind)}; bitnet computes "
-                              "plain RoPE (rope_type default), not scaled variants")
-        if any(isinstance(value, dict) for value in rope.values()):
-            raise BitnetError(f"{where}: {key} holds RoPE per layer type; bitnet computes one "
-                              "plain RoPE for every layer")
-        if rope.get("rope_theta") is not None:
-            theta = rope["rope_theta"]
-        factor = rope.get("partial_rotary_factor", factor)
-    if factor is not None and factor != 1:
-        raise BitnetError(f"{where}: partial_rotary_factor {show(factor)}; bitnet rotates the "
-                          "whole head (factor 1)")
-    return default if theta is None else theta
-
-
-def _quantization(hf: dict, layout: str, folder: Path) -> tuple[str, bool]:
-    """("online" or "offline <class>", whether a packed weight_scale divides)."""
-    where = f"{folder}/config.json"
-    q = hf.get("quantization_config")
-    if q is not None and not isinstance(q, dict):
-        raise BitnetError(f"{where}: quantization_config must be an object, got {show(q)}")
-    q = q or {}
-    if layout == "1bitllm":
-        return "online", False
-    if q and q.get("quant_method") != "bitnet":
-        raise BitnetError(f"{where}: quantization {show(q.get('quant_method'))} is not BitNet's")
-    mode = q.get("quantization_mode", "offline" if q else "online")
-    linear = q.get("linear_class", "bitlinear")
-    if mode not in ("online", "offline") or linear not in ("bitlinear", "autobitlinear"):
-        raise BitnetError(f"{where}: quantization_config {show(mode)}/{show(linear)} is not "
-                          "online or offline, bitlinear or autobitlinear")
-    norm = q.get("use_rms_norm")
-    if norm is not None and norm is not False:
-        raise BitnetError(f"{where}: quantization_config.use_rms_norm {show(norm)}; bitnet reads "
-                          "false only: true gives each of transformers' BitLinear layers an "
-                          "RMSNorm of its own on its input before quantizing it, which bitnet's "
-                          "models do not compute")
-    skipped = q.get("modules_to_not_convert")
-    if skipped is not None and not (isinstance(skipped, list)
-                                    and all(name == "lm_head" for name in skipped)):
-        raise BitnetError(f"{where}: quantization_config.modules_to_not_convert {show(skipped)}; "
-                          "bitnet quantizes every projection (only lm_head stays float)")
-    return (mode if mode == "online" else f"offline {linear}"), linear == "bitlinear"
 
 
 def _tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:

@@ -1,8 +1,9 @@
 """A released checkpoint's tensors as an imported run stores them (nn/packed_weights.py):
 renamed to bitnet's state dict, checked against the shapes the config declares, every ternary
 projection as 2-bit packed codes and its weight_scale (packed sources' bytes as they are,
-latent weights quantized and packed), every other tensor in the source's dtype. Read from
-safetensors only, a tensor at a time."""
+latent weights quantized and packed), every other tensor, and every projection of a
+full-precision model (a Llama's), in the source's float dtype. Read from safetensors only, a
+tensor at a time."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class RunTensors(ShapedTensors):
     transformers' bitlinear; False: mean|W|; None: the config declares no packed weights)."""
 
     def __init__(self, folder: Path, config: ModelConfig, layout: str, divisor: bool | None):
-        self.folder, self.divisor = folder, divisor
+        self.folder, self.divisor, self.ternary = folder, divisor, config.quant == "ternary"
         self.raw = _safetensors(folder)
         with torch.device("meta"):
             model = BitNetForCausalLM(config)
@@ -43,19 +44,19 @@ class RunTensors(ShapedTensors):
         if config.tie_word_embeddings:
             self.model_shapes.pop("lm_head.weight")
         self.sources = _sources(self.raw, layout, config.tie_word_embeddings)
-        unexpected = sorted(set(self.sources) - set(self.model_shapes)
-                            - {n for n in self.sources if n.endswith(".weight_scale")})
+        scales = {n for n in self.sources if n.endswith(".weight_scale") and self.ternary}
+        unexpected = sorted(set(self.sources) - set(self.model_shapes) - scales)
         if unexpected:
             raise BitnetError(f"{folder}: unexpected tensor {self.sources[unexpected[0]]!r} for "
                               "the architecture config.json declares")
         self.shapes, self.dtypes = {}, {}
         for name, shape in self.model_shapes.items():
             self._check(name, shape)
-            if name.endswith("_proj.weight") and shape[0] % CODES_PER_BYTE == 0:
+            if self.ternary and name.endswith("_proj.weight") and shape[0] % CODES_PER_BYTE == 0:
                 self.shapes[name] = (shape[0] // CODES_PER_BYTE, shape[1])
                 self.dtypes[name] = "U8"
                 self.shapes[name + SCALE_SUFFIX], self.dtypes[name + SCALE_SUFFIX] = (1,), "F32"
-            else:  # a projection whose rows the packed layout cannot group stays latent
+            else:  # as stored: a full-precision model, a projection packing cannot group
                 self.shapes[name], self.dtypes[name] = shape, self.raw[self.sources[name]][1]
 
     def _check(self, name: str, shape: tuple) -> None:
@@ -63,7 +64,7 @@ class RunTensors(ShapedTensors):
             raise BitnetError(f"{self.folder}: tensor {name!r} is missing")
         theirs = self.sources[name]
         _, dtype, stored = self.raw[theirs]
-        if dtype == "U8":  # packed ternary codes
+        if dtype == "U8" and self.ternary:  # packed ternary codes
             out_features, in_features = shape if len(shape) == 2 else (0, 0)
             if self.divisor is None:
                 raise BitnetError(f"{self.folder}: tensor {theirs!r} holds packed uint8 codes, "
@@ -85,7 +86,8 @@ class RunTensors(ShapedTensors):
                               f"config says {list(shape)}")
         if dtype not in FLOAT_DTYPES:
             raise BitnetError(f"{self.folder}: tensor {theirs!r} is {dtype}; weights must be "
-                              "F32, F16 or BF16 (or U8 packed codes)")
+                              "F32, F16 or BF16" + (" (or U8 packed codes)" if self.ternary
+                                                    else ""))
         if self.sources.get(name + SCALE_SUFFIX):
             raise BitnetError(f"{self.folder}: {theirs!r} is a float weight with a weight_scale "
                               "beside it, which bitnet does not apply; import the packed or the "

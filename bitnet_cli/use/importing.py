@@ -1,7 +1,8 @@
-"""Bringing in a BitNet model that bitnet did not train: `bitnet import SOURCE`.
+"""Bringing in a model that bitnet did not train: `bitnet import SOURCE`.
 
 SOURCE is a folder, or a Hugging Face hub id fetched with huggingface_hub. The layouts read
-(safetensors only: a pickle checkpoint is refused, never loaded):
+(safetensors only: a pickle checkpoint is refused, never loaded; import_config.py reads the
+config.json, a config without architectures as its model_type's class):
 
     bitnet    transformers' BitNetForCausalLM (model_type bitnet): the released BitNet b1.58
               2B4T and bitnet's own `export hf` / `hf-packed`. Latent weights (quantization_mode
@@ -10,12 +11,18 @@ SOURCE is a folder, or a Hugging Face hub id fetched with huggingface_hub. The l
               mean|W|, a multiplier; with bitlinear it is 1/mean|W|, a divisor.
     1bitllm   1bitLLM's BitnetForCausalLM (model_type llama): latent weights, the sub-norms named
               self_attn.inner_attn_ln and mlp.ffn_layernorm, SiLU, RoPE theta 10000 by default.
+    llama     transformers' full-precision LlamaForCausalLM (Llama 2 and 3, TinyLlama, SmolLM):
+              a --quant none run without sub-norms (sub_norms false), Llama 3's RoPE scaling
+              where it has it, tied or untied head; what a Llama does not compute as bitnet does
+              (biases, other RoPE scaling, a head_dim of its own, Qwen's and Gemma's extras) is
+              refused.
 
 The model becomes a run (runs/NAME, one checkpoint at step 0, the source's tokenizer.json)
 that chat, eval, export, status and `train --from` take, at its 2-bit size: each ternary
 projection is stored as packed codes and a weight_scale (nn/packed_weights.py's layout, the
 2B4T release's own), latent weights quantized as BitNet does, the other tensors in the source's
-dtype. 2B4T's run is about as big as its download.
+dtype. 2B4T's run is about as big as its download. A Llama keeps every tensor in its float
+dtype; the float engine runs it.
 """
 
 from __future__ import annotations

@@ -221,15 +221,15 @@ def projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def special_tokens(loaded: LoadedModel) -> dict[str, tuple[str, int]]:
-    """role -> (token text, id) for the roles the tokenizer can fill. The experiment's stop token
-    (';' ends an answer, <|endoftext|> a story) is eos, and also bos as in GPT-2: the token that
-    separates one document from the next in training; <pad> and <unk> where the vocabulary has
-    them."""
+    """role -> (token text, id) for the roles the tokenizer can fill. The model's stop token (an
+    imported model's first, or the experiment's: ';' ends an answer, <|endoftext|> a story) is
+    eos, and also bos as in GPT-2: the token that separates one document from the next in
+    training; <pad> and <unk> where the vocabulary has them."""
     tokenizer = loaded.tokenizer
     task = load_experiment(loaded.experiment)
-    stops = task.stop_ids(tokenizer) if hasattr(task, "stop_ids") else ()
+    stops = loaded.stop_ids or (task.stop_ids(tokenizer) if hasattr(task, "stop_ids") else ())
     found = {}
-    if stops:
+    if stops and stops[0] is not None:  # an imported tokenizer may lack the experiment's
         found["eos"] = found["bos"] = (tokenizer.id_to_token(stops[0]), stops[0])
     for role, text in (("pad", "<pad>"), ("unk", "<unk>")):
         if tokenizer.token_to_id(text) is not None:
