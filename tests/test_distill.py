@@ -49,6 +49,7 @@ def test_a_conversion_is_ternary_at_the_recipes_rate_and_is_evaluated_before_its
         teacher_home):
     config = train_config(teacher_home, "distilled")
     assert config["model"]["quant"] == "ternary" and config["model"]["sub_norms"]
+    assert config["converted"] == {"from_quant": "none", "sub_norms_inserted": False}
     assert config["train"]["lr"] == 3e-3  # the simple tiny size's own peak, not a tenth
     assert config["train"]["teacher"].endswith("fp/checkpoints/step_000000040")
     assert (config["train"]["distill_weight"], config["train"]["distill_temperature"]) == (10.0, 5.0)
@@ -92,6 +93,7 @@ def test_a_killed_conversion_before_its_first_save_starts_again_from_the_source(
     assert metric_steps(teacher_home, "again", "eval") == [0, 2, 4]  # the step-0 row once
 
 
+@pytest.mark.slow  # a first compile of the hooked student: ~30 s cold
 def test_distillation_compiles(teacher_home):
     needs_torch_compile()
     with home_at(teacher_home):
@@ -153,6 +155,8 @@ def WIDE(home):  # a checkpoint with the simple tokenizer and a larger vocabular
     (["--teacher", "fp", "--distill-weight", "0"], "--distill-weight"),
     (["--teacher", "fp", "--distill-temperature", "nan"], "--distill-temperature"),
     (["--from", "tern", "--quant", "none"], "latent weights are not a full-precision model"),
+    (["--from", "fp", "--quant", "ternary", "--activation", "silu"], "--activation silu"),
+    (["--from", "fp", "--quant", "ternary", "--seq-len", "64"], "longer than the context"),
 ])
 def test_bad_distillations_are_one_line_and_write_nothing(teacher_home, tmp_path, args, message):
     with home_at(teacher_home):
@@ -169,6 +173,7 @@ def test_bad_distillations_are_one_line_and_write_nothing(teacher_home, tmp_path
     assert snapshot(teacher_home / "runs") == before
 
 
+@pytest.mark.slow  # two worker processes: ~20 s
 def test_two_processes_distil_as_one_does(teacher_home):
     args = [*STUDENT, "--steps", "10", "--batch-size", "8", "--eval-every", "5",
             "--distill-layer", "-1"]

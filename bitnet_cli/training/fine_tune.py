@@ -63,17 +63,18 @@ def fine_tune_model(source: Source, given: dict, seq_len: int) -> ModelConfig:
     """The run's model: the source's, or with --quant ternary from a full-precision source, its
     ternary conversion (with BitNet's sub-norms, inserted where the source has none). Other
     model flags that contradict it are refused, in one line."""
-    if converts(source.model, given.get("quant")):
-        return dataclasses.replace(source.model, quant="ternary", sub_norms=True)
+    converting = converts(source.model, given.get("quant"))
     for name, value in given.items():
         theirs = getattr(source.model, name)
-        if value is not None and value != theirs:
+        if value is not None and value != theirs and not (converting and name == "quant"):
             raise BitnetError(f"--{name.replace('_', '-')} {value}: the model --from "
                               f"{source.checkpoint} has {name} {theirs}, and fine-tuning keeps "
                               "its model; leave the flag out")
     if seq_len > source.model.max_position_embeddings:
         raise BitnetError(f"--seq-len {seq_len} is longer than the context of the model --from "
                           f"{source.checkpoint} ({source.model.max_position_embeddings})")
+    if converting:
+        return dataclasses.replace(source.model, quant="ternary", sub_norms=True)
     return dataclasses.replace(source.model)
 
 
