@@ -18,6 +18,8 @@ from tests.cli import invoke, optional
 from tests.contract import same_continuation
 from tests.models import story_tokenizer
 
+pytestmark = pytest.mark.engines  # also run as other CPUs would (README, .ci/run)
+
 # 48 ids: positions past the llama3 source's original context of 32
 IDS = [(7 + 37 * i) % 300 + 5 for i in range(48)]
 TOLERANCE = 1e-4  # max |logit| apart from transformers' float32 (seen: ~1e-6)
