@@ -62,6 +62,15 @@ def test_a_conversion_is_ternary_at_the_recipes_rate_and_is_evaluated_before_its
     assert all(math.isfinite(row["loss"]) for row in trained)
 
 
+def test_without_quant_a_full_precision_source_is_fine_tuned_as_it_is(teacher_home):
+    with home_at(teacher_home):
+        invoke("train", "simple", "--from", "fp", "--steps", "2", "--no-compile",
+               "--name", "tuned-fp")
+    config = train_config(teacher_home, "tuned-fp")
+    assert config["model"]["quant"] == "none" and "converted" not in config
+    assert config["train"]["lr"] == pytest.approx(3e-4)  # a fine-tune's tenth
+
+
 def test_a_killed_distillation_resumes_bit_identical(teacher_home):
     with home_at(teacher_home):
         proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli", "train", *STUDENT,

@@ -140,8 +140,9 @@ def test_every_setting_flag_reaches_the_run_config(bitnet_home):
              "grad_accum": 2, "seed": 5, "eval_every": 2, "save_every": 3, "device": "cpu",
              "compile": False, "foreground": True, "name": "flags", "quant": "none",
              "activation": "silu"}
-    tested_elsewhere = {"data", "vocab_size", "tensorboard", "init_from"}  # test_text.py,
-    # test_health.py, test_import.py
+    tested_elsewhere = {"data", "vocab_size", "tensorboard", "init_from", "teacher",
+                        "distill_weight", "distill_temperature", "distill_layer"}  # test_text.py,
+    # test_health.py, test_import.py, test_distill.py
     assert {field.name for field, _ in train_options()} == given.keys() | tested_elsewhere
     switches = {"compile": "--no-compile", "foreground": "--foreground"}
     args = list(switches.values()) + [a for key, value in given.items() if key not in switches

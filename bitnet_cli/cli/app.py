@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from bitnet_cli import __version__
-from bitnet_cli.config.settings import flag_name, preset_default, train_options
+from bitnet_cli.config.settings import MODEL_OPTIONS, flag_name, preset_default, train_options
 from bitnet_cli.errors import BitnetError, Reported
 
 app = typer.Typer(
@@ -70,6 +70,8 @@ def with_train_options(command):
         if kind is bool:  # a switch: both ways where its default is "decide for me", else on only
             names = (f"{name}/--no-{name[2:]}",) if field.default is None else (name,)
             default = flag(*names, default=None, show_default=False, help=help)
+        elif field.name in MODEL_OPTIONS:  # left out: the model --from's, else the default
+            default = typer.Option(None, name, help=help, show_default=str(field.default))
         else:
             default = typer.Option(preset_default(field), name, help=help,
                                    rich_help_panel=field.metadata["panel"])

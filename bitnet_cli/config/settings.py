@@ -73,7 +73,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     quant: str = option("ternary (BitNet b1.58) or none (the full-precision twin with the same "
-                        "names and shapes).", default="ternary")
+                        "names and shapes). With --from, the source's; ternary converts a "
+                        "full-precision one.", default="ternary")
     # Runs from before the option have no activation: they are relu2.
     activation: str = option("The FFN gate: relu2, relu(gate)^2 * up as in BitNet b1.58 2B4T, or "
                              "silu, silu(gate) * up, which every llama.cpp computes (relu2 only "
