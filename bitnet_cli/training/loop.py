@@ -109,7 +109,7 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
         teacher.watch(model)
     forward = training_forward(trained, wants_compile(cfg, device), device, reporter.notice)
     session.start({"compile": forward.compiled, **resumed})
-    if starting and session.step == 0:  # what the source's weights score before any step
+    if starting and "converted" in config:  # what ternarizing the source cost, before any step
         session.evaluate(autocast)
         session.restart_window()
     step_fn = teacher.micro_step if teacher else micro_step
@@ -176,7 +176,7 @@ def _resume(run_dir, config, cfg, task, share, device, reporter, model, optimize
         remove_partial_saves(run_dir / "checkpoints")
         # Rows logged after the checkpoint are about to be trained again: drop them so the
         # file holds each step once, as an uninterrupted run's would.
-        # (None: the rows of a start that saved nothing, a fine-tune's first evaluation too.)
+        # (None: the rows of a start that saved nothing, a conversion's first evaluation too.)
         truncate_metrics(run_dir / METRICS_FILE, step if resumed_from is not None else None)
     session = RunSession(run_dir, config, cfg, task, share, device, reporter, model, optimizer,
                          stream, step, tokens, trainer)
