@@ -215,7 +215,7 @@ def prose(folder):
     return folder
 
 
-@pytest.mark.slow  # README "Make a ternary model" at a small step count: ~4 minutes on 2 cores
+@pytest.mark.slow  # README "Make a ternary model" at a small step count: ~1 minute on 2 cores
 def test_a_distilled_conversion_keeps_its_teachers_loss(bitnet_home, tmp_path):
     data, steps = prose(tmp_path / "prose"), 240
     text = ["tinystories", "--size", "tiny", "--data", data, "--batch-size", "16",
