@@ -158,7 +158,7 @@ def test_a_conversion_is_recorded_in_config_json(monkeypatch):
              {"from_quant": "none", "sub_norms_inserted": True}),
             (ModelConfig(**TEACHER_MODEL), {"from_quant": "none", "sub_norms_inserted": False}),
             (ModelConfig(**dict(TEACHER_MODEL, quant="ternary")), None)]:
-        monkeypatch.setattr(setup, "checkpoint_source", lambda path: SimpleNamespace(model=source))
+        monkeypatch.setattr(setup, "checkpoint_model", lambda path: source)
         config = setup.run_config("r", "arithmetic", task, model, train, [])
         assert config.get("converted") == expected
     train.init_from = None

@@ -74,7 +74,7 @@ def read_teacher(named: str | None, recorded: str | None) -> tuple[ModelConfig |
     if not where:
         return None, None
     try:
-        model = teacher_model(where)
+        model = checkpoint_model(where)
     except BitnetError as e:
         if named:
             raise BitnetError(f"--teacher {named}: {e}") from None
@@ -83,12 +83,13 @@ def read_teacher(named: str | None, recorded: str | None) -> tuple[ModelConfig |
                    "hidden": model.hidden_size, "vocab": model.vocab_size}
 
 
-def teacher_model(where: str) -> ModelConfig:
-    """A teacher's model, read without torch: a checkpoint folder's trainer.json, or else the
-    config.json of the run `where` names (as --from-run takes it)."""
+def checkpoint_model(where: str) -> ModelConfig:
+    """The model of a checkpoint folder (a teacher's, a source's), read without torch and
+    without reading its tensors: its trainer.json, or else the config.json of the run `where`
+    names (as --from-run takes it)."""
     try:
         trainer = Path(where).expanduser() / "trainer.json"
         path = trainer if trainer.is_file() else resolve_run(where) / CONFIG_FILE
         return model_config_from_dict(read_json(path)["model"], path)
     except (OSError, KeyError, TypeError) as e:
-        raise BitnetError(f"cannot read the teacher's model at {where}: {e}") from None
+        raise BitnetError(f"cannot read the model at {where}: {e}") from None

@@ -26,15 +26,16 @@ import torch.nn.functional as F
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.nn.model import BitNetForCausalLM
 from bitnet_cli.tasks.problems import IGNORE
-from bitnet_cli.training.fine_tune import checkpoint_source, load_source_weights
+from bitnet_cli.report.run_cost import checkpoint_model
+from bitnet_cli.training.fine_tune import load_source_weights
 
 
 class Teacher:
     """The teacher, loaded once from its checkpoint, and the distillation terms of a micro-step."""
 
     def __init__(self, cfg, student_config, device: torch.device):
-        source = checkpoint_source(cfg.teacher, role="--teacher")
-        self.model = BitNetForCausalLM(source.model)
+        # Checked with its tokenizer when the run was made: its model and weights are all it takes.
+        self.model = BitNetForCausalLM(checkpoint_model(cfg.teacher))
         load_source_weights(self.model, cfg.teacher, role="the teacher")
         self.model.to(device).eval().requires_grad_(False)
         self.weight, self.temperature = cfg.distill_weight, cfg.distill_temperature
@@ -52,15 +53,12 @@ class Teacher:
             qkv = model.model.layers[self.layer].self_attn.qkv
             qkv.register_forward_hook(lambda _, __, out, name=name: self.kept.__setitem__(name, out))
 
-    def micro_step(self, model_call, inputs, labels, targets, autocast, grad_scale: float):
-        """loop.micro_step with the teacher's terms added: (cross-entropy, what was added)."""
+    def added_loss(self, inputs, logits, labels, targets, autocast) -> torch.Tensor:
+        """The distillation terms of a micro-step whose student `logits` loop.micro_step has
+        made, divided by `targets` as its cross-entropy is."""
         with torch.no_grad(), autocast():
             teacher_logits = self.model(inputs)
-        with autocast():
-            logits = model_call(inputs)
         kept = labels != IGNORE
-        cross_entropy = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                        ignore_index=IGNORE, reduction="sum") / targets
         soft = self.weight * soft_target_loss(
             logits[kept], teacher_logits[kept], self.temperature) / targets
         relations = torch.zeros((), device=logits.device)
@@ -68,9 +66,8 @@ class Teacher:
             student, teacher = self.kept.pop("student"), self.kept.pop("teacher")
             relations = self.attention_weight * sum(
                 relation_loss(s, t, self.heads) for s, t in zip(student, teacher)) / targets
-        ((cross_entropy + soft + relations) * grad_scale).backward()
         self.logged += torch.stack([soft.detach(), relations.detach()])
-        return cross_entropy.detach()
+        return soft + relations
 
     def new_step(self) -> None:
         self.logged.zero_()

@@ -112,7 +112,6 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     if starting and "converted" in config:  # what ternarizing the source cost, before any step
         session.evaluate(autocast)
         session.restart_window()
-    step_fn = teacher.micro_step if teacher else micro_step
     # DDP averages gradients over ranks; each rank's loss is its share of the sum, so its
     # gradient is scaled back up by the world size (and down by the micro-steps).
     grad_scale = share.world_size / cfg.grad_accum
@@ -133,8 +132,8 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
                     # rows may hold more or fewer answer tokens than another's.
                     targets = dist.all_sum((labels != IGNORE).sum()).clamp(min=1)
                     with dist.gradient_sync(trained, micro == cfg.grad_accum - 1):
-                        loss_sum += forward.run(step_fn, inputs, labels, targets,
-                                                autocast, grad_scale)
+                        loss_sum += forward.run(micro_step, inputs, labels, targets,
+                                                autocast, grad_scale, teacher)
                     stream.prefetch()  # while a GPU still works on this micro-step
             # A non-finite loss makes a non-finite gradient norm: that step is skipped.
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -152,14 +151,19 @@ def _train(run_dir, config, model_cfg, cfg, task, share, device, reporter) -> di
     return session.finish()
 
 
-def micro_step(model_call, inputs, labels, targets, autocast, grad_scale: float) -> torch.Tensor:
+def micro_step(model_call, inputs, labels, targets, autocast, grad_scale: float,
+               teacher=None) -> torch.Tensor:
     """One micro-batch forward and backward: the loss summed over its target tokens and
-    divided by `targets` (the whole batch's, on every rank), its gradient times `grad_scale`."""
+    divided by `targets` (the whole batch's, on every rank), its gradient times `grad_scale`;
+    with a `teacher`, its distillation terms are added to what is trained (not to the loss
+    returned, the cross-entropy every run logs)."""
     with autocast():
         logits = model_call(inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                            reduction="sum") / targets
-    (loss * grad_scale).backward()
+    trained = loss + teacher.added_loss(inputs, logits, labels, targets, autocast) \
+        if teacher else loss
+    (trained * grad_scale).backward()
     return loss.detach()
 
 

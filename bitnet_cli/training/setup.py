@@ -26,6 +26,7 @@ from bitnet_cli.store.files import write_json_atomic
 from bitnet_cli.store.metrics import check_tensorboard
 from bitnet_cli.config.presets import check_experiment
 from bitnet_cli.nn.devices import free_memory, resolve_device
+from bitnet_cli.report.run_cost import checkpoint_model
 from bitnet_cli.training.distill import check_teacher
 from bitnet_cli.training.fine_tune import (FINE_TUNE_LR_DIVISOR, check_tokenizer, checkpoint_source,
                                            converts, fine_tune_model)
@@ -105,7 +106,7 @@ def prepare_data(experiment: str, size: str | None = None, quant: str | None = N
 
 def run_config(run_id, experiment, task, model_cfg, train_cfg, argv) -> dict:
     """What a new run's config.json holds; a conversion (fine_tune.py) says so."""
-    source = checkpoint_source(train_cfg.init_from).model if train_cfg.init_from else None
+    source = checkpoint_model(train_cfg.init_from) if train_cfg.init_from else None
     converted = source is not None and converts(source, model_cfg.quant)
     return {
         "run_id": run_id,
@@ -133,9 +134,8 @@ def check_memory(model_cfg, cfg, device: torch.device, world_size: int) -> None:
     # bf16 autocast on CUDA (nn/devices.py); float32 activations everywhere else.
     needed = training_bytes(model_cfg, micro_batch, cfg.seq_len,
                             activation_bytes=2 if device.type == "cuda" else 4)
-    if cfg.teacher is not None:
-        needed += teacher_bytes(checkpoint_source(cfg.teacher, "--teacher").model, micro_batch,
-                                cfg.seq_len)
+    if cfg.teacher is not None:  # its trainer.json alone: the checkpoint is checked elsewhere
+        needed += teacher_bytes(checkpoint_model(cfg.teacher), micro_batch, cfg.seq_len)
     free = free_memory(device)
     if free is not None and needed > free:
         raise BitnetError(

@@ -82,9 +82,8 @@ def model_config(hf: dict, layout: str, folder: Path) -> ModelConfig:
             raise BitnetError(f"{where}: {name} {show(hf[name])}; bitnet's models have no "
                               f"biases on {where_}")
     heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-    theta, scaling = _rope(hf, defaults["rope_theta"], where, layout == "llama",
-                           get("max_position_embeddings"))
     llama = layout == "llama"
+    theta, scaling = _rope(hf, defaults["rope_theta"], where, llama, get("max_position_embeddings"))
     fields = dict(vocab_size=hf.get("vocab_size"), hidden_size=hf.get("hidden_size"),
                   num_hidden_layers=hf.get("num_hidden_layers"), num_attention_heads=heads,
                   num_key_value_heads=heads if kv_heads is None else kv_heads,
