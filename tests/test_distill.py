@@ -104,8 +104,12 @@ def test_a_killed_conversion_before_its_first_save_starts_again_from_the_source(
 
 @pytest.mark.slow  # a first compile of the hooked student: ~30 s cold
 def test_distillation_compiles(teacher_home):
+    """Also after a compiled run of the same shapes without a teacher in this process: the
+    compiler's in-process cache does not guard on the distillation's hooks."""
     needs_torch_compile()
     with home_at(teacher_home):
+        invoke("train", *STUDENT[:5], "--compile", "--steps", "2", "--eval-every", "2",
+               "--name", "plain")
         result = invoke("train", *STUDENT[:-1], "--compile", "--steps", "6", "--eval-every", "6",
                         "--distill-layer", "0", "--name", "compiled")
     assert "eagerly" not in result.output + result.stderr

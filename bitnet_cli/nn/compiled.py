@@ -93,6 +93,11 @@ class TrainingForward:
 
     def __init__(self, module: torch.nn.Module, compile: bool, notice):
         self.module, self.notice = module, notice
+        if compile:
+            # Dynamo's in-process cache keeps the graphs of this process's earlier models and
+            # does not guard on module hooks: a graph traced without the distillation's hooks
+            # was reused with them, and they never ran. A training traces its own graphs.
+            torch._dynamo.reset()
         self.forward = torch.compile(module) if compile else module
         self.settled = False  # whether the compiled module has run a micro-step
 

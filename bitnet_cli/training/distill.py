@@ -49,9 +49,14 @@ class Teacher:
         """With an attention term, keep the chosen layer's q, k, v of both models each pass."""
         if self.layer is None:
             return
+        def keeper(name):
+            def keep(module, _inputs, out):
+                if module.training or name == "teacher":  # not the student's evaluations
+                    self.kept[name] = out
+            return keep
+
         for name, model in (("student", student), ("teacher", self.model)):
-            qkv = model.model.layers[self.layer].self_attn.qkv
-            qkv.register_forward_hook(lambda _, __, out, name=name: self.kept.__setitem__(name, out))
+            model.model.layers[self.layer].self_attn.qkv.register_forward_hook(keeper(name))
 
     def added_loss(self, inputs, logits, labels, targets, autocast) -> torch.Tensor:
         """The distillation terms of a micro-step whose student `logits` loop.micro_step has
