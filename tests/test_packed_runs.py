@@ -84,11 +84,12 @@ def test_the_engines_take_codes_without_a_float32_copy(sources, bitnet_home, mon
         for engine in ("2bit", "int8", "float"):
             model = load_model("packed", engine=engine).model
             assert not any(isinstance(m, BitLinear) for m in model.modules())
-    # the float engine holds each layer once: its quantized weights, nothing beside them
+    # the float engine holds each layer once: its codes and their scale, nothing beside them
     model = load_model("packed", engine="float").model
     floats = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(floats) == 7 * model.config.num_hidden_layers
-    assert all(len(list(m.buffers())) == 1 and not list(m.parameters()) for m in floats)
+    assert all(sum(b.numel() for b in m.buffers()) == m.in_features * m.out_features + 1
+               and not list(m.parameters()) for m in floats)
 
 
 def test_a_packed_run_exports_to_every_format(sources, bitnet_home, tmp_path):  # noqa: F811

@@ -112,17 +112,26 @@ class BitLinear(nn.Linear):
 
 
 class QuantizedLinear(nn.Module):
-    """A BitLinear for inference alone (the float engine of a loaded model): only its quantized
-    weights, codes / s in float32, as frozen_weight makes them, so the model holds one copy of
-    each layer instead of the latent weights and that copy."""
+    """A BitLinear for inference alone (the float engine of a loaded model): only its ternary
+    codes (as float32) and scale, so the model holds one copy of each layer instead of the
+    latent weights and their quantized copy.
+
+    It multiplies the codes themselves and divides by both scales once, as the int8 engine
+    does: float32 holds every sum of products of codes exactly (|sum| <= 127 x in_features,
+    below 2^24), in any order, so its outputs equal the int8 engine's bit for bit on every
+    CPU. Multiplying codes / scale instead (training's form) rounds each product, and a CPU's
+    summation order then decides which activations land on which side of a quantization
+    boundary downstream."""
 
     def __init__(self, codes: torch.Tensor, s: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        self.register_buffer("weight", codes.float().div_(s))
+        self.register_buffer("codes", codes.float())
+        self.register_buffer("s", s.float().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(activation_quant(x), self.weight)
+        x_codes, x_scale = activation_codes(x)
+        return F.linear(x_codes, self.codes) / (x_scale * self.s)
 
 
 class SharedInput(nn.Module):
