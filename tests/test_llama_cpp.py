@@ -220,8 +220,9 @@ def held_out_check(tmp_path, size, *options):
              if t.name.startswith("blk.") and len(t.shape) == 2}
     print(json.dumps({"size": size, "codes": sorted(codes), **report, "eval": evaluation}))
     for op in "+-*/":
-        # bitnet's greedy answers are the ones `eval` scores (teacher-forced exact match).
-        assert abs(report[f"bitnet acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.002, report
+        # bitnet's greedy answers are the ones `eval` scores (teacher-forced exact match), but
+        # for up to 2 of the 1000 (near ties); eval's share is a float32, hence the 1e-6.
+        assert abs(report[f"bitnet acc/{op}"] - evaluation[f"acc/{op}"]) <= 0.002 + 1e-6, report
     # llama.cpp rounds activations its own way, so where bitnet's first and second choice are
     # nearly tied the two may answer differently; nowhere else. Where every step's margin is
     # over twice the logit tolerance, llama.cpp must give bitnet's answer: a different FFN, a
@@ -248,7 +249,10 @@ def test_llama_cpp_answers_held_out_arithmetic_as_bitnet_does(tmp_path, monkeypa
     assert report["decisive"] >= 0.6, report
     # That rounding is the whole difference: bitnet without it answers as llama.cpp does
     # (measured: 3996 of 4000).
-    monkeypatch.setattr("bitnet_cli.nn.bitlinear.activation_quant", lambda x: x)
+    # (the float engine multiplies activation_codes' codes and divides by their scale: the
+    # input itself over a scale of 1 is the unrounded product)
+    monkeypatch.setattr("bitnet_cli.nn.bitlinear.activation_codes",
+                        lambda x: (x.float(), torch.ones_like(x[..., :1], dtype=torch.float32)))
     unrounded = compare_on_held_out_arithmetic(load_model(str(run), engine="float"), gguf_file)
     assert unrounded["same"] >= 0.995, unrounded
 
