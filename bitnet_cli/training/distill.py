@@ -49,6 +49,7 @@ class Teacher:
         """With an attention term, keep the chosen layer's q, k, v of both models each pass."""
         if self.layer is None:
             return
+
         def keeper(name):
             def keep(module, _inputs, out):
                 if module.training or name == "teacher":  # not the student's evaluations
